@@ -1,0 +1,66 @@
+"""Architectures and loading a pretrained checkpoint as (model, frozen params)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from prefix_jax.models import hub
+from prefix_jax.models.attention import KV
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, PLACEMENTS, Prefix, StackGeometry
+
+# HF `model_type` -> our module. Each module defines `Config` (with `from_hf`), `Model` and `params_from_hf`.
+ARCHITECTURES: dict[str, str] = {
+    "t5": "prefix_jax.models.t5",
+    "gpt2": "prefix_jax.models.gpt2",
+    "bart": "prefix_jax.models.bart",
+}
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class PretrainedLM:
+    """A frozen LM: the Flax module, its config, and its params (host numpy arrays until placed)."""
+
+    name_or_path: str
+    model_dir: Path
+    config: Any
+    model: Any
+    params: dict
+    hf_config: Any
+
+
+def architecture(model_type: str, field: str = "model.name_or_path") -> Any:
+    """The module implementing a HF `model_type`."""
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"{field}: {model_type!r} models are not supported; supported: {sorted(ARCHITECTURES)}.")
+    return importlib.import_module(ARCHITECTURES[model_type])
+
+
+def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
+                    **config_overrides: Any) -> PretrainedLM:
+    """Loads a HF checkpoint (Hub id or local directory; safetensors only) as our model + params."""
+    from transformers import AutoConfig
+
+    for field, value in (("model.param_dtype", param_dtype), ("model.compute_dtype", compute_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"{field}={value!r} is not supported; use one of {DTYPES}.")
+    model_dir = hub.resolve_model_dir(name_or_path)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    arch = architecture(hf_config.model_type)
+    tensors = hub.read_safetensors(model_dir)
+    config = arch.Config.from_hf(hf_config, set(tensors), dtype=compute_dtype or param_dtype,
+                                 param_dtype=param_dtype, **config_overrides)
+    params = arch.params_from_hf(tensors, config, str(model_dir))
+    params = jax.tree.map(lambda x: np.asarray(x, dtype=param_dtype), params)
+    return PretrainedLM(name_or_path, model_dir, config, arch.Model(config), params, hf_config)
+
+
+__all__ = ["ARCHITECTURES", "CROSS", "DECODER", "ENCODER", "KV", "NO_PREFIX", "PLACEMENTS", "Prefix",
+           "PretrainedLM", "StackGeometry", "architecture", "load_pretrained"]

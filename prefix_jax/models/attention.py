@@ -1,0 +1,136 @@
+"""Multi-head attention that also attends to a per-layer prefix of keys and values.
+
+Shapes are named once here and kept in variable names:
+  B batch, Q query length, S key/value length (real tokens), P prefix length,
+  H heads, K head dim, D model dim.
+
+A prefix is never batched: one `[H, P, K]` key/value pair per layer serves every example, beam and
+padding layout, so batch size and beam expansion cannot change it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Finite, so a row whose keys are all masked (a pad query) softmaxes to uniform instead of NaN.
+_MASKED_SCORE = -1e30
+
+
+class KV(NamedTuple):
+    """Keys and values of a prefix: `[..., H, P, K]` each (a leading layer axis when stacked)."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+def prepend_prefix(prefix: KV | None, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Concatenates an unbatched prefix `[H, P, K]` in front of batched keys and values."""
+    if prefix is None:
+        return k_BxSxHxK, v_BxSxHxK
+    batch = k_BxSxHxK.shape[0]
+
+    def expand(p_HxPxK: jax.Array, like: jax.Array) -> jax.Array:
+        p_PxHxK = jnp.swapaxes(p_HxPxK, 0, 1).astype(like.dtype)
+        return jnp.broadcast_to(p_PxHxK[None], (batch, *p_PxHxK.shape))
+
+    k = jnp.concatenate([expand(prefix.key, k_BxSxHxK), k_BxSxHxK], axis=1)
+    v = jnp.concatenate([expand(prefix.value, v_BxSxHxK), v_BxSxHxK], axis=1)
+    return k, v
+
+
+def attend(
+    q_BxQxHxK: jax.Array,
+    k_BxTxHxK: jax.Array,
+    v_BxTxHxK: jax.Array,
+    mask_BxHxQxT: jax.Array,
+    bias_BxHxQxT: jax.Array | None,
+    scale: float,
+    dropout: nn.Dropout | None = None,
+    deterministic: bool = True,
+) -> jax.Array:
+    """Scaled dot-product attention with a boolean mask and an optional additive bias.
+
+    Scores and softmax run in float32 whatever the compute dtype. `T` = P + S keys. Mask and bias
+    broadcast over any axis of size one.
+    """
+    scores = jnp.einsum("bqhk,bthk->bhqt", q_BxQxHxK, k_BxTxHxK, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    if bias_BxHxQxT is not None:
+        scores = scores + bias_BxHxQxT.astype(jnp.float32)
+    scores = jnp.where(mask_BxHxQxT, scores, _MASKED_SCORE)
+    weights = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        weights = dropout(weights, deterministic=deterministic)
+    return jnp.einsum("bhqt,bthk->bqhk", weights.astype(v_BxTxHxK.dtype), v_BxTxHxK)
+
+
+class MultiHeadAttention(nn.Module):
+    """Projections + `attend`, with an optional prefix K/V and an optional decoding cache.
+
+    `query_scale` multiplies the scores (T5 folds it into its initialisation and uses 1.0).
+    With `cache` (keys/values `[B, C, H, K]` and an int32 `index`), the new keys are written at
+    `index` and attention runs over the whole cache; the caller's mask hides unwritten slots.
+    """
+
+    num_heads: int
+    head_dim: int
+    out_features: int
+    use_bias: bool
+    query_scale: float
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        def heads(name: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                (self.num_heads, self.head_dim),
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+
+        self.query, self.key, self.value = heads("query"), heads("key"), heads("value")
+        self.out = nn.DenseGeneral(
+            self.out_features,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )
+        self.dropout = nn.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
+
+    def project_kv(self, x_BxSxD: jax.Array) -> KV:
+        """Keys and values of `x` in `[B, S, H, K]` (used to precompute cross-attention memory)."""
+        return KV(self.key(x_BxSxD), self.value(x_BxSxD))
+
+    def __call__(
+        self,
+        x_BxQxD: jax.Array,
+        memory: jax.Array | KV | None,
+        mask_BxHxQxT: jax.Array,
+        bias_BxHxQxT: jax.Array | None = None,
+        prefix: KV | None = None,
+        cache: dict | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, dict | None]:
+        """Attends from `x` to `memory` (self-attention when None; precomputed K/V when a `KV`)."""
+        q = self.query(x_BxQxD)
+        if isinstance(memory, KV):
+            k, v = memory
+        else:
+            k, v = self.project_kv(x_BxQxD if memory is None else memory)
+        if cache is not None:
+            index = cache["index"]
+            k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), index, axis=1)
+            cache = {"key": k, "value": v, "index": index + x_BxQxD.shape[1]}
+        k, v = prepend_prefix(prefix, k, v)
+        y = attend(q, k, v, mask_BxHxQxT, bias_BxHxQxT, self.query_scale, self.dropout, deterministic)
+        return self.out(y), cache

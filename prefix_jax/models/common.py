@@ -1,0 +1,72 @@
+"""Pieces every architecture shares: layer stacking, activations, weight-layout conversion."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # Names as transformers' ACT2FN spells them.
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jax.nn.tanh,
+}
+
+
+def activation(name: str, field: str = "activation") -> Callable[[jax.Array], jax.Array]:
+    """The activation function named as transformers names it."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"{field}={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.") from None
+
+
+def stack_layers(block: type[nn.Module], num_layers: int, remat: bool, in_axes: tuple) -> type[nn.Module]:
+    """`block` repeated `num_layers` times with `nn.scan`: params get a leading layer axis.
+
+    The block's `__call__(carry, *xs)` returns `(carry, y)`; `in_axes` says per `xs` entry whether it
+    is scanned (0: one slice per layer, e.g. the prefix K/V) or broadcast (`nn.broadcast`).
+    """
+    if remat:
+        block = nn.remat(block, prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=in_axes,
+        length=num_layers,
+    )
+
+
+# --- torch layout -> ours. torch Linear weights are [out, in]; our kernels are [in, out]. ---
+
+
+def dense_kernel(w_OxI: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w_OxI.T)
+
+
+def heads_in_kernel(w_HKxD: np.ndarray, num_heads: int, head_dim: int) -> np.ndarray:
+    """q/k/v projection `[H*K, D]` -> `[D, H, K]`."""
+    return np.ascontiguousarray(w_HKxD.T.reshape(-1, num_heads, head_dim))
+
+
+def heads_in_bias(b_HK: np.ndarray, num_heads: int, head_dim: int) -> np.ndarray:
+    return b_HK.reshape(num_heads, head_dim)
+
+
+def heads_out_kernel(w_DxHK: np.ndarray, num_heads: int, head_dim: int) -> np.ndarray:
+    """Output projection `[D, H*K]` -> `[H, K, D]`."""
+    return np.ascontiguousarray(w_DxHK.T.reshape(num_heads, head_dim, -1))
+
+
+def stacked(num_layers: int, layer: Callable[[int], dict]) -> dict:
+    """Per-layer param trees -> one tree with a leading layer axis (the layout of `stack_layers`)."""
+    trees = [layer(i) for i in range(num_layers)]
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)

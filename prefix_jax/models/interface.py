@@ -1,0 +1,53 @@
+"""What a model and a prefix agree on: placement names, per-placement shapes, and the `Prefix` a model consumes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+
+from prefix_jax.models.attention import KV
+
+# Placement names. A decoder-only model has only DECODER (its self-attention).
+ENCODER = "encoder"  # encoder self-attention
+DECODER = "decoder"  # decoder self-attention
+CROSS = "cross"  # decoder cross-attention over the encoder output
+PLACEMENTS = (ENCODER, DECODER, CROSS)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackGeometry:
+    """One placement's prefix: keys and values of shape `[num_layers, num_heads, P, head_dim]`."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+    @property
+    def kv_size(self) -> int:
+        """Numbers per virtual token for all layers, keys and values: `2 * layers * heads * head_dim`."""
+        return 2 * self.num_layers * self.num_heads * self.head_dim
+
+
+@flax.struct.dataclass
+class Prefix:
+    """What a model consumes besides its params and the batch.
+
+    kv: placement -> `KV` of `[layers, H, P, K]`; a placement not present gets no prefix.
+    prompt_embeds: `[P, D]` virtual-token embeddings put in front of the (encoder) input, or None.
+    infix: the DECODER K/V sit between source and target (`[x; INFIX; y]`): only target tokens
+      attend to them, and target positions continue after them (decoder-only models).
+    """
+
+    kv: dict[str, KV] = flax.struct.field(default_factory=dict)
+    prompt_embeds: jax.Array | None = None
+    infix: bool = flax.struct.field(pytree_node=False, default=False)
+
+    def length(self, placement: str) -> int:
+        """P of a placement's K/V (0 when it has none)."""
+        kv = self.kv.get(placement)
+        return 0 if kv is None else kv.key.shape[-2]
+
+
+NO_PREFIX = Prefix()

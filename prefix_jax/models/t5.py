@@ -1,0 +1,355 @@
+"""T5 (v1.0, v1.1, Flan-T5) as a pure-functional Flax encoder-decoder that takes a prefix.
+
+How a prefix meets T5's relative position bias (the same as HF T5 given a `past_key_values` of
+length P): the P prefix slots of a self-attention layer sit at positions `0 .. P-1` and real tokens
+at `P + (their position)`. Relative distances between real tokens are unchanged; a prefix slot looks
+like a token that came just before the text. Cross-attention has no position bias, so its prefix
+has no position. Positions count real tokens only, so left and right padding give the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefix_jax.models import common, masks
+from prefix_jax.models.attention import KV, MultiHeadAttention
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry
+from prefix_jax.models.hub import take
+
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_heads: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dense_act_fn: str = "relu"
+    is_gated_act: bool = False
+    layer_norm_epsilon: float = 1e-6
+    dropout_rate: float = 0.1
+    scale_decoder_outputs: bool = True  # v1.0: logits of the tied head scaled by d_model**-0.5
+    tied_lm_head: bool = True  # v1.1/Flan checkpoints carry their own lm_head
+    pad_token_id: int = 0
+    decoder_start_token_id: int = 0
+    eos_token_id: int = 1
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    is_encoder_decoder = True
+    architecture = "t5"
+
+    @classmethod
+    def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
+        """From a `transformers` Config and the names of the checkpoint's tensors."""
+        scale = getattr(hf, "scale_decoder_outputs", None)
+        if scale is None:  # configs written before transformers 5
+            scale = getattr(hf, "tie_word_embeddings", True) is not False
+        fields = dict(
+            vocab_size=hf.vocab_size,
+            d_model=hf.d_model,
+            d_kv=hf.d_kv,
+            d_ff=hf.d_ff,
+            num_heads=hf.num_heads,
+            num_encoder_layers=hf.num_layers,
+            num_decoder_layers=hf.num_decoder_layers or hf.num_layers,
+            relative_attention_num_buckets=hf.relative_attention_num_buckets,
+            relative_attention_max_distance=hf.relative_attention_max_distance,
+            dense_act_fn=hf.dense_act_fn,
+            is_gated_act=hf.is_gated_act,
+            layer_norm_epsilon=hf.layer_norm_epsilon,
+            dropout_rate=hf.dropout_rate,
+            scale_decoder_outputs=bool(scale),
+            tied_lm_head="lm_head.weight" not in tensor_names,
+            pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
+            decoder_start_token_id=(hf.decoder_start_token_id if hf.decoder_start_token_id is not None
+                                    else hf.pad_token_id or 0),
+            eos_token_id=hf.eos_token_id if isinstance(hf.eos_token_id, int) else 1,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def prefix_geometry(self) -> dict[str, StackGeometry]:
+        enc = StackGeometry(self.num_encoder_layers, self.num_heads, self.d_kv)
+        dec = StackGeometry(self.num_decoder_layers, self.num_heads, self.d_kv)
+        return {ENCODER: enc, DECODER: dec, CROSS: dec}
+
+    @property
+    def max_positions(self) -> int | None:
+        return None  # relative positions: no table to overflow
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+
+def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+    """T5's bucketing of `key_position - query_position` (Mesh TensorFlow / HF semantics)."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, distance, large)
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, statistics in float32."""
+
+    epsilon: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (scale.astype(jnp.float32) * x32).astype(self.dtype)
+
+
+class FeedForward(nn.Module):
+    config: Config
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        act = common.activation(cfg.dense_act_fn, "dense_act_fn")
+        if cfg.is_gated_act:
+            h = act(dense(cfg.d_ff, "wi_0")(x_BxLxD)) * dense(cfg.d_ff, "wi_1")(x_BxLxD)
+        else:
+            h = act(dense(cfg.d_ff, "wi")(x_BxLxD))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+        return dense(cfg.d_model, "wo")(h)
+
+
+class T5Block(nn.Module):
+    """One encoder or decoder layer; scanned over layers by `T5Stack`."""
+
+    config: Config
+    is_decoder: bool
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
+        cfg = self.config
+        det = self.deterministic
+        norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name=name)
+        attention = lambda name: MultiHeadAttention(
+            cfg.num_heads, cfg.d_kv, cfg.d_model, use_bias=False, query_scale=1.0,
+            dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        dropout = nn.Dropout(cfg.dropout_rate)
+
+        h, self_cache = attention("self_attention")(
+            norm("self_attention_norm")(x_BxLxD), None, self_mask, self_bias, prefix_self,
+            None if cache is None else cache["self"], det)
+        x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
+        new_cache = None if cache is None else {"self": self_cache}
+        if self.is_decoder:
+            cross = attention("cross_attention")
+            if cache is not None:
+                if "cross" not in cache:  # first decoding call: project the encoder output once
+                    cache = {**cache, "cross": cross.project_kv(memory)}
+                memory = cache["cross"]
+                new_cache["cross"] = memory
+            h, _ = cross(norm("cross_attention_norm")(x_BxLxD), memory, cross_mask, None, prefix_cross, None, det)
+            x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
+        h = FeedForward(cfg, det, name="ffn")(norm("ffn_norm")(x_BxLxD))
+        x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
+        return x_BxLxD, new_cache
+
+
+class T5Stack(nn.Module):
+    """Encoder or decoder: relative-position bias, scanned layers, final norm."""
+
+    config: Config
+    is_decoder: bool
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxQxD: jax.Array,
+        query_positions_BxQ: jax.Array,
+        key_positions_BxS: jax.Array,
+        key_valid_BxS: jax.Array,
+        prefix: KV | None,
+        deterministic: bool,
+        query_offset: jax.Array | int = 0,
+        memory: jax.Array | None = None,
+        memory_valid: jax.Array | None = None,
+        cross_prefix: KV | None = None,
+        cache: dict | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        cfg = self.config
+        batch, num_queries = x_BxQxD.shape[:2]
+        prefix_len = 0 if prefix is None else prefix.key.shape[-2]
+        # Prefix slots at positions 0..P-1, real tokens from P (see module docstring).
+        prefix_positions = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (batch, prefix_len))
+        key_positions = jnp.concatenate([prefix_positions, prefix_len + key_positions_BxS], axis=1)
+        relative = key_positions[:, None, :] - (prefix_len + query_positions_BxQ)[:, :, None]
+        buckets = relative_position_bucket(relative, not self.is_decoder, cfg.relative_attention_num_buckets,
+                                           cfg.relative_attention_max_distance)
+        table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=cfg.param_dtype,
+                         name="relative_attention_bias")
+        bias_BxHxQxT = jnp.transpose(table(buckets), (0, 3, 1, 2))
+        self_mask = masks.attention_mask(key_valid_BxS, num_queries, prefix_len, causal=self.is_decoder,
+                                         query_offset=query_offset)
+        cross_mask = None
+        if self.is_decoder:
+            cross_len = 0 if cross_prefix is None else cross_prefix.key.shape[-2]
+            cross_mask = masks.attention_mask(memory_valid, num_queries, cross_len)
+
+        layers = common.stack_layers(
+            T5Block, cfg.num_decoder_layers if self.is_decoder else cfg.num_encoder_layers, cfg.remat,
+            in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        )(cfg, self.is_decoder, deterministic, name="layers")
+        x = nn.Dropout(cfg.dropout_rate)(x_BxQxD, deterministic=deterministic)
+        x, cache = layers(x, prefix, cross_prefix, cache, self_mask, bias_BxHxQxT, memory, cross_mask)
+        x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic), cache
+
+
+class Model(nn.Module):
+    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
+
+    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
+    `prefix`: a `Prefix` (K/V for any of ENCODER, DECODER, CROSS; or `prompt_embeds`).
+    """
+
+    config: Config
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                               name="shared")
+        self.encoder = T5Stack(cfg, is_decoder=False, name="encoder")
+        self.decoder = T5Stack(cfg, is_decoder=True, name="decoder")
+        if not cfg.tied_lm_head:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                    name="lm_head")
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.shared(ids)
+
+    def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
+        """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
+        x = self.embed(source_ids)
+        prompt_embeds = prefix.prompt_embeds
+        if prompt_embeds is not None:  # embedding-only prompt: virtual tokens in front of the input
+            batch = source_ids.shape[0]
+            prompt = jnp.broadcast_to(prompt_embeds.astype(x.dtype)[None], (batch, *prompt_embeds.shape))
+            x = jnp.concatenate([prompt, x], axis=1)
+            source_mask = jnp.concatenate([jnp.ones(prompt.shape[:2], source_mask.dtype), source_mask], axis=1)
+        positions = masks.token_positions(source_mask)
+        encoded, _ = self.encoder(x, positions, positions, source_mask, prefix.kv.get(ENCODER), deterministic)
+        return encoded, source_mask
+
+    def decode(self, encoded, encoded_mask, decoder_ids, decoder_mask, prefix: Prefix = NO_PREFIX,
+               deterministic=True, cache=None):
+        """Logits `[B, T, V]` for decoder inputs. With `cache`, `decoder_mask` covers the cache slots."""
+        cfg = self.config
+        x = self.embed(decoder_ids)
+        if cache is None:
+            query_positions = key_positions = masks.token_positions(decoder_mask)
+            offset = 0
+        else:  # decoding: the decoder input has no padding; slot == position
+            offset = cache["self"]["index"][0]
+            batch, num_queries = decoder_ids.shape
+            query_positions = jnp.broadcast_to(offset + jnp.arange(num_queries, dtype=jnp.int32),
+                                               (batch, num_queries))
+            key_positions = jnp.broadcast_to(jnp.arange(decoder_mask.shape[1], dtype=jnp.int32), decoder_mask.shape)
+        h, cache = self.decoder(x, query_positions, key_positions, decoder_mask, prefix.kv.get(DECODER),
+                                deterministic, offset, encoded, encoded_mask, prefix.kv.get(CROSS), cache)
+        if cfg.scale_decoder_outputs:
+            h = h * (cfg.d_model**-0.5)
+        logits = self.shared.attend(h) if cfg.tied_lm_head else self.lm_head(h)
+        return logits.astype(jnp.float32), cache
+
+    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
+        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
+        encoded, encoded_mask = self.encode(batch["source_ids"], batch["source_mask"], prefix, deterministic)
+        decoder_ids = masks.shift_right(batch["target_ids"], self.config.decoder_start_token_id)
+        decoder_mask = masks.shift_right(batch["target_mask"], 1)
+        logits, _ = self.decode(encoded, encoded_mask, decoder_ids, decoder_mask, prefix, deterministic)
+        return logits
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
+    """HF `T5ForConditionalGeneration` state dict -> our params (layers stacked on a leading axis)."""
+    t = lambda name: take(tensors, name, where)
+    H, K = cfg.num_heads, cfg.d_kv
+
+    def attention(prefix: str) -> dict:
+        return {
+            "query": {"kernel": common.heads_in_kernel(t(f"{prefix}.q.weight"), H, K)},
+            "key": {"kernel": common.heads_in_kernel(t(f"{prefix}.k.weight"), H, K)},
+            "value": {"kernel": common.heads_in_kernel(t(f"{prefix}.v.weight"), H, K)},
+            "out": {"kernel": common.heads_out_kernel(t(f"{prefix}.o.weight"), H, K)},
+        }
+
+    def ffn(prefix: str) -> dict:
+        names = ("wi_0", "wi_1", "wo") if cfg.is_gated_act else ("wi", "wo")
+        return {n: {"kernel": common.dense_kernel(t(f"{prefix}.DenseReluDense.{n}.weight"))} for n in names}
+
+    def encoder_layer(i: int) -> dict:
+        p = f"encoder.block.{i}.layer"
+        return {
+            "self_attention": attention(f"{p}.0.SelfAttention"),
+            "self_attention_norm": {"scale": t(f"{p}.0.layer_norm.weight")},
+            "ffn": ffn(f"{p}.1"),
+            "ffn_norm": {"scale": t(f"{p}.1.layer_norm.weight")},
+        }
+
+    def decoder_layer(i: int) -> dict:
+        p = f"decoder.block.{i}.layer"
+        return {
+            "self_attention": attention(f"{p}.0.SelfAttention"),
+            "self_attention_norm": {"scale": t(f"{p}.0.layer_norm.weight")},
+            "cross_attention": attention(f"{p}.1.EncDecAttention"),
+            "cross_attention_norm": {"scale": t(f"{p}.1.layer_norm.weight")},
+            "ffn": ffn(f"{p}.2"),
+            "ffn_norm": {"scale": t(f"{p}.2.layer_norm.weight")},
+        }
+
+    params = {
+        "shared": {"embedding": t("shared.weight")},
+        "encoder": {
+            "relative_attention_bias": {
+                "embedding": t("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
+            "layers": common.stacked(cfg.num_encoder_layers, encoder_layer),
+            "final_norm": {"scale": t("encoder.final_layer_norm.weight")},
+        },
+        "decoder": {
+            "relative_attention_bias": {
+                "embedding": t("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
+            "layers": common.stacked(cfg.num_decoder_layers, decoder_layer),
+            "final_norm": {"scale": t("decoder.final_layer_norm.weight")},
+        },
+    }
+    if not cfg.tied_lm_head:
+        params["lm_head"] = {"kernel": common.dense_kernel(t("lm_head.weight"))}
+    return params

@@ -1,0 +1,217 @@
+"""The trainable prefix: spec, parameters, reparameterization, materialization and export.
+
+The trainable tree is a plain dict of arrays, one entry per *group* of placements that share
+parameters (by default every placement is its own group, as in the paper):
+
+  method "prefix"         group -> {"embedding": [P, D], "mlp_in": Dense(D->M), "mlp_out": Dense(M->N)}
+  method "prefix_direct"  group -> {"kv": [P, N]}                    (no MLP: deep prompt tuning)
+  method "embedding_only" {"prompt": {"embedding": [P, D]}}          (input-layer virtual tokens)
+
+with N = 2 * layers * heads * head_dim, laid out layer-major as PEFT lays it out: for layer l,
+the key is columns `[2l * H*K, (2l+1) * H*K)` and the value the next `H*K`. `materialize` turns the
+tree into per-placement `KV(key, value)` of shape `[layers, heads, P, head_dim]`; after training the
+MLP can be dropped and only those are kept (`export`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefix_jax.models import common
+from prefix_jax.models.attention import KV
+from prefix_jax.models.interface import Prefix, StackGeometry
+
+METHODS = ("prefix", "prefix_direct", "embedding_only")
+INITS = ("normal", "zero")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixSpec:
+    """Everything that fixes the shapes and meaning of a prefix for one model."""
+
+    length: int
+    placements: tuple[str, ...]
+    geometry: Mapping[str, StackGeometry]  # of the model, per placement it offers
+    hidden_size: int  # the model's d_model (embedding width of virtual tokens)
+    method: str = "prefix"
+    mlp_hidden: int = 512
+    mlp_activation: str = "tanh"
+    dropout: float = 0.0
+    init: str = "normal"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"prefix.method={self.method!r} is not one of {METHODS}.")
+        if self.length < 1:
+            raise ValueError(f"prefix.length={self.length} must be at least 1.")
+        if self.init not in INITS:
+            raise ValueError(f"prefix.init={self.init!r} is not one of {INITS}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"prefix.dropout={self.dropout} must be in [0, 1).")
+        if self.method == "prefix":
+            if self.mlp_hidden < 1:
+                raise ValueError(f"prefix.mlp_hidden={self.mlp_hidden} must be at least 1.")
+            common.activation(self.mlp_activation, "prefix.mlp_activation")
+        if self.method != "embedding_only":
+            if not self.placements:
+                raise ValueError("prefix.placements is empty; name at least one of "
+                                 f"{sorted(self.geometry)}.")
+            unknown = [p for p in self.placements if p not in self.geometry]
+            if unknown:
+                raise ValueError(f"prefix.placements has {unknown}, which this model does not have; it has "
+                                 f"{sorted(self.geometry)}.")
+            if len(set(self.placements)) != len(self.placements):
+                raise ValueError(f"prefix.placements={self.placements} names a placement twice.")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["placements"] = list(self.placements)
+        d["geometry"] = {k: dataclasses.asdict(v) for k, v in self.geometry.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "PrefixSpec":
+        d = dict(d)
+        d["placements"] = tuple(d["placements"])
+        d["geometry"] = {k: StackGeometry(**v) for k, v in d["geometry"].items()}
+        return cls(**d)
+
+
+def _torch_linear_init(rng: jax.Array, fan_in: int, fan_out: int) -> dict:
+    """PyTorch's default `nn.Linear` init (what PEFT's prefix MLP starts from): U(+-1/sqrt(fan_in))."""
+    k_rng, b_rng = jax.random.split(rng)
+    bound = 1.0 / np.sqrt(fan_in)
+    return {
+        "kernel": jax.random.uniform(k_rng, (fan_in, fan_out), jnp.float32, -bound, bound),
+        "bias": jax.random.uniform(b_rng, (fan_out,), jnp.float32, -bound, bound),
+    }
+
+
+def init_params(spec: PrefixSpec, rng: jax.Array) -> dict:
+    """Random trainable params (float32). `init="zero"` zeroes the last layer (PEFT's `init_weights="zero"`)."""
+    params: dict = {}
+    if spec.method == "embedding_only":
+        emb = jax.random.normal(rng, (spec.length, spec.hidden_size), jnp.float32)
+        return {"prompt": {"embedding": jnp.zeros_like(emb) if spec.init == "zero" else emb}}
+    for placement, rng_p in zip(spec.placements, jax.random.split(rng, len(spec.placements))):
+        size = spec.geometry[placement].kv_size
+        e_rng, in_rng, out_rng = jax.random.split(rng_p, 3)
+        if spec.method == "prefix_direct":
+            kv = jax.random.normal(e_rng, (spec.length, size), jnp.float32)
+            params[placement] = {"kv": jnp.zeros_like(kv) if spec.init == "zero" else kv}
+            continue
+        mlp_out = _torch_linear_init(out_rng, spec.mlp_hidden, size)
+        if spec.init == "zero":
+            mlp_out = jax.tree.map(jnp.zeros_like, mlp_out)
+        params[placement] = {
+            "embedding": jax.random.normal(e_rng, (spec.length, spec.hidden_size), jnp.float32),
+            "mlp_in": _torch_linear_init(in_rng, spec.hidden_size, spec.mlp_hidden),
+            "mlp_out": mlp_out,
+        }
+    return params
+
+
+def mlp(group: Mapping[str, Any], activation: str) -> jax.Array:
+    """The reparameterization `P = MLP(P')`: `[P, D] -> [P, N]`."""
+    h = group["embedding"] @ group["mlp_in"]["kernel"] + group["mlp_in"]["bias"]
+    h = common.activation(activation, "prefix.mlp_activation")(h)
+    return h @ group["mlp_out"]["kernel"] + group["mlp_out"]["bias"]
+
+
+def unflatten(flat_PxN: jax.Array, geometry: StackGeometry) -> KV:
+    """`[P, 2*L*H*K]` (layer-major, key then value) -> `KV` of `[L, H, P, K]`."""
+    g = geometry
+    x = flat_PxN.reshape(flat_PxN.shape[0], g.num_layers, 2, g.num_heads, g.head_dim)
+    x = jnp.transpose(x, (1, 2, 3, 0, 4))  # [L, 2, H, P, K]
+    return KV(x[:, 0], x[:, 1])
+
+
+def flatten(kv: KV) -> jax.Array:
+    """Inverse of `unflatten`: `KV` of `[L, H, P, K]` -> `[P, 2*L*H*K]`."""
+    x = jnp.stack([kv.key, kv.value], axis=1)  # [L, 2, H, P, K]
+    return jnp.transpose(x, (3, 0, 1, 2, 4)).reshape(x.shape[3], -1)
+
+
+def flat_kv(params: Mapping[str, Any], spec: PrefixSpec) -> dict[str, jax.Array]:
+    """Per placement, the prefix as `[P, N]` before reshaping (MLP output or the direct parameter)."""
+    out = {}
+    for placement in spec.placements:
+        group = params[placement]
+        out[placement] = mlp(group, spec.mlp_activation) if spec.method == "prefix" else group["kv"]
+    return out
+
+
+def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | None = None,
+                deterministic: bool = True) -> Prefix:
+    """Trainable params -> the `Prefix` the model consumes. Dropout (if any) only when not deterministic."""
+    if spec.method == "embedding_only":
+        embeds = params["prompt"]["embedding"]
+        if spec.dropout and not deterministic:
+            embeds = _dropout(embeds, spec.dropout, rng)
+        return Prefix(kv={}, prompt_embeds=embeds)
+    kv = {}
+    flats = flat_kv(params, spec)
+    rngs = jax.random.split(rng, len(flats)) if (spec.dropout and not deterministic) else [None] * len(flats)
+    for (placement, flat), rng_p in zip(flats.items(), rngs):
+        if rng_p is not None:
+            flat = _dropout(flat, spec.dropout, rng_p)
+        kv[placement] = unflatten(flat, spec.geometry[placement])
+    return Prefix(kv=kv)
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    if rng is None:
+        raise ValueError("prefix.dropout > 0 needs an rng when not deterministic.")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def num_params(params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# --- Export: the materialized prefix alone, no MLP, for inference. ---
+
+EXPORT_WEIGHTS = "prefix.safetensors"
+EXPORT_META = "prefix.json"
+
+
+def export(params: Mapping[str, Any], spec: PrefixSpec, directory: str | Path, metadata: Mapping[str, Any]) -> Path:
+    """Writes `prefix.safetensors` (`<placement>.key`/`.value` `[L, H, P, K]`, or `prompt_embeds`) + `prefix.json`."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = jax.device_get(materialize(params, spec))
+    tensors = {f"{p}.{part}": np.asarray(getattr(kv, part), np.float32)
+               for p, kv in prefix.kv.items() for part in ("key", "value")}
+    if prefix.prompt_embeds is not None:
+        tensors["prompt_embeds"] = np.asarray(prefix.prompt_embeds, np.float32)
+    tmp = directory / (EXPORT_WEIGHTS + ".tmp")
+    save_file(tensors, tmp)
+    tmp.replace(directory / EXPORT_WEIGHTS)
+    (directory / EXPORT_META).write_text(json.dumps({"spec": spec.to_json(), **metadata}, indent=2, default=str))
+    return directory
+
+
+def load_export(directory: str | Path) -> tuple[Prefix, dict]:
+    """Reads an `export` back: the `Prefix` and its metadata (check `metadata['base_model']` before use)."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / EXPORT_META).read_text())
+    tensors = load_file(directory / EXPORT_WEIGHTS)
+    kv = {}
+    for name in tensors:
+        placement, part = name.rsplit(".", 1) if "." in name else (None, None)
+        if part == "key":
+            kv[placement] = KV(jnp.asarray(tensors[name]), jnp.asarray(tensors[f"{placement}.value"]))
+    embeds = tensors.get("prompt_embeds")
+    return Prefix(kv=kv, prompt_embeds=None if embeds is None else jnp.asarray(embeds)), meta
