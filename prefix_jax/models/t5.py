@@ -298,6 +298,13 @@ class Model(nn.Module):
         return logits
 
 
+def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
+    """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
+    shape = (cfg.num_decoder_layers, batch_size, max_len, cfg.num_heads, cfg.d_kv)
+    zeros = jnp.zeros(shape, cfg.dtype)
+    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.num_decoder_layers,), jnp.int32)}}
+
+
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
     """HF `T5ForConditionalGeneration` state dict -> our params (layers stacked on a leading axis)."""
     t = lambda name: take(tensors, name, where)
