@@ -19,3 +19,21 @@ def max_abs_diff(ours, theirs, valid=None) -> float:
     if valid is not None:
         diff = diff[np.asarray(valid, bool)]
     return float(diff.max())
+
+
+def save_state_dict(model, directory: Path, drop: str | None = None) -> Path:
+    """Writes config + safetensors by hand (one copy of each shared tensor), optionally dropping a tensor.
+
+    For checkpoints `save_pretrained` cannot write: an untied head, or a deliberately broken file.
+    """
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(directory)
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen or (drop is not None and drop in name):
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.contiguous()
+    save_file(state, str(Path(directory) / "model.safetensors"))
+    return Path(directory)
