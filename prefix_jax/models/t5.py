@@ -244,8 +244,9 @@ class Model(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
+        # HF's init (std 1): only used to build random tiny checkpoints; real weights are loaded.
         self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                               name="shared")
+                               embedding_init=nn.initializers.normal(1.0), name="shared")
         self.encoder = T5Stack(cfg, is_decoder=False, name="encoder")
         self.decoder = T5Stack(cfg, is_decoder=True, name="decoder")
         if not cfg.tied_lm_head:
@@ -360,3 +361,35 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
     if not cfg.tied_lm_head:
         params["lm_head"] = {"kernel": common.dense_kernel(t("lm_head.weight"))}
     return params
+
+
+def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
+    """Inverse of `params_from_hf`: our params -> a HF T5 state dict (e.g. to write a checkpoint)."""
+    H, K = cfg.num_heads, cfg.d_kv
+    p = jax.tree.map(np.asarray, params)
+    out: dict[str, np.ndarray] = {"shared.weight": p["shared"]["embedding"]}
+
+    def attention(prefix: str, a: Mapping, i: int) -> None:
+        for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
+            out[f"{prefix}.{theirs}.weight"] = a[ours]["kernel"][i].reshape(-1, H * K).T
+        out[f"{prefix}.o.weight"] = a["out"]["kernel"][i].reshape(H * K, -1).T
+
+    for stack, num_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+        layers = p[stack]["layers"]
+        names = ["self_attention", "cross_attention", "ffn"] if stack == "decoder" else ["self_attention", "ffn"]
+        for i in range(num_layers):
+            for j, name in enumerate(names):
+                base = f"{stack}.block.{i}.layer.{j}"
+                if name == "ffn":
+                    for w, kernel in layers["ffn"].items():
+                        out[f"{base}.DenseReluDense.{w}.weight"] = kernel["kernel"][i].T
+                else:
+                    module = "SelfAttention" if name == "self_attention" else "EncDecAttention"
+                    attention(f"{base}.{module}", layers[name], i)
+                out[f"{base}.layer_norm.weight"] = layers[f"{name}_norm"]["scale"][i]
+        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
+            p[stack]["relative_attention_bias"]["embedding"]
+        out[f"{stack}.final_layer_norm.weight"] = p[stack]["final_norm"]["scale"]
+    if not cfg.tied_lm_head:
+        out["lm_head.weight"] = p["lm_head"]["kernel"].T
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}

@@ -1,0 +1,73 @@
+"""Defaults every config starts from. Each field is documented where it is set."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = ""  # HF Hub id or local directory (config.json + *.safetensors)
+    c.model.tokenizer = ""  # defaults to name_or_path
+    c.model.param_dtype = "float32"  # dtype the frozen LM is stored in: float32 | bfloat16
+    c.model.compute_dtype = ""  # activations; defaults to param_dtype
+    c.model.remat = False  # recompute layer activations in the backward pass (long sequences)
+    c.model.positions_after_prefix = ml_collections.FieldReference(None, field_type=bool)  # None: the paper's choice
+    c.model.create_tiny = ""  # offline demos: build a random tiny checkpoint of this architecture if missing
+
+    c.prefix = ml_collections.ConfigDict()
+    c.prefix.method = "prefix"  # prefix | prefix_direct | embedding_only
+    c.prefix.length = 10
+    c.prefix.placements = ("encoder", "decoder", "cross")  # a decoder-only model has only "decoder"
+    c.prefix.mlp_hidden = 512  # the paper: 512 table-to-text, 800 summarization
+    c.prefix.mlp_activation = "tanh"
+    c.prefix.dropout = 0.0
+    c.prefix.init = "normal"  # normal (PEFT) | zero (last MLP layer zeroed)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = ""  # HF dataset id, or "" with data_files
+    c.data.config_name = ""
+    c.data.data_files = ml_collections.ConfigDict()  # {split: local json/jsonl/csv path}
+    c.data.format = "fields"  # fields | e2e | dart | webnlg
+    c.data.source_field = "source"
+    c.data.target_field = "target"
+    c.data.source_prefix = ""  # prepended to every source text (e.g. "summarize: " for T5)
+    c.data.target_prefix = ""
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.max_source_length = 512
+    c.data.max_target_length = 64
+    c.data.max_train_examples = 0  # 0: all
+    c.data.max_eval_examples = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.workdir = ""  # defaults to runs/<config name>
+    c.train.batch_size = 8  # global, over all devices and processes
+    c.train.eval_batch_size = 0  # 0: batch_size
+    c.train.epochs = 1.0
+    c.train.steps = 0  # 0: epochs * steps per epoch
+    c.train.seed = 0
+    c.train.label_smoothing = 0.0
+    c.train.log_every = 50
+    c.train.eval_every = 0  # 0: only at the end
+    c.train.save_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.resume = True  # continue from the latest checkpoint in workdir
+    c.train.export = True  # write the materialized prefix (no MLP) to workdir/export at the end
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 5e-5
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.frozen = ()  # regexes of trainable-tree paths to keep fixed, e.g. ("embedding",)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.num_devices = 0  # 0: all visible devices
+    c.mesh.coordinator_address = ""  # multi-process: host:port of process 0
+    c.mesh.num_processes = 1
+    c.mesh.process_id = 0
+    return c

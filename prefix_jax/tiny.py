@@ -1,0 +1,85 @@
+"""Random tiny checkpoints in Hugging Face format, built without torch or network (offline demos, tests).
+
+The weights come from our own Flax initialisation, written with the architecture's `params_to_hf`;
+the tokenizer is the real GPT-2 byte-level BPE bundled in data/gpt2-tokenizer (plus a `<pad>` token
+for encoder-decoders, which start decoding from it as T5 does).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefix_jax import models
+
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "gpt2-tokenizer"
+EOS = "<|endoftext|>"
+PAD = "<pad>"
+
+
+def bundled_gpt2_tokenizer(with_pad: bool, eos_after_text: bool) -> Any:
+    """GPT-2's tokenizer from the bundled vocab/merges; optionally `<pad>` and an EOS appended on encode."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(str(BUNDLED_TOKENIZER / "vocab.json"), str(BUNDLED_TOKENIZER / "merges.txt"))
+    backend = bpe._tokenizer
+    if eos_after_text:
+        eos_id = backend.token_to_id(EOS)
+        backend.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", pair=f"$A $B {EOS}",
+                                                               special_tokens=[(EOS, eos_id)])
+    kwargs = dict(bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    if with_pad:
+        kwargs["pad_token"] = PAD
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def _tiny_hf_config(architecture: str, tokenizer: Any) -> Any:
+    import transformers
+
+    if architecture == "t5":
+        return transformers.T5Config(
+            vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=16, relative_attention_max_distance=64, dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id)
+    raise ValueError(f"model.create_tiny={architecture!r}: tiny checkpoints exist for 't5'.")
+
+
+def _dummy_batch() -> dict[str, jax.Array]:
+    ones = jnp.ones((1, 4), jnp.int32)
+    return {"source_ids": ones, "source_mask": ones, "target_ids": ones, "target_mask": ones}
+
+
+def build_tiny_checkpoint(directory: str | Path, architecture: str, seed: int = 0) -> Path:
+    """Writes config.json, model.safetensors and tokenizer files to `directory` unless it already has them."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    if (directory / "model.safetensors").is_file() and (directory / "config.json").is_file():
+        return directory
+    encoder_decoder = architecture in ("t5", "bart")
+    tokenizer = bundled_gpt2_tokenizer(with_pad=encoder_decoder, eos_after_text=encoder_decoder)
+    hf_config = _tiny_hf_config(architecture, tokenizer)
+    arch = models.architecture(hf_config.model_type)
+    config = arch.Config.from_hf(hf_config, set())
+    params = arch.Model(config).init(jax.random.PRNGKey(seed), _dummy_batch())["params"]
+    tensors = arch.params_to_hf(params, config)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent if directory.parent.exists() else None))
+    try:
+        hf_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, str(staging / "model.safetensors"))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory

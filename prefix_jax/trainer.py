@@ -1,0 +1,246 @@
+"""The training run, top to bottom: config -> frozen LM -> prefix -> data -> jitted steps -> eval -> Orbax.
+
+`run(config)` is what `train.py` calls; tests call it in-process on tiny models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from prefix_jax import checkpoint, data, models, optim, sharding, tiny, training
+from prefix_jax import prefix as prefix_lib
+from prefix_jax.metrics_log import MetricsWriter
+
+log = logging.getLogger("prefix_jax")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the fix."""
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run derives from its config before the first step."""
+
+    config: Any
+    lm: models.PretrainedLM
+    tokenizer: Any
+    spec: prefix_lib.PrefixSpec
+    mesh: Any
+    train: data.Batcher
+    eval: data.Batcher | None
+    total_steps: int
+    workdir: Path
+
+
+def _model_overrides(config: Any) -> dict:
+    overrides = {"remat": bool(config.model.remat)}
+    if config.model.positions_after_prefix is not None:
+        overrides["positions_after_prefix"] = bool(config.model.positions_after_prefix)
+    return overrides
+
+
+def load_lm(config: Any) -> models.PretrainedLM:
+    """The frozen LM named by `config.model` (building the tiny offline one first if asked to)."""
+    if config.model.create_tiny:
+        tiny.build_tiny_checkpoint(config.model.name_or_path, config.model.create_tiny)
+    if not config.model.name_or_path:
+        raise ConfigError("model.name_or_path is empty; set a HF Hub id or a local checkpoint directory.")
+    lm = models.load_pretrained(config.model.name_or_path, config.model.param_dtype,
+                                config.model.compute_dtype or None, **_model_overrides(config))
+    return lm
+
+
+def prefix_spec(config: Any, model_config: Any) -> prefix_lib.PrefixSpec:
+    p = config.prefix
+    placements = tuple(p.placements)
+    if not model_config.is_encoder_decoder and placements == ("encoder", "decoder", "cross"):
+        placements = ("decoder",)  # the default placements, read for a decoder-only model
+    return prefix_lib.PrefixSpec(
+        length=int(p.length), placements=placements, geometry=model_config.prefix_geometry(),
+        hidden_size=model_config.hidden_size, method=p.method, mlp_hidden=int(p.mlp_hidden),
+        mlp_activation=p.mlp_activation, dropout=float(p.dropout), init=p.init)
+
+
+def check_positions(model_config: Any, spec: prefix_lib.PrefixSpec, source_width: int, target_width: int) -> None:
+    """Fails before training when prefix + text would overrun a learned position table."""
+    limit = model_config.max_positions
+    if limit is None:
+        return
+    shifted = getattr(model_config, "positions_after_prefix", False)
+    embedding_only = spec.method == "embedding_only"
+
+    def need(placement: str, text: int) -> int:
+        extra = spec.length if embedding_only or (shifted and placement in spec.placements) else 0
+        return extra + text
+
+    if model_config.is_encoder_decoder:
+        checks = {"encoder (prefix + data.max_source_length)": need("encoder", source_width),
+                  "decoder (prefix + data.max_target_length)": need("decoder", target_width)}
+    else:
+        checks = {"prefix + data.max_source_length + data.max_target_length": need("decoder", source_width + target_width)}
+    for what, n in checks.items():
+        if n > limit:
+            raise ConfigError(f"{what} = {n} positions, but {model_config.architecture} has {limit}. Shorten "
+                              f"prefix.length ({spec.length}), data.max_source_length or data.max_target_length.")
+
+
+def _examples(config: Any, split: str, cap: int) -> list[data.Example]:
+    examples = data.read_examples(config.data, split)
+    if not examples:
+        raise data.DataError(f"split {split!r} is empty.")
+    return examples[:cap] if cap else examples
+
+
+def build(config: Any) -> Setup:
+    """Loads the LM, tokenizer and data and checks every size, before anything is written."""
+    c = config
+    sharding.initialize_distributed(c.mesh.coordinator_address or None, c.mesh.num_processes, c.mesh.process_id)
+    lm = load_lm(c)
+    spec = prefix_spec(c, lm.config)
+    tokenizer = data.load_tokenizer(c.model.tokenizer or str(lm.model_dir))
+    encoder_decoder = lm.config.is_encoder_decoder
+    tokenize = lambda examples: data.tokenize(examples, tokenizer, c.data.max_source_length, c.data.max_target_length,
+                                              encoder_decoder, c.data.source_prefix, c.data.target_prefix)
+    train_split = tokenize(_examples(c, c.data.train_split, c.data.max_train_examples))
+    eval_split = tokenize(_examples(c, c.data.eval_split, c.data.max_eval_examples)) if c.data.eval_split else None
+    widths = [data.padded_lengths(s, c.data.max_source_length, c.data.max_target_length)
+              for s in (train_split, eval_split) if s is not None]
+    source_width, target_width = max(w[0] for w in widths), max(w[1] for w in widths)
+    check_positions(lm.config, spec, source_width, target_width)
+
+    mesh = sharding.make_mesh(c.mesh.num_devices or None)
+    sharding.check_batch_size(c.train.batch_size, mesh)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batcher = lambda split, size: data.Batcher(
+        split, size, source_width, target_width, pad_id, left_pad_source=not encoder_decoder, seed=c.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    train = batcher(train_split, c.train.batch_size)
+    if train.steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size={c.train.batch_size} is larger than the {len(train_split)} training "
+                          "examples; lower it.")
+    eval_size = c.train.eval_batch_size or c.train.batch_size
+    sharding.check_batch_size(eval_size, mesh)
+    total = int(c.train.steps) or math.ceil(float(c.train.epochs) * train.steps_per_epoch)
+    if total < 1:
+        raise ConfigError(f"train.steps={c.train.steps} / train.epochs={c.train.epochs} give no step to run.")
+    workdir = Path(c.train.workdir or "runs/default")
+    return Setup(c, lm, tokenizer, spec, mesh, train, batcher(eval_split, eval_size) if eval_split else None, total,
+                 workdir)
+
+
+def run_metadata(setup: Setup) -> dict:
+    """What a checkpoint records about where it belongs (see checkpoint.IDENTITY_KEYS)."""
+    lm = setup.lm
+    return {
+        "base_model": lm.name_or_path,
+        "architecture": lm.config.architecture,
+        "model_config": {k: v for k, v in dataclasses.asdict(lm.config).items()
+                         if k not in ("dtype", "param_dtype", "remat")},
+        "prefix_spec": setup.spec.to_json(),
+        "config": setup.config.to_dict(),
+    }
+
+
+def evaluate(setup: Setup, params: Any, lm_params: Any, eval_fn: Any) -> dict:
+    """Token-level loss and perplexity over the whole eval split."""
+    totals = np.zeros(2)
+    for local in setup.eval.eval_batches():
+        out = jax.device_get(eval_fn(params, lm_params, sharding.shard_batch(local, setup.mesh)))
+        totals += (float(out["loss_sum"]), float(out["tokens"]))
+    loss = totals[0] / max(totals[1], 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))), "eval_tokens": totals[1]}
+
+
+def run(config: Any) -> dict:
+    """Trains a prefix as `config` says; returns a summary (final losses, steps, paths)."""
+    setup = build(config)
+    c, spec, mesh = setup.config, setup.spec, setup.mesh
+    is_main = jax.process_index() == 0
+    if is_main:
+        log.info("config:\n%s", c)
+
+    tx, schedule = optim.make_optimizer(
+        prefix_lib.init_params(spec, jax.random.PRNGKey(0)), c.optim.learning_rate, setup.total_steps,
+        c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1, c.optim.b2, c.optim.eps,
+        c.optim.max_grad_norm or None, tuple(c.optim.frozen))
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(c.train.seed))
+    state = training.init_state(prefix_lib.init_params(spec, init_rng), tx, state_rng)
+    state = sharding.replicate(state, mesh)
+    meta = run_metadata(setup)
+
+    mngr = checkpoint.manager(setup.workdir / "checkpoints", c.train.keep_checkpoints or None)
+    latest = mngr.latest_step()
+    if latest is not None:
+        if not c.train.resume:
+            raise ConfigError(f"{setup.workdir} already holds a checkpoint (step {latest}) and train.resume=False; "
+                              "it was left untouched. Use a new train.workdir or --config.train.resume=True.")
+        checkpoint.check_compatible(checkpoint.read_meta(mngr, latest), meta, str(setup.workdir))
+        state, _ = checkpoint.restore(mngr, checkpoint.abstract(state), latest)
+        log.info("resumed from step %d", latest)
+
+    lm_params = sharding.replicate(setup.lm.params, mesh)
+    replicated = sharding.replicated(mesh)
+    step_fn = training.jit_train_step(setup.lm.model, spec, tx, schedule, c.train.label_smoothing,
+                                      state_sharding=replicated, lm_sharding=replicated,
+                                      batch_sharding=sharding.batch_sharding(mesh))
+    eval_fn = training.jit_eval_step(setup.lm.model, spec)
+    writer = MetricsWriter(setup.workdir, enabled=is_main)
+    if is_main:
+        (setup.workdir / "config.json").write_text(json.dumps(c.to_dict(), indent=2, default=str))
+        log.info("trainable parameters: %d (LM: %d, frozen)", prefix_lib.num_params(state.params),
+                 prefix_lib.num_params(setup.lm.params))
+
+    start = int(jax.device_get(state.step))
+    summary: dict = {"start_step": start, "steps": setup.total_steps, "workdir": str(setup.workdir)}
+    progress = _progress(start, setup.total_steps, is_main)
+    last_time, last_step, losses = time.perf_counter(), start, []
+    for step in range(start, setup.total_steps):
+        batch = sharding.shard_batch(setup.train.train_batch(step), mesh)
+        state, metrics = step_fn(state, lm_params, batch)
+        done = step + 1
+        losses.append(metrics["loss"])
+        if done % c.train.log_every == 0 or done == setup.total_steps:
+            host = jax.device_get(metrics)
+            now = time.perf_counter()
+            host["steps_per_sec"] = (done - last_step) / max(now - last_time, 1e-9)
+            host["train_loss"] = float(np.mean(jax.device_get(losses)))
+            last_time, last_step, losses = now, done, []
+            writer.write(done, host)
+            progress.set_postfix(loss=f"{host['train_loss']:.4f}", refresh=False)
+            summary["train_loss"] = host["train_loss"]
+        if setup.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
+                                        or done == setup.total_steps):
+            result = evaluate(setup, state.params, lm_params, eval_fn)
+            writer.write(done, result)
+            summary.update(result)
+        if done % c.train.save_every == 0 or done == setup.total_steps:
+            checkpoint.save(mngr, done, state, {**meta, "data_position": setup.train.position(done)})
+        progress.update(1)
+    progress.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+
+    if c.train.export and is_main:
+        export_meta = {k: meta[k] for k in ("base_model", "architecture", "model_config")}
+        summary["export"] = str(prefix_lib.export(jax.device_get(state.params), spec, setup.workdir / "export",
+                                                  {**export_meta, "step": setup.total_steps}))
+    summary["final_step"] = int(jax.device_get(state.step))
+    return summary
+
+
+def _progress(start: int, total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="train", smoothing=0.1)

@@ -1,0 +1,98 @@
+"""Train state, loss, and the jitted train/eval steps.
+
+`train_step(state, lm_params, batch)` differentiates only `state.params` (the prefix tree). The
+frozen LM arrives as an explicit argument: it is never closed over, so it is never baked into the
+compiled program as a constant, and one compiled step serves any LM weights of the same shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from prefix_jax import prefix as prefix_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything training changes. Nothing of the LM is in here."""
+
+    step: jax.Array  # int32 scalar
+    params: Any  # the trainable prefix tree
+    opt_state: Any
+    rng: jax.Array  # base key; step s uses fold_in(rng, s), so resuming replays the same randomness
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+
+def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
+                        label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy over real target tokens, and their count (pads contribute nothing).
+
+    Label smoothing as transformers' trainer does it: `(1 - e) * nll + e * mean_v(-log p_v)`.
+    """
+    log_probs = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets_BxT[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
+    mask = mask_BxT.astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: Any, batch: dict,
+               rng: jax.Array | None, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, token count) of a batch; dropout (LM and prefix) on when `rng` is given."""
+    deterministic = rng is None
+    prefix_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
+    prefix = prefix_lib.materialize(params, spec, prefix_rng, deterministic)
+    logits = model.apply({"params": lm_params}, batch, prefix, deterministic=deterministic,
+                         rngs=None if deterministic else {"dropout": dropout_rng})
+    return token_cross_entropy(logits, batch["target_ids"], batch["target_mask"], label_smoothing)
+
+
+def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict]:
+    """One optimizer step on the prefix tree; returns the new state and scalar metrics."""
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        total, count = batch_loss(model, spec, params, lm_params, batch, rng, label_smoothing)
+        return total / jnp.maximum(count, 1.0), count
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
+               "tokens": count}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec) -> dict:
+    """Summed loss and token count of a batch, deterministic (sum across batches, then divide)."""
+    total, count = batch_loss(model, spec, params, lm_params, batch, None)
+    return {"loss_sum": total, "tokens": count}
+
+
+def jit_train_step(model: Any, spec: prefix_lib.PrefixSpec, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, label_smoothing: float = 0.0, state_sharding: Any = None,
+                   lm_sharding: Any = None, batch_sharding: Any = None) -> Callable:
+    """`train_step` compiled with the train state donated and the LM as a non-donated, sharded argument."""
+    step = functools.partial(train_step, model=model, spec=spec, tx=tx, schedule=schedule,
+                             label_smoothing=label_smoothing)
+    shardings = {}
+    if state_sharding is not None:
+        shardings = dict(in_shardings=(state_sharding, lm_sharding, batch_sharding),
+                         out_shardings=(state_sharding, None))
+    return jax.jit(step, donate_argnums=(0,), **shardings)
+
+
+def jit_eval_step(model: Any, spec: prefix_lib.PrefixSpec) -> Callable:
+    return jax.jit(functools.partial(eval_step, model=model, spec=spec))
