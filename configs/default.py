@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 0  # 0: batch_size
     c.train.epochs = 1.0
     c.train.steps = 0  # 0: epochs * steps per epoch
+    c.train.stop_at = 0  # stop (with a checkpoint) after this step, keeping the schedule of train.steps; 0: run all
     c.train.seed = 0
     c.train.label_smoothing = 0.0
     c.train.log_every = 50

@@ -65,6 +65,12 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None =
     return restored["state"], restored["meta"]
 
 
+def read_state(mngr: ocp.CheckpointManager, step: int | None = None) -> Any:
+    """The state tree exactly as stored (no template needed): for inspection and export tools."""
+    step = mngr.latest_step() if step is None else step
+    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
 def abstract(tree: Any) -> Any:
     """Shape/dtype/sharding skeleton of a tree of arrays, for `restore`."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -201,15 +201,16 @@ def run(config: Any) -> dict:
                  prefix_lib.num_params(setup.lm.params))
 
     start = int(jax.device_get(state.step))
+    end = min(setup.total_steps, c.train.stop_at or setup.total_steps)
     summary: dict = {"start_step": start, "steps": setup.total_steps, "workdir": str(setup.workdir)}
     progress = _progress(start, setup.total_steps, is_main)
     last_time, last_step, losses = time.perf_counter(), start, []
-    for step in range(start, setup.total_steps):
+    for step in range(start, end):
         batch = sharding.shard_batch(setup.train.train_batch(step), mesh)
         state, metrics = step_fn(state, lm_params, batch)
         done = step + 1
         losses.append(metrics["loss"])
-        if done % c.train.log_every == 0 or done == setup.total_steps:
+        if done % c.train.log_every == 0 or done == end:
             host = jax.device_get(metrics)
             now = time.perf_counter()
             host["steps_per_sec"] = (done - last_step) / max(now - last_time, 1e-9)
@@ -217,13 +218,13 @@ def run(config: Any) -> dict:
             last_time, last_step, losses = now, done, []
             writer.write(done, host)
             progress.set_postfix(loss=f"{host['train_loss']:.4f}", refresh=False)
-            summary["train_loss"] = host["train_loss"]
+            summary["train_loss"] = float(host["train_loss"])
         if setup.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
                                         or done == setup.total_steps):
             result = evaluate(setup, state.params, lm_params, eval_fn)
             writer.write(done, result)
-            summary.update(result)
-        if done % c.train.save_every == 0 or done == setup.total_steps:
+            summary.update({k: float(v) for k, v in result.items()})
+        if done % c.train.save_every == 0 or done == end:
             checkpoint.save(mngr, done, state, {**meta, "data_position": setup.train.position(done)})
         progress.update(1)
     progress.close()
@@ -231,7 +232,8 @@ def run(config: Any) -> dict:
     mngr.close()
     writer.close()
 
-    if c.train.export and is_main:
+    finished = end == setup.total_steps
+    if c.train.export and is_main and finished:
         export_meta = {k: meta[k] for k in ("base_model", "architecture", "model_config")}
         summary["export"] = str(prefix_lib.export(jax.device_get(state.params), spec, setup.workdir / "export",
                                                   {**export_meta, "step": setup.total_steps}))

@@ -1,0 +1,402 @@
+"""BART as a pure-functional Flax encoder-decoder that takes a prefix.
+
+BART is post-LN with learned absolute positions (HF's table has 2 extra leading rows: position p
+reads row p + 2). Where text sits relative to a self-attention prefix is a choice
+(`Config.positions_after_prefix`): the paper's code starts real tokens at position 0 whatever the
+prefix; HF given a `past_key_values` of length P (hence PEFT) starts decoder tokens at P. The flag
+shifts the encoder tokens by the ENCODER prefix length and the decoder tokens by the DECODER prefix
+length. Prefix slots themselves have no position (their K/V are given). Positions count real tokens
+only, so left and right padding give the same result.
+
+Embedding-only prompts (`Prefix.prompt_embeds`) are free vectors put in front of the encoder input:
+they are not multiplied by `embed_scale` (that scales looked-up token embeddings), take positions
+`0 .. P-1`, and go through `layernorm_embedding` like tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefix_jax.models import common, masks
+from prefix_jax.models.attention import KV, MultiHeadAttention
+from prefix_jax.models.hub import take
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry
+
+Batch = Mapping[str, jax.Array]
+
+POSITION_OFFSET = 2  # HF/fairseq BART: position p is row p + 2 of the position table
+
+# HF config fields of BART-like checkpoints this module does not implement: (field, value, meaning).
+_UNSUPPORTED = (
+    ("normalize_before", True, "pre-LN blocks (mBART style)"),
+    ("add_final_layer_norm", True, "a final layer norm per stack (mBART style)"),
+    ("normalize_embedding", False, "no layernorm_embedding"),
+    ("static_position_embeddings", True, "sinusoidal positions"),
+    ("add_bias_logits", True, "a separate logits bias layer"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """BART hyperparameters. Layerdrop is not implemented (training-time only; inference is unaffected)."""
+
+    vocab_size: int
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_attention_heads: int
+    decoder_attention_heads: int
+    encoder_ffn_dim: int
+    decoder_ffn_dim: int
+    max_position_embeddings: int
+    activation_function: str = "gelu"
+    scale_embedding: bool = False  # token embeddings * sqrt(d_model)
+    layer_norm_epsilon: float = 1e-5  # torch.nn.LayerNorm's default, which HF BART uses
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    tied_lm_head: bool = True
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2
+    positions_after_prefix: bool = False  # see module docstring
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    is_encoder_decoder = True
+    architecture = "bart"
+
+    def __post_init__(self) -> None:
+        common.activation(self.activation_function, "activation_function")
+        for field in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, field):
+                raise ValueError(f"{field}={getattr(self, field)} does not divide d_model={self.d_model}.")
+
+    @classmethod
+    def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
+        """From a `transformers` BartConfig and the names of the checkpoint's tensors."""
+        for field, bad, meaning in _UNSUPPORTED:
+            if getattr(hf, field, None) is bad:
+                raise ValueError(f"BART config has {field}={bad} ({meaning}), which is not supported.")
+        if getattr(hf, "extra_pos_embeddings", POSITION_OFFSET) != POSITION_OFFSET:
+            raise ValueError(f"BART config has extra_pos_embeddings={hf.extra_pos_embeddings}; only "
+                             f"{POSITION_OFFSET} (HF's position offset) is supported.")
+        fields = dict(
+            vocab_size=hf.vocab_size,
+            d_model=hf.d_model,
+            encoder_layers=hf.encoder_layers,
+            decoder_layers=hf.decoder_layers,
+            encoder_attention_heads=hf.encoder_attention_heads,
+            decoder_attention_heads=hf.decoder_attention_heads,
+            encoder_ffn_dim=hf.encoder_ffn_dim,
+            decoder_ffn_dim=hf.decoder_ffn_dim,
+            max_position_embeddings=hf.max_position_embeddings,
+            activation_function=hf.activation_function,
+            scale_embedding=bool(hf.scale_embedding),
+            dropout=float(hf.dropout),
+            attention_dropout=float(hf.attention_dropout),
+            activation_dropout=float(hf.activation_dropout),
+            tied_lm_head=getattr(hf, "tie_word_embeddings", True) is not False or "lm_head.weight" not in tensor_names,
+            pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 1,
+            bos_token_id=hf.bos_token_id if hf.bos_token_id is not None else 0,
+            eos_token_id=hf.eos_token_id if isinstance(hf.eos_token_id, int) else 2,
+            decoder_start_token_id=hf.decoder_start_token_id if hf.decoder_start_token_id is not None else 2,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def prefix_geometry(self) -> dict[str, StackGeometry]:
+        enc_heads, dec_heads = self.encoder_attention_heads, self.decoder_attention_heads
+        enc = StackGeometry(self.encoder_layers, enc_heads, self.d_model // enc_heads)
+        dec = StackGeometry(self.decoder_layers, dec_heads, self.d_model // dec_heads)
+        return {ENCODER: enc, DECODER: dec, CROSS: dec}
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.d_model) if self.scale_embedding else 1.0
+
+
+def layer_norm(cfg: Config, name: str) -> nn.LayerNorm:
+    # Flax computes the statistics in float32 (at least) whatever the compute dtype; two-pass variance as torch.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        use_fast_variance=False, name=name)
+
+
+class BartBlock(nn.Module):
+    """One post-LN encoder or decoder layer; scanned over layers by `BartStack`."""
+
+    config: Config
+    is_decoder: bool
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD, prefix_self, prefix_cross, cache, self_mask, memory, cross_mask):
+        cfg = self.config
+        det = self.deterministic
+        heads = cfg.decoder_attention_heads if self.is_decoder else cfg.encoder_attention_heads
+        head_dim = cfg.d_model // heads
+        attention = lambda name: MultiHeadAttention(
+            heads, head_dim, cfg.d_model, use_bias=True, query_scale=head_dim**-0.5,
+            dropout_rate=cfg.attention_dropout, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        dense = lambda n, name: nn.Dense(n, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        dropout = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=det)
+
+        h, self_cache = attention("self_attention")(
+            x_BxLxD, None, self_mask, None, prefix_self, None if cache is None else cache["self"], det)
+        x_BxLxD = layer_norm(cfg, "self_attention_norm")(x_BxLxD + dropout(h))
+        new_cache = None if cache is None else {"self": self_cache}
+        if self.is_decoder:
+            cross = attention("cross_attention")
+            if cache is not None:
+                if "cross" not in cache:  # first decoding call: project the encoder output once
+                    cache = {**cache, "cross": cross.project_kv(memory)}
+                memory = cache["cross"]
+                new_cache["cross"] = memory
+            h, _ = cross(x_BxLxD, memory, cross_mask, None, prefix_cross, None, det)
+            x_BxLxD = layer_norm(cfg, "cross_attention_norm")(x_BxLxD + dropout(h))
+        act = common.activation(cfg.activation_function, "activation_function")
+        h = act(dense(cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim, "fc1")(x_BxLxD))
+        h = nn.Dropout(cfg.activation_dropout)(h, deterministic=det)
+        h = dense(cfg.d_model, "fc2")(h)
+        x_BxLxD = layer_norm(cfg, "ffn_norm")(x_BxLxD + dropout(h))
+        return x_BxLxD, new_cache
+
+
+class BartStack(nn.Module):
+    """Encoder or decoder: learned positions, `layernorm_embedding`, scanned layers."""
+
+    config: Config
+    is_decoder: bool
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxQxD: jax.Array,
+        positions_BxQ: jax.Array,
+        key_valid_BxS: jax.Array,
+        prefix: KV | None,
+        deterministic: bool,
+        query_offset: jax.Array | int = 0,
+        memory: jax.Array | None = None,
+        memory_valid: jax.Array | None = None,
+        cross_prefix: KV | None = None,
+        cache: dict | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        cfg = self.config
+        num_queries = x_BxQxD.shape[1]
+        table = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.d_model, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),
+                         name="embed_positions")
+        x = layer_norm(cfg, "layernorm_embedding")(x_BxQxD + table(positions_BxQ + POSITION_OFFSET))
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+        prefix_len = 0 if prefix is None else prefix.key.shape[-2]
+        self_mask = masks.attention_mask(key_valid_BxS, num_queries, prefix_len, causal=self.is_decoder,
+                                         query_offset=query_offset)
+        cross_mask = None
+        if self.is_decoder:
+            cross_len = 0 if cross_prefix is None else cross_prefix.key.shape[-2]
+            cross_mask = masks.attention_mask(memory_valid, num_queries, cross_len)
+        layers = common.stack_layers(
+            BartBlock, cfg.decoder_layers if self.is_decoder else cfg.encoder_layers, cfg.remat,
+            in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+        )(cfg, self.is_decoder, deterministic, name="layers")
+        return layers(x, prefix, cross_prefix, cache, self_mask, memory, cross_mask)
+
+
+class Model(nn.Module):
+    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
+
+    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
+    `prefix`: a `Prefix` (K/V for any of ENCODER, DECODER, CROSS; or `prompt_embeds`).
+    """
+
+    config: Config
+
+    def setup(self) -> None:
+        cfg = self.config
+        # HF's init (std init_std=0.02): only used to build random tiny checkpoints; real weights are loaded.
+        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                               embedding_init=nn.initializers.normal(0.02), name="shared")
+        self.encoder = BartStack(cfg, is_decoder=False, name="encoder")
+        self.decoder = BartStack(cfg, is_decoder=True, name="decoder")
+        if not cfg.tied_lm_head:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                    name="lm_head")
+        self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (cfg.vocab_size,),
+                                            cfg.param_dtype)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.shared(ids) * jnp.asarray(self.config.embed_scale, self.config.dtype)
+
+    def _shift(self, prefix: KV | None) -> int:
+        """Where real tokens start relative to a self-attention prefix (see module docstring)."""
+        return prefix.key.shape[-2] if (prefix is not None and self.config.positions_after_prefix) else 0
+
+    def _check_positions(self, needed: int, stack: str) -> None:
+        limit = self.config.max_position_embeddings
+        if needed > limit:
+            raise ValueError(f"the BART {stack} needs {needed} positions (prefix + text) but has {limit}: shorten "
+                             "the prefix or the text.")
+
+    def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
+        """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
+        x = self.embed(source_ids)
+        prompt_embeds = prefix.prompt_embeds
+        if prompt_embeds is not None:  # embedding-only prompt: virtual tokens in front of the input
+            batch = source_ids.shape[0]
+            prompt = jnp.broadcast_to(prompt_embeds.astype(x.dtype)[None], (batch, *prompt_embeds.shape))
+            x = jnp.concatenate([prompt, x], axis=1)
+            source_mask = jnp.concatenate([jnp.ones(prompt.shape[:2], source_mask.dtype), source_mask], axis=1)
+        kv = prefix.kv.get(ENCODER)
+        self._check_positions(self._shift(kv) + x.shape[1], "encoder")
+        positions = masks.token_positions(source_mask, self._shift(kv))
+        encoded, _ = self.encoder(x, positions, source_mask, kv, deterministic)
+        return encoded, source_mask
+
+    def decode(self, encoded, encoded_mask, decoder_ids, decoder_mask, prefix: Prefix = NO_PREFIX,
+               deterministic=True, cache=None):
+        """Logits `[B, T, V]` for decoder inputs. With `cache`, `decoder_mask` covers the cache slots."""
+        cfg = self.config
+        x = self.embed(decoder_ids)
+        kv = prefix.kv.get(DECODER)
+        shift = self._shift(kv)
+        self._check_positions(shift + decoder_mask.shape[1], "decoder")
+        if cache is None:
+            positions = masks.token_positions(decoder_mask, shift)
+            offset = 0
+        else:  # decoding: the decoder input has no padding; slot == position
+            offset = cache["self"]["index"][0]
+            batch, num_queries = decoder_ids.shape
+            positions = jnp.broadcast_to(shift + offset + jnp.arange(num_queries, dtype=jnp.int32),
+                                         (batch, num_queries))
+        h, cache = self.decoder(x, positions, decoder_mask, kv, deterministic, offset, encoded, encoded_mask,
+                                prefix.kv.get(CROSS), cache)
+        logits = self.shared.attend(h) if cfg.tied_lm_head else self.lm_head(h)
+        return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32), cache
+
+    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
+        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
+        encoded, encoded_mask = self.encode(batch["source_ids"], batch["source_mask"], prefix, deterministic)
+        decoder_ids = masks.shift_right(batch["target_ids"], self.config.decoder_start_token_id)
+        decoder_mask = masks.shift_right(batch["target_mask"], 1)
+        logits, _ = self.decode(encoded, encoded_mask, decoder_ids, decoder_mask, prefix, deterministic)
+        return logits
+
+
+def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
+    """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
+    heads = cfg.decoder_attention_heads
+    shape = (cfg.decoder_layers, batch_size, max_len, heads, cfg.d_model // heads)
+    zeros = jnp.zeros(shape, cfg.dtype)
+    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.decoder_layers,), jnp.int32)}}
+
+
+# Our sub-layer names -> HF's (attention, its layer norm). The FFN's norm is HF's `final_layer_norm`.
+_SUBLAYERS = {"self_attention": ("self_attn", "self_attn_layer_norm"),
+              "cross_attention": ("encoder_attn", "encoder_attn_layer_norm")}
+_PROJECTIONS = (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))
+# Where a tied checkpoint may keep its one copy of the token embedding.
+_EMBEDDING_NAMES = ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+                    "lm_head.weight")
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
+    """HF `BartForConditionalGeneration` state dict -> our params (layers stacked on a leading axis)."""
+    t = lambda name: take(tensors, name, where)
+
+    def attention(prefix: str, heads: int) -> dict:
+        K = cfg.d_model // heads
+        out = {ours: {"kernel": common.heads_in_kernel(t(f"{prefix}.{theirs}.weight"), heads, K),
+                      "bias": common.heads_in_bias(t(f"{prefix}.{theirs}.bias"), heads, K)}
+               for ours, theirs in _PROJECTIONS}
+        out["out"] = {"kernel": common.heads_out_kernel(t(f"{prefix}.out_proj.weight"), heads, K),
+                      "bias": t(f"{prefix}.out_proj.bias")}
+        return out
+
+    def norm(prefix: str) -> dict:
+        return {"scale": t(f"{prefix}.weight"), "bias": t(f"{prefix}.bias")}
+
+    def layer(stack: str, heads: int, i: int) -> dict:
+        p = f"model.{stack}.layers.{i}"
+        out = {"ffn_norm": norm(f"{p}.final_layer_norm")}
+        for ours, (attn, ln) in _SUBLAYERS.items():
+            if stack == "decoder" or ours == "self_attention":
+                out[ours] = attention(f"{p}.{attn}", heads)
+                out[f"{ours}_norm"] = norm(f"{p}.{ln}")
+        for fc in ("fc1", "fc2"):
+            out[fc] = {"kernel": common.dense_kernel(t(f"{p}.{fc}.weight")), "bias": t(f"{p}.{fc}.bias")}
+        return out
+
+    def stack(name: str, num_layers: int, heads: int) -> dict:
+        return {
+            "embed_positions": {"embedding": t(f"model.{name}.embed_positions.weight")},
+            "layernorm_embedding": norm(f"model.{name}.layernorm_embedding"),
+            "layers": common.stacked(num_layers, lambda i: layer(name, heads, i)),
+        }
+
+    embedding = next((n for n in _EMBEDDING_NAMES if n in tensors), _EMBEDDING_NAMES[0])
+    bias = tensors.get("final_logits_bias")  # a buffer: absent from some checkpoints, then zeros
+    params = {
+        "shared": {"embedding": t(embedding)},
+        "encoder": stack("encoder", cfg.encoder_layers, cfg.encoder_attention_heads),
+        "decoder": stack("decoder", cfg.decoder_layers, cfg.decoder_attention_heads),
+        "final_logits_bias": np.zeros(cfg.vocab_size, np.float32) if bias is None else bias.reshape(-1),
+    }
+    if not cfg.tied_lm_head:
+        params["lm_head"] = {"kernel": common.dense_kernel(t("lm_head.weight"))}
+    return params
+
+
+def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
+    """Inverse of `params_from_hf`: our params -> a HF BART state dict (e.g. to write a tiny checkpoint)."""
+    p = jax.tree.map(np.asarray, params)
+    out: dict[str, np.ndarray] = {"model.shared.weight": p["shared"]["embedding"],
+                                  "final_logits_bias": p["final_logits_bias"][None]}
+
+    def put_norm(prefix: str, n: Mapping, i: int | None = None) -> None:
+        pick = (lambda x: x) if i is None else (lambda x: x[i])
+        out[f"{prefix}.weight"], out[f"{prefix}.bias"] = pick(n["scale"]), pick(n["bias"])
+
+    for stack, num_layers in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
+        s, base = p[stack], f"model.{stack}"
+        out[f"{base}.embed_positions.weight"] = s["embed_positions"]["embedding"]
+        put_norm(f"{base}.layernorm_embedding", s["layernorm_embedding"])
+        layers = s["layers"]
+        for i in range(num_layers):
+            lp = f"{base}.layers.{i}"
+            put_norm(f"{lp}.final_layer_norm", layers["ffn_norm"], i)
+            for ours, (attn, ln) in _SUBLAYERS.items():
+                if ours not in layers:
+                    continue
+                a = layers[ours]
+                for proj, theirs in _PROJECTIONS:
+                    kernel_DxHxK = a[proj]["kernel"][i]
+                    out[f"{lp}.{attn}.{theirs}.weight"] = kernel_DxHxK.reshape(cfg.d_model, -1).T
+                    out[f"{lp}.{attn}.{theirs}.bias"] = a[proj]["bias"][i].reshape(-1)
+                out[f"{lp}.{attn}.out_proj.weight"] = a["out"]["kernel"][i].reshape(-1, cfg.d_model).T
+                out[f"{lp}.{attn}.out_proj.bias"] = a["out"]["bias"][i]
+                put_norm(f"{lp}.{ln}", layers[f"{ours}_norm"], i)
+            for fc in ("fc1", "fc2"):
+                out[f"{lp}.{fc}.weight"] = layers[fc]["kernel"][i].T
+                out[f"{lp}.{fc}.bias"] = layers[fc]["bias"][i]
+    if not cfg.tied_lm_head:
+        out["lm_head.weight"] = p["lm_head"]["kernel"].T
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}

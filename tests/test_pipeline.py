@@ -1,0 +1,160 @@
+"""The whole run on a tiny local T5: checkpoints hold only the prefix, resume is exact, errors are clean."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import t5_offline
+from prefix_jax import checkpoint, trainer
+from prefix_jax import prefix as prefix_lib
+from prefix_jax.metrics_log import read_metrics
+from prefix_jax.models import load_pretrained
+from prefix_jax.tiny import build_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-t5", "t5")
+
+
+def small_config(model_dir: Path, workdir: Path, **train):
+    c = t5_offline.get_config()
+    c.model.name_or_path = str(model_dir)
+    c.model.create_tiny = ""
+    c.data.data_files = {"train": str(REPO / "data/e2e/devset.csv"), "validation": str(REPO / "data/e2e/testset_w_refs.csv")}
+    c.data.max_source_length, c.data.max_target_length = 32, 16
+    c.data.max_train_examples, c.data.max_eval_examples = 64, 8
+    c.prefix.length, c.prefix.mlp_hidden = 4, 16
+    c.optim.warmup_steps = 1
+    c.train.workdir = str(workdir)
+    c.train.batch_size, c.train.steps, c.train.log_every, c.train.eval_every, c.train.save_every = 4, 6, 1, 0, 3
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(workdir) if "loss" in row}
+
+
+def tree_digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(directory)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_resumed_run_replays_the_uninterrupted_one(tiny_t5_dir, tmp_path):
+    straight = trainer.run(small_config(tiny_t5_dir, tmp_path / "straight"))
+    first = trainer.run(small_config(tiny_t5_dir, tmp_path / "resumed", stop_at=3))
+    assert first["final_step"] == 3 and "export" not in first
+    second = trainer.run(small_config(tiny_t5_dir, tmp_path / "resumed"))
+    assert second["start_step"] == 3 and second["final_step"] == 6
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert [a[s] for s in a] == [b[s] for s in a]  # bitwise: same batches, same randomness, same schedule
+    assert straight["eval_loss"] == second["eval_loss"]
+
+
+def test_checkpoint_holds_only_the_trainable_state(tiny_t5_dir, tmp_path):
+    config = small_config(tiny_t5_dir, tmp_path / "run", steps=2, save_every=2)
+    trainer.run(config)
+    lm = load_pretrained(str(tiny_t5_dir))
+    lm_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.params))
+    mngr = checkpoint.manager(tmp_path / "run" / "checkpoints")
+    meta = checkpoint.read_meta(mngr)
+    assert meta["base_model"] == str(tiny_t5_dir) and meta["architecture"] == "t5"
+    assert meta["data_position"] == {"epoch": 0, "batch": 2}
+    assert meta["prefix_spec"]["length"] == 4
+    restored = checkpoint.read_state(mngr, 2)  # raw tree, no template: what is on disk
+    assert set(restored) == {"step", "params", "opt_state", "rng"}
+    assert set(restored["params"]) == {"encoder", "decoder", "cross"}
+    state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(restored))
+    disk_bytes = sum(p.stat().st_size for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file())
+    assert disk_bytes < 2 * state_bytes + 200_000  # the state plus Orbax's small metadata files
+    assert disk_bytes < lm_bytes / 10
+    mngr.close()
+
+
+def test_export_is_the_materialized_prefix_without_mlp(tiny_t5_dir, tmp_path):
+    config = small_config(tiny_t5_dir, tmp_path / "run", steps=2)
+    summary = trainer.run(config)
+    exported, meta = prefix_lib.load_export(summary["export"])
+    assert meta["base_model"] == str(tiny_t5_dir) and meta["step"] == 2
+    mngr = checkpoint.manager(tmp_path / "run" / "checkpoints")
+    params = checkpoint.read_state(mngr, 2)["params"]
+    mngr.close()
+    spec = prefix_lib.PrefixSpec.from_json(meta["spec"])
+    expected = prefix_lib.materialize(params, spec)
+    for placement in ("encoder", "decoder", "cross"):
+        np.testing.assert_allclose(exported.kv[placement].key, expected.kv[placement].key, atol=1e-6)
+        np.testing.assert_allclose(exported.kv[placement].value, expected.kv[placement].value, atol=1e-6)
+    files = {p.name for p in Path(summary["export"]).iterdir()}
+    assert files == {prefix_lib.EXPORT_WEIGHTS, prefix_lib.EXPORT_META}
+    size = sum(x.nbytes for x in jax.tree.leaves(expected))
+    assert Path(summary["export"], prefix_lib.EXPORT_WEIGHTS).stat().st_size < size + 10_000
+
+
+def test_mismatched_or_unresumable_checkpoint_is_left_untouched(tiny_t5_dir, tmp_path):
+    trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=2))
+    before = tree_digest(tmp_path / "run" / "checkpoints")
+    other = small_config(tiny_t5_dir, tmp_path / "run", steps=4)
+    other.prefix.length = 6
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="prefix_spec"):
+        trainer.run(other)
+    with pytest.raises(trainer.ConfigError, match="train.resume"):
+        trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=4, resume=False))
+    assert tree_digest(tmp_path / "run" / "checkpoints") == before
+
+
+def test_bad_values_are_clear_errors(tiny_t5_dir, tmp_path):
+    cases = [("prefix", "method", "bogus", "prefix.method"), ("prefix", "placements", ("encoder", "nope"), "prefix.placements"),
+             ("prefix", "length", 0, "prefix.length"), ("train", "batch_size", 1000, "train.batch_size"),
+             ("data", "format", "xml", "data.format"), ("optim", "learning_rate", 0.0, "optim.learning_rate")]
+    for group, field, value, named in cases:
+        c = small_config(tiny_t5_dir, tmp_path / f"bad-{field}")
+        c[group][field] = value
+        with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+            trainer.run(c)
+        assert not (tmp_path / f"bad-{field}").exists()  # nothing written before the config is known good
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_train_py_runs_end_to_end(tiny_t5_dir, tmp_path):
+    workdir = tmp_path / "cli"
+    out = run_cli("--config", str(REPO / "configs/t5_offline.py"), f"--config.model.name_or_path={tiny_t5_dir}",
+                  "--config.model.create_tiny=", f"--config.train.workdir={workdir}", "--config.train.steps=4",
+                  "--config.train.batch_size=4", "--config.data.max_train_examples=32", "--config.optim.warmup_steps=1",
+                  "--config.data.max_eval_examples=8", "--config.train.log_every=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "prefix:" in out.stderr + out.stdout  # the resolved config is printed
+    assert (workdir / "checkpoints" / "4").is_dir()
+    assert (workdir / "export" / prefix_lib.EXPORT_WEIGHTS).is_file()
+    assert [row["step"] for row in read_metrics(workdir) if "loss" in row] == [2, 4]
+
+
+def test_train_py_bad_input_exits_nonzero_with_the_field_named(tiny_t5_dir, tmp_path):
+    out = run_cli("--config", str(REPO / "configs/t5_offline.py"), f"--config.model.name_or_path={tmp_path / 'none'}",
+                  "--config.model.create_tiny=", f"--config.train.workdir={tmp_path / 'w'}")
+    assert out.returncode == 2
+    assert "model.name_or_path" in out.stderr and "no such directory" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_cli("--config", str(REPO / "configs/t5_offline.py"), "--config.prefix.lenght=3")
+    assert out.returncode != 0 and "lenght" in out.stderr
