@@ -56,6 +56,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.resume = True  # continue from the latest checkpoint in workdir
     c.train.export = True  # write the materialized prefix (no MLP) to workdir/export at the end
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.generate = True  # decode the eval sources at each evaluation and score them
+    c.eval.metrics = ("bleu",)  # bleu | rouge
+    c.eval.max_generate = 0  # distinct sources to decode per evaluation; 0: all
+
+    c.generate = ml_collections.ConfigDict()
+    c.generate.num_beams = 1
+    c.generate.max_new_tokens = 64
+    c.generate.length_penalty = 1.0
+
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 5e-5
     c.optim.warmup_steps = 0

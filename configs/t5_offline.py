@@ -21,6 +21,8 @@ def get_config():
     c.data.max_source_length = 64
     c.data.max_target_length = 64
     c.data.max_eval_examples = 256
+    c.eval.max_generate = 32
+    c.generate.max_new_tokens = 32
     c.train.workdir = "runs/t5_offline"
     c.train.batch_size = 16
     c.train.steps = 300

@@ -23,6 +23,11 @@ def get_config():
     c.data.source_prefix = "summarize: "
     c.data.max_source_length = 512
     c.data.max_target_length = 60
+    c.eval.metrics = ("rouge",)
+    c.eval.max_generate = 2000  # a fixed subset during training; decode the full test set after
+    c.generate.num_beams = 6  # the paper's XSum decoding
+    c.generate.length_penalty = 0.8
+    c.generate.max_new_tokens = 60
     c.train.batch_size = 14
     c.train.epochs = 30.0
     c.train.eval_every = 5000

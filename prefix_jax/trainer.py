@@ -16,8 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from prefix_jax import checkpoint, data, models, optim, sharding, tiny, training
+from prefix_jax import checkpoint, data, evaluation, models, optim, sharding, tiny, training
 from prefix_jax import prefix as prefix_lib
+from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.metrics_log import MetricsWriter
 
 log = logging.getLogger("prefix_jax")
@@ -107,6 +108,10 @@ def build(config: Any) -> Setup:
     sharding.initialize_distributed(c.mesh.coordinator_address or None, c.mesh.num_processes, c.mesh.process_id)
     lm = load_lm(c)
     spec = prefix_spec(c, lm.config)
+    GenerationConfig(c.generate.max_new_tokens, c.generate.num_beams, c.generate.length_penalty)  # validates
+    for name in c.eval.metrics:
+        if name not in evaluation.metrics.METRICS:
+            raise ConfigError(f"eval.metrics has {name!r}; choose from {evaluation.metrics.METRICS}.")
     tokenizer = data.load_tokenizer(c.model.tokenizer or str(lm.model_dir))
     encoder_decoder = lm.config.is_encoder_decoder
     tokenize = lambda examples: data.tokenize(examples, tokenizer, c.data.max_source_length, c.data.max_target_length,
@@ -151,14 +156,16 @@ def run_metadata(setup: Setup) -> dict:
     }
 
 
-def evaluate(setup: Setup, params: Any, lm_params: Any, eval_fn: Any) -> dict:
-    """Token-level loss and perplexity over the whole eval split."""
-    totals = np.zeros(2)
-    for local in setup.eval.eval_batches():
-        out = jax.device_get(eval_fn(params, lm_params, sharding.shard_batch(local, setup.mesh)))
-        totals += (float(out["loss_sum"]), float(out["tokens"]))
-    loss = totals[0] / max(totals[1], 1.0)
-    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))), "eval_tokens": totals[1]}
+def evaluate(setup: Setup, step: int, params: Any, lm_params: Any, eval_fn: Any, generate_fn: Any) -> dict:
+    """Eval-split loss, and (if configured) decoded outputs scored with the configured metrics."""
+    c = setup.config
+    result = evaluation.loss(setup.eval, setup.mesh, params, lm_params, eval_fn)
+    if generate_fn is not None:
+        scores = evaluation.generate_and_score(
+            setup.eval, setup.mesh, setup.tokenizer, setup.spec, params, lm_params, generate_fn,
+            tuple(c.eval.metrics), c.eval.max_generate, setup.workdir / f"predictions_{step}.jsonl")
+        result.update(scores)
+    return result
 
 
 def run(config: Any) -> dict:
@@ -194,6 +201,10 @@ def run(config: Any) -> dict:
                                       state_sharding=replicated, lm_sharding=replicated,
                                       batch_sharding=sharding.batch_sharding(mesh))
     eval_fn = training.jit_eval_step(setup.lm.model, spec)
+    generate_fn = None
+    if c.eval.generate:
+        generate_fn = make_generate_fn(setup.lm.model, GenerationConfig(
+            c.generate.max_new_tokens, c.generate.num_beams, c.generate.length_penalty))
     writer = MetricsWriter(setup.workdir, enabled=is_main)
     if is_main:
         (setup.workdir / "config.json").write_text(json.dumps(c.to_dict(), indent=2, default=str))
@@ -221,7 +232,7 @@ def run(config: Any) -> dict:
             summary["train_loss"] = float(host["train_loss"])
         if setup.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
                                         or done == setup.total_steps):
-            result = evaluate(setup, state.params, lm_params, eval_fn)
+            result = evaluate(setup, done, state.params, lm_params, eval_fn, generate_fn)
             writer.write(done, result)
             summary.update({k: float(v) for k, v in result.items()})
         if done % c.train.save_every == 0 or done == end:

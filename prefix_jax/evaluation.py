@@ -1,0 +1,69 @@
+"""Evaluation of a prefix: teacher-forced loss over the eval split, and decoding + corpus metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from prefix_jax import data, metrics, sharding
+from prefix_jax import prefix as prefix_lib
+
+
+def loss(batcher: data.Batcher, mesh: Any, params: Any, lm_params: Any, eval_fn: Callable) -> dict:
+    """Token-level loss and perplexity over every example of the split."""
+    totals = np.zeros(2)
+    for local in batcher.eval_batches():
+        out = jax.device_get(eval_fn(params, lm_params, sharding.shard_batch(local, mesh)))
+        totals += (float(out["loss_sum"]), float(out["tokens"]))
+    mean = totals[0] / max(totals[1], 1.0)
+    return {"eval_loss": float(mean), "eval_perplexity": float(np.exp(min(mean, 50.0))), "eval_tokens": float(totals[1])}
+
+
+def unique_sources(split: data.TokenizedSplit, limit: int = 0) -> list[int]:
+    """Index of the first example of each distinct source (multi-reference sets are decoded once per source)."""
+    seen, first = set(), []
+    for i, example in enumerate(split.examples):
+        if example.source not in seen:
+            seen.add(example.source)
+            first.append(i)
+    return first[:limit] if limit else first
+
+
+def _gather(tokens: jax.Array) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(tokens)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+
+
+def generate_and_score(batcher: data.Batcher, mesh: Any, tokenizer: Any, spec: prefix_lib.PrefixSpec, params: Any,
+                       lm_params: Any, generate_fn: Callable, metric_names: tuple[str, ...], limit: int = 0,
+                       predictions_path: Path | None = None) -> dict:
+    """Decodes each distinct eval source with the prefix and scores it against all its references."""
+    split = batcher.split
+    chosen = unique_sources(split, limit)
+    prefix = prefix_lib.materialize(params, spec)
+    size = batcher.global_batch_size
+    hypotheses: list[str] = []
+    for start in range(0, len(chosen), size):
+        indices = chosen[start:start + size]
+        rows = indices + [indices[-1]] * (size - len(indices))  # full batches: one compiled shape
+        local = np.array_split(np.asarray(rows), batcher.process_count)[batcher.process_index]
+        ids, mask = data.pad([split.source_ids[i] for i in local], batcher.source_width, batcher.pad_id,
+                             batcher.left_pad_source)
+        batch = sharding.shard_batch({"ids": ids, "mask": mask}, mesh)
+        tokens = _gather(generate_fn(lm_params, prefix, batch["ids"], batch["mask"]))[:len(indices)]
+        hypotheses.extend(t.strip() for t in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True))
+    references = [list(split.examples[i].references or (split.examples[i].target,)) for i in chosen]
+    scores = metrics.compute(metric_names, hypotheses, references) if metric_names else {}
+    if predictions_path is not None and jax.process_index() == 0:
+        with predictions_path.open("w") as f:
+            for i, hypothesis, refs in zip(chosen, hypotheses, references):
+                f.write(json.dumps({"source": split.examples[i].source, "prediction": hypothesis,
+                                    "references": refs}) + "\n")
+    return {**scores, "generated": len(hypotheses)}

@@ -1,0 +1,194 @@
+"""Greedy and beam-search decoding with the prefix in the attention of every step.
+
+Our decoding owns its cache: the prefix is an argument of every decoder call (never a cache entry
+that a generation loop could drop), and it is unbatched, so expanding the batch into beams cannot
+mis-size it. Beam search follows transformers' semantics (`early_stopping=False`, length penalty
+on the number of generated tokens, EOS hypotheses taken from the top `num_beams` candidates), so its
+outputs can be compared with `model.generate` token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from prefix_jax.models import masks
+from prefix_jax.models.interface import DECODER, Prefix
+
+_NEG = -1.0e9  # transformers' "impossible" score; finite, so sums stay ordered
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    length_penalty: float = 1.0  # score = sum log p / (generated tokens ** length_penalty)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generate.max_new_tokens={self.max_new_tokens} must be at least 1.")
+        if self.num_beams < 1:
+            raise ValueError(f"generate.num_beams={self.num_beams} must be at least 1.")
+
+
+# A decoding step: (token ids [N], cache, step t) -> (next-token logits [N, V], cache).
+StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+def _repeat(x: jax.Array, times: int) -> jax.Array:
+    """[B, ...] -> [B * times, ...], each row repeated `times` times in a row (beam layout)."""
+    return jnp.repeat(x, times, axis=0) if times > 1 else x
+
+
+def _encoder_decoder_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
+                           cfg: GenerationConfig, arch: Any) -> tuple[jax.Array, Any, StepFn]:
+    params = {"params": lm_params}
+    encoded, encoded_mask = model.apply(params, source_ids, source_mask, prefix, method=model.encode)
+    encoded, encoded_mask = _repeat(encoded, cfg.num_beams), _repeat(encoded_mask, cfg.num_beams)
+    rows = encoded.shape[0]
+    cache = arch.init_cache(model.config, rows, cfg.max_new_tokens)
+
+    def step(tokens_N: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
+        written = jnp.broadcast_to(jnp.arange(cfg.max_new_tokens) <= t, (rows, cfg.max_new_tokens))
+        logits, cache = model.apply(params, encoded, encoded_mask, tokens_N[:, None], written, prefix, True, cache,
+                                    method=model.decode)
+        return logits[:, -1], cache
+
+    start = jnp.full((rows,), model.config.decoder_start_token_id, jnp.int32)
+    return start, cache, step
+
+
+def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
+                        cfg: GenerationConfig, arch: Any) -> tuple[jax.Array, Any, StepFn]:
+    """Prefills the (left- or right-padded) source, then decodes from the separator token."""
+    params = {"params": lm_params}
+    config = model.config
+    source_ids, source_mask = _repeat(source_ids, cfg.num_beams), _repeat(source_mask, cfg.num_beams)
+    rows, source_len = source_ids.shape
+    capacity = source_len + cfg.max_new_tokens
+    cache = arch.init_cache(config, rows, capacity)
+    prefix_len = prefix.length(DECODER)
+    shift_source = prefix_len if (config.positions_after_prefix and not prefix.infix) else 0
+    shift_target = prefix_len if (config.positions_after_prefix or prefix.infix) else 0
+    source_positions = masks.token_positions(source_mask, shift_source)
+    valid = jnp.concatenate([source_mask.astype(bool), jnp.zeros((rows, cfg.max_new_tokens), bool)], axis=1)
+    _, cache = model.apply(params, source_ids, source_positions, valid, prefix, cache, True, not prefix.infix,
+                           method=model.decode)
+    first_target_position = jnp.sum(source_mask, axis=1).astype(jnp.int32) + shift_target
+
+    def step(tokens_N: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
+        slots = source_len + t
+        key_valid = valid | (jnp.arange(capacity) <= slots)[None] & (jnp.arange(capacity) >= source_len)[None]
+        positions = (first_target_position + t)[:, None]
+        logits, cache = model.apply(params, tokens_N[:, None], positions, key_valid, prefix, cache, True, True,
+                                    method=model.decode)
+        return logits[:, -1], cache
+
+    start = jnp.full((rows,), config.separator_token_id, jnp.int32)
+    return start, cache, step
+
+
+def _reorder(cache: Any, rows_N: jax.Array) -> Any:
+    """Gathers the batch axis (axis 1, after the layer axis) of every cache array; layer indices stay."""
+    return jax.tree.map(lambda x: x if x.ndim < 2 else jnp.take(x, rows_N, axis=1), cache)
+
+
+def _greedy(start: jax.Array, cache: Any, step: StepFn, cfg: GenerationConfig, eos: int, pad: int) -> jax.Array:
+    batch = start.shape[0]
+    tokens = jnp.full((batch, cfg.max_new_tokens), pad, jnp.int32)
+
+    def cond(carry):
+        t, _, _, _, done = carry
+        return (t < cfg.max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        t, logits, tokens, cache, done = carry
+        token = jnp.where(done, pad, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        tokens = tokens.at[:, t].set(token)
+        logits, cache = step(token, cache, t + 1)
+        return t + 1, logits, tokens, cache, done | (token == eos)
+
+    # The first step runs outside the loop: it adds the cross-attention memory to the cache.
+    logits, cache = step(start, cache, jnp.zeros((), jnp.int32))
+    carry = (jnp.zeros((), jnp.int32), logits, tokens, cache, jnp.zeros((batch,), bool))
+    return jax.lax.while_loop(cond, body, carry)[2]
+
+
+def _beam_search(start: jax.Array, cache: Any, step: StepFn, cfg: GenerationConfig, eos: int, pad: int) -> jax.Array:
+    K, T, lp = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
+    batch = start.shape[0] // K
+    candidates = 2 * K
+    top_k_mask = jnp.arange(candidates) < K  # only these candidates may finish (as transformers does)
+
+    def cond(carry):
+        t, *_, improvable, all_stopped = carry
+        return (t < T) & jnp.any(improvable) & ~all_stopped
+
+    def body(carry):
+        t, logits, alive_seqs, alive_scores, done_seqs, done_scores, done_flags, cache, improvable, _ = carry
+        vocab = logits.shape[-1]
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, K, vocab)
+        flat = (log_probs + alive_scores[:, :, None]).reshape(batch, K * vocab)
+        cand_scores, cand_index = jax.lax.top_k(flat, candidates)
+        cand_beam, cand_token = cand_index // vocab, (cand_index % vocab).astype(jnp.int32)
+        cand_seqs = jnp.take_along_axis(alive_seqs, cand_beam[:, :, None], axis=1).at[:, :, t].set(cand_token)
+        stops = (cand_token == eos) | (t + 1 >= T)
+
+        # The best K candidates that go on.
+        go_on_scores, go_on = jax.lax.top_k(cand_scores + stops * _NEG, K)
+        alive_seqs = jnp.take_along_axis(cand_seqs, go_on[:, :, None], axis=1)
+        alive_beam = jnp.take_along_axis(cand_beam, go_on, axis=1)
+        cache = _reorder(cache, (alive_beam + jnp.arange(batch)[:, None] * K).reshape(-1))
+
+        # Finished hypotheses: merge the new ones (length-normalized) into the best K so far.
+        generated = (t + 1).astype(jnp.float32)
+        finish_scores = cand_scores / generated**lp
+        finish_scores += (~(stops & top_k_mask[None])) * _NEG + (~improvable[:, None]) * _NEG
+        merged_scores = jnp.concatenate([done_scores, finish_scores], axis=1)
+        merged_seqs = jnp.concatenate([done_seqs, cand_seqs], axis=1)
+        merged_flags = jnp.concatenate([done_flags, stops & top_k_mask[None]], axis=1)
+        done_scores, keep = jax.lax.top_k(merged_scores, K)
+        done_seqs = jnp.take_along_axis(merged_seqs, keep[:, :, None], axis=1)
+        done_flags = jnp.take_along_axis(merged_flags, keep, axis=1)
+
+        # transformers' early-stop heuristic (early_stopping=False): can the best alive beam still win?
+        best_alive = go_on_scores[:, :1] / generated**lp
+        worst_done = jnp.where(done_flags, jnp.min(done_scores, axis=1, keepdims=True), _NEG)
+        improvable = improvable & jnp.any(best_alive > worst_done, axis=1)
+        logits, cache = step(alive_seqs[:, :, t].reshape(-1), cache, t + 1)
+        return (t + 1, logits, alive_seqs, go_on_scores, done_seqs, done_scores, done_flags, cache, improvable,
+                jnp.all(stops))
+
+    alive_scores = jnp.tile(jnp.where(jnp.arange(K) == 0, 0.0, _NEG)[None], (batch, 1))
+    empty = jnp.full((batch, K, T), pad, jnp.int32)
+    logits, cache = step(start, cache, jnp.zeros((), jnp.int32))  # outside the loop, see _greedy
+    carry = (jnp.zeros((), jnp.int32), logits, empty, alive_scores, empty, jnp.full((batch, K), _NEG),
+             jnp.zeros((batch, K), bool), cache, jnp.ones((batch,), bool), jnp.zeros((), bool))
+    done_seqs = jax.lax.while_loop(cond, body, carry)[4]
+    best = done_seqs[:, 0]
+    # Everything after the first EOS is padding.
+    after_eos = jnp.cumsum(best == eos, axis=1) - (best == eos) > 0
+    return jnp.where(after_eos, pad, best)
+
+
+def generate(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
+             cfg: GenerationConfig) -> jax.Array:
+    """Generated token ids `[B, max_new_tokens]` (EOS included, then padding). Jit with `make_generate_fn`."""
+    from prefix_jax import models
+
+    config = model.config
+    arch = models.architecture(config.architecture)
+    begin = _encoder_decoder_start if config.is_encoder_decoder else _decoder_only_start
+    start, cache, step = begin(model, lm_params, prefix, source_ids, source_mask, cfg, arch)
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    search = _greedy if cfg.num_beams == 1 else _beam_search
+    return search(start, cache, step, cfg, config.eos_token_id, pad)
+
+
+def make_generate_fn(model: Any, cfg: GenerationConfig) -> Callable:
+    """`fn(lm_params, prefix, source_ids, source_mask) -> tokens`, jitted; the LM stays an argument."""
+    return jax.jit(lambda lm_params, prefix, source_ids, source_mask: generate(
+        model, lm_params, prefix, source_ids, source_mask, cfg))
