@@ -21,7 +21,10 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     """`jax.distributed.initialize` when running several processes (no-op for one)."""
     if num_processes is None or num_processes <= 1:
         return
-    if jax.default_backend() == "cpu" or jax.config.jax_platforms == "cpu":
+    if not coordinator_address:
+        raise ValueError(f"mesh.num_processes={num_processes} needs mesh.coordinator_address (host:port of process 0).")
+    # Asking for the backend would initialize it, which must come after `initialize`; read the setting instead.
+    if (jax.config.jax_platforms or "").split(",")[0] == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 

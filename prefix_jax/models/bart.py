@@ -9,8 +9,8 @@ length. Prefix slots themselves have no position (their K/V are given). Position
 only, so left and right padding give the same result.
 
 Embedding-only prompts (`Prefix.prompt_embeds`) are free vectors put in front of the encoder input:
-they are not multiplied by `embed_scale` (that scales looked-up token embeddings), take positions
-`0 .. P-1`, and go through `layernorm_embedding` like tokens.
+they are not multiplied by `embed_scale` (that scales looked-up token embeddings), take the first P
+positions (real tokens follow), and go through `layernorm_embedding` like tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ _UNSUPPORTED = (
     ("normalize_embedding", False, "no layernorm_embedding"),
     ("static_position_embeddings", True, "sinusoidal positions"),
     ("add_bias_logits", True, "a separate logits bias layer"),
+    # transformers 5 then gives the encoder, the decoder and the LM head three separate embedding tables.
+    ("tie_word_embeddings", False, "untied token embeddings / LM head"),
 )
 
 
@@ -62,7 +64,6 @@ class Config:
     dropout: float = 0.1
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
-    tied_lm_head: bool = True
     pad_token_id: int = 1
     bos_token_id: int = 0
     eos_token_id: int = 2
@@ -83,7 +84,7 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
-        """From a `transformers` BartConfig and the names of the checkpoint's tensors."""
+        """From a `transformers` BartConfig (the tensor names are not needed: BART's layout does not vary)."""
         for field, bad, meaning in _UNSUPPORTED:
             if getattr(hf, field, None) is bad:
                 raise ValueError(f"BART config has {field}={bad} ({meaning}), which is not supported.")
@@ -105,7 +106,6 @@ class Config:
             dropout=float(hf.dropout),
             attention_dropout=float(hf.attention_dropout),
             activation_dropout=float(hf.activation_dropout),
-            tied_lm_head=getattr(hf, "tie_word_embeddings", True) is not False or "lm_head.weight" not in tensor_names,
             pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 1,
             bos_token_id=hf.bos_token_id if hf.bos_token_id is not None else 0,
             eos_token_id=hf.eos_token_id if isinstance(hf.eos_token_id, int) else 2,
@@ -237,9 +237,6 @@ class Model(nn.Module):
                                embedding_init=nn.initializers.normal(0.02), name="shared")
         self.encoder = BartStack(cfg, is_decoder=False, name="encoder")
         self.decoder = BartStack(cfg, is_decoder=True, name="decoder")
-        if not cfg.tied_lm_head:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                    name="lm_head")
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (cfg.vocab_size,),
                                             cfg.param_dtype)
 
@@ -266,15 +263,15 @@ class Model(nn.Module):
             x = jnp.concatenate([prompt, x], axis=1)
             source_mask = jnp.concatenate([jnp.ones(prompt.shape[:2], source_mask.dtype), source_mask], axis=1)
         kv = prefix.kv.get(ENCODER)
-        self._check_positions(self._shift(kv) + x.shape[1], "encoder")
-        positions = masks.token_positions(source_mask, self._shift(kv))
+        shift = self._shift(kv)
+        self._check_positions(shift + x.shape[1], "encoder")
+        positions = masks.token_positions(source_mask, shift)
         encoded, _ = self.encoder(x, positions, source_mask, kv, deterministic)
         return encoded, source_mask
 
     def decode(self, encoded, encoded_mask, decoder_ids, decoder_mask, prefix: Prefix = NO_PREFIX,
                deterministic=True, cache=None):
         """Logits `[B, T, V]` for decoder inputs. With `cache`, `decoder_mask` covers the cache slots."""
-        cfg = self.config
         x = self.embed(decoder_ids)
         kv = prefix.kv.get(DECODER)
         shift = self._shift(kv)
@@ -289,7 +286,7 @@ class Model(nn.Module):
                                          (batch, num_queries))
         h, cache = self.decoder(x, positions, decoder_mask, kv, deterministic, offset, encoded, encoded_mask,
                                 prefix.kv.get(CROSS), cache)
-        logits = self.shared.attend(h) if cfg.tied_lm_head else self.lm_head(h)
+        logits = self.shared.attend(h)  # the LM head is tied to the token embedding
         return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32), cache
 
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
@@ -360,8 +357,6 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
         "decoder": stack("decoder", cfg.decoder_layers, cfg.decoder_attention_heads),
         "final_logits_bias": np.zeros(cfg.vocab_size, np.float32) if bias is None else bias.reshape(-1),
     }
-    if not cfg.tied_lm_head:
-        params["lm_head"] = {"kernel": common.dense_kernel(t("lm_head.weight"))}
     return params
 
 
@@ -397,6 +392,4 @@ def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray
             for fc in ("fc1", "fc2"):
                 out[f"{lp}.{fc}.weight"] = layers[fc]["kernel"][i].T
                 out[f"{lp}.{fc}.bias"] = layers[fc]["bias"][i]
-    if not cfg.tied_lm_head:
-        out["lm_head.weight"] = p["lm_head"]["kernel"].T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}

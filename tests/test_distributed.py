@@ -1,0 +1,77 @@
+"""Data parallelism: 8 simulated devices, and 2 processes x 4 devices, train like one device does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prefix_jax.metrics_log import read_metrics
+from prefix_jax.tiny import build_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-t5", "t5")
+
+
+def args(model_dir: Path, workdir: Path) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/t5_offline.py"),
+            f"--config.model.name_or_path={model_dir}", "--config.model.create_tiny=",
+            f"--config.train.workdir={workdir}", "--config.train.steps=4", "--config.train.batch_size=8",
+            "--config.train.log_every=1", "--config.optim.warmup_steps=1", "--config.data.max_train_examples=64",
+            "--config.data.max_eval_examples=16", "--config.data.max_source_length=32",
+            "--config.data.max_target_length=16", "--config.eval.max_generate=8", "--config.generate.max_new_tokens=8"]
+
+
+def env(devices: int) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def losses(workdir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(workdir) if "loss" in row]
+
+
+def final_eval(workdir: Path) -> dict:
+    return [row for row in read_metrics(workdir) if "eval_loss" in row][-1]
+
+
+@pytest.fixture(scope="module")
+def one_device(tiny_t5_dir, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("one")
+    out = subprocess.run(args(tiny_t5_dir, workdir), env=env(1), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def test_eight_devices_match_one(tiny_t5_dir, one_device, tmp_path):
+    out = subprocess.run(args(tiny_t5_dir, tmp_path) + ["--config.mesh.num_devices=8"], env=env(8),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    np.testing.assert_allclose(losses(tmp_path), losses(one_device), rtol=2e-5)
+    assert len(losses(tmp_path)) == 4
+    np.testing.assert_allclose(final_eval(tmp_path)["eval_loss"], final_eval(one_device)["eval_loss"], rtol=2e-5)
+
+
+def test_two_processes_match_one(tiny_t5_dir, one_device, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(args(tiny_t5_dir, tmp_path) + [
+        f"--config.mesh.coordinator_address=127.0.0.1:{port}", "--config.mesh.num_processes=2",
+        f"--config.mesh.process_id={i}"], env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    np.testing.assert_allclose(losses(tmp_path), losses(one_device), rtol=2e-5)
+    np.testing.assert_allclose(final_eval(tmp_path)["eval_loss"], final_eval(one_device)["eval_loss"], rtol=2e-5)
+    assert (tmp_path / "checkpoints" / "4").is_dir()
