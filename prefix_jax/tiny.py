@@ -21,6 +21,7 @@ from prefix_jax import models
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "gpt2-tokenizer"
 EOS = "<|endoftext|>"
 PAD = "<pad>"
+TINY_ARCHITECTURES = ("t5", "bart", "gpt2")
 
 
 def bundled_gpt2_tokenizer(with_pad: bool, eos_after_text: bool) -> Any:
@@ -49,7 +50,13 @@ def _tiny_hf_config(architecture: str, tokenizer: Any) -> Any:
             relative_attention_num_buckets=16, relative_attention_max_distance=64, dropout_rate=0.0,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id)
-    raise ValueError(f"model.create_tiny={architecture!r}: tiny checkpoints exist for 't5'.")
+    if architecture == "bart":
+        return transformers.BartConfig(
+            vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
+            dropout=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    raise ValueError(f"model.create_tiny={architecture!r}: tiny checkpoints exist for {TINY_ARCHITECTURES}.")
 
 
 def _dummy_batch() -> dict[str, jax.Array]:
@@ -79,6 +86,7 @@ def build_tiny_checkpoint(directory: str | Path, architecture: str, seed: int = 
         directory.parent.mkdir(parents=True, exist_ok=True)
         if directory.exists():
             shutil.rmtree(directory)
+        staging.chmod(0o755)
         staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -56,9 +56,8 @@ def load_lm(config: Any) -> models.PretrainedLM:
         tiny.build_tiny_checkpoint(config.model.name_or_path, config.model.create_tiny)
     if not config.model.name_or_path:
         raise ConfigError("model.name_or_path is empty; set a HF Hub id or a local checkpoint directory.")
-    lm = models.load_pretrained(config.model.name_or_path, config.model.param_dtype,
-                                config.model.compute_dtype or None, **_model_overrides(config))
-    return lm
+    return models.load_pretrained(config.model.name_or_path, config.model.param_dtype,
+                                  config.model.compute_dtype or None, **_model_overrides(config))
 
 
 def prefix_spec(config: Any, model_config: Any) -> prefix_lib.PrefixSpec:
@@ -81,7 +80,9 @@ def check_positions(model_config: Any, spec: prefix_lib.PrefixSpec, source_width
     embedding_only = spec.method == "embedding_only"
 
     def need(placement: str, text: int) -> int:
-        extra = spec.length if embedding_only or (shifted and placement in spec.placements) else 0
+        # Prompt embeddings go in front of the (encoder) input; a prefix shifts the text after it when asked to.
+        prompt = embedding_only and (placement == "encoder" or not model_config.is_encoder_decoder)
+        extra = spec.length if prompt or (shifted and not embedding_only and placement in spec.placements) else 0
         return extra + text
 
     if model_config.is_encoder_decoder:

@@ -54,6 +54,10 @@ def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dty
     model_dir = hub.resolve_model_dir(name_or_path)
     hf_config = AutoConfig.from_pretrained(model_dir)
     arch = architecture(hf_config.model_type)
+    known = {f.name for f in dataclasses.fields(arch.Config)}
+    for field in config_overrides:
+        if field not in known:
+            raise ValueError(f"model.{field} does not apply to {hf_config.model_type} models; leave it unset.")
     tensors = hub.read_safetensors(model_dir)
     config = arch.Config.from_hf(hf_config, set(tensors), dtype=compute_dtype or param_dtype,
                                  param_dtype=param_dtype, **config_overrides)
