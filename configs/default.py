@@ -16,13 +16,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.create_tiny = ""  # offline demos: build a random tiny checkpoint of this architecture if missing
 
     c.prefix = ml_collections.ConfigDict()
-    c.prefix.method = "prefix"  # prefix | prefix_direct | embedding_only
-    c.prefix.length = 10
+    c.prefix.method = "prefix"  # prefix | prefix_direct | embedding_only | infix (decoder-only)
+    c.prefix.length = 10  # 0 with init="words": as many virtual tokens as init_text has
     c.prefix.placements = ("encoder", "decoder", "cross")  # a decoder-only model has only "decoder"
     c.prefix.mlp_hidden = 512  # the paper: 512 table-to-text, 800 summarization
     c.prefix.mlp_activation = "tanh"
     c.prefix.dropout = 0.0
-    c.prefix.init = "normal"  # normal (PEFT) | zero (last MLP layer zeroed)
+    c.prefix.init = "normal"  # normal (PEFT) | uniform | zero (last MLP layer zeroed) | words (from init_text)
+    c.prefix.init_text = ""  # init="words": the LM's activations on this text (e.g. "table-to-text:")
+    c.prefix.init_fit_steps = 500  # init="words" with an MLP: Adam steps fitting MLP output to those activations
+    c.prefix.init_fit_learning_rate = 1e-3
+    c.prefix.tie = ()  # groups of placements sharing parameters, e.g. (("decoder", "cross"),)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = ""  # HF dataset id, or "" with data_files

@@ -1,16 +1,18 @@
 """The trainable prefix: spec, parameters, reparameterization, materialization and export.
 
 The trainable tree is a plain dict of arrays, one entry per *group* of placements that share
-parameters (by default every placement is its own group, as in the paper):
+parameters (by default every placement is its own group, as in the paper; `PrefixSpec.tie` joins
+placements into one group, e.g. `(("decoder", "cross"),)` as PEFT's layout implies):
 
-  method "prefix"         group -> {"embedding": [P, D], "mlp_in": Dense(D->M), "mlp_out": Dense(M->N)}
-  method "prefix_direct"  group -> {"kv": [P, N]}                    (no MLP: deep prompt tuning)
-  method "embedding_only" {"prompt": {"embedding": [P, D]}}          (input-layer virtual tokens)
+  method "prefix" / "infix"  group -> {"embedding": [P, D], "mlp_in": Dense(D->M), "mlp_out": Dense(M->N)}
+  method "prefix_direct"     group -> {"kv": [P, N]}               (no MLP: deep prompt tuning)
+  method "embedding_only"    {"prompt": {"embedding": [P, D]}}     (input-layer virtual tokens)
 
 with N = 2 * layers * heads * head_dim, laid out layer-major as PEFT lays it out: for layer l,
 the key is columns `[2l * H*K, (2l+1) * H*K)` and the value the next `H*K`. `materialize` turns the
 tree into per-placement `KV(key, value)` of shape `[layers, heads, P, head_dim]`; after training the
-MLP can be dropped and only those are kept (`export`).
+MLP can be dropped and only those are kept (`export`). "infix" is the paper's `[x; INFIX; y]` for
+decoder-only models: the same K/V, seen by target tokens only (see `Prefix.infix`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ import numpy as np
 
 from prefix_jax.models import common
 from prefix_jax.models.attention import KV
-from prefix_jax.models.interface import Prefix, StackGeometry
+from prefix_jax.models.interface import DECODER, Prefix, StackGeometry
 
-METHODS = ("prefix", "prefix_direct", "embedding_only")
-INITS = ("normal", "zero")
+METHODS = ("prefix", "prefix_direct", "embedding_only", "infix")
+# normal: N(0, 1) virtual tokens / direct prefixes and PyTorch-default MLP layers (PEFT; the paper's MLP).
+# uniform: U(-0.5, 0.5) virtual tokens / direct prefixes (the random-uniform init of prompt tuning).
+# zero: the last MLP layer (or the direct prefix) starts at zero (PEFT's init_weights="zero").
+# words: from the frozen LM's own activations on a text (`prefix_init.init_from_text`).
+INITS = ("normal", "uniform", "zero", "words")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,7 @@ class PrefixSpec:
     mlp_activation: str = "tanh"
     dropout: float = 0.0
     init: str = "normal"
+    tie: tuple[tuple[str, ...], ...] = ()  # groups of placements sharing one set of parameters
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,24 +62,51 @@ class PrefixSpec:
             raise ValueError(f"prefix.init={self.init!r} is not one of {INITS}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"prefix.dropout={self.dropout} must be in [0, 1).")
-        if self.method == "prefix":
+        if self.uses_mlp:
             if self.mlp_hidden < 1:
                 raise ValueError(f"prefix.mlp_hidden={self.mlp_hidden} must be at least 1.")
             common.activation(self.mlp_activation, "prefix.mlp_activation")
-        if self.method != "embedding_only":
-            if not self.placements:
-                raise ValueError("prefix.placements is empty; name at least one of "
-                                 f"{sorted(self.geometry)}.")
-            unknown = [p for p in self.placements if p not in self.geometry]
-            if unknown:
-                raise ValueError(f"prefix.placements has {unknown}, which this model does not have; it has "
-                                 f"{sorted(self.geometry)}.")
-            if len(set(self.placements)) != len(self.placements):
-                raise ValueError(f"prefix.placements={self.placements} names a placement twice.")
+        if self.method == "embedding_only":
+            if self.tie:
+                raise ValueError("prefix.tie does not apply to method='embedding_only' (it has no placements).")
+            return
+        if not self.placements:
+            raise ValueError(f"prefix.placements is empty; name at least one of {sorted(self.geometry)}.")
+        unknown = [p for p in self.placements if p not in self.geometry]
+        if unknown:
+            raise ValueError(f"prefix.placements has {unknown}, which this model does not have; it has "
+                             f"{sorted(self.geometry)}.")
+        if len(set(self.placements)) != len(self.placements):
+            raise ValueError(f"prefix.placements={self.placements} names a placement twice.")
+        if self.method == "infix" and (set(self.geometry) != {DECODER} or self.placements != (DECODER,)):
+            raise ValueError("prefix.method='infix' is for decoder-only models ([x; INFIX; y]) with "
+                             "prefix.placements=('decoder',).")
+        tied = [p for group in self.tie for p in group]
+        if len(set(tied)) != len(tied) or not set(tied) <= set(self.placements):
+            raise ValueError(f"prefix.tie={self.tie} must name distinct placements from prefix.placements="
+                             f"{self.placements}.")
+        for group in self.tie:
+            if len({self.geometry[p] for p in group}) != 1:
+                raise ValueError(f"prefix.tie group {group} joins placements of different shapes: "
+                                 f"{[self.geometry[p] for p in group]}.")
+
+    @property
+    def uses_mlp(self) -> bool:
+        return self.method in ("prefix", "infix")
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Parameter group name -> the placements it feeds (`'decoder+cross'` for a tied pair)."""
+        tied = {p: group for group in self.tie for p in group}
+        out: dict[str, tuple[str, ...]] = {}
+        for placement in self.placements:
+            group = tied.get(placement, (placement,))
+            out.setdefault("+".join(group), group)
+        return out
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["placements"] = list(self.placements)
+        d["tie"] = [list(g) for g in self.tie]
         d["geometry"] = {k: dataclasses.asdict(v) for k, v in self.geometry.items()}
         return d
 
@@ -80,6 +114,7 @@ class PrefixSpec:
     def from_json(cls, d: Mapping[str, Any]) -> "PrefixSpec":
         d = dict(d)
         d["placements"] = tuple(d["placements"])
+        d["tie"] = tuple(tuple(g) for g in d.get("tie", ()))
         d["geometry"] = {k: StackGeometry(**v) for k, v in d["geometry"].items()}
         return cls(**d)
 
@@ -94,24 +129,31 @@ def _torch_linear_init(rng: jax.Array, fan_in: int, fan_out: int) -> dict:
     }
 
 
+def _virtual_tokens(rng: jax.Array, shape: tuple[int, ...], init: str) -> jax.Array:
+    if init == "uniform":
+        return jax.random.uniform(rng, shape, jnp.float32, -0.5, 0.5)
+    return jax.random.normal(rng, shape, jnp.float32)
+
+
 def init_params(spec: PrefixSpec, rng: jax.Array) -> dict:
-    """Random trainable params (float32). `init="zero"` zeroes the last layer (PEFT's `init_weights="zero"`)."""
-    params: dict = {}
+    """Random trainable params (float32), per `spec.init` ("words" starts random: see `prefix_init`)."""
     if spec.method == "embedding_only":
-        emb = jax.random.normal(rng, (spec.length, spec.hidden_size), jnp.float32)
+        emb = _virtual_tokens(rng, (spec.length, spec.hidden_size), spec.init)
         return {"prompt": {"embedding": jnp.zeros_like(emb) if spec.init == "zero" else emb}}
-    for placement, rng_p in zip(spec.placements, jax.random.split(rng, len(spec.placements))):
-        size = spec.geometry[placement].kv_size
-        e_rng, in_rng, out_rng = jax.random.split(rng_p, 3)
+    params: dict = {}
+    groups = spec.groups()
+    for (name, placements), rng_g in zip(groups.items(), jax.random.split(rng, len(groups))):
+        size = spec.geometry[placements[0]].kv_size
+        e_rng, in_rng, out_rng = jax.random.split(rng_g, 3)
         if spec.method == "prefix_direct":
-            kv = jax.random.normal(e_rng, (spec.length, size), jnp.float32)
-            params[placement] = {"kv": jnp.zeros_like(kv) if spec.init == "zero" else kv}
+            kv = _virtual_tokens(e_rng, (spec.length, size), spec.init)
+            params[name] = {"kv": jnp.zeros_like(kv) if spec.init == "zero" else kv}
             continue
         mlp_out = _torch_linear_init(out_rng, spec.mlp_hidden, size)
         if spec.init == "zero":
             mlp_out = jax.tree.map(jnp.zeros_like, mlp_out)
-        params[placement] = {
-            "embedding": jax.random.normal(e_rng, (spec.length, spec.hidden_size), jnp.float32),
+        params[name] = {
+            "embedding": _virtual_tokens(e_rng, (spec.length, spec.hidden_size), spec.init),
             "mlp_in": _torch_linear_init(in_rng, spec.hidden_size, spec.mlp_hidden),
             "mlp_out": mlp_out,
         }
@@ -140,12 +182,9 @@ def flatten(kv: KV) -> jax.Array:
 
 
 def flat_kv(params: Mapping[str, Any], spec: PrefixSpec) -> dict[str, jax.Array]:
-    """Per placement, the prefix as `[P, N]` before reshaping (MLP output or the direct parameter)."""
-    out = {}
-    for placement in spec.placements:
-        group = params[placement]
-        out[placement] = mlp(group, spec.mlp_activation) if spec.method == "prefix" else group["kv"]
-    return out
+    """Per parameter group, the prefix as `[P, N]` before reshaping (MLP output or the direct parameter)."""
+    return {name: mlp(params[name], spec.mlp_activation) if spec.uses_mlp else params[name]["kv"]
+            for name in spec.groups()}
 
 
 def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | None = None,
@@ -155,15 +194,16 @@ def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | No
         embeds = params["prompt"]["embedding"]
         if spec.dropout and not deterministic:
             embeds = _dropout(embeds, spec.dropout, rng)
-        return Prefix(kv={}, prompt_embeds=embeds)
-    kv = {}
+        return Prefix(prompt_embeds=embeds)
     flats = flat_kv(params, spec)
     rngs = jax.random.split(rng, len(flats)) if (spec.dropout and not deterministic) else [None] * len(flats)
-    for (placement, flat), rng_p in zip(flats.items(), rngs):
-        if rng_p is not None:
-            flat = _dropout(flat, spec.dropout, rng_p)
-        kv[placement] = unflatten(flat, spec.geometry[placement])
-    return Prefix(kv=kv)
+    kv = {}
+    for (name, flat), rng_g in zip(flats.items(), rngs):
+        if rng_g is not None:
+            flat = _dropout(flat, spec.dropout, rng_g)
+        for placement in spec.groups()[name]:
+            kv[placement] = unflatten(flat, spec.geometry[placement])
+    return Prefix(kv=kv, infix=spec.method == "infix")
 
 
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -214,4 +254,5 @@ def load_export(directory: str | Path) -> tuple[Prefix, dict]:
         if part == "key":
             kv[placement] = KV(jnp.asarray(tensors[name]), jnp.asarray(tensors[f"{placement}.value"]))
     embeds = tensors.get("prompt_embeds")
-    return Prefix(kv=kv, prompt_embeds=None if embeds is None else jnp.asarray(embeds)), meta
+    infix = meta["spec"]["method"] == "infix"
+    return Prefix(kv=kv, prompt_embeds=None if embeds is None else jnp.asarray(embeds), infix=infix), meta

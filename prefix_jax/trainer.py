@@ -18,6 +18,7 @@ import numpy as np
 
 from prefix_jax import checkpoint, data, evaluation, models, optim, sharding, tiny, training
 from prefix_jax import prefix as prefix_lib
+from prefix_jax import prefix_init
 from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.metrics_log import MetricsWriter
 
@@ -41,6 +42,7 @@ class Setup:
     eval: data.Batcher | None
     total_steps: int
     workdir: Path
+    init_ids: list[int]
 
 
 def _model_overrides(config: Any) -> dict:
@@ -60,15 +62,27 @@ def load_lm(config: Any) -> models.PretrainedLM:
                                   config.model.compute_dtype or None, **_model_overrides(config))
 
 
-def prefix_spec(config: Any, model_config: Any) -> prefix_lib.PrefixSpec:
+def init_text_ids(config: Any, tokenizer: Any) -> list[int]:
+    """Token ids of `prefix.init_text` (for `prefix.init="words"`), without special tokens."""
+    p = config.prefix
+    if p.init != "words":
+        return []
+    if not p.init_text:
+        raise ConfigError('prefix.init="words" needs prefix.init_text, e.g. "table-to-text:" or "summarize".')
+    return list(tokenizer(p.init_text, add_special_tokens=False)["input_ids"])
+
+
+def prefix_spec(config: Any, model_config: Any, init_ids: list[int]) -> prefix_lib.PrefixSpec:
     p = config.prefix
     placements = tuple(p.placements)
     if not model_config.is_encoder_decoder and placements == ("encoder", "decoder", "cross"):
         placements = ("decoder",)  # the default placements, read for a decoder-only model
+    length = int(p.length) or len(init_ids)
     return prefix_lib.PrefixSpec(
-        length=int(p.length), placements=placements, geometry=model_config.prefix_geometry(),
+        length=length, placements=placements, geometry=model_config.prefix_geometry(),
         hidden_size=model_config.hidden_size, method=p.method, mlp_hidden=int(p.mlp_hidden),
-        mlp_activation=p.mlp_activation, dropout=float(p.dropout), init=p.init)
+        mlp_activation=p.mlp_activation, dropout=float(p.dropout), init=p.init,
+        tie=tuple(tuple(group) for group in p.tie))
 
 
 def check_positions(model_config: Any, spec: prefix_lib.PrefixSpec, source_width: int, target_width: int) -> None:
@@ -108,12 +122,16 @@ def build(config: Any) -> Setup:
     c = config
     sharding.initialize_distributed(c.mesh.coordinator_address or None, c.mesh.num_processes, c.mesh.process_id)
     lm = load_lm(c)
-    spec = prefix_spec(c, lm.config)
+    tokenizer = data.load_tokenizer(c.model.tokenizer or str(lm.model_dir))
+    init_ids = init_text_ids(c, tokenizer)
+    spec = prefix_spec(c, lm.config, init_ids)
+    if init_ids and len(init_ids) != spec.length:
+        raise ConfigError(f"prefix.init_text has {len(init_ids)} tokens but prefix.length={spec.length}; set "
+                          f"prefix.length={len(init_ids)} or 0 (as many as the text has).")
     GenerationConfig(c.generate.max_new_tokens, c.generate.num_beams, c.generate.length_penalty)  # validates
     for name in c.eval.metrics:
         if name not in evaluation.metrics.METRICS:
             raise ConfigError(f"eval.metrics has {name!r}; choose from {evaluation.metrics.METRICS}.")
-    tokenizer = data.load_tokenizer(c.model.tokenizer or str(lm.model_dir))
     encoder_decoder = lm.config.is_encoder_decoder
     tokenize = lambda examples: data.tokenize(examples, tokenizer, c.data.max_source_length, c.data.max_target_length,
                                               encoder_decoder, c.data.source_prefix, c.data.target_prefix)
@@ -141,7 +159,7 @@ def build(config: Any) -> Setup:
         raise ConfigError(f"train.steps={c.train.steps} / train.epochs={c.train.epochs} give no step to run.")
     workdir = Path(c.train.workdir or "runs/default")
     return Setup(c, lm, tokenizer, spec, mesh, train, batcher(eval_split, eval_size) if eval_split else None, total,
-                 workdir)
+                 workdir, init_ids)
 
 
 def run_metadata(setup: Setup) -> dict:
@@ -177,13 +195,11 @@ def run(config: Any) -> dict:
     if is_main:
         log.info("config:\n%s", c)
 
-    tx, schedule = optim.make_optimizer(
-        prefix_lib.init_params(spec, jax.random.PRNGKey(0)), c.optim.learning_rate, setup.total_steps,
-        c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1, c.optim.b2, c.optim.eps,
-        c.optim.max_grad_norm or None, tuple(c.optim.frozen))
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(c.train.seed))
-    state = training.init_state(prefix_lib.init_params(spec, init_rng), tx, state_rng)
-    state = sharding.replicate(state, mesh)
+    params = prefix_lib.init_params(spec, init_rng)
+    tx, schedule = optim.make_optimizer(
+        params, c.optim.learning_rate, setup.total_steps, c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1,
+        c.optim.b2, c.optim.eps, c.optim.max_grad_norm or None, tuple(c.optim.frozen))
     meta = run_metadata(setup)
 
     mngr = checkpoint.manager(setup.workdir / "checkpoints", c.train.keep_checkpoints or None)
@@ -193,8 +209,16 @@ def run(config: Any) -> dict:
             raise ConfigError(f"{setup.workdir} already holds a checkpoint (step {latest}) and train.resume=False; "
                               "it was left untouched. Use a new train.workdir or --config.train.resume=True.")
         checkpoint.check_compatible(checkpoint.read_meta(mngr, latest), meta, str(setup.workdir))
-        state, _ = checkpoint.restore(mngr, checkpoint.abstract(state), latest)
+        template = sharding.replicate(training.init_state(params, tx, state_rng), mesh)
+        state, _ = checkpoint.restore(mngr, checkpoint.abstract(template), latest)
         log.info("resumed from step %d", latest)
+    else:
+        if setup.init_ids:
+            params, report = prefix_init.init_from_text(spec, params, setup.lm.model, setup.lm.params,
+                                                        setup.init_ids, c.prefix.init_fit_steps,
+                                                        c.prefix.init_fit_learning_rate)
+            log.info("prefix initialised from %r: %s", c.prefix.init_text, report)
+        state = sharding.replicate(training.init_state(params, tx, state_rng), mesh)
 
     lm_params = sharding.replicate(setup.lm.params, mesh)
     replicated = sharding.replicated(mesh)

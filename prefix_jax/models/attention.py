@@ -126,6 +126,8 @@ class MultiHeadAttention(nn.Module):
             k, v = memory
         else:
             k, v = self.project_kv(x_BxQxD if memory is None else memory)
+        # Real-token keys/values, for callers that read them (`mutable=["intermediates"]`): prefix init from text.
+        self.sow("intermediates", "key_value", KV(k, v))
         if cache is not None:
             index = cache["index"]
             k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), index, axis=1)

@@ -38,7 +38,7 @@ def stack_layers(block: type[nn.Module], num_layers: int, remat: bool, in_axes: 
         block = nn.remat(block, prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=in_axes,
         length=num_layers,
