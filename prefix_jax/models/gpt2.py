@@ -1,0 +1,323 @@
+"""GPT-2 as a pure-functional Flax decoder-only LM that takes a prefix.
+
+The model reads one sequence `z = [source; separator; target[:-1]]` and predicts the target from
+the target side only. Positions are learned (`wpe`) and count real tokens only, so left and right
+padding give the same result. Where text sits relative to a prefix (`Prefix.kv[DECODER]`, the same
+K/V prepended to every layer's self-attention):
+
+* prefix `[PREFIX; x; y]`: with `Config.positions_after_prefix` (HF given a `past_key_values` of
+  length P, hence PEFT, and the paper's code) real tokens start at position P, else at 0.
+* infix `[x; INFIX; y]` (`Prefix.infix`): source tokens cannot see the K/V and sit at 0..|x|-1; target
+  tokens see them and continue at |x| + P, as if the P infix slots had been tokens in between.
+* embedding-only (`Prefix.prompt_embeds`): P free vectors in front of the source, at positions
+  0..P-1 like tokens (HF `inputs_embeds`); real tokens follow.
+
+Prefix slots themselves have no position: their K/V are given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefix_jax.models import common, masks
+from prefix_jax.models.attention import KV, MultiHeadAttention
+from prefix_jax.models.hub import take
+from prefix_jax.models.interface import DECODER, NO_PREFIX, Prefix, StackGeometry
+
+Batch = Mapping[str, jax.Array]
+
+# HF GPT2Config fields this module does not implement: (field, unsupported value, meaning).
+_UNSUPPORTED = (
+    ("scale_attn_by_inverse_layer_idx", True, "scores divided by layer index + 1"),
+    ("add_cross_attention", True, "cross-attention layers (GPT-2 as an encoder-decoder's decoder)"),
+    ("tie_word_embeddings", False, "an LM head untied from the token embedding"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int | None = None  # MLP width; None: 4 * n_embd
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    scale_attn_weights: bool = True  # scores * head_dim**-0.5
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: int | None = None  # GPT-2 has none
+    separator_token_id: int | None = None  # starts the target side; None: bos_token_id
+    positions_after_prefix: bool = True  # see module docstring
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    is_encoder_decoder = False
+    architecture = "gpt2"
+
+    def __post_init__(self) -> None:
+        common.activation(self.activation_function, "activation_function")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head={self.n_head} does not divide n_embd={self.n_embd}.")
+        if self.separator_token_id is None:
+            object.__setattr__(self, "separator_token_id", self.bos_token_id)
+
+    @classmethod
+    def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
+        """From a `transformers` GPT2Config (the tensor names are not needed: GPT-2's layout does not vary).
+
+        `reorder_and_upcast_attn` is accepted: it only computes scores in float32, which we always do.
+        """
+        for field, bad, meaning in _UNSUPPORTED:
+            if getattr(hf, field, None) is bad:
+                raise ValueError(f"GPT-2 config has {field}={bad} ({meaning}), which is not supported.")
+        fields = dict(
+            vocab_size=hf.vocab_size,
+            n_positions=hf.n_positions,
+            n_embd=hf.n_embd,
+            n_layer=hf.n_layer,
+            n_head=hf.n_head,
+            n_inner=hf.n_inner,
+            activation_function=hf.activation_function,
+            layer_norm_epsilon=hf.layer_norm_epsilon,
+            embd_pdrop=float(hf.embd_pdrop),
+            resid_pdrop=float(hf.resid_pdrop),
+            attn_pdrop=float(hf.attn_pdrop),
+            scale_attn_weights=bool(hf.scale_attn_weights),
+            bos_token_id=hf.bos_token_id if hf.bos_token_id is not None else 50256,
+            eos_token_id=hf.eos_token_id if isinstance(hf.eos_token_id, int) else 50256,
+            pad_token_id=hf.pad_token_id,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def prefix_geometry(self) -> dict[str, StackGeometry]:
+        return {DECODER: StackGeometry(self.n_layer, self.n_head, self.head_dim)}
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions
+
+    @property
+    def hidden_size(self) -> int:
+        return self.n_embd
+
+
+def layer_norm(cfg: Config, name: str) -> nn.LayerNorm:
+    # Flax computes the statistics in float32 (at least) whatever the compute dtype; two-pass variance as torch.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        use_fast_variance=False, name=name)
+
+
+class GPT2Block(nn.Module):
+    """One pre-LN layer; scanned over layers by `GPT2Stack`."""
+
+    config: Config
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD, prefix, cache, mask_BxHxQxT):
+        cfg = self.config
+        det = self.deterministic
+        dense = lambda n, name: nn.Dense(n, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        dropout = lambda h: nn.Dropout(cfg.resid_pdrop)(h, deterministic=det)
+
+        attention = MultiHeadAttention(
+            cfg.n_head, cfg.head_dim, cfg.n_embd, use_bias=True,
+            query_scale=cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0, dropout_rate=cfg.attn_pdrop,
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="attn")
+        h, cache = attention(layer_norm(cfg, "ln_1")(x_BxLxD), None, mask_BxHxQxT, None, prefix, cache, det)
+        x_BxLxD = x_BxLxD + dropout(h)
+        act = common.activation(cfg.activation_function, "activation_function")
+        h_BxLxI = act(dense(cfg.inner_dim, "c_fc")(layer_norm(cfg, "ln_2")(x_BxLxD)))
+        h = dense(cfg.n_embd, "c_proj")(h_BxLxI)
+        return x_BxLxD + dropout(h), cache
+
+
+class GPT2Stack(nn.Module):
+    """Token + position embeddings in, final-norm hidden states out."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, x_BxQxD: jax.Array, positions_BxQ: jax.Array, mask_BxHxQxT: jax.Array, prefix: KV | None,
+                 cache: dict | None, deterministic: bool) -> tuple[jax.Array, dict | None]:
+        cfg = self.config
+        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                       embedding_init=nn.initializers.normal(0.02), name="wpe")
+        x = nn.Dropout(cfg.embd_pdrop)(x_BxQxD + wpe(positions_BxQ), deterministic=deterministic)
+        layers = common.stack_layers(GPT2Block, cfg.n_layer, cfg.remat, in_axes=(0, 0, nn.broadcast))(
+            cfg, deterministic, name="h")
+        x, cache = layers(x, prefix, cache, mask_BxHxQxT)
+        return layer_norm(cfg, "ln_f")(x), cache
+
+
+class Model(nn.Module):
+    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
+
+    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]` (targets
+    right-padded). `prefix`: a `Prefix` (DECODER K/V, possibly as an infix; or `prompt_embeds`).
+    """
+
+    config: Config
+
+    def setup(self) -> None:
+        cfg = self.config
+        # HF's init (std 0.02): only used to build random tiny checkpoints; real weights are loaded.
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            embedding_init=nn.initializers.normal(0.02), name="wte")
+        self.transformer = GPT2Stack(cfg, name="transformer")
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.wte(ids)
+
+    def hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> tuple[jax.Array, int]:
+        """Final hidden states `[B, S' + T, D]` of the whole sequence and `S'`, where the target side starts.
+
+        `S' = S`, or `P + S` with `prompt_embeds` (their hidden states come first).
+        """
+        cfg = self.config
+        source_ids, source_mask = batch["source_ids"], batch["source_mask"]
+        ids = jnp.concatenate([source_ids, masks.shift_right(batch["target_ids"], cfg.separator_token_id)], axis=1)
+        valid_BxL = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
+        x_BxLxD = self.embed(ids)
+        source_len = source_ids.shape[1]
+        if prefix.prompt_embeds is not None:  # embedding-only prompt: virtual tokens in front of the source
+            batch_size, prompt_len = ids.shape[0], prefix.prompt_embeds.shape[0]
+            prompt = prefix.prompt_embeds.astype(x_BxLxD.dtype)[None]
+            x_BxLxD = jnp.concatenate([jnp.broadcast_to(prompt, (batch_size, *prompt.shape[1:])), x_BxLxD], axis=1)
+            valid_BxL = jnp.concatenate([jnp.ones((batch_size, prompt_len), valid_BxL.dtype), valid_BxL], axis=1)
+            source_len += prompt_len
+
+        kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
+        length = valid_BxL.shape[1]
+        target_side_L = jnp.arange(length) >= source_len
+        if prefix.infix:
+            positions = masks.token_positions(valid_BxL) + prefix_len * target_side_L[None].astype(jnp.int32)
+            visible_BxL = jnp.broadcast_to(target_side_L[None], valid_BxL.shape)
+        else:
+            positions = masks.token_positions(valid_BxL, prefix_len if cfg.positions_after_prefix else 0)
+            visible_BxL = None
+        needed = length + (prefix_len if (prefix.infix or cfg.positions_after_prefix) else 0)
+        if needed > cfg.n_positions:
+            raise ValueError(f"GPT-2 needs {needed} positions (prefix + source + target) but has {cfg.n_positions}: "
+                             "shorten the prefix, the source or the target.")
+        mask = masks.attention_mask(valid_BxL, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxL)
+        h, _ = self.transformer(x_BxLxD, positions, mask, kv, None, deterministic)
+        return h, source_len
+
+    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
+        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
+        h, source_len = self.hidden_states(batch, prefix, deterministic)
+        return self.wte.attend(h[:, source_len:]).astype(jnp.float32)  # the LM head is tied to `wte`
+
+    def decode(self, ids_BxQ: jax.Array, positions_BxQ: jax.Array, key_valid_BxC: jax.Array,
+               prefix: Prefix, cache: dict, deterministic=True, prefix_visible=True) -> tuple[jax.Array, dict]:
+        """Logits `[B, Q, V]` for `Q` new tokens written at the cache index; query i sits in slot index + i.
+
+        The caller gives positions (prefix shift included) and which cache slots hold real tokens.
+        `prefix_visible=False` hides the prefix from these queries (the source of an infix model).
+        """
+        if prefix.prompt_embeds is not None:
+            raise ValueError("GPT-2 decode does not take prompt_embeds (embedding-only prompts); "
+                             "use __call__ / hidden_states, or a K/V prefix.")
+        batch_size, num_queries = ids_BxQ.shape
+        prefix_len = prefix.length(DECODER)
+        visible = None if prefix_visible else jnp.zeros((batch_size, num_queries), bool)
+        mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=True,
+                                    query_offset=cache["self"]["index"][0], prefix_visible_BxQ=visible)
+        h, self_cache = self.transformer(self.embed(ids_BxQ), positions_BxQ, mask, prefix.kv.get(DECODER),
+                                         cache["self"], deterministic)
+        return self.wte.attend(h).astype(jnp.float32), {"self": self_cache}
+
+
+def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
+    """Empty self-attention cache for `max_len` tokens (source and generated)."""
+    shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.dtype)
+    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.n_layer,), jnp.int32)}}
+
+
+_PROJECTIONS = ("query", "key", "value")  # the thirds of HF's fused `c_attn`, in order
+
+
+def _base(names: Mapping[str, Any]) -> str:
+    """`GPT2LMHeadModel` saves `transformer.h.0...`; `GPT2Model` (and the original OpenAI upload) `h.0...`."""
+    return "transformer." if any(n.startswith("transformer.") for n in names) or "wte.weight" not in names else ""
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
+    """HF `GPT2LMHeadModel` state dict -> our params (layers stacked on a leading axis).
+
+    GPT-2 uses `Conv1D`, whose weight is `[in, out]`: the transpose of a torch Linear's.
+    """
+    base = _base(tensors)
+    t = lambda name: take(tensors, base + name, where)
+    H, K = cfg.n_head, cfg.head_dim
+
+    def norm(name: str) -> dict:
+        return {"scale": t(f"{name}.weight"), "bias": t(f"{name}.bias")}
+
+    def dense(name: str) -> dict:
+        return {"kernel": np.ascontiguousarray(t(f"{name}.weight")), "bias": t(f"{name}.bias")}
+
+    def layer(i: int) -> dict:
+        p = f"h.{i}"
+        w_DxQKV = np.split(t(f"{p}.attn.c_attn.weight"), 3, axis=1)
+        b_QKV = np.split(t(f"{p}.attn.c_attn.bias"), 3)
+        attn = {name: {"kernel": common.heads_in_kernel(w.T, H, K), "bias": common.heads_in_bias(b, H, K)}
+                for name, w, b in zip(_PROJECTIONS, w_DxQKV, b_QKV)}
+        attn["out"] = {"kernel": common.heads_out_kernel(t(f"{p}.attn.c_proj.weight").T, H, K),
+                       "bias": t(f"{p}.attn.c_proj.bias")}
+        return {"ln_1": norm(f"{p}.ln_1"), "attn": attn, "ln_2": norm(f"{p}.ln_2"),
+                "c_fc": dense(f"{p}.mlp.c_fc"), "c_proj": dense(f"{p}.mlp.c_proj")}
+
+    return {
+        "wte": {"embedding": t("wte.weight")},
+        "transformer": {
+            "wpe": {"embedding": t("wpe.weight")},
+            "h": common.stacked(cfg.n_layer, layer),
+            "ln_f": norm("ln_f"),
+        },
+    }
+
+
+def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
+    """Inverse of `params_from_hf`: our params -> a HF `GPT2LMHeadModel` state dict (tied head not written)."""
+    p = jax.tree.map(np.asarray, params)
+    stack, layers = p["transformer"], p["transformer"]["h"]
+    out: dict[str, np.ndarray] = {"transformer.wte.weight": p["wte"]["embedding"],
+                                  "transformer.wpe.weight": stack["wpe"]["embedding"],
+                                  "transformer.ln_f.weight": stack["ln_f"]["scale"],
+                                  "transformer.ln_f.bias": stack["ln_f"]["bias"]}
+    D = cfg.n_embd
+    for i in range(cfg.n_layer):
+        lp, a = f"transformer.h.{i}", layers["attn"]
+        out[f"{lp}.attn.c_attn.weight"] = np.concatenate([a[n]["kernel"][i].reshape(D, D) for n in _PROJECTIONS], 1)
+        out[f"{lp}.attn.c_attn.bias"] = np.concatenate([a[n]["bias"][i].reshape(D) for n in _PROJECTIONS])
+        out[f"{lp}.attn.c_proj.weight"] = a["out"]["kernel"][i].reshape(D, D)
+        out[f"{lp}.attn.c_proj.bias"] = a["out"]["bias"][i]
+        for ln in ("ln_1", "ln_2"):
+            out[f"{lp}.{ln}.weight"], out[f"{lp}.{ln}.bias"] = layers[ln]["scale"][i], layers[ln]["bias"][i]
+        for fc in ("c_fc", "c_proj"):
+            out[f"{lp}.mlp.{fc}.weight"], out[f"{lp}.mlp.{fc}.bias"] = layers[fc]["kernel"][i], layers[fc]["bias"][i]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
