@@ -61,18 +61,35 @@ def _encoder_decoder_start(model: Any, lm_params: Any, prefix: Prefix, source_id
     return start, cache, step
 
 
+def _prompt_as_kv(model: Any, params: Any, prompt_embeds_PxD: jax.Array) -> Prefix:
+    """Input-layer prompt -> the K/V it produces in every layer. Exact for a causal LM: the prompt comes
+    first, so its activations do not depend on the text after it."""
+    from prefix_jax.prefix_init import collect_kv
+
+    one = jnp.ones((1, 1), jnp.int32)
+    batch = {"source_ids": one, "source_mask": one, "target_ids": one, "target_mask": one}
+    _, state = model.apply(params, batch, Prefix(prompt_embeds=prompt_embeds_PxD), mutable=["intermediates"])
+    return Prefix(kv={DECODER: collect_kv(state["intermediates"], prompt_embeds_PxD.shape[0])[DECODER]})
+
+
 def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
                         cfg: GenerationConfig, arch: Any) -> tuple[jax.Array, Any, StepFn]:
     """Prefills the (left- or right-padded) source, then decodes from the separator token."""
     params = {"params": lm_params}
     config = model.config
+    prompt = prefix.prompt_embeds is not None  # virtual tokens always take positions 0..P-1
+    if prompt:
+        prefix = _prompt_as_kv(model, params, prefix.prompt_embeds)
     source_ids, source_mask = _repeat(source_ids, cfg.num_beams), _repeat(source_mask, cfg.num_beams)
     rows, source_len = source_ids.shape
     capacity = source_len + cfg.max_new_tokens
     cache = arch.init_cache(config, rows, capacity)
     prefix_len = prefix.length(DECODER)
-    shift_source = prefix_len if (config.positions_after_prefix and not prefix.infix) else 0
-    shift_target = prefix_len if (config.positions_after_prefix or prefix.infix) else 0
+    shift_source = prefix_len if ((config.positions_after_prefix or prompt) and not prefix.infix) else 0
+    shift_target = prefix_len if (config.positions_after_prefix or prompt or prefix.infix) else 0
+    if shift_target + source_len + cfg.max_new_tokens > config.max_positions:
+        raise ValueError(f"prefix ({shift_target} positions) + source ({source_len}) + generate.max_new_tokens "
+                         f"({cfg.max_new_tokens}) exceed the model's {config.max_positions} positions; shorten one.")
     source_positions = masks.token_positions(source_mask, shift_source)
     valid = jnp.concatenate([source_mask.astype(bool), jnp.zeros((rows, cfg.max_new_tokens), bool)], axis=1)
     _, cache = model.apply(params, source_ids, source_positions, valid, prefix, cache, True, not prefix.infix,

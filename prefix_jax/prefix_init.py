@@ -30,6 +30,16 @@ def _placement_of(path: Sequence[Any]) -> str:
     return ENCODER if "encoder" in names else DECODER
 
 
+def collect_kv(intermediates: Any, length: int, start: int = 0) -> dict[str, KV]:
+    """Per placement, the sown real-token K/V of slots `start .. start+length` of row 0: `[layers, H, P, K]`."""
+    found: dict[str, KV] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates, is_leaf=lambda x: isinstance(x, KV))[0]:
+        if isinstance(leaf, KV):  # [L, B, S, H, K] -> [L, H, P, K]
+            found[_placement_of(path)] = KV(*(jnp.transpose(x[:, 0, start:start + length], (0, 2, 1, 3))
+                                               for x in leaf))
+    return found
+
+
 def text_activations(model: Any, lm_params: Any, token_ids: Sequence[int]) -> dict[str, KV]:
     """Per placement, the LM's keys/values for `token_ids`: `KV` of `[layers, H, P, K]`."""
     ids = jnp.asarray([list(token_ids)], jnp.int32)
@@ -44,14 +54,7 @@ def text_activations(model: Any, lm_params: Any, token_ids: Sequence[int]) -> di
         batch = {"source_ids": ids, "source_mask": ones, "target_ids": ids[:, :1], "target_mask": ones[:, :1]}
         run = lambda module: module(batch)  # the text is the source; its K/V are the first P slots
     _, state = model.apply(params, method=run, mutable=["intermediates"])
-    found: dict[str, KV] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(
-            state["intermediates"], is_leaf=lambda x: isinstance(x, KV))[0]:
-        if isinstance(leaf, KV):
-            # [L, 1, S, H, K] -> [L, H, P, K] for the text's P tokens.
-            kv = KV(*(jnp.transpose(x[:, 0, :len(token_ids)], (0, 2, 1, 3)) for x in leaf))
-            found[_placement_of(path)] = kv
-    return found
+    return collect_kv(state["intermediates"], len(token_ids))
 
 
 def fit_mlp(group: dict, target_PxN: jax.Array, activation: str, steps: int, learning_rate: float) -> tuple[dict, float]:

@@ -56,6 +56,10 @@ def _tiny_hf_config(architecture: str, tokenizer: Any) -> Any:
             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
             dropout=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    if architecture == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=4, embd_pdrop=0.0,
+            resid_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     raise ValueError(f"model.create_tiny={architecture!r}: tiny checkpoints exist for {TINY_ARCHITECTURES}.")
 
 

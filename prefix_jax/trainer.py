@@ -86,7 +86,10 @@ def prefix_spec(config: Any, model_config: Any, init_ids: list[int]) -> prefix_l
 
 
 def check_positions(model_config: Any, spec: prefix_lib.PrefixSpec, source_width: int, target_width: int) -> None:
-    """Fails before training when prefix + text would overrun a learned position table."""
+    """Fails before training when prefix + text (or + generated text) would overrun a learned position table.
+
+    `target_width` is the longer of the padded targets and `generate.max_new_tokens` when evaluating by decoding.
+    """
     limit = model_config.max_positions
     if limit is None:
         return
@@ -96,14 +99,16 @@ def check_positions(model_config: Any, spec: prefix_lib.PrefixSpec, source_width
     def need(placement: str, text: int) -> int:
         # Prompt embeddings go in front of the (encoder) input; a prefix shifts the text after it when asked to.
         prompt = embedding_only and (placement == "encoder" or not model_config.is_encoder_decoder)
-        extra = spec.length if prompt or (shifted and not embedding_only and placement in spec.placements) else 0
+        moves_text = (shifted or spec.method == "infix") and not embedding_only and placement in spec.placements
+        extra = spec.length if prompt or moves_text else 0
         return extra + text
 
     if model_config.is_encoder_decoder:
         checks = {"encoder (prefix + data.max_source_length)": need("encoder", source_width),
-                  "decoder (prefix + data.max_target_length)": need("decoder", target_width)}
+                  "decoder (prefix + data.max_target_length or generate.max_new_tokens)": need("decoder", target_width)}
     else:
-        checks = {"prefix + data.max_source_length + data.max_target_length": need("decoder", source_width + target_width)}
+        checks = {"prefix + data.max_source_length + data.max_target_length (or generate.max_new_tokens)":
+                  need("decoder", source_width + target_width)}
     for what, n in checks.items():
         if n > limit:
             raise ConfigError(f"{what} = {n} positions, but {model_config.architecture} has {limit}. Shorten "
@@ -140,7 +145,8 @@ def build(config: Any) -> Setup:
     widths = [data.padded_lengths(s, c.data.max_source_length, c.data.max_target_length)
               for s in (train_split, eval_split) if s is not None]
     source_width, target_width = max(w[0] for w in widths), max(w[1] for w in widths)
-    check_positions(lm.config, spec, source_width, target_width)
+    generated = c.generate.max_new_tokens if c.eval.generate else 0
+    check_positions(lm.config, spec, source_width, max(target_width, generated))
 
     mesh = sharding.make_mesh(c.mesh.num_devices or None)
     sharding.check_batch_size(c.train.batch_size, mesh)
