@@ -68,6 +68,18 @@ def _dummy_batch() -> dict[str, jax.Array]:
     return {"source_ids": ones, "source_mask": ones, "target_ids": ones, "target_mask": ones}
 
 
+def _unit_norm_token_rows(params: dict, model_type: str) -> dict:
+    """GPT-2/BART's init (std 0.02) leaves a random tiny LM's tied-head logits so flat that no prefix can
+    move them; rows of norm ~1 give logits of unit scale, so a demo's loss visibly falls. (T5 already
+    starts at std 1 with its d_model**-0.5 output scaling.)"""
+    table = {"gpt2": "wte", "bart": "shared"}.get(model_type)
+    if table is None:
+        return params
+    embedding = params[table]["embedding"]
+    scale = 1.0 / (float(jnp.std(embedding)) * np.sqrt(embedding.shape[-1]))
+    return {**params, table: {**params[table], "embedding": embedding * scale}}
+
+
 def build_tiny_checkpoint(directory: str | Path, architecture: str, seed: int = 0) -> Path:
     """Writes config.json, model.safetensors and tokenizer files to `directory` unless it already has them."""
     from safetensors.numpy import save_file
@@ -81,6 +93,7 @@ def build_tiny_checkpoint(directory: str | Path, architecture: str, seed: int = 
     arch = models.architecture(hf_config.model_type)
     config = arch.Config.from_hf(hf_config, set())
     params = arch.Model(config).init(jax.random.PRNGKey(seed), _dummy_batch())["params"]
+    params = _unit_norm_token_rows(params, hf_config.model_type)
     tensors = arch.params_to_hf(params, config)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent if directory.parent.exists() else None))
     try:
