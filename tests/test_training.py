@@ -148,7 +148,8 @@ def test_step_is_independent_of_lm_values_but_not_shapes():
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
     tx, step = make_step(model, spec, params)
     batch = fixed_answer_batch(np.random.default_rng(0))
-    _, m_a = step(training.init_state(params, tx, jax.random.PRNGKey(2)), lm_a, batch)
-    _, m_b = step(training.init_state(params, tx, jax.random.PRNGKey(2)), lm_b, batch)
+    fresh = lambda: training.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.PRNGKey(2))  # donated
+    _, m_a = step(fresh(), lm_a, batch)
+    _, m_b = step(fresh(), lm_b, batch)
     assert step._cache_size() == 1
     assert float(m_a["loss"]) != float(m_b["loss"])
