@@ -145,6 +145,44 @@ def test_words_init_of_an_embedding_only_prompt_is_the_text_embedding(t5_pair):
     np.testing.assert_array_equal(params["prompt"]["embedding"], np.asarray(lm.params["shared"]["embedding"])[[7, 8]])
 
 
+@pytest.fixture(scope="module")
+def gpt2_lm(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4, embd_pdrop=0.0,
+                                    resid_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1)).eval()
+    # HF's std-0.02 init makes a random tiny GPT-2 flat (logits) and position-wise (attention barely mixes), so
+    # nothing at the input could steer it: give token rows norm ~1 and let the layers mix.
+    with torch.no_grad():
+        hf.transformer.wte.weight *= 10.0
+        for name, weight in hf.named_parameters():
+            if weight.dim() == 2 and not name.startswith(("transformer.wte", "transformer.wpe")):
+                weight *= 8.0
+    return load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp("gpt2"))))
+
+
+def test_gpt2_prefix_from_words_is_the_text_in_the_input(gpt2_lm):
+    """With positions after the prefix, a prefix of a text's own K/V == that text written before the source."""
+    lm = gpt2_lm
+    text = [7, 3, 11]
+    s = prefix_lib.PrefixSpec(length=3, placements=(DECODER,), geometry=lm.config.prefix_geometry(), hidden_size=32,
+                              method="prefix_direct", init="words")
+    params, _ = prefix_init.init_from_text(s, prefix_lib.init_params(s, jax.random.PRNGKey(0)), lm.model, lm.params,
+                                           text)
+    rng = np.random.default_rng(1)
+    source = rng.integers(2, 64, (2, 5)).astype(np.int32)
+    target = rng.integers(2, 64, (2, 4)).astype(np.int32)
+    ones = lambda x: jnp.ones(x.shape, jnp.int32)
+    batch = {"source_ids": jnp.asarray(source), "source_mask": ones(source), "target_ids": jnp.asarray(target),
+             "target_mask": ones(target)}
+    with_text = np.concatenate([np.tile(text, (2, 1)), source], axis=1).astype(np.int32)
+    written = dict(batch, source_ids=jnp.asarray(with_text), source_mask=ones(with_text))
+    a = lm.model.apply({"params": lm.params}, batch, prefix_lib.materialize(params, s))
+    b = lm.model.apply({"params": lm.params}, written)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 VARIANTS = {
     "prefix": dict(method="prefix"),
     "prefix_direct": dict(method="prefix_direct", init="uniform"),
@@ -154,19 +192,27 @@ VARIANTS = {
     "words_init": dict(method="prefix", init="words"),
     "prefix_dropout": dict(method="prefix", dropout=0.2),
 }
+GPT2_VARIANTS = {
+    "prefix": dict(method="prefix"),
+    "infix": dict(method="infix"),
+    "embedding_only": dict(method="embedding_only"),
+    "words_init_direct": dict(method="prefix_direct", init="words"),
+}
+CASES = [("t5", v) for v in sorted(VARIANTS)] + [("gpt2", v) for v in sorted(GPT2_VARIANTS)]
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_variant_trains_keeps_the_lm_frozen_and_checkpoints(variant, t5_pair, tmp_path):
-    _, lm = t5_pair
-    kwargs = VARIANTS[variant]
-    s = prefix_lib.PrefixSpec(length=4, placements=(ENCODER, DECODER, CROSS), geometry=lm.config.prefix_geometry(),
+@pytest.mark.parametrize("arch,variant", CASES)
+def test_every_variant_trains_keeps_the_lm_frozen_and_checkpoints(arch, variant, request, tmp_path):
+    lm = request.getfixturevalue("t5_pair")[1] if arch == "t5" else request.getfixturevalue("gpt2_lm")
+    kwargs = (VARIANTS if arch == "t5" else GPT2_VARIANTS)[variant]
+    placements = (ENCODER, DECODER, CROSS) if arch == "t5" else (DECODER,)
+    s = prefix_lib.PrefixSpec(length=4, placements=placements, geometry=lm.config.prefix_geometry(),
                               hidden_size=32, mlp_hidden=32, **kwargs)
     params = prefix_lib.init_params(s, jax.random.PRNGKey(0))
     if s.init == "words":
         params, _ = prefix_init.init_from_text(s, params, lm.model, lm.params, [3, 9, 27, 17], fit_steps=50)
     lm_before = jax.tree.map(np.array, lm.params)
-    lr = 1e-1 if s.method != "prefix" else 3e-2
+    lr = 3e-2 if s.uses_mlp else 1e-1
     tx, schedule = optim.make_optimizer(params, lr, 100)
     step = training.jit_train_step(lm.model, s, tx, schedule)
     state = training.init_state(params, tx, jax.random.PRNGKey(1))
