@@ -158,3 +158,46 @@ def test_train_py_bad_input_exits_nonzero_with_the_field_named(tiny_t5_dir, tmp_
     assert "Traceback" not in out.stderr
     out = run_cli("--config", str(REPO / "configs/t5_offline.py"), "--config.prefix.lenght=3")
     assert out.returncode != 0 and "lenght" in out.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2")
+
+
+@pytest.mark.parametrize("method,init", [("infix", "normal"), ("embedding_only", "normal"), ("prefix", "words")])
+def test_decoder_only_variants_run_end_to_end(tiny_gpt2_dir, tmp_path, method, init):
+    from configs import gpt2_e2e_offline
+
+    c = gpt2_e2e_offline.get_config()
+    c.model.name_or_path, c.model.create_tiny = str(tiny_gpt2_dir), ""
+    c.data.data_files = {"train": str(REPO / "data/e2e/devset.csv"), "validation": str(REPO / "data/e2e/testset_w_refs.csv")}
+    c.data.max_train_examples, c.data.max_eval_examples = 32, 8
+    c.data.max_source_length, c.data.max_target_length = 32, 16
+    c.prefix.method, c.prefix.init = method, init
+    if init == "words":
+        c.prefix.length, c.prefix.init_text, c.prefix.init_fit_steps = 0, "table-to-text:", 20
+    c.eval.max_generate, c.generate.max_new_tokens = 4, 6
+    c.train.workdir, c.train.steps, c.train.batch_size, c.train.log_every = str(tmp_path), 2, 4, 1
+    c.optim.warmup_steps = 1
+    summary = trainer.run(c)
+    assert summary["final_step"] == 2 and summary["generated"] == 4 and "bleu" in summary
+    meta = checkpoint.read_meta(checkpoint.manager(tmp_path / "checkpoints"))
+    assert meta["prefix_spec"]["method"] == method
+    if init == "words":
+        assert meta["prefix_spec"]["length"] == 6  # "table-to-text:" is 6 GPT-2 BPE tokens
+    exported, _ = prefix_lib.load_export(summary["export"])
+    assert exported.infix == (method == "infix")
+
+
+def test_prefix_plus_text_longer_than_the_position_table_fails_before_training(tiny_gpt2_dir, tmp_path):
+    from configs import gpt2_e2e_offline
+
+    c = gpt2_e2e_offline.get_config()
+    c.model.name_or_path, c.model.create_tiny = str(tiny_gpt2_dir), ""
+    c.data.data_files = {"train": str(REPO / "data/e2e/devset.csv"), "validation": str(REPO / "data/e2e/testset_w_refs.csv")}
+    c.prefix.length = 200  # tiny GPT-2 has 256 positions; E2E sources + targets need > 56
+    c.train.workdir = str(tmp_path / "w")
+    with pytest.raises(trainer.ConfigError, match="256"):
+        trainer.run(c)
+    assert not (tmp_path / "w").exists()
