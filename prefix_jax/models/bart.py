@@ -255,13 +255,7 @@ class Model(nn.Module):
 
     def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
         """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
-        x = self.embed(source_ids)
-        prompt_embeds = prefix.prompt_embeds
-        if prompt_embeds is not None:  # embedding-only prompt: virtual tokens in front of the input
-            batch = source_ids.shape[0]
-            prompt = jnp.broadcast_to(prompt_embeds.astype(x.dtype)[None], (batch, *prompt_embeds.shape))
-            x = jnp.concatenate([prompt, x], axis=1)
-            source_mask = jnp.concatenate([jnp.ones(prompt.shape[:2], source_mask.dtype), source_mask], axis=1)
+        x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
         kv = prefix.kv.get(ENCODER)
         shift = self._shift(kv)
         self._check_positions(shift + x.shape[1], "encoder")
@@ -291,11 +285,7 @@ class Model(nn.Module):
 
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
         """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
-        encoded, encoded_mask = self.encode(batch["source_ids"], batch["source_mask"], prefix, deterministic)
-        decoder_ids = masks.shift_right(batch["target_ids"], self.config.decoder_start_token_id)
-        decoder_mask = masks.shift_right(batch["target_mask"], 1)
-        logits, _ = self.decode(encoded, encoded_mask, decoder_ids, decoder_mask, prefix, deterministic)
-        return logits
+        return common.teacher_forced_logits(self, batch, prefix, deterministic)
 
 
 def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:

@@ -6,7 +6,10 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from prefix_jax.models import masks
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Names as transformers' ACT2FN spells them.
@@ -43,6 +46,26 @@ def stack_layers(block: type[nn.Module], num_layers: int, remat: bool, in_axes: 
         in_axes=in_axes,
         length=num_layers,
     )
+
+
+def prepend_prompt(x_BxLxD: jax.Array, valid_BxL: jax.Array,
+                   prompt_PxD: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Embedding-only prompt tuning: `P` free vectors in front of the input embeddings, always valid."""
+    if prompt_PxD is None:
+        return x_BxLxD, valid_BxL
+    batch = x_BxLxD.shape[0]
+    prompt = jnp.broadcast_to(prompt_PxD.astype(x_BxLxD.dtype)[None], (batch, *prompt_PxD.shape))
+    valid = jnp.concatenate([jnp.ones((batch, prompt_PxD.shape[0]), valid_BxL.dtype), valid_BxL], axis=1)
+    return jnp.concatenate([prompt, x_BxLxD], axis=1), valid
+
+
+def teacher_forced_logits(model: nn.Module, batch: dict, prefix, deterministic: bool) -> jax.Array:
+    """An encoder-decoder's logits `[B, T, V]` for `batch`: position t predicts `target_ids[:, t]`."""
+    encoded, encoded_mask = model.encode(batch["source_ids"], batch["source_mask"], prefix, deterministic)
+    decoder_ids = masks.shift_right(batch["target_ids"], model.config.decoder_start_token_id)
+    decoder_mask = masks.shift_right(batch["target_mask"], 1)
+    logits, _ = model.decode(encoded, encoded_mask, decoder_ids, decoder_mask, prefix, deterministic)
+    return logits
 
 
 # --- torch layout -> ours. torch Linear weights are [out, in]; our kernels are [in, out]. ---

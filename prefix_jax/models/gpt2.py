@@ -199,14 +199,8 @@ class Model(nn.Module):
         source_ids, source_mask = batch["source_ids"], batch["source_mask"]
         ids = jnp.concatenate([source_ids, masks.shift_right(batch["target_ids"], cfg.separator_token_id)], axis=1)
         valid_BxL = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
-        x_BxLxD = self.embed(ids)
-        source_len = source_ids.shape[1]
-        if prefix.prompt_embeds is not None:  # embedding-only prompt: virtual tokens in front of the source
-            batch_size, prompt_len = ids.shape[0], prefix.prompt_embeds.shape[0]
-            prompt = prefix.prompt_embeds.astype(x_BxLxD.dtype)[None]
-            x_BxLxD = jnp.concatenate([jnp.broadcast_to(prompt, (batch_size, *prompt.shape[1:])), x_BxLxD], axis=1)
-            valid_BxL = jnp.concatenate([jnp.ones((batch_size, prompt_len), valid_BxL.dtype), valid_BxL], axis=1)
-            source_len += prompt_len
+        x_BxLxD, valid_BxL = common.prepend_prompt(self.embed(ids), valid_BxL, prefix.prompt_embeds)
+        source_len = source_ids.shape[1] + (0 if prefix.prompt_embeds is None else prefix.prompt_embeds.shape[0])
 
         kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
         length = valid_BxL.shape[1]
