@@ -1,6 +1,10 @@
 """Defaults every config starts from. Each field is documented where it is set."""
 
+from pathlib import Path
+
 import ml_collections
+
+DATA = Path(__file__).resolve().parent.parent / "data"  # bundled E2E / DART / GPT-2 tokenizer
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -85,4 +89,31 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.coordinator_address = ""  # multi-process: host:port of process 0
     c.mesh.num_processes = 1
     c.mesh.process_id = 0
+    return c
+
+
+def offline_demo(c: ml_collections.ConfigDict, architecture: str) -> ml_collections.ConfigDict:
+    """`c` turned into an offline demo: a random tiny `architecture` LM built in artifacts/ on first use,
+    trained on the bundled E2E dev set and evaluated on the bundled test set, in a few minutes on a CPU."""
+    c.model.name_or_path = f"artifacts/tiny-{architecture}"
+    c.model.create_tiny = architecture
+    c.prefix.mlp_hidden = 64
+    c.data.name = ""
+    c.data.format = "e2e"
+    c.data.data_files = {"train": str(DATA / "e2e/devset.csv"), "validation": str(DATA / "e2e/testset_w_refs.csv")}
+    c.data.max_source_length = 64
+    c.data.max_target_length = 64
+    c.data.max_eval_examples = 256
+    c.eval.metrics = ("bleu",)
+    c.eval.max_generate = 32
+    c.generate.num_beams = 1
+    c.generate.max_new_tokens = 32
+    c.train.batch_size = 16
+    c.train.epochs = 1.0
+    c.train.steps = 200
+    c.train.log_every = 25
+    c.train.eval_every = 100
+    c.train.save_every = 100
+    c.optim.learning_rate = 5e-3
+    c.optim.warmup_steps = 20
     return c

@@ -32,7 +32,6 @@ def small_config(model_dir: Path, workdir: Path, **train):
     c = t5_offline.get_config()
     c.model.name_or_path = str(model_dir)
     c.model.create_tiny = ""
-    c.data.data_files = {"train": str(REPO / "data/e2e/devset.csv"), "validation": str(REPO / "data/e2e/testset_w_refs.csv")}
     c.data.max_source_length, c.data.max_target_length = 32, 16
     c.data.max_train_examples, c.data.max_eval_examples = 64, 8
     c.prefix.length, c.prefix.mlp_hidden = 4, 16
@@ -171,7 +170,6 @@ def test_decoder_only_variants_run_end_to_end(tiny_gpt2_dir, tmp_path, method, i
 
     c = gpt2_e2e_offline.get_config()
     c.model.name_or_path, c.model.create_tiny = str(tiny_gpt2_dir), ""
-    c.data.data_files = {"train": str(REPO / "data/e2e/devset.csv"), "validation": str(REPO / "data/e2e/testset_w_refs.csv")}
     c.data.max_train_examples, c.data.max_eval_examples = 32, 8
     c.data.max_source_length, c.data.max_target_length = 32, 16
     c.prefix.method, c.prefix.init = method, init
@@ -195,7 +193,6 @@ def test_prefix_plus_text_longer_than_the_position_table_fails_before_training(t
 
     c = gpt2_e2e_offline.get_config()
     c.model.name_or_path, c.model.create_tiny = str(tiny_gpt2_dir), ""
-    c.data.data_files = {"train": str(REPO / "data/e2e/devset.csv"), "validation": str(REPO / "data/e2e/testset_w_refs.csv")}
     c.prefix.length = 200  # tiny GPT-2 has 256 positions; E2E sources + targets need > 56
     c.train.workdir = str(tmp_path / "w")
     with pytest.raises(trainer.ConfigError, match="256"):
