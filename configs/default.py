@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.resume = True  # continue from the latest checkpoint in workdir
     c.train.export = True  # write the materialized prefix (no MLP) to workdir/export at the end
+    c.train.eval_only = False  # only evaluate the workdir's latest checkpoint on data.eval_split (e.g. "test")
 
     c.eval = ml_collections.ConfigDict()
     c.eval.generate = True  # decode the eval sources at each evaluation and score them

@@ -140,8 +140,12 @@ def build(config: Any) -> Setup:
     encoder_decoder = lm.config.is_encoder_decoder
     tokenize = lambda examples: data.tokenize(examples, tokenizer, c.data.max_source_length, c.data.max_target_length,
                                               encoder_decoder, c.data.source_prefix, c.data.target_prefix)
-    train_split = tokenize(_examples(c, c.data.train_split, c.data.max_train_examples))
     eval_split = tokenize(_examples(c, c.data.eval_split, c.data.max_eval_examples)) if c.data.eval_split else None
+    if c.train.eval_only and eval_split is None:
+        raise ConfigError("train.eval_only needs data.eval_split.")
+    # Evaluating only: no need to read (and tokenize) the training data.
+    train_split = eval_split if c.train.eval_only else tokenize(
+        _examples(c, c.data.train_split, c.data.max_train_examples))
     widths = [data.padded_lengths(s, c.data.max_source_length, c.data.max_target_length)
               for s in (train_split, eval_split) if s is not None]
     source_width, target_width = max(w[0] for w in widths), max(w[1] for w in widths)
@@ -193,38 +197,47 @@ def evaluate(setup: Setup, step: int, params: Any, lm_params: Any, eval_fn: Any,
     return result
 
 
-def run(config: Any) -> dict:
-    """Trains a prefix as `config` says; returns a summary (final losses, steps, paths)."""
-    setup = build(config)
-    c, spec, mesh = setup.config, setup.spec, setup.mesh
-    is_main = jax.process_index() == 0
-    if is_main:
-        log.info("config:\n%s", c)
-
+def initial_state(setup: Setup, mngr: Any, tx: Any, meta: dict) -> training.TrainState:
+    """The latest checkpoint of the workdir (checked against this run), or a fresh state."""
+    c = setup.config
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(c.train.seed))
-    params = prefix_lib.init_params(spec, init_rng)
-    tx, schedule = optim.make_optimizer(
-        params, c.optim.learning_rate, setup.total_steps, c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1,
-        c.optim.b2, c.optim.eps, c.optim.max_grad_norm or None, tuple(c.optim.frozen))
-    meta = run_metadata(setup)
-
-    mngr = checkpoint.manager(setup.workdir / "checkpoints", c.train.keep_checkpoints or None)
+    params = prefix_lib.init_params(setup.spec, init_rng)
     latest = mngr.latest_step()
     if latest is not None:
         if not c.train.resume:
             raise ConfigError(f"{setup.workdir} already holds a checkpoint (step {latest}) and train.resume=False; "
                               "it was left untouched. Use a new train.workdir or --config.train.resume=True.")
         checkpoint.check_compatible(checkpoint.read_meta(mngr, latest), meta, str(setup.workdir))
-        template = sharding.replicate(training.init_state(params, tx, state_rng), mesh)
+        template = sharding.replicate(training.init_state(params, tx, state_rng), setup.mesh)
         state, _ = checkpoint.restore(mngr, checkpoint.abstract(template), latest)
         log.info("resumed from step %d", latest)
-    else:
-        if setup.init_ids:
-            params, report = prefix_init.init_from_text(spec, params, setup.lm.model, setup.lm.params,
-                                                        setup.init_ids, c.prefix.init_fit_steps,
-                                                        c.prefix.init_fit_learning_rate)
-            log.info("prefix initialised from %r: %s", c.prefix.init_text, report)
-        state = sharding.replicate(training.init_state(params, tx, state_rng), mesh)
+        return state
+    if c.train.eval_only:
+        raise ConfigError(f"train.eval_only: {setup.workdir} holds no checkpoint to evaluate; set train.workdir to "
+                          "a run's directory.")
+    if setup.init_ids:
+        params, report = prefix_init.init_from_text(setup.spec, params, setup.lm.model, setup.lm.params,
+                                                    setup.init_ids, c.prefix.init_fit_steps,
+                                                    c.prefix.init_fit_learning_rate)
+        log.info("prefix initialised from %r: %s", c.prefix.init_text, report)
+    return sharding.replicate(training.init_state(params, tx, state_rng), setup.mesh)
+
+
+def run(config: Any) -> dict:
+    """Trains a prefix as `config` says (or only evaluates it: `train.eval_only`); returns a summary."""
+    setup = build(config)
+    c, spec, mesh = setup.config, setup.spec, setup.mesh
+    is_main = jax.process_index() == 0
+    if is_main:
+        log.info("config:\n%s", c)
+
+    tx, schedule = optim.make_optimizer(
+        prefix_lib.init_params(spec, jax.random.PRNGKey(0)), c.optim.learning_rate, setup.total_steps,
+        c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.max_grad_norm or None,
+        tuple(c.optim.frozen))
+    meta = run_metadata(setup)
+    mngr = checkpoint.manager(setup.workdir / "checkpoints", c.train.keep_checkpoints or None)
+    state = initial_state(setup, mngr, tx, meta)
 
     lm_params = sharding.replicate(setup.lm.params, mesh)
     replicated = sharding.replicated(mesh)
@@ -243,9 +256,13 @@ def run(config: Any) -> dict:
                  prefix_lib.num_params(setup.lm.params))
 
     start = int(jax.device_get(state.step))
-    end = min(setup.total_steps, c.train.stop_at or setup.total_steps)
+    end = start if c.train.eval_only else min(setup.total_steps, c.train.stop_at or setup.total_steps)
     summary: dict = {"start_step": start, "steps": setup.total_steps, "workdir": str(setup.workdir)}
-    progress = _progress(start, setup.total_steps, is_main)
+    if c.train.eval_only:
+        result = evaluate(setup, start, state.params, lm_params, eval_fn, generate_fn)
+        writer.write(start, {f"{c.data.eval_split}/{k}": v for k, v in result.items()})
+        summary.update({k: float(v) for k, v in result.items()})
+    progress = _progress(start, setup.total_steps, is_main and not c.train.eval_only)
     last_time, last_step, losses = time.perf_counter(), start, []
     for step in range(start, end):
         batch = sharding.shard_batch(setup.train.train_batch(step), mesh)
@@ -274,8 +291,7 @@ def run(config: Any) -> dict:
     mngr.close()
     writer.close()
 
-    finished = end == setup.total_steps
-    if c.train.export and is_main and finished:
+    if c.train.export and is_main and end == setup.total_steps and not c.train.eval_only:
         export_meta = {k: meta[k] for k in ("base_model", "architecture", "model_config")}
         summary["export"] = str(prefix_lib.export(jax.device_get(state.params), spec, setup.workdir / "export",
                                                   {**export_meta, "step": setup.total_steps}))

@@ -198,3 +198,19 @@ def test_prefix_plus_text_longer_than_the_position_table_fails_before_training(t
     with pytest.raises(trainer.ConfigError, match="256"):
         trainer.run(c)
     assert not (tmp_path / "w").exists()
+
+
+def test_eval_only_scores_the_latest_checkpoint_on_another_split(tiny_t5_dir, tmp_path):
+    trained = trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=2))
+    c = small_config(tiny_t5_dir, tmp_path / "run", eval_only=True)
+    c.data.eval_split = "test"
+    c.data.data_files = {"test": str(REPO / "data/e2e/devset.csv")}  # no train file needed
+    c.eval.max_generate = 1
+    before = tree_digest(tmp_path / "run" / "checkpoints")
+    summary = trainer.run(c)
+    assert summary["start_step"] == summary["final_step"] == 2 and summary["generated"] == 1
+    assert summary["eval_loss"] != trained["eval_loss"]  # another split
+    assert [r for r in read_metrics(tmp_path / "run") if "test/eval_loss" in r]
+    assert tree_digest(tmp_path / "run" / "checkpoints") == before
+    with pytest.raises(trainer.ConfigError, match="no checkpoint"):
+        trainer.run(small_config(tiny_t5_dir, tmp_path / "empty", eval_only=True))

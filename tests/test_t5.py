@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -259,3 +260,17 @@ def test_unknown_local_path_and_offline_hub_are_clear_errors(tmp_path):
         load_pretrained(str(tmp_path / "nope"))
     with pytest.raises(ModelNotFoundError, match="--local-dir"):
         load_pretrained("google-t5/t5-this-does-not-exist")
+
+
+def test_bfloat16_weights_and_compute(v10):
+    hf, lm32 = v10
+    lm16 = load_pretrained(str(lm32.model_dir), param_dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(lm16.params))
+    _, batch = random_batch(13)
+    a = np.asarray(lm32.model.apply({"params": lm32.params}, batch))
+    b = np.asarray(lm16.model.apply({"params": lm16.params}, batch))
+    assert b.dtype == np.float32  # logits (and softmax) stay float32
+    valid = np.asarray(batch["target_mask"], bool)
+    assert np.abs(a - b)[valid].max() < 0.05 * np.abs(a).max()
+    with pytest.raises(ValueError, match="model.param_dtype"):
+        load_pretrained(str(lm32.model_dir), param_dtype="float16")
