@@ -37,3 +37,14 @@ def save_state_dict(model, directory: Path, drop: str | None = None) -> Path:
         state[name] = tensor.contiguous()
     save_file(state, str(Path(directory) / "model.safetensors"))
     return Path(directory)
+
+
+def left_pad(ids, mask) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded rows -> the same real tokens moved to the right end (left padding)."""
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    out_ids, out_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for b in range(ids.shape[0]):
+        n = int(mask[b].sum())
+        out_ids[b, ids.shape[1] - n:] = ids[b, :n]
+        out_mask[b, ids.shape[1] - n:] = 1
+    return out_ids, out_mask

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import max_abs_diff, save_state_dict, save_tiny
+from hf_fixtures import left_pad, max_abs_diff, save_state_dict, save_tiny
 from transformers import BartConfig, BartForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -237,24 +237,13 @@ def test_encoder_positions_follow_the_flag(plain, monkeypatch):
     assert max_abs_diff(outs[True], hf_logits(hf, **hf_in), valid) < TOL
 
 
-def _left_pad(ids, mask):
-    """Moves each row's real tokens to the right end (left padding)."""
-    ids, mask = np.asarray(ids), np.asarray(mask)
-    out_ids, out_mask = np.zeros_like(ids), np.zeros_like(mask)
-    for b in range(ids.shape[0]):
-        n = int(mask[b].sum())
-        out_ids[b, ids.shape[1] - n:] = ids[b, :n]
-        out_mask[b, ids.shape[1] - n:] = 1
-    return jnp.asarray(out_ids), jnp.asarray(out_mask)
-
-
 @pytest.mark.parametrize("after", [False, True])
 def test_padding_side_does_not_matter(scaled, after):
     _, lm = scaled
     _, batch, valid = random_batch(9)
     prefix = Prefix(kv={p: kv for p, (kv, _) in all_placements(lm, 10).items()})
     model = with_config(lm, positions_after_prefix=after)
-    left_ids, left_mask = _left_pad(batch["source_ids"], batch["source_mask"])
+    left_ids, left_mask = map(jnp.asarray, left_pad(batch["source_ids"], batch["source_mask"]))
     a = model.apply({"params": lm.params}, batch, prefix)
     b = model.apply({"params": lm.params}, dict(batch, source_ids=left_ids, source_mask=left_mask), prefix)
     assert max_abs_diff(a, b, valid) < TOL

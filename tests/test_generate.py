@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import save_tiny
+from hf_fixtures import left_pad, save_tiny
 from transformers import T5Config, T5ForConditionalGeneration
 
 from prefix_jax.generate import GenerationConfig, make_generate_fn
@@ -73,15 +73,6 @@ def random_prefix(lm, length=4, seed=0) -> Prefix:
     return Prefix(kv=kv)
 
 
-def _left_pad(ids: np.ndarray, mask: np.ndarray):
-    out_ids, out_mask = np.zeros_like(ids), np.zeros_like(mask)
-    for b in range(ids.shape[0]):
-        n = int(mask[b].sum())
-        out_ids[b, ids.shape[1] - n:] = ids[b, :n]
-        out_mask[b, ids.shape[1] - n:] = 1
-    return out_ids, out_mask
-
-
 @pytest.mark.parametrize("beams", [1, 3])
 def test_prefix_survives_batch_size_padding_side_and_beams(t5_pair, beams):
     _, lm = t5_pair
@@ -91,7 +82,7 @@ def test_prefix_survives_batch_size_padding_side_and_beams(t5_pair, beams):
     batched = np.asarray(fn(lm.params, prefix, jnp.asarray(src), jnp.asarray(mask)))
     one_by_one = np.concatenate([np.asarray(fn(lm.params, prefix, jnp.asarray(src[i:i + 1]), jnp.asarray(mask[i:i + 1])))
                                  for i in range(B)])
-    left = np.asarray(fn(lm.params, prefix, *map(jnp.asarray, _left_pad(src, mask))))
+    left = np.asarray(fn(lm.params, prefix, *map(jnp.asarray, left_pad(src, mask))))
     plain = np.asarray(fn(lm.params, NO_PREFIX, jnp.asarray(src), jnp.asarray(mask)))
     np.testing.assert_array_equal(batched, one_by_one)
     np.testing.assert_array_equal(batched, left)

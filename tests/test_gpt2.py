@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import max_abs_diff, save_state_dict, save_tiny
+from hf_fixtures import left_pad, max_abs_diff, save_state_dict, save_tiny
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache
 
@@ -69,10 +69,7 @@ def random_batch(seed: int = 0) -> dict[str, np.ndarray]:
 
 def left_padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The same examples with each source's real tokens moved to the right end."""
-    ids, mask = np.zeros_like(batch["source_ids"]), np.zeros_like(batch["source_mask"])
-    for b in range(B):
-        n = int(batch["source_mask"][b].sum())
-        ids[b, S - n:], mask[b, S - n:] = batch["source_ids"][b, :n], 1
+    ids, mask = left_pad(batch["source_ids"], batch["source_mask"])
     return dict(batch, source_ids=ids, source_mask=mask)
 
 

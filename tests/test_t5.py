@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import max_abs_diff, save_state_dict, save_tiny
+from hf_fixtures import left_pad, max_abs_diff, save_state_dict, save_tiny
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.t5 import modeling_t5
@@ -185,23 +185,12 @@ def test_encoder_and_cross_prefixes_match_patched_hf(v10, monkeypatch):
     assert max_abs_diff(only_decoder, ref, tmask.numpy()) > 1e-2  # encoder and cross prefixes really act
 
 
-def _left_pad(ids, mask):
-    """Moves each row's real tokens to the right end (left padding)."""
-    ids, mask = np.asarray(ids), np.asarray(mask)
-    out_ids, out_mask = np.zeros_like(ids), np.zeros_like(mask)
-    for b in range(ids.shape[0]):
-        n = int(mask[b].sum())
-        out_ids[b, ids.shape[1] - n:] = ids[b, :n]
-        out_mask[b, ids.shape[1] - n:] = 1
-    return jnp.asarray(out_ids), jnp.asarray(out_mask)
-
-
 def test_padding_side_does_not_matter(v10):
     _, lm = v10
     _, batch = random_batch(9)
     geometry = lm.config.prefix_geometry()
     prefix = Prefix(kv={p: random_kv(geometry[p], i)[0] for i, p in enumerate((ENCODER, DECODER, CROSS))})
-    left_ids, left_mask = _left_pad(batch["source_ids"], batch["source_mask"])
+    left_ids, left_mask = map(jnp.asarray, left_pad(batch["source_ids"], batch["source_mask"]))
     left = dict(batch, source_ids=left_ids, source_mask=left_mask)
     a = lm.model.apply({"params": lm.params}, batch, prefix)
     b = lm.model.apply({"params": lm.params}, left, prefix)
