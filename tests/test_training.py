@@ -153,3 +153,19 @@ def test_step_is_independent_of_lm_values_but_not_shapes():
     _, m_b = step(fresh(), lm_b, batch)
     assert step._cache_size() == 1
     assert float(m_a["loss"]) != float(m_b["loss"])
+
+
+def test_train_step_makes_no_hidden_transfers():
+    """Once state, LM and batch are on device, a step moves nothing between host and device implicitly."""
+    cfg, model, lm_params = tiny_t5()
+    spec = spec_for(cfg)
+    params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
+    tx, step = make_step(model, spec, params)
+    state = jax.device_put(training.init_state(params, tx, jax.random.PRNGKey(2)))
+    lm_params = jax.device_put(lm_params)
+    batch = jax.device_put(fixed_answer_batch(np.random.default_rng(0)))
+    state, _ = step(state, lm_params, batch)  # compile outside the guard
+    with jax.transfer_guard("disallow"):
+        for _ in range(2):
+            state, metrics = step(state, lm_params, batch)
+    assert np.isfinite(float(metrics["loss"]))
