@@ -15,7 +15,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from prefix_jax.models.attention import KV

@@ -48,3 +48,29 @@ def left_pad(ids, mask) -> tuple[np.ndarray, np.ndarray]:
         out_ids[b, ids.shape[1] - n:] = ids[b, :n]
         out_mask[b, ids.shape[1] - n:] = 1
     return out_ids, out_mask
+
+
+def random_kv(geometry, seed: int, length: int):
+    """A random prefix of `length` slots for `geometry`: ours (`KV` of jax arrays) and the same as torch tensors."""
+    import jax.numpy as jnp
+    import torch
+
+    from prefix_jax.models import KV
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (geometry.num_layers, geometry.num_heads, length, geometry.head_dim)
+    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    return KV(jnp.asarray(k.numpy()), jnp.asarray(v.numpy())), (k, v)
+
+
+def hf_decoder_cache(k, v, batch: int):
+    """A decoder self-attention prefix as HF (and PEFT) feed an encoder-decoder: `past_key_values` of
+    length P per layer (`[batch, H, P, K]`), and an empty cross-attention cache to be filled."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    e = lambda x: x[None].expand(batch, -1, -1, -1).clone()
+    cache = EncoderDecoderCache(tuple((e(k[i]), e(v[i]), e(k[i]), e(v[i])) for i in range(k.shape[0])))
+    cache.cross_attention_cache = DynamicCache()
+    for layer in cache.is_updated:
+        cache.is_updated[layer] = False
+    return cache

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import left_pad, max_abs_diff, save_state_dict, save_tiny
+from hf_fixtures import hf_decoder_cache as _hf_decoder_cache, left_pad, max_abs_diff, random_kv as _random_kv, save_state_dict, save_tiny
 from transformers import BartConfig, BartForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from prefix_jax.models import CROSS, DECODER, ENCODER, KV, Prefix, bart, load_pretrained
 from prefix_jax.models.hub import ModelNotFoundError
@@ -19,6 +19,8 @@ from prefix_jax.peft_compat import prefix_from_peft
 
 TOL = 1e-4
 B, S, T, P = 3, 11, 7, 5
+random_kv = functools.partial(_random_kv, length=P)
+hf_decoder_cache = functools.partial(_hf_decoder_cache, batch=B)
 VOCAB, D = 99, 32
 
 
@@ -76,26 +78,9 @@ def random_batch(seed: int = 0):
     return hf, ours, tmask.numpy()
 
 
-def random_kv(geometry, seed: int) -> tuple[KV, tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    shape = (geometry.num_layers, geometry.num_heads, P, geometry.head_dim)
-    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    return KV(jnp.asarray(k.numpy()), jnp.asarray(v.numpy())), (k, v)
-
-
 def all_placements(lm, seed: int) -> dict[str, tuple[KV, tuple[torch.Tensor, torch.Tensor]]]:
     geometry = lm.config.prefix_geometry()
     return {p: random_kv(geometry[p], seed + i) for i, p in enumerate((ENCODER, DECODER, CROSS))}
-
-
-def hf_decoder_cache(k: torch.Tensor, v: torch.Tensor) -> EncoderDecoderCache:
-    """A decoder self-attention prefix as HF (and PEFT) feed it: `past_key_values` of length P, empty cross cache."""
-    e = lambda x: x[None].expand(B, -1, -1, -1).clone()
-    cache = EncoderDecoderCache(tuple((e(k[i]), e(v[i]), e(k[i]), e(v[i])) for i in range(k.shape[0])))
-    cache.cross_attention_cache = DynamicCache()
-    for layer in cache.is_updated:
-        cache.is_updated[layer] = False
-    return cache
 
 
 class FixedPositions(torch.nn.Module):

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import left_pad, max_abs_diff, save_state_dict, save_tiny
+from hf_fixtures import left_pad, max_abs_diff, random_kv as _random_kv, save_state_dict, save_tiny
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache
 
-from prefix_jax.models import DECODER, KV, NO_PREFIX, Prefix, gpt2, load_pretrained, masks
+from prefix_jax.models import DECODER, NO_PREFIX, Prefix, gpt2, load_pretrained, masks
 from prefix_jax.models.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
 TOL = 1e-4
 B, S, T, P = 3, 9, 6, 4
+random_kv = functools.partial(_random_kv, length=P)
 VOCAB, SEP = 101, 1
 
 
@@ -95,13 +97,6 @@ def packed(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, li
 def target_logits(hf_logits: torch.Tensor, starts: list[int], offset: int = 0) -> np.ndarray:
     """HF logits at our target slots: target t of example b is HF position `offset + starts[b] + t`."""
     return np.stack([hf_logits[b, offset + s: offset + s + T].numpy() for b, s in enumerate(starts)])
-
-
-def random_kv(geometry, seed: int, length: int = P) -> tuple[KV, tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    shape = (geometry.num_layers, geometry.num_heads, length, geometry.head_dim)
-    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    return KV(jnp.asarray(k.numpy()), jnp.asarray(v.numpy())), (k, v)
 
 
 def hf_prefix_cache(k: torch.Tensor, v: torch.Tensor) -> DynamicCache:

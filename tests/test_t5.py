@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import left_pad, max_abs_diff, save_state_dict, save_tiny
+from hf_fixtures import hf_decoder_cache as _hf_decoder_cache, left_pad, max_abs_diff, random_kv as _random_kv, save_state_dict, save_tiny
 from transformers import T5Config, T5ForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.t5 import modeling_t5
 
-from prefix_jax.models import CROSS, DECODER, ENCODER, KV, Prefix, load_pretrained, t5
+from prefix_jax.models import CROSS, DECODER, ENCODER, Prefix, load_pretrained, t5
 from prefix_jax.models.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
 TOL = 1e-4
 B, S, T, P = 3, 11, 7, 5
+random_kv = functools.partial(_random_kv, length=P)
+hf_decoder_cache = functools.partial(_hf_decoder_cache, batch=B)
 
 
 def tiny_config(**kw) -> T5Config:
@@ -57,23 +60,6 @@ def random_batch(seed: int = 0, vocab: int = 99):
     ours = dict(source_ids=jnp.asarray(src.numpy()), source_mask=jnp.asarray(smask.numpy()),
                 target_ids=jnp.asarray(tgt.numpy()), target_mask=jnp.asarray(tmask.numpy()))
     return (src, smask, tgt, tmask), ours
-
-
-def random_kv(geometry, seed: int) -> tuple[KV, tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    shape = (geometry.num_layers, geometry.num_heads, P, geometry.head_dim)
-    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    return KV(jnp.asarray(k.numpy()), jnp.asarray(v.numpy())), (k, v)
-
-
-def hf_decoder_cache(k: torch.Tensor, v: torch.Tensor) -> EncoderDecoderCache:
-    """A decoder self-attention prefix as HF takes it: `past_key_values` of length P, empty cross cache."""
-    e = lambda x: x[None].expand(B, -1, -1, -1).clone()
-    cache = EncoderDecoderCache(tuple((e(k[i]), e(v[i]), e(k[i]), e(v[i])) for i in range(k.shape[0])))
-    cache.cross_attention_cache = DynamicCache()
-    for layer in cache.is_updated:
-        cache.is_updated[layer] = False
-    return cache
 
 
 @pytest.mark.parametrize("variant", ["v10", "v11"])
