@@ -85,11 +85,7 @@ def _hub_or_files(name: str | None, config_name: str | None, data_files: Mapping
     import datasets
 
     if data_files:
-        if split not in data_files:
-            raise DataError(f"data.data_files has no {split!r} entry (has {sorted(data_files)}).")
-        path = Path(data_files[split])
-        if not path.is_file():
-            raise DataError(f"data.data_files.{split}={str(path)!r}: no such file.")
+        path = _local(data_files, split)
         builder = "csv" if path.suffix == ".csv" else "json"
         return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
     if not name:

@@ -231,10 +231,11 @@ def run(config: Any) -> dict:
     if is_main:
         log.info("config:\n%s", c)
 
+    # The optimizer needs only the tree's paths and shapes.
+    shapes = jax.eval_shape(lambda key: prefix_lib.init_params(spec, key), jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(
-        prefix_lib.init_params(spec, jax.random.PRNGKey(0)), c.optim.learning_rate, setup.total_steps,
-        c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.max_grad_norm or None,
-        tuple(c.optim.frozen))
+        shapes, c.optim.learning_rate, setup.total_steps, c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1,
+        c.optim.b2, c.optim.eps, c.optim.max_grad_norm or None, tuple(c.optim.frozen))
     meta = run_metadata(setup)
     mngr = checkpoint.manager(setup.workdir / "checkpoints", c.train.keep_checkpoints or None)
     state = initial_state(setup, mngr, tx, meta)
