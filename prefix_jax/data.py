@@ -143,7 +143,8 @@ def _table_to_text_from_hub(fmt: str, table: Any, split: str) -> list[Example]:
             targets = r["annotations"]["text"] if "annotations" in cols else [r["target"]]
         else:  # webnlg: GEM/web_nlg gives `input` as ["s | r | o", ...]
             if "input" not in cols:
-                raise DataError(f"data.format='webnlg' expects GEM/web_nlg's columns; split {split!r} has {sorted(cols)}.")
+                raise DataError(f"data.format='webnlg' expects GEM/web_nlg's columns; split {split!r} has "
+                                f"{sorted(cols)}.")
             source = linearize_triples([t.split(" | ") for t in r["input"]])
             targets = [r["target"]]
         pairs.extend((source, t.strip()) for t in targets)

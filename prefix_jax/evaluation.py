@@ -20,7 +20,8 @@ def loss(batcher: data.Batcher, mesh: Any, params: Any, lm_params: Any, eval_fn:
         out = jax.device_get(eval_fn(params, lm_params, sharding.shard_batch(local, mesh)))
         totals += (float(out["loss_sum"]), float(out["tokens"]))
     mean = totals[0] / max(totals[1], 1.0)
-    return {"eval_loss": float(mean), "eval_perplexity": float(np.exp(min(mean, 50.0))), "eval_tokens": float(totals[1])}
+    return {"eval_loss": float(mean), "eval_perplexity": float(np.exp(min(mean, 50.0))),
+            "eval_tokens": float(totals[1])}
 
 
 def unique_sources(split: data.TokenizedSplit, limit: int = 0) -> list[int]:

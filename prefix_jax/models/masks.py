@@ -41,7 +41,8 @@ def attention_mask(
         if prefix_visible_BxQ is None:
             prefix_BxQxP = jnp.ones((batch, num_queries, prefix_len), bool)
         else:
-            prefix_BxQxP = jnp.broadcast_to(prefix_visible_BxQ[:, :, None].astype(bool), (batch, num_queries, prefix_len))
+            prefix_BxQxP = jnp.broadcast_to(prefix_visible_BxQ[:, :, None].astype(bool),
+                                            (batch, num_queries, prefix_len))
         keys_BxQxS = jnp.concatenate([prefix_BxQxP, keys_BxQxS], axis=-1)
     return keys_BxQxS[:, None]
 
