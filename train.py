@@ -3,36 +3,88 @@
   python train.py --config configs/t5_xsum.py [--config.train.steps=1000 ...]
 
 Every field of the config can be overridden with --config.<group>.<field>=value; the resolved
-config is printed at start and saved to <workdir>/config.json.
+config is printed at start and saved to <workdir>/config.json by the run that creates the workdir.
+
+Exit status: 0 done; 2 bad input (one `error:` line naming the field or file; nothing was written);
+3 training diverged (non-finite steps; the last good checkpoint is kept); 75 stopped by SIGTERM/SIGINT
+after saving a checkpoint (rerun the same command to resume).
 """
 
 import logging
+import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-flags.mark_flags_as_required(["config"])
+
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
 
-def main(argv):
-    del argv
+def _one_line(message: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(message)).strip()
+
+
+def _config_error(error: BaseException, argv: list[str]) -> str:
+    """A one-line explanation of a --config flag that could not be used."""
+    text = str(error)
+    if isinstance(error, AttributeError) and text.startswith("'"):  # an override of a field the config lacks
+        field = re.findall(r"[A-Za-z_]\w*", text)[0]
+        flag = next((a.split("=")[0] for a in argv if re.search(rf"\.{re.escape(field)}(=|$)", a)), field)
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        return f"{flag}: the config has no field {field!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+    if "No such file" in text or isinstance(error, FileNotFoundError):
+        return f"--config: no such config file ({_one_line(text).split('Attempted')[-1].strip()})"
+    if "Error whilst parsing config file" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return f"--config: the config file failed to load ({last.strip()})"
+    return _one_line(text)
+
+
+def _is_ours(error: BaseException) -> bool:
+    """A ValueError raised by prefix_jax itself (a bad input it explains), not a bug in a library or in us."""
+    if type(error).__module__.startswith(("prefix_jax", "configs")):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and "prefix_jax" in Path(frames[-1].filename).parts
+
+
+def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from prefix_jax import trainer
+    try:
+        flags.FLAGS(argv)
+        if _CONFIG.value is None:
+            raise flags.Error("--config is required, e.g. --config configs/t5_offline.py")
+        config = _CONFIG.value
+        config.train.workdir  # a config file that failed to load raises only when first read
+    except (flags.Error, OSError, AttributeError, ImportError, SyntaxError, TypeError, ValueError, KeyError) as e:
+        print(f"error: {_config_error(e, argv)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from prefix_jax import preemption, trainer
 
-    config = _CONFIG.value
     if not config.train.workdir:
         config.train.workdir = str(Path("runs") / Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem)
     try:
         summary = trainer.run(config)
-    except ValueError as e:  # our errors name the field and the fix; no traceback needed
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except preemption.Preempted as e:
+        logging.warning("%s", e)
+        return preemption.EXIT_PREEMPTED
+    except trainer.NonFiniteError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except ValueError as e:
+        if not _is_ours(e) or os.environ.get("PREFIX_JAX_TRACEBACK"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     logging.info("done: %s", summary)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main(sys.argv))

@@ -61,7 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # 0: only at the end
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3
-    c.train.resume = True  # continue from the latest checkpoint in workdir
+    c.train.resume = True  # continue from the latest good checkpoint in workdir
+    c.train.resume_anyway = False  # resume although data/batch/seed/optimizer changed (warns; not an exact replay)
+    c.train.max_nonfinite_steps = 5  # non-finite steps skipped in a row before the run stops (0: stop at the first)
     c.train.export = True  # write the materialized prefix (no MLP) to workdir/export at the end
     c.train.eval_only = False  # only evaluate the workdir's latest checkpoint on data.eval_split (e.g. "test")
 

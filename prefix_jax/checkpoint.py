@@ -1,35 +1,85 @@
-"""Orbax checkpoints of the trainable state only, with metadata that ties them to their base LM.
+"""Orbax checkpoints of the trainable state only, with metadata that ties them to their base LM and run.
 
 A checkpoint step holds two items: `state` (prefix + MLP params, optimizer state, step, rng) and
-`meta` (JSON: base model, architecture, model config, prefix spec, data position, run config).
-No LM weight is ever written. Restoring checks the metadata against the current run first, so a
-prefix cannot be silently loaded onto the wrong LM.
+`meta` (JSON: base model and its fingerprint, architecture, model config, prefix spec, what makes a
+resume exact, data position, a digest of the state, the run config). No LM weight is ever written.
+
+Before a run resumes, `check_compatible` compares the metadata with the current run and names every
+field that differs; `restore_latest_good` verifies each step against its digest and falls back to the
+previous step when the latest is unreadable or corrupt.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import json
+import logging
+import time
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-# Metadata that must agree between a checkpoint and the run restoring it.
-IDENTITY_KEYS = ("base_model", "architecture", "model_config", "prefix_spec")
+log = logging.getLogger("prefix_jax")
+
+# Metadata that must agree between a checkpoint and the run restoring it: what the prefix belongs to.
+IDENTITY_KEYS = ("architecture", "lm_fingerprint", "model_config", "prefix_spec")
+# The fields of `meta["resume"]` that fix the optimizer state's layout: no resume is possible across them.
+LAYOUT_KEYS = ("optim.frozen", "optim.max_grad_norm")
+CORRUPT_DIR = "corrupt_checkpoints"  # where unreadable steps are moved (never deleted)
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint belongs to another base model or prefix than the current run."""
+    """A checkpoint belongs to another base model, prefix or run than the current one."""
 
 
-def manager(directory: str | Path, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
+class NoGoodCheckpointError(ValueError):
+    """Every checkpoint of a workdir failed to restore or to verify."""
+
+
+def manager(directory: str | epath.PathLike, max_to_keep: int | None = 3, read_only: bool = False
+            ) -> ocp.CheckpointManager:
+    """An Orbax manager of `directory`. `read_only` managers create and clean nothing (for checks before the
+    workdir lock is held); writing ones remove their own interrupted saves (`*.orbax-checkpoint-tmp*`)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep, create=not read_only,
+                                           read_only=read_only, cleanup_tmp_directories=not read_only,
+                                           save_interval_steps=0 if read_only else 1)
+    return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=("state", "meta"))
+
+
+def state_digest(state: Any) -> str:
+    """sha256 over the state's leaves (paths, dtypes, shapes, bytes): restores are verified against it."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
+            array = np.asarray(jax.random.key_data(array))
+        h.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def is_finite(state: Any) -> bool:
+    """Every floating-point leaf of `state` is finite."""
+    for leaf in jax.tree.leaves(state):
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            return False
+    return True
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[str, Any]) -> None:
-    """Asynchronously writes `state` + `meta` at `step` (call `mngr.wait_until_finished()` before exit)."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
+    """Asynchronously writes `state` + `meta` (with the state's digest) at `step`.
+
+    Call `mngr.wait_until_finished()` before exit; a non-finite state is never written.
+    """
+    if not is_finite(state):
+        raise ValueError(f"refusing to save a non-finite train state at step {step}; the last good checkpoint "
+                         "was kept.")
+    meta = {**meta, "state_digest": state_digest(state)}
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
@@ -40,29 +90,88 @@ def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | No
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
-    """Raises `CheckpointMismatchError` naming every identity field that differs."""
-    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
-             for k in IDENTITY_KEYS if _normalize(saved.get(k)) != _normalize(current.get(k))]
-    if diffs:
-        raise CheckpointMismatchError(
-            f"the checkpoint in {where} was trained for another model or prefix and was left untouched:\n  "
-            + "\n  ".join(diffs) + "\nUse a new train.workdir, or the config the checkpoint was made with.")
-
-
 def _normalize(value: Any) -> Any:
     """JSON round trip, so tuples vs lists and int-vs-str keys compare equal."""
-    import json
-
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-    """The state (laid out like `abstract_state`, shardings included) and metadata at `step` (default latest)."""
-    step = mngr.latest_step() if step is None else step
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                          meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Any) -> list[str]:
+    return [f"{k} (checkpoint: {_short(saved.get(k))}, this run: {_short(current.get(k))})"
+            for k in keys if _normalize(saved.get(k)) != _normalize(current.get(k))]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(_normalize(value), sort_keys=True)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str,
+                     resume_anyway: bool = False) -> None:
+    """Refuses a checkpoint of another model or prefix, and (unless `resume_anyway`) a resume that would not
+    replay the uninterrupted run: each differing field is named. Raises `CheckpointMismatchError`."""
+    identity = _differences(saved, current, IDENTITY_KEYS)
+    if identity:
+        raise CheckpointMismatchError(
+            f"the checkpoint in {where} belongs to another model or prefix and was left untouched; differs: "
+            + "; ".join(identity) + ". Use a new train.workdir, or the model and prefix it was made with.")
+    saved_resume, current_resume = saved.get("resume", {}), current.get("resume", {})
+    layout = _differences(saved_resume, current_resume, LAYOUT_KEYS)
+    if layout:
+        raise CheckpointMismatchError(
+            f"the checkpoint in {where} has another optimizer-state layout and was left untouched; differs: "
+            + "; ".join(layout) + ". Resume with the values it was made with, or use a new train.workdir.")
+    changed = _differences(saved_resume, current_resume, sorted(set(saved_resume) | set(current_resume)))
+    if not changed:
+        return
+    if not resume_anyway:
+        raise CheckpointMismatchError(
+            f"resuming the checkpoint in {where} would not replay the interrupted run; differs: "
+            + "; ".join(changed) + ". Restore those values, use a new train.workdir, or set "
+            "--config.train.resume_anyway=True to continue with the new ones.")
+    log.warning("train.resume_anyway: resuming %s although %s", where, "; ".join(changed))
+
+
+def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, Any, dict, list[int]]:
+    """The newest step that restores and matches its digest: (step, state, meta, newer steps that failed).
+
+    Raises `NoGoodCheckpointError` when no step does. Corrupt steps are reported, not touched here.
+    """
+    failed: list[int] = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state, meta = restored["state"], restored["meta"]
+            digest = meta.get("state_digest")
+            if digest is not None and digest != state_digest(state):
+                raise ValueError("its state does not match the digest saved with it")
+            if not is_finite(state):
+                raise ValueError("its state is not finite")
+        except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the one before
+            log.warning("checkpoint step %d of %s cannot be used (%s: %s); trying the one before", step,
+                        mngr.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            failed.append(step)
+            continue
+        return step, state, meta, failed
+    raise NoGoodCheckpointError(f"no checkpoint in {mngr.directory} can be restored (steps {failed} all failed); "
+                                "they were left untouched. Use a new train.workdir or set train.resume=False "
+                                "with a new workdir.")
+
+
+def set_aside(checkpoint_dir: epath.Path, steps: list[int]) -> list[epath.Path]:
+    """Moves corrupt steps out of the checkpoint directory (to `../corrupt_checkpoints/<step>-<time>`), so a
+    resumed run can save those steps again. Nothing is deleted."""
+    moved = []
+    target_root = checkpoint_dir.parent / CORRUPT_DIR
+    target_root.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        source = checkpoint_dir / str(step)
+        if source.exists():
+            target = target_root / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+            source.rename(target)
+            log.warning("moved unreadable checkpoint step %d to %s", step, target)
+            moved.append(target)
+    return moved
 
 
 def read_state(mngr: ocp.CheckpointManager, step: int | None = None) -> Any:

@@ -4,32 +4,47 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any, Mapping
+
+from etils import epath
+
+from prefix_jax.workdir import append_line
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
-    """Appends `{"step": s, ...}` lines to `metrics.jsonl` (process 0 only; others write nothing)."""
+    """Appends `{"step": s, ...}` lines to `metrics.jsonl` (process 0 only; others write nothing).
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    A resumed run replays the steps after its checkpoint exactly; rows that the interrupted run already
+    wrote for those steps (same step, same metric names) are not written twice.
+    """
+
+    def __init__(self, workdir: str | epath.PathLike, enabled: bool = True):
         self.enabled = enabled
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = epath.Path(workdir) / METRICS_FILE
         self._tb = None
+        self._written: set[tuple[int, frozenset]] = set()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                from tensorboardX import SummaryWriter
+            self._written = {(row["step"], _keys(row)) for row in read_metrics(self.path.parent)}
+            if "://" not in str(self.path):
+                try:
+                    from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
-            except ImportError:
-                pass
+                    self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+                except ImportError:
+                    pass
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        key = (row["step"], _keys(row))
+        if key in self._written:
+            return
+        self._written.add(key)
+        append_line(self.path, json.dumps(row))
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)):
@@ -40,6 +55,10 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _keys(row: Mapping[str, Any]) -> frozenset:
+    return frozenset(k for k in row if k not in ("step", "time", "steps_per_sec"))
+
+
 def _scalar(v: Any) -> Any:
     try:
         return float(v)
@@ -47,7 +66,7 @@ def _scalar(v: Any) -> Any:
         return v
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
+def read_metrics(workdir: str | epath.PathLike) -> list[dict]:
     """All rows of a run's `metrics.jsonl`."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = epath.Path(workdir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -224,10 +224,13 @@ EXPORT_META = "prefix.json"
 
 
 def export(params: Mapping[str, Any], spec: PrefixSpec, directory: str | Path, metadata: Mapping[str, Any]) -> Path:
-    """Writes `prefix.safetensors` (`<placement>.key`/`.value` `[L, H, P, K]`, or `prompt_embeds`) + `prefix.json`."""
-    from safetensors.numpy import save_file
+    """Writes `prefix.safetensors` (`<placement>.key`/`.value` `[L, H, P, K]`, or `prompt_embeds`) + `prefix.json`.
 
-    directory = Path(directory)
+    `directory` may be local or on an object store (any `etils.epath` path)."""
+    from etils import epath
+    from safetensors.numpy import save
+
+    directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     prefix = jax.device_get(materialize(params, spec))
     tensors = {f"{p}.{part}": np.asarray(getattr(kv, part), np.float32)
@@ -235,7 +238,7 @@ def export(params: Mapping[str, Any], spec: PrefixSpec, directory: str | Path, m
     if prefix.prompt_embeds is not None:
         tensors["prompt_embeds"] = np.asarray(prefix.prompt_embeds, np.float32)
     tmp = directory / (EXPORT_WEIGHTS + ".tmp")
-    save_file(tensors, tmp)
+    tmp.write_bytes(save(tensors))
     tmp.replace(directory / EXPORT_WEIGHTS)
     (directory / EXPORT_META).write_text(json.dumps({"spec": spec.to_json(), **metadata}, indent=2, default=str))
     return directory

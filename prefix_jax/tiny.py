@@ -7,6 +7,7 @@ for encoder-decoders, which start decoding from it as T5 does).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,13 +81,30 @@ def _unit_norm_token_rows(params: dict, model_type: str) -> dict:
     return {**params, table: {**params[table], "embedding": embedding * scale}}
 
 
+# Written into every directory this module builds; only such a directory is ever reused as a tiny checkpoint.
+MARKER = ".prefix_jax_tiny"
+
+
+class TinyCheckpointError(ValueError):
+    """`model.create_tiny` was pointed at a directory this module did not build."""
+
+
 def build_tiny_checkpoint(directory: str | Path, architecture: str, seed: int = 0) -> Path:
-    """Writes config.json, model.safetensors and tokenizer files to `directory` unless it already has them."""
+    """Writes a random tiny checkpoint (config, safetensors, tokenizer) to `directory`, which must not exist yet.
+
+    A directory built here before (it holds `MARKER`) is reused as it is. Anything else at `directory` is
+    refused and left untouched: this function never deletes or overwrites a file it did not create.
+    """
     from safetensors.numpy import save_file
 
     directory = Path(directory)
-    if (directory / "model.safetensors").is_file() and (directory / "config.json").is_file():
+    if (directory / MARKER).is_file():
         return directory
+    if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
+        raise TinyCheckpointError(
+            f"model.create_tiny={architecture!r} would build a random model at model.name_or_path={str(directory)!r}, "
+            "which already exists and was not built by prefix_jax; it was left untouched. To train on the model "
+            "there, set --config.model.create_tiny=''; for a tiny demo model, choose a new directory.")
     encoder_decoder = architecture in ("t5", "bart")
     tokenizer = bundled_gpt2_tokenizer(with_pad=encoder_decoder, eos_after_text=encoder_decoder)
     hf_config = _tiny_hf_config(architecture, tokenizer)
@@ -95,16 +113,21 @@ def build_tiny_checkpoint(directory: str | Path, architecture: str, seed: int = 
     params = arch.Model(config).init(jax.random.PRNGKey(seed), _dummy_batch())["params"]
     params = _unit_norm_token_rows(params, hf_config.model_type)
     tensors = arch.params_to_hf(params, config)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent if directory.parent.exists() else None))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
     try:
         hf_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, str(staging / "model.safetensors"))
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        if directory.exists():
-            shutil.rmtree(directory)
+        (staging / MARKER).write_text(f"random tiny {architecture}, seed {seed}\n")
         staging.chmod(0o755)
-        staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            os.rename(staging, directory)  # atomic; replaces only an empty directory, never a non-empty one
+        except OSError:
+            if not (directory / MARKER).is_file():  # not another process of this run that got there first
+                raise
+            shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # our own staging directory, never the target
+        raise
     return directory

@@ -6,27 +6,25 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
-from prefix_jax import checkpoint, data, evaluation, models, optim, sharding, tiny, training
+from prefix_jax import checkpoint, config_checks, data, evaluation, models, optim, preemption, sharding, tiny, training
+from prefix_jax import workdir as workdir_lib
+from prefix_jax.config_checks import ConfigError
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_init
 from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.metrics_log import MetricsWriter
 
 log = logging.getLogger("prefix_jax")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and the fix."""
 
 
 @dataclasses.dataclass
@@ -41,7 +39,7 @@ class Setup:
     train: data.Batcher
     eval: data.Batcher | None
     total_steps: int
-    workdir: Path
+    workdir: epath.Path
     init_ids: list[int]
 
 
@@ -167,22 +165,55 @@ def build(config: Any) -> Setup:
     total = int(c.train.steps) or math.ceil(float(c.train.epochs) * train.steps_per_epoch)
     if total < 1:
         raise ConfigError(f"train.steps={c.train.steps} / train.epochs={c.train.epochs} give no step to run.")
-    workdir = Path(c.train.workdir or "runs/default")
+    workdir = config_checks.workdir_path(c.train.workdir)
     return Setup(c, lm, tokenizer, spec, mesh, train, batcher(eval_split, eval_size) if eval_split else None, total,
                  workdir, init_ids)
 
 
+def lm_fingerprint(lm_params: Any) -> str:
+    """Identifies the frozen LM by its weights, not its path: every leaf's path, shape, dtype and a corner of it.
+
+    The same checkpoint read from a Hub id or a local copy gives the same fingerprint; two fine-tunes of one
+    architecture do not.
+    """
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(lm_params)[0]:
+        corner = np.asarray(leaf[tuple(slice(0, 2) for _ in np.shape(leaf))], np.float32)
+        h.update(f"{jax.tree_util.keystr(path)}|{np.shape(leaf)}|{leaf.dtype}|".encode())
+        h.update(corner.tobytes())
+    return h.hexdigest()[:32]
+
+
+def data_fingerprint(split: data.TokenizedSplit) -> str:
+    """The token ids of a split, hashed: a resume on other data would not replay the run."""
+    h = hashlib.sha256()
+    for source, target in zip(split.source_ids, split.target_ids):
+        h.update(np.asarray(source, np.int64).tobytes() + b"|" + np.asarray(target, np.int64).tobytes() + b"\n")
+    return h.hexdigest()[:32]
+
+
 def run_metadata(setup: Setup) -> dict:
-    """What a checkpoint records about where it belongs (see checkpoint.IDENTITY_KEYS)."""
-    lm = setup.lm
-    return {
+    """What a checkpoint records about where it belongs (see checkpoint.IDENTITY_KEYS) and how it was trained."""
+    lm, c = setup.lm, setup.config
+    meta = {
         "base_model": lm.name_or_path,
+        "lm_fingerprint": lm_fingerprint(lm.params),
         "architecture": lm.config.architecture,
         "model_config": {k: v for k, v in dataclasses.asdict(lm.config).items()
                          if k not in ("dtype", "param_dtype", "remat")},
         "prefix_spec": setup.spec.to_json(),
-        "config": setup.config.to_dict(),
+        "config": c.to_dict(),
     }
+    if not c.train.eval_only:  # what must not change for a resume to replay the interrupted run
+        meta["resume"] = {
+            "data.train": data_fingerprint(setup.train.split), "train.batch_size": c.train.batch_size,
+            "train.seed": c.train.seed, "train.steps": setup.total_steps,
+            "train.label_smoothing": c.train.label_smoothing, "model.param_dtype": c.model.param_dtype,
+            "model.compute_dtype": c.model.compute_dtype or c.model.param_dtype,
+            **{f"optim.{k}": c.optim[k] for k in ("learning_rate", "warmup_steps", "weight_decay", "b1", "b2", "eps",
+                                                  "max_grad_norm", "frozen")},
+        }
+    return meta
 
 
 def evaluate(setup: Setup, step: int, params: Any, lm_params: Any, eval_fn: Any, generate_fn: Any) -> dict:
@@ -197,24 +228,56 @@ def evaluate(setup: Setup, step: int, params: Any, lm_params: Any, eval_fn: Any,
     return result
 
 
-def initial_state(setup: Setup, mngr: Any, tx: Any, meta: dict) -> training.TrainState:
-    """The latest checkpoint of the workdir (checked against this run), or a fresh state."""
+@dataclasses.dataclass
+class Resume:
+    """The checkpoint a run continues from, found before anything is written."""
+
+    step: int
+    state: training.TrainState
+    corrupt_steps: list[int]  # newer steps that failed to restore or verify
+    latest_seen: int  # the newest step in the workdir when it was read
+
+
+def find_resume(setup: Setup, tx: Any, meta: dict) -> Resume | None:
+    """Reads (never writes) the workdir's checkpoints: the newest good one, checked against this run."""
+    c = setup.config
+    mngr = checkpoint.manager(setup.workdir / "checkpoints", read_only=True)
+    try:
+        steps = mngr.all_steps()
+        if not steps:
+            if c.train.eval_only:
+                raise ConfigError(f"train.eval_only: {setup.workdir} holds no checkpoint to evaluate; set "
+                                  "train.workdir to a run's directory.")
+            return None
+        if not c.train.resume:
+            raise ConfigError(f"train.workdir={str(setup.workdir)!r} already holds a checkpoint (step {max(steps)}) "
+                              "and train.resume=False; it was left untouched. Use a new train.workdir or "
+                              "--config.train.resume=True.")
+        saved_meta = None
+        for step in sorted(steps, reverse=True):  # the metadata of the newest readable step
+            try:
+                saved_meta = checkpoint.read_meta(mngr, step)
+                break
+            except Exception:  # noqa: BLE001 - unreadable: restore_latest_good below reports and skips it
+                continue
+        if saved_meta is not None:
+            if c.train.eval_only:
+                saved_meta = {k: v for k, v in saved_meta.items() if k != "resume"}
+            checkpoint.check_compatible(saved_meta, meta, str(setup.workdir), bool(c.train.resume_anyway))
+        init_rng, state_rng = jax.random.split(jax.random.PRNGKey(c.train.seed))
+        template = sharding.replicate(training.init_state(prefix_lib.init_params(setup.spec, init_rng), tx,
+                                                          state_rng), setup.mesh)
+        step, state, _, corrupt = checkpoint.restore_latest_good(mngr, checkpoint.abstract(template))
+        return Resume(step, state, corrupt, max(steps))
+    finally:
+        mngr.close()
+
+
+def fresh_state(setup: Setup, tx: Any) -> training.TrainState:
+    """A new train state: random (or word-initialised) prefix, zero optimizer state."""
     c = setup.config
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(c.train.seed))
     params = prefix_lib.init_params(setup.spec, init_rng)
-    latest = mngr.latest_step()
-    if latest is not None:
-        if not c.train.resume:
-            raise ConfigError(f"{setup.workdir} already holds a checkpoint (step {latest}) and train.resume=False; "
-                              "it was left untouched. Use a new train.workdir or --config.train.resume=True.")
-        checkpoint.check_compatible(checkpoint.read_meta(mngr, latest), meta, str(setup.workdir))
-        template = sharding.replicate(training.init_state(params, tx, state_rng), setup.mesh)
-        state, _ = checkpoint.restore(mngr, checkpoint.abstract(template), latest)
-        log.info("resumed from step %d", latest)
-        return state
-    if c.train.eval_only:
-        raise ConfigError(f"train.eval_only: {setup.workdir} holds no checkpoint to evaluate; set train.workdir to "
-                          "a run's directory.")
     if setup.init_ids:
         params, report = prefix_init.init_from_text(setup.spec, params, setup.lm.model, setup.lm.params,
                                                     setup.init_ids, c.prefix.init_fit_steps,
@@ -223,13 +286,20 @@ def initial_state(setup: Setup, mngr: Any, tx: Any, meta: dict) -> training.Trai
     return sharding.replicate(training.init_state(params, tx, state_rng), setup.mesh)
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite values for more steps in a row than `train.max_nonfinite_steps` allows."""
+
+
 def run(config: Any) -> dict:
-    """Trains a prefix as `config` says (or only evaluates it: `train.eval_only`); returns a summary."""
+    """Trains a prefix as `config` says (or only evaluates it: `train.eval_only`); returns a summary.
+
+    Raises `ValueError` subclasses for bad input (before anything is written), `NonFiniteError` when training
+    diverges (the last good checkpoint is kept), and `preemption.Preempted` after saving on SIGTERM/SIGINT.
+    """
+    config_checks.check(config)
     setup = build(config)
     c, spec, mesh = setup.config, setup.spec, setup.mesh
     is_main = jax.process_index() == 0
-    if is_main:
-        log.info("config:\n%s", c)
 
     # The optimizer needs only the tree's paths and shapes.
     shapes = jax.eval_shape(lambda key: prefix_lib.init_params(spec, key), jax.random.PRNGKey(0))
@@ -237,9 +307,42 @@ def run(config: Any) -> dict:
         shapes, c.optim.learning_rate, setup.total_steps, c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1,
         c.optim.b2, c.optim.eps, c.optim.max_grad_norm or None, tuple(c.optim.frozen))
     meta = run_metadata(setup)
-    mngr = checkpoint.manager(setup.workdir / "checkpoints", c.train.keep_checkpoints or None)
-    state = initial_state(setup, mngr, tx, meta)
+    resume = find_resume(setup, tx, meta)  # everything above only read; the lock is the first write
 
+    lock = workdir_lib.WorkdirLock(setup.workdir) if is_main else None
+    if lock is not None:
+        lock.acquire()
+    closers: list[Any] = [lock.release] if lock is not None else []
+    try:
+        ckpt_dir = setup.workdir / "checkpoints"
+        mngr = checkpoint.manager(ckpt_dir, c.train.keep_checkpoints or None, read_only=bool(c.train.eval_only))
+        closers.insert(0, mngr.close)
+        if mngr.latest_step() != (resume.latest_seen if resume else None):
+            raise ConfigError(f"train.workdir={str(setup.workdir)!r} changed while this run started (another run "
+                              "wrote to it); rerun the command.")
+        if resume is not None and resume.corrupt_steps and not c.train.eval_only and is_main:
+            checkpoint.set_aside(ckpt_dir, resume.corrupt_steps)
+            mngr.reload()
+        if is_main:
+            log.info("config:\n%s", c)
+            workdir_lib.record_run(setup.workdir, c.to_dict(), "eval_only" if c.train.eval_only else "train",
+                                   resume.step if resume else 0)
+        state = resume.state if resume is not None else fresh_state(setup, tx)
+        if resume is not None:
+            log.info("resumed from step %d", resume.step)
+        writer = MetricsWriter(setup.workdir, enabled=is_main)
+        closers.insert(0, writer.close)
+        return _loop(setup, state, tx, schedule, meta, mngr, writer, lock)
+    finally:
+        for close in closers:
+            close()
+
+
+def _loop(setup: Setup, state: training.TrainState, tx: Any, schedule: Any, meta: dict, mngr: Any,
+          writer: MetricsWriter, lock: workdir_lib.WorkdirLock | None) -> dict:
+    """Steps, logs, evaluations, checkpoints and the export of one run, from `state` on."""
+    c, spec, mesh = setup.config, setup.spec, setup.mesh
+    is_main = jax.process_index() == 0
     lm_params = sharding.replicate(setup.lm.params, mesh)
     replicated = sharding.replicated(mesh)
     step_fn = training.jit_train_step(setup.lm.model, spec, tx, schedule, c.train.label_smoothing,
@@ -250,9 +353,7 @@ def run(config: Any) -> dict:
     if c.eval.generate:
         generate_fn = make_generate_fn(setup.lm.model, GenerationConfig(
             c.generate.max_new_tokens, c.generate.num_beams, c.generate.length_penalty))
-    writer = MetricsWriter(setup.workdir, enabled=is_main)
     if is_main:
-        (setup.workdir / "config.json").write_text(json.dumps(c.to_dict(), indent=2, default=str))
         log.info("trainable parameters: %d (LM: %d, frozen)", prefix_lib.num_params(state.params),
                  prefix_lib.num_params(setup.lm.params))
 
@@ -263,41 +364,83 @@ def run(config: Any) -> dict:
         result = evaluate(setup, start, state.params, lm_params, eval_fn, generate_fn)
         writer.write(start, {f"{c.data.eval_split}/{k}": v for k, v in result.items()})
         summary.update({k: float(v) for k, v in result.items()})
-    progress = _progress(start, setup.total_steps, is_main and not c.train.eval_only)
-    last_time, last_step, losses = time.perf_counter(), start, []
-    for step in range(start, end):
-        batch = sharding.shard_batch(setup.train.train_batch(step), mesh)
-        state, metrics = step_fn(state, lm_params, batch)
-        done = step + 1
-        losses.append(metrics["loss"])
-        if done % c.train.log_every == 0 or done == end:
-            host = jax.device_get(metrics)
-            now = time.perf_counter()
-            host["steps_per_sec"] = (done - last_step) / max(now - last_time, 1e-9)
-            host["train_loss"] = float(np.mean(jax.device_get(losses)))
-            last_time, last_step, losses = now, done, []
-            writer.write(done, host)
-            progress.set_postfix(loss=f"{host['train_loss']:.4f}", refresh=False)
-            summary["train_loss"] = float(host["train_loss"])
-        if setup.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
-                                        or done == setup.total_steps):
-            result = evaluate(setup, done, state.params, lm_params, eval_fn, generate_fn)
-            writer.write(done, result)
-            summary.update({k: float(v) for k, v in result.items()})
-        if done % c.train.save_every == 0 or done == end:
-            checkpoint.save(mngr, done, state, {**meta, "data_position": setup.train.position(done)})
-        progress.update(1)
+        summary["final_step"] = start
+        return summary
+
+    def save(done: int) -> None:
+        streak = int(jax.device_get(state.nonfinite_streak))
+        if streak > c.train.max_nonfinite_steps:
+            raise NonFiniteError(_nonfinite_message(done, streak))
+        checkpoint.save(mngr, done, state, {**meta, "data_position": setup.train.position(done)})
+        if lock is not None:
+            lock.heartbeat()
+
+    progress = _progress(start, setup.total_steps, is_main)
+    last_time, last_step, window = time.perf_counter(), start, []
+    with preemption.StopSignal() as stop:
+        for step in range(start, end):
+            batch = sharding.shard_batch(setup.train.train_batch(step), mesh)
+            state, metrics = step_fn(state, lm_params, batch)
+            done = step + 1
+            window.append(metrics)
+            if done % c.train.log_every == 0 or done == end:
+                host = _summarize(jax.device_get(window), done - last_step, time.perf_counter() - last_time)
+                streak = int(jax.device_get(state.nonfinite_streak))
+                last_time, last_step, window = time.perf_counter(), done, []
+                writer.write(done, host)
+                if host["skipped_steps"]:
+                    log.warning("step %d: %d of the last %d steps had a non-finite loss or update and were "
+                                "skipped", done, host["skipped_steps"], host["steps"])
+                if streak > c.train.max_nonfinite_steps:
+                    raise NonFiniteError(_nonfinite_message(done, streak))
+                if "train_loss" in host:
+                    progress.set_postfix(loss=f"{host['train_loss']:.4f}", refresh=False)
+                    summary["train_loss"] = host["train_loss"]
+                if lock is not None:
+                    lock.heartbeat()
+            if setup.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
+                                            or done == setup.total_steps):
+                result = evaluate(setup, done, state.params, lm_params, eval_fn, generate_fn)
+                writer.write(done, result)
+                summary.update({k: float(v) for k, v in result.items()})
+            progress.update(1)
+            if stop.should_stop(done):
+                save(done)
+                mngr.wait_until_finished()
+                progress.close()
+                raise preemption.Preempted(done)
+            if done % c.train.save_every == 0 or done == end:
+                save(done)
     progress.close()
     mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
 
-    if c.train.export and is_main and end == setup.total_steps and not c.train.eval_only:
-        export_meta = {k: meta[k] for k in ("base_model", "architecture", "model_config")}
+    if c.train.export and is_main and end == setup.total_steps:
+        if not checkpoint.is_finite(state.params):
+            raise NonFiniteError("the trained prefix is not finite; nothing was exported.")
+        export_meta = {k: meta[k] for k in ("base_model", "lm_fingerprint", "architecture", "model_config")}
         summary["export"] = str(prefix_lib.export(jax.device_get(state.params), spec, setup.workdir / "export",
                                                   {**export_meta, "step": setup.total_steps}))
     summary["final_step"] = int(jax.device_get(state.step))
     return summary
+
+
+def _summarize(window: list[dict], steps: int, seconds: float) -> dict:
+    """One log row from the metrics of the steps since the last: means over the steps that were not skipped."""
+    skipped = np.asarray([m["skipped"] for m in window], bool)
+    row: dict = {"steps": steps, "skipped_steps": int(skipped.sum()), "steps_per_sec": steps / max(seconds, 1e-9)}
+    last = window[-1]
+    row.update({k: float(v) for k, v in last.items() if k != "skipped"})
+    kept = [float(m["loss"]) for m, bad in zip(window, skipped) if not bad]
+    if kept:
+        row["train_loss"] = float(np.mean(kept))
+    return row
+
+
+def _nonfinite_message(step: int, streak: int) -> str:
+    return (f"training diverged: the last {streak} steps up to step {step} had a non-finite loss, gradient or "
+            "update (each was skipped) — more than train.max_nonfinite_steps allows. The last good checkpoint is "
+            "kept and nothing was exported; lower optim.learning_rate, check the data, or raise "
+            "train.max_nonfinite_steps.")
 
 
 def _progress(start: int, total: int, enabled: bool) -> Any:

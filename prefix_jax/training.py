@@ -26,10 +26,17 @@ class TrainState:
     params: Any  # the trainable prefix tree
     opt_state: Any
     rng: jax.Array  # base key; step s uses fold_in(rng, s), so resuming replays the same randomness
+    nonfinite_streak: jax.Array  # int32 scalar: steps skipped in a row for a non-finite loss, gradient or update
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+                      nonfinite_streak=jnp.zeros((), jnp.int32))
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
@@ -60,7 +67,11 @@ def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: 
 def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float = 0.0) -> tuple[TrainState, dict]:
-    """One optimizer step on the prefix tree; returns the new state and scalar metrics."""
+    """One optimizer step on the prefix tree; returns the new state and scalar metrics.
+
+    A step whose loss, gradient or updated parameters are not finite changes nothing but the step counter
+    (the batch is skipped) and counts in `nonfinite_streak`; the loop stops the run when that grows too long.
+    """
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
@@ -70,9 +81,14 @@ def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, sp
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
-               "tokens": count}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params) & _all_finite(opt_state)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), "tokens": count,
+               "skipped": (~finite).astype(jnp.int32)}
+    return state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
+                         opt_state=keep_if_finite(opt_state, state.opt_state),
+                         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1)), metrics
 
 
 def eval_step(params: Any, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec) -> dict:

@@ -77,7 +77,7 @@ def test_checkpoint_holds_only_the_trainable_state(tiny_t5_dir, tmp_path):
     assert meta["data_position"] == {"epoch": 0, "batch": 2}
     assert meta["prefix_spec"]["length"] == 4
     restored = checkpoint.read_state(mngr, 2)  # raw tree, no template: what is on disk
-    assert set(restored) == {"step", "params", "opt_state", "rng"}
+    assert set(restored) == {"step", "params", "opt_state", "rng", "nonfinite_streak"}
     assert set(restored["params"]) == {"encoder", "decoder", "cross"}
     state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(restored))
     disk_bytes = sum(p.stat().st_size for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file())
