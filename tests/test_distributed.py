@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 
 from prefix_jax.metrics_log import read_metrics
-from prefix_jax.tiny import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_t5_dir(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-t5", "t5")
 
 
 def args(model_dir: Path, workdir: Path) -> list[str]:

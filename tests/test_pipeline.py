@@ -17,14 +17,8 @@ from prefix_jax import checkpoint, trainer
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.metrics_log import read_metrics
 from prefix_jax.models import load_pretrained
-from prefix_jax.tiny import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def tiny_t5_dir(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-t5", "t5")
 
 
 def small_config(model_dir: Path, workdir: Path, **train):
@@ -156,11 +150,6 @@ def test_train_py_bad_input_exits_nonzero_with_the_field_named(tiny_t5_dir, tmp_
     assert "Traceback" not in out.stderr
     out = run_cli("--config", str(REPO / "configs/t5_offline.py"), "--config.prefix.lenght=3")
     assert out.returncode != 0 and "lenght" in out.stderr
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2")
 
 
 @pytest.mark.parametrize("method,init", [("infix", "normal"), ("embedding_only", "normal"), ("prefix", "words")])
