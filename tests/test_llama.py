@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ TOL = 1e-4
 B, S, T, P = 3, 9, 6, 4
 VOCAB, SEP, EOS = 101, 1, 2
 random_kv = functools.partial(_random_kv, length=P)
+REPO = Path(__file__).resolve().parent.parent
 
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=0.5, high_freq_factor=2.0,
                    original_max_position_embeddings=16)  # with head_dim 16, every llama3 branch is taken
@@ -221,8 +223,10 @@ def peft_grads(peft_model, projection: bool) -> dict:
                       "mlp_out": {"kernel": grad(last.weight).T, "bias": grad(last.bias)}}}
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("projection", [True, False])
+@pytest.mark.parametrize("name, projection", [
+    ("llama", True), ("qwen3", False), ("qwen2", True),
+    pytest.param("llama", False, marks=pytest.mark.slow), pytest.param("qwen3", True, marks=pytest.mark.slow),
+    pytest.param("qwen2", False, marks=pytest.mark.slow), pytest.param("mistral", True, marks=pytest.mark.slow)])
 def test_matches_peft_prefix_tuning_logits_loss_and_gradient(pairs, name, projection):
     hf, lm = pairs(name)
     peft_model, spec, params = peft_and_ours(hf, lm, projection, seed=6)
@@ -490,10 +494,9 @@ def test_sliding_window_is_read_and_refused_when_exceeded(pairs):
                         batch["target_mask"]) == 0.0
 
 
-def test_tiny_llama_checkpoint_builds_and_loads(tmp_path):
-    from prefix_jax.tiny import build_tiny_checkpoint
-
-    directory = build_tiny_checkpoint(tmp_path / "tiny-llama", "llama")
+@pytest.mark.slow
+def test_tiny_llama_checkpoint_matches_transformers(tiny_llama_dir):
+    directory = tiny_llama_dir
     lm = load_pretrained(str(directory))
     hf = transformers.LlamaForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
     assert (lm.config.num_attention_heads, lm.config.num_key_value_heads) == (4, 2)
@@ -505,3 +508,75 @@ def test_tiny_llama_checkpoint_builds_and_loads(tmp_path):
         ref = hf(input_ids=ids).logits[:, 4:6].numpy()
     ours = run(lm, batch)
     assert max_abs_diff(ours, ref) < TOL and np.abs(ref).std() > 0.3  # unit-scale logits: a prefix can steer them
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    from prefix_jax.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+def offline_args(model_dir, workdir, *extra: str) -> list[str]:
+    """train.py flags: configs/llama_offline.py on a few examples, a few steps."""
+    return ["--config", str(REPO / "configs/llama_offline.py"), f"--config.model.name_or_path={model_dir}",
+            "--config.model.create_tiny=", f"--config.train.workdir={workdir}", "--config.train.steps=4",
+            "--config.train.batch_size=4", "--config.train.log_every=1", "--config.train.save_every=2",
+            "--config.optim.warmup_steps=1", "--config.data.max_train_examples=32", "--config.data.max_eval_examples=8",
+            "--config.data.max_source_length=32", "--config.data.max_target_length=16",
+            "--config.eval.max_generate=4", "--config.generate.max_new_tokens=6", *extra]
+
+
+@pytest.mark.slow
+def test_words_init_prefix_trains_and_exports_in_process(tiny_llama_dir, tmp_path):
+    from configs import llama_offline
+    from prefix_jax import trainer
+    from prefix_jax.metrics_log import read_metrics
+
+    c = llama_offline.get_config()
+    c.model.name_or_path, c.model.create_tiny = str(tiny_llama_dir), ""
+    c.data.max_train_examples, c.data.max_eval_examples = 16, 4
+    c.data.max_source_length, c.data.max_target_length = 32, 16
+    c.prefix.length, c.prefix.init, c.prefix.init_text, c.prefix.init_fit_steps = 0, "words", "table-to-text:", 10
+    c.eval.generate = False
+    c.train.workdir, c.train.steps, c.train.batch_size, c.train.log_every = str(tmp_path), 2, 4, 1
+    c.optim.warmup_steps = 1
+    summary = trainer.run(c)
+    assert summary["final_step"] == 2 and np.isfinite(summary["eval_loss"])
+    assert [row["step"] for row in read_metrics(tmp_path) if "loss" in row] == [1, 2]
+    exported, meta = prefix_lib.load_export(summary["export"])
+    assert meta["architecture"] == "llama"
+    assert exported.kv[DECODER].key.shape == (2, 2, 6, 16)  # [layers, K/V heads, "table-to-text:" tokens, head_dim]
+
+
+@pytest.mark.slow
+def test_train_py_checkpoints_resumes_and_exports(tiny_llama_dir, tmp_path):
+    """`train.py --config configs/llama_offline.py`: stopped at step 2 and resumed == run straight to step 4."""
+    from prefix_jax.metrics_log import read_metrics
+
+    straight = run_cli(*offline_args(tiny_llama_dir, tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = run_cli(*offline_args(tiny_llama_dir, tmp_path / "resumed", "--config.train.stop_at=2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert not (tmp_path / "resumed" / "export").exists()
+    second = run_cli(*offline_args(tiny_llama_dir, tmp_path / "resumed"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    losses = lambda d: {row["step"]: row["loss"] for row in read_metrics(d) if "loss" in row}
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and sorted(losses(tmp_path / "resumed")) == [
+        1, 2, 3, 4]
+    for run_dir in ("straight", "resumed"):
+        assert (tmp_path / run_dir / "export" / "prefix.safetensors").is_file()
+        assert list((tmp_path / run_dir).glob("predictions_4.jsonl"))
+    a, _ = prefix_lib.load_export(tmp_path / "straight" / "export")
+    b, _ = prefix_lib.load_export(tmp_path / "resumed" / "export")
+    np.testing.assert_array_equal(a.kv[DECODER].key, b.kv[DECODER].key)
+
+
+def run_cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
