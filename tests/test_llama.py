@@ -392,6 +392,25 @@ def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, beams):
     assert not np.array_equal(ours, plain)  # the prefix steers decoding
 
 
+@pytest.mark.parametrize("kind", ["infix", "embedding_only"])
+def test_greedy_generation_is_the_argmax_of_teacher_forcing(generating, kind):
+    """For placements HF cannot take as a cache: each decoded token is what our full model predicts there."""
+    from prefix_jax.generate import generate
+
+    _, lm = generating
+    src, mask = (x.numpy() for x in generation_sources())
+    if kind == "infix":
+        prefix = Prefix(kv={DECODER: random_kv(lm.config.prefix_geometry()[DECODER], 25)[0]}, infix=True)
+    else:
+        prefix = Prefix(prompt_embeds=jnp.asarray(np.random.default_rng(26).normal(size=(P, 32)), jnp.float32))
+    tokens = np.asarray(generate(lm.model, lm.params, prefix, jnp.asarray(src), jnp.asarray(mask),
+                                 GenerationConfig(max_new_tokens=T)))
+    valid = (np.cumsum(tokens == EOS, axis=1) - (tokens == EOS)) == 0
+    batch = dict(source_ids=src, source_mask=mask, target_ids=tokens, target_mask=valid.astype(np.int32))
+    forced = np.asarray(run(lm, batch, prefix)).argmax(-1)
+    np.testing.assert_array_equal(forced[valid], tokens[valid])
+
+
 def test_embedding_only_prompt_matches_hf_inputs_embeds(pairs):
     hf, lm = pairs("qwen2")
     batch = random_batch(18)
