@@ -62,9 +62,9 @@ def _tiny_hf_config(architecture: str, tokenizer: Any) -> Any:
             resid_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     if architecture == "llama":  # grouped-query attention (4 heads, 2 K/V heads), untied head
         return transformers.LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id)
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     raise ValueError(f"model.create_tiny={architecture!r}: tiny checkpoints exist for {TINY_ARCHITECTURES}.")
 
 
