@@ -488,6 +488,7 @@ def test_missing_tensor_is_a_clear_error(tmp_path):
      "partial_rotary_factor"),
     ("llama", dict(hidden_act="bogus_act"), "hidden_act"),
     ("qwen2", dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+    ("qwen3", dict(quantization_config={"quant_method": "awq", "bits": 4}), "quantization_config"),
 ])
 def test_unsupported_options_are_clear_errors(name, fields, field):
     cfg = hf_config(name)

@@ -125,6 +125,11 @@ class Config:
         model_type = hf.model_type
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type={model_type!r} is not a Llama-family model ({MODEL_TYPES}).")
+        quantization = getattr(hf, "quantization_config", None)
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+            raise ValueError(f"quantization_config ({method}) is not supported; load an unquantized (bf16/fp32) "
+                             "checkpoint of the model.")
         heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         attention_bias = bool(getattr(hf, "attention_bias", False))
