@@ -22,7 +22,7 @@ from prefix_jax import models
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "gpt2-tokenizer"
 EOS = "<|endoftext|>"
 PAD = "<pad>"
-TINY_ARCHITECTURES = ("t5", "bart", "gpt2")
+TINY_ARCHITECTURES = ("t5", "bart", "gpt2", "llama")
 
 
 def bundled_gpt2_tokenizer(with_pad: bool, eos_after_text: bool) -> Any:
@@ -61,6 +61,11 @@ def _tiny_hf_config(architecture: str, tokenizer: Any) -> Any:
         return transformers.GPT2Config(
             vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=4, embd_pdrop=0.0,
             resid_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if architecture == "llama":  # grouped-query attention (4 heads, 2 K/V heads), untied head
+        return transformers.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     raise ValueError(f"model.create_tiny={architecture!r}: tiny checkpoints exist for {TINY_ARCHITECTURES}.")
 
 

@@ -19,6 +19,10 @@ ARCHITECTURES: dict[str, str] = {
     "t5": "prefix_jax.models.t5",
     "gpt2": "prefix_jax.models.gpt2",
     "bart": "prefix_jax.models.bart",
+    "llama": "prefix_jax.models.llama",
+    "mistral": "prefix_jax.models.llama",
+    "qwen2": "prefix_jax.models.llama",
+    "qwen3": "prefix_jax.models.llama",
 }
 
 DTYPES = ("float32", "bfloat16")

@@ -53,19 +53,45 @@ def resolve_model_dir(name_or_path: str, field: str = "model.name_or_path") -> P
         ) from e
 
 
-def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory (single file or sharded with an index), as numpy arrays."""
+def _load_file(path: Path) -> dict[str, np.ndarray]:
+    """One safetensors file as numpy arrays; bfloat16 tensors (which `safetensors.numpy` cannot give, numpy
+    having no bfloat16) as `ml_dtypes.bfloat16` arrays read from the file's header and bytes."""
     from safetensors.numpy import load_file
 
+    try:
+        return load_file(path)
+    except TypeError:  # "data type 'bfloat16' not understood"
+        pass
+    import ml_dtypes
+
+    dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8,
+              "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in dtypes:
+            raise ModelNotFoundError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which we do not read.")
+        start, end = info["data_offsets"]
+        tensors[name] = np.array(data[start:end].view(dtypes[info["dtype"]]).reshape(info["shape"]))
+    return tensors
+
+
+def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory (single file or sharded with an index), as numpy arrays."""
     single = model_dir / "model.safetensors"
     index = model_dir / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return _load_file(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         tensors: dict[str, np.ndarray] = {}
         for shard in shards:
-            tensors.update(load_file(model_dir / shard))
+            tensors.update(_load_file(model_dir / shard))
         return tensors
     pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
     hint = (f" It has {pickles}, which we do not load (unpickling runs code). Convert once with transformers: "

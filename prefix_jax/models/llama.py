@@ -1,0 +1,537 @@
+"""Llama-family decoders (HF `model_type` llama, mistral, qwen2, qwen3) as one pure-functional Flax LM.
+
+Pre-norm blocks with RMSNorm, a SwiGLU MLP, rotary positions in HF's `rotate_half` layout and
+grouped-query attention (`num_key_value_heads` <= `num_attention_heads`, K/V never repeated in
+memory). The variants differ only in switches of `Config`: q/k/v biases (Qwen2, Llama's
+`attention_bias`), per-head q/k RMSNorm (Qwen3), an explicit `head_dim`, a tied LM head.
+
+Layout as GPT-2 (`models/gpt2.py`): `z = [source; separator; target[:-1]]`, logits on the target
+side only; positions count real tokens, so left and right padding give the same result.
+
+The prefix (`Prefix.kv[DECODER]`, `[L, num_key_value_heads, P, head_dim]`) is used as HF uses a
+`past_key_values` cache: its keys are taken as already rotated (no position is applied to them),
+and with `positions_after_prefix` (HF, PEFT) real tokens sit at positions `P .. P+S-1`. Since
+RoPE is relative, that equals tokens at `0 ..` with prefix keys rotated by `-P`. Infix and
+embedding-only prompts are placed exactly as for GPT-2.
+
+Shape letters: B batch, Q queries, S/L tokens, T keys (P prefix + S), D hidden, H query heads,
+N key/value heads, G = H / N queries per K/V head, K head dim, I MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefix_jax.models import common, masks
+from prefix_jax.models.attention import KV, prepend_prefix
+from prefix_jax.models.hub import take
+from prefix_jax.models.interface import DECODER, NO_PREFIX, Prefix, StackGeometry
+
+Batch = Mapping[str, jax.Array]
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "llama3")
+# rope_parameters keys each rope type reads (anything else there would change numbers we do not compute).
+_ROPE_KEYS = {
+    "default": {"rope_type", "rope_theta"},
+    "linear": {"rope_type", "rope_theta", "factor"},
+    "llama3": {"rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"},
+}
+_MASKED_SCORE = -1e30  # finite: an all-masked (pad) query row softmaxes to uniform, not NaN
+
+# Logical axes of every param (regex fullmatched against the "/"-joined path): the sharding table's input.
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"embed_tokens/embedding", ("vocab", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+    (r"model/norm/scale", ("norm",)),
+    (r"model/layers/(input_layernorm|post_attention_layernorm)/scale", ("layers", "norm")),
+    (r"model/layers/self_attn/q_proj/kernel", ("layers", "embed", "heads", "head_dim")),
+    (r"model/layers/self_attn/q_proj/bias", ("layers", "heads", "head_dim")),
+    (r"model/layers/self_attn/(k_proj|v_proj)/kernel", ("layers", "embed", "kv_heads", "head_dim")),
+    (r"model/layers/self_attn/(k_proj|v_proj)/bias", ("layers", "kv_heads", "head_dim")),
+    (r"model/layers/self_attn/(q_norm|k_norm)/scale", ("layers", "norm")),
+    (r"model/layers/self_attn/o_proj/kernel", ("layers", "heads", "head_dim", "embed")),
+    (r"model/layers/self_attn/o_proj/bias", ("layers", "embed")),
+    (r"model/layers/mlp/(gate_proj|up_proj)/kernel", ("layers", "embed", "mlp")),
+    (r"model/layers/mlp/(gate_proj|up_proj)/bias", ("layers", "mlp")),
+    (r"model/layers/mlp/down_proj/kernel", ("layers", "mlp", "embed")),
+    (r"model/layers/mlp/down_proj/bias", ("layers", "embed")),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model_type: str  # llama | mistral | qwen2 | qwen3 (HF's name; `architecture`)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3
+    rope_factor: float = 1.0  # linear, llama3
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_position_embeddings: int = 8192  # llama3
+    qkv_bias: bool = False  # Qwen2: True; Llama/Qwen3: attention_bias
+    o_bias: bool = False  # Llama/Qwen3: attention_bias
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # refused (not implemented) when prefix + tokens exceed it
+    attention_dropout: float = 0.0
+    bos_token_id: int | None = None
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+    separator_token_id: int | None = None  # starts the target side; None: bos_token_id, else eos_token_id
+    positions_after_prefix: bool = True  # see module docstring
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    is_encoder_decoder = False
+
+    def __post_init__(self) -> None:
+        common.activation(self.hidden_act, "hidden_act")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r} is not one of {MODEL_TYPES}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} does not divide "
+                             f"num_attention_heads={self.num_attention_heads}.")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary positions.")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_parameters.rope_type={self.rope_type!r} is not supported; use one of {ROPE_TYPES}.")
+        if self.separator_token_id is None:
+            sep = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
+            object.__setattr__(self, "separator_token_id", sep)
+
+    @classmethod
+    def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
+        """From a `transformers` Llama/Mistral/Qwen2/Qwen3 config; refuses any setting we do not compute."""
+        model_type = hf.model_type
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={model_type!r} is not a Llama-family model ({MODEL_TYPES}).")
+        quantization = getattr(hf, "quantization_config", None)
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+            raise ValueError(f"quantization_config ({method}) is not supported; load an unquantized (bf16/fp32) "
+                             "checkpoint of the model.")
+        heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        qkv_bias, o_bias = {"qwen2": (True, False), "mistral": (False, False)}.get(
+            model_type, (attention_bias, attention_bias))
+        eos = hf.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0]
+        fields = dict(
+            model_type=model_type,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_hidden_layers=hf.num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            hidden_act=hf.hidden_act,
+            rms_norm_eps=float(hf.rms_norm_eps),
+            max_position_embeddings=hf.max_position_embeddings,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            sliding_window=_sliding_window(hf),
+            attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
+            bos_token_id=hf.bos_token_id,
+            eos_token_id=eos if eos is not None else 2,
+            pad_token_id=hf.pad_token_id if isinstance(hf.pad_token_id, int) else None,
+            **_rope_fields(hf),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def architecture(self) -> str:
+        return self.model_type
+
+    def prefix_geometry(self) -> dict[str, StackGeometry]:
+        return {DECODER: StackGeometry(self.num_hidden_layers, self.num_key_value_heads, self.head_dim)}
+
+    @property
+    def max_positions(self) -> int:
+        """Prefix + tokens one sequence may span: the trained context, or the sliding window if smaller."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+
+def _sliding_window(hf: Any) -> int | None:
+    """The sliding window some layer uses (HF semantics: a query sees the `window` newest keys), or None."""
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types is not None:
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(f"layer_types has {unknown}, which is not supported (full_attention, sliding_attention).")
+        if "sliding_attention" not in layer_types and hf.model_type != "mistral":
+            return None
+    if window is not None and hf.model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
+        return None
+    return int(window) if window is not None else None
+
+
+def _rope_fields(hf: Any) -> dict:
+    """`rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older configs) -> our rope fields."""
+    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_parameters.rope_type={rope_type!r} (rope_scaling) is not supported; "
+                         f"use one of {ROPE_TYPES}.")
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0)
+    for key in sorted(set(params) - _ROPE_KEYS[rope_type]):
+        value = params[key]
+        if key == "partial_rotary_factor" and value in (None, 1, 1.0):
+            continue
+        if key == "attention_factor" and value in (None, 1, 1.0):
+            continue
+        raise ValueError(f"rope_parameters.{key}={value!r} (rope_scaling) is not supported for rope_type="
+                         f"{rope_type!r}; only {sorted(_ROPE_KEYS[rope_type])} are.")
+    out = dict(rope_theta=float(theta), rope_type=rope_type)
+    if rope_type in ("linear", "llama3"):
+        out["rope_factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    return out
+
+
+# --- Rotary positions ---
+
+
+def rope_inverse_frequencies(cfg: Config) -> np.ndarray:
+    """`[K/2]` float32 inverse frequencies, computed as transformers does (in float32) for each rope type."""
+    dim = cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+    inv_freq = inv_freq.astype(np.float32)
+    if cfg.rope_type == "linear":
+        return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
+    if cfg.rope_type == "llama3":
+        factor, low, high = (np.float32(x) for x in (cfg.rope_factor, cfg.rope_low_freq_factor,
+                                                      cfg.rope_high_freq_factor))
+        old_len = np.float32(cfg.rope_original_max_position_embeddings)
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(cfg: Config, positions_BxQ: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[B, Q, K]` of each position (float32 angles, then the compute dtype, as HF)."""
+    freqs_BxQxK2 = positions_BxQ.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
+    angles_BxQxK = jnp.concatenate([freqs_BxQxK2, freqs_BxQxK2], axis=-1)
+    return jnp.cos(angles_BxQxK).astype(cfg.dtype), jnp.sin(angles_BxQxK).astype(cfg.dtype)
+
+
+def rotate(x_BxQxHxK: jax.Array, cos_BxQxK: jax.Array, sin_BxQxK: jax.Array) -> jax.Array:
+    """RoPE in the `rotate_half` layout: the two halves of the head dim form the rotated pairs."""
+    half = x_BxQxHxK.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxQxHxK[..., half:], x_BxQxHxK[..., :half]], axis=-1)
+    return x_BxQxHxK * cos_BxQxK[:, :, None] + rotated * sin_BxQxK[:, :, None]
+
+
+# --- Layers ---
+
+
+class RMSNorm(nn.Module):
+    """`scale * x / rms(x)` over the last axis, statistics in float32 (HF: normalise, cast back, then scale)."""
+
+    eps: float
+    dtype: str
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def grouped_attend(q_BxQxHxK: jax.Array, k_BxTxNxK: jax.Array, v_BxTxNxK: jax.Array, mask_BxHxQxT: jax.Array,
+                   scale: float, dropout: nn.Dropout | None = None, deterministic: bool = True) -> jax.Array:
+    """Grouped-query attention: query head `h` reads K/V head `h // G`, without repeating K/V in memory.
+
+    Scores and softmax in float32. The mask's head axis has size one.
+    """
+    batch, num_queries, num_heads, head_dim = q_BxQxHxK.shape
+    num_kv = k_BxTxNxK.shape[2]
+    q_BxQxNxGxK = q_BxQxHxK.reshape(batch, num_queries, num_kv, num_heads // num_kv, head_dim)
+    scores = jnp.einsum("bqngk,btnk->bngqt", q_BxQxNxGxK, k_BxTxNxK, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask_BxHxQxT[:, :, None], scores, _MASKED_SCORE)
+    weights_BxNxGxQxT = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        weights_BxNxGxQxT = dropout(weights_BxNxGxQxT, deterministic=deterministic)
+    y = jnp.einsum("bngqt,btnk->bqngk", weights_BxNxGxQxT.astype(v_BxTxNxK.dtype), v_BxTxNxK)
+    return y.reshape(batch, num_queries, num_heads, head_dim)
+
+
+class LlamaAttention(nn.Module):
+    config: Config
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxQxD, rope, mask_BxHxQxT, prefix: KV | None, cache: dict | None):
+        cfg = self.config
+        heads = lambda n, bias, name: nn.DenseGeneral((n, cfg.head_dim), use_bias=bias, dtype=cfg.dtype,
+                                                      param_dtype=cfg.param_dtype, name=name)
+        q = heads(cfg.num_attention_heads, cfg.qkv_bias, "q_proj")(x_BxQxD)
+        k = heads(cfg.num_key_value_heads, cfg.qkv_bias, "k_proj")(x_BxQxD)
+        v = heads(cfg.num_key_value_heads, cfg.qkv_bias, "v_proj")(x_BxQxD)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="k_norm")(k)
+        cos, sin = rope
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        # Post-rotation keys/values of real tokens, for `mutable=["intermediates"]` (prefix init from text).
+        self.sow("intermediates", "key_value", KV(k, v))
+        if cache is not None:
+            index = cache["index"]
+            k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), index, axis=1)
+            cache = {"key": k, "value": v, "index": index + x_BxQxD.shape[1]}
+        k, v = prepend_prefix(prefix, k, v)
+        dropout = nn.Dropout(cfg.attention_dropout) if cfg.attention_dropout > 0 else None
+        y = grouped_attend(q, k, v, mask_BxHxQxT, cfg.head_dim**-0.5, dropout, self.deterministic)
+        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, name="o_proj")
+        return out(y), cache
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: `down(act(gate(x)) * up(x))`."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = lambda n, name: nn.Dense(n, use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                         name=name)
+        act = common.activation(cfg.hidden_act, "hidden_act")
+        h_BxLxI = act(dense(cfg.intermediate_size, "gate_proj")(x_BxLxD)) * dense(cfg.intermediate_size, "up_proj")(
+            x_BxLxD)
+        return dense(cfg.hidden_size, "down_proj")(h_BxLxI)
+
+
+class LlamaBlock(nn.Module):
+    """One pre-norm layer; scanned over layers by `Model`."""
+
+    config: Config
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD, prefix, cache, mask_BxHxQxT, rope):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        h, cache = LlamaAttention(cfg, self.deterministic, name="self_attn")(
+            norm("input_layernorm")(x_BxLxD), rope, mask_BxHxQxT, prefix, cache)
+        x_BxLxD = x_BxLxD + h
+        x_BxLxD = x_BxLxD + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x_BxLxD))
+        return x_BxLxD, cache
+
+
+class LlamaStack(nn.Module):
+    """Input embeddings in, final-norm hidden states out (HF's `model.layers`, `model.norm`)."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, x_BxQxD: jax.Array, positions_BxQ: jax.Array, mask_BxHxQxT: jax.Array, prefix: KV | None,
+                 cache: dict | None, deterministic: bool) -> tuple[jax.Array, dict | None]:
+        cfg = self.config
+        layers = common.stack_layers(LlamaBlock, cfg.num_hidden_layers, cfg.remat,
+                                     in_axes=(0, 0, nn.broadcast, nn.broadcast))(cfg, deterministic, name="layers")
+        x, cache = layers(x_BxQxD, prefix, cache, mask_BxHxQxT, rope_tables(cfg, positions_BxQ))
+        return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x), cache
+
+
+class Model(nn.Module):
+    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)` (batch and prefix as for GPT-2)."""
+
+    config: Config
+
+    def setup(self) -> None:
+        cfg = self.config
+        # Used only to build random tiny checkpoints: token rows and head columns of norm ~1 give logits of
+        # unit scale, so a prefix can visibly steer a random demo LM. Real weights are loaded.
+        unit = nn.initializers.normal(cfg.hidden_size**-0.5)
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                     embedding_init=unit, name="embed_tokens")
+        self.model = LlamaStack(cfg, name="model")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                    kernel_init=unit, name="lm_head")
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(ids)
+
+    def _logits(self, h_BxLxD: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(h_BxLxD).astype(jnp.float32)
+        return self.lm_head(h_BxLxD).astype(jnp.float32)
+
+    def _check_window(self, prefix_len: int, num_keys: int) -> None:
+        window = self.config.sliding_window
+        if window is not None and prefix_len + num_keys > window:
+            raise ValueError(f"prefix ({prefix_len}) + tokens ({num_keys}) = {prefix_len + num_keys} exceed the "
+                             f"model's sliding_window={window}, which is not implemented; shorten the prefix, the "
+                             "source or the target (data.max_source_length, data.max_target_length).")
+
+    def hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> tuple[jax.Array, int]:
+        """Final hidden states `[B, S' + T, D]` of the whole sequence and `S'`, where the target side starts."""
+        cfg = self.config
+        source_ids, source_mask = batch["source_ids"], batch["source_mask"]
+        ids = jnp.concatenate([source_ids, masks.shift_right(batch["target_ids"], cfg.separator_token_id)], axis=1)
+        valid_BxL = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
+        x_BxLxD, valid_BxL = common.prepend_prompt(self.embed(ids), valid_BxL, prefix.prompt_embeds)
+        source_len = source_ids.shape[1] + (0 if prefix.prompt_embeds is None else prefix.prompt_embeds.shape[0])
+
+        kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
+        length = valid_BxL.shape[1]
+        self._check_window(prefix_len, length)
+        target_side_L = jnp.arange(length) >= source_len
+        if prefix.infix:
+            positions = masks.token_positions(valid_BxL) + prefix_len * target_side_L[None].astype(jnp.int32)
+            visible_BxL = jnp.broadcast_to(target_side_L[None], valid_BxL.shape)
+        else:
+            positions = masks.token_positions(valid_BxL, prefix_len if cfg.positions_after_prefix else 0)
+            visible_BxL = None
+        mask = masks.attention_mask(valid_BxL, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxL)
+        h, _ = self.model(x_BxLxD, positions, mask, kv, None, deterministic)
+        return h, source_len
+
+    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
+        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
+        h, source_len = self.hidden_states(batch, prefix, deterministic)
+        return self._logits(h[:, source_len:])
+
+    def decode(self, ids_BxQ: jax.Array, positions_BxQ: jax.Array, key_valid_BxC: jax.Array,
+               prefix: Prefix, cache: dict, deterministic=True, prefix_visible=True) -> tuple[jax.Array, dict]:
+        """Logits `[B, Q, V]` for `Q` new tokens written at the cache index (as `gpt2.Model.decode`)."""
+        if prefix.prompt_embeds is not None:
+            raise ValueError(f"{self.config.model_type} decode does not take prompt_embeds (embedding-only prompts); "
+                             "use __call__ / hidden_states, or a K/V prefix.")
+        batch_size, num_queries = ids_BxQ.shape
+        prefix_len = prefix.length(DECODER)
+        self._check_window(prefix_len, key_valid_BxC.shape[1])
+        visible = None if prefix_visible else jnp.zeros((batch_size, num_queries), bool)
+        mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=True,
+                                    query_offset=cache["self"]["index"][0], prefix_visible_BxQ=visible)
+        h, self_cache = self.model(self.embed(ids_BxQ), positions_BxQ, mask, prefix.kv.get(DECODER), cache["self"],
+                                    deterministic)
+        return self._logits(h), {"self": self_cache}
+
+
+def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
+    """Empty self-attention cache for `max_len` tokens: post-rotation keys and values, `num_key_value_heads` wide."""
+    shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.dtype)
+    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.num_hidden_layers,), jnp.int32)}}
+
+
+# --- HF checkpoints <-> our params ---
+
+
+def _base(names) -> str:
+    """`*ForCausalLM` saves `model.layers.0...`; a bare `*Model` saves `layers.0...`."""
+    return "" if "embed_tokens.weight" in names else "model."
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
+    """HF `LlamaForCausalLM` (Mistral/Qwen2/Qwen3) state dict -> our params (layers stacked on a leading axis)."""
+    base = _base(tensors)
+    t = lambda name: take(tensors, base + name, where)
+    H, N, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def dense(name: str, bias: bool) -> dict:
+        out = {"kernel": common.dense_kernel(t(f"{name}.weight"))}
+        if bias:
+            out["bias"] = t(f"{name}.bias")
+        return out
+
+    def heads_in(name: str, num_heads: int) -> dict:
+        out = {"kernel": common.heads_in_kernel(t(f"{name}.weight"), num_heads, K)}
+        if cfg.qkv_bias:
+            out["bias"] = common.heads_in_bias(t(f"{name}.bias"), num_heads, K)
+        return out
+
+    def layer(i: int) -> dict:
+        p = f"layers.{i}"
+        attn = {"q_proj": heads_in(f"{p}.self_attn.q_proj", H), "k_proj": heads_in(f"{p}.self_attn.k_proj", N),
+                "v_proj": heads_in(f"{p}.self_attn.v_proj", N),
+                "o_proj": {"kernel": common.heads_out_kernel(t(f"{p}.self_attn.o_proj.weight"), H, K)}}
+        if cfg.o_bias:
+            attn["o_proj"]["bias"] = t(f"{p}.self_attn.o_proj.bias")
+        if cfg.qk_norm:
+            attn["q_norm"] = {"scale": t(f"{p}.self_attn.q_norm.weight")}
+            attn["k_norm"] = {"scale": t(f"{p}.self_attn.k_norm.weight")}
+        mlp = {name: dense(f"{p}.mlp.{name}", cfg.mlp_bias) for name in ("gate_proj", "up_proj", "down_proj")}
+        return {"input_layernorm": {"scale": t(f"{p}.input_layernorm.weight")}, "self_attn": attn, "mlp": mlp,
+                "post_attention_layernorm": {"scale": t(f"{p}.post_attention_layernorm.weight")}}
+
+    params = {"embed_tokens": {"embedding": t("embed_tokens.weight")},
+              "model": {"layers": common.stacked(cfg.num_hidden_layers, layer), "norm": {"scale": t("norm.weight")}}}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": common.dense_kernel(take(tensors, "lm_head.weight", where))}
+    return params
+
+
+def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
+    """Inverse of `params_from_hf`: our params -> a HF `*ForCausalLM` state dict (a tied head is not written)."""
+    p = jax.tree.map(np.asarray, params)
+    layers = p["model"]["layers"]
+    D = cfg.hidden_size
+    out: dict[str, np.ndarray] = {"model.embed_tokens.weight": p["embed_tokens"]["embedding"],
+                                  "model.norm.weight": p["model"]["norm"]["scale"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = p["lm_head"]["kernel"].T
+    for i in range(cfg.num_hidden_layers):
+        lp = f"model.layers.{i}"
+        a = layers["self_attn"]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            kernel = a[name]["kernel"][i]  # [D, heads, K]
+            out[f"{lp}.self_attn.{name}.weight"] = kernel.reshape(D, -1).T
+            if cfg.qkv_bias:
+                out[f"{lp}.self_attn.{name}.bias"] = a[name]["bias"][i].reshape(-1)
+        out[f"{lp}.self_attn.o_proj.weight"] = a["o_proj"]["kernel"][i].reshape(-1, D).T
+        if cfg.o_bias:
+            out[f"{lp}.self_attn.o_proj.bias"] = a["o_proj"]["bias"][i]
+        if cfg.qk_norm:
+            out[f"{lp}.self_attn.q_norm.weight"] = a["q_norm"]["scale"][i]
+            out[f"{lp}.self_attn.k_norm.weight"] = a["k_norm"]["scale"][i]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{lp}.mlp.{name}.weight"] = layers["mlp"][name]["kernel"][i].T
+            if cfg.mlp_bias:
+                out[f"{lp}.mlp.{name}.bias"] = layers["mlp"][name]["bias"][i]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{lp}.{norm}.weight"] = layers[norm]["scale"][i]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}

@@ -1,0 +1,602 @@
+"""Llama-family decoders (Llama, Mistral, Qwen2, Qwen3): parity with transformers and PEFT, with a prefix.
+
+Tiny random checkpoints (float32, eager attention) cover grouped-query attention (4 query / 2 K/V heads),
+an explicit head_dim != hidden / heads, llama3 and linear rope scaling, tied and untied heads, q/k/v
+(and output) biases, Qwen3's q/k norms and a Mistral sliding window.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf_fixtures import left_pad, max_abs_diff, random_kv as _random_kv, save_tiny
+from transformers.cache_utils import DynamicCache
+
+from prefix_jax import prefix as prefix_lib
+from prefix_jax import prefix_init, training
+from prefix_jax.data import pad
+from prefix_jax.generate import GenerationConfig, make_generate_fn
+from prefix_jax.models import DECODER, KV, NO_PREFIX, Prefix, llama, load_pretrained, masks
+from prefix_jax.models.hub import ModelNotFoundError
+from prefix_jax.peft_compat import prefix_from_peft
+
+TOL = 1e-4
+B, S, T, P = 3, 9, 6, 4
+VOCAB, SEP, EOS = 101, 1, 2
+random_kv = functools.partial(_random_kv, length=P)
+REPO = Path(__file__).resolve().parent.parent
+
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=0.5, high_freq_factor=2.0,
+                   original_max_position_embeddings=16)  # with head_dim 16, every llama3 branch is taken
+# name -> (HF class name prefix, config fields beyond the common ones)
+VARIANTS = {
+    "llama": ("Llama", dict(num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True,
+                            rope_parameters=LLAMA3_ROPE)),
+    "llama_tied": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                 rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0))),
+    "mistral": ("Mistral", dict(num_key_value_heads=2, sliding_window=64)),
+    "qwen2": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True,
+                            rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=16)),
+}
+
+
+def hf_config(name: str, **kw):
+    prefix, fields = VARIANTS[name]
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, bos_token_id=SEP, eos_token_id=EOS, initializer_range=0.2,
+                attn_implementation="eager")
+    return getattr(transformers, f"{prefix}Config")(**{**base, **fields, **kw})
+
+
+def random_tiny(name: str, seed: int = 0, **kw):
+    """A tiny HF model with every parameter random (norm scales and biases included)."""
+    torch.manual_seed(seed)
+    cfg = hf_config(name, **kw)
+    hf = getattr(transformers, f"{VARIANTS[name][0]}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """name -> (HF model, our PretrainedLM), built on first use."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            hf = random_tiny(name)
+            built[name] = hf, load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp(name))))
+        return built[name]
+
+    return get
+
+
+def random_batch(seed: int = 0) -> dict[str, np.ndarray]:
+    """Right-padded, ragged sources and targets (pads are id 0)."""
+    rng = np.random.default_rng(seed)
+    smask = np.ones((B, S), np.int32)
+    smask[1, 6:] = 0
+    smask[2, 2:] = 0
+    tmask = np.ones((B, T), np.int32)
+    tmask[0, 3:] = 0
+    tmask[2, 5:] = 0
+    src = rng.integers(3, VOCAB, (B, S)).astype(np.int32) * smask
+    tgt = rng.integers(3, VOCAB, (B, T)).astype(np.int32) * tmask
+    return dict(source_ids=src, source_mask=smask, target_ids=tgt, target_mask=tmask)
+
+
+def left_padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ids, mask = left_pad(batch["source_ids"], batch["source_mask"])
+    return dict(batch, source_ids=ids, source_mask=mask)
+
+
+def jnp_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def packed(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """HF inputs: per example `[source real tokens, SEP, target real tokens]`, right-padded; and source lengths."""
+    width = S + 1 + T
+    ids, mask = torch.zeros(B, width, dtype=torch.long), torch.zeros(B, width, dtype=torch.long)
+    starts = []
+    for b in range(B):
+        src = batch["source_ids"][b][batch["source_mask"][b] == 1]
+        tgt = batch["target_ids"][b][batch["target_mask"][b] == 1]
+        row = [*src, SEP, *tgt]
+        ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), 1
+        starts.append(len(src))
+    return ids, mask, starts
+
+
+def target_logits(hf_logits: torch.Tensor, starts: list[int], offset: int = 0) -> np.ndarray:
+    """HF logits at our target slots: target t of example b is HF position `offset + starts[b] + t`."""
+    return np.stack([hf_logits[b, offset + s: offset + s + T].detach().numpy() for b, s in enumerate(starts)])
+
+
+def hf_prefix_cache(k: torch.Tensor, v: torch.Tensor, rows: int = B) -> DynamicCache:
+    """A prefix as HF takes it: a cache holding `[rows, N, P, K]` per layer (a fresh one per call)."""
+    e = lambda x: x[None].expand(rows, -1, -1, -1).clone()
+    return DynamicCache([(e(k[i]), e(v[i])) for i in range(k.shape[0])])
+
+
+def with_prefix_mask(mask: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.ones(mask.shape[0], P, dtype=torch.long), mask], 1)
+
+
+def run(lm, batch, prefix=NO_PREFIX, config=None):
+    model = lm.model if config is None else llama.Model(config)
+    return model.apply({"params": lm.params}, jnp_batch(batch), prefix)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("left", [False, True])
+def test_logits_match_transformers_with_padding(pairs, name, left):
+    hf, lm = pairs(name)
+    batch = random_batch(1)
+    ids, mask, starts = packed(batch)
+    with torch.no_grad():
+        ref = target_logits(hf(input_ids=ids, attention_mask=mask).logits, starts)
+    ours = run(lm, left_padded(batch) if left else batch)
+    assert ours.shape == (B, T, VOCAB) and ours.dtype == jnp.float32
+    assert max_abs_diff(ours, ref, batch["target_mask"]) < TOL
+    assert np.abs(ref).max() > 1.0  # weights large enough for the comparison to mean something
+
+
+def test_configs_are_read_as_the_variants_say(pairs):
+    expect = {  # (query heads, K/V heads, head_dim, qkv bias, o bias, q/k norm, tied, rope type, window)
+        "llama": (4, 2, 16, True, True, False, False, "llama3", None),
+        "llama_tied": (4, 4, 8, False, False, False, True, "linear", None),
+        "mistral": (4, 2, 8, False, False, False, False, "default", 64),
+        "qwen2": (4, 2, 8, True, False, False, True, "default", None),
+        "qwen3": (4, 2, 16, False, False, True, False, "default", None),
+    }
+    for name, want in expect.items():
+        c = pairs(name)[1].config
+        got = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.qkv_bias, c.o_bias, c.qk_norm,
+               c.tie_word_embeddings, c.rope_type, c.sliding_window)
+        assert got == want, name
+        assert c.architecture == VARIANTS[name][0].lower()
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_prefix_matches_hf_past_key_values(pairs, name):
+    """A prefix == HF given it as a cache of length P; real tokens at P.. (ours left-padded, HF packed right)."""
+    hf, lm = pairs(name)
+    batch = random_batch(2)
+    geometry = lm.config.prefix_geometry()[DECODER]
+    assert (geometry.num_heads, geometry.head_dim) == (lm.config.num_key_value_heads, lm.config.head_dim)
+    kv, (k, v) = random_kv(geometry, 3)
+    ids, mask, starts = packed(batch)
+    with torch.no_grad():
+        ref = target_logits(hf(input_ids=ids, attention_mask=with_prefix_mask(mask),
+                               cache=hf_prefix_cache(k, v)).logits, starts)
+    ours = run(lm, left_padded(batch), Prefix(kv={DECODER: kv}))
+    assert max_abs_diff(ours, ref, batch["target_mask"]) < TOL
+    assert max_abs_diff(run(lm, batch), ref, batch["target_mask"]) > 1e-2  # the prefix really acts
+
+
+def peft_and_ours(hf, lm, projection: bool, seed: int):
+    """A PEFT prefix-tuning model on `hf`, and our spec + params holding exactly its prefix parameters."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(hf), PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection, encoder_hidden_size=24)).eval()
+    encoder = peft_model.prompt_encoder["default"]
+    geometry = lm.config.prefix_geometry()[DECODER]
+    token_dim = geometry.num_heads * geometry.head_dim  # PEFT's virtual-token width for GQA (peft#1901)
+    weight = lambda t: jnp.asarray(t.detach().numpy())
+    if projection:
+        spec = prefix_lib.PrefixSpec(P, (DECODER,), {DECODER: geometry}, token_dim, method="prefix", mlp_hidden=24)
+        first, _, last = encoder.transform
+        params = {DECODER: {"embedding": weight(encoder.embedding.weight),
+                            "mlp_in": {"kernel": weight(first.weight).T, "bias": weight(first.bias)},
+                            "mlp_out": {"kernel": weight(last.weight).T, "bias": weight(last.bias)}}}
+    else:
+        spec = prefix_lib.PrefixSpec(P, (DECODER,), {DECODER: geometry}, token_dim, method="prefix_direct")
+        params = {DECODER: {"kv": weight(encoder.embedding.weight)}}
+    return peft_model, spec, params
+
+
+def peft_grads(peft_model, projection: bool) -> dict:
+    """PEFT's prefix gradients in our param layout."""
+    encoder = peft_model.prompt_encoder["default"]
+    grad = lambda t: t.grad.numpy()
+    if not projection:
+        return {DECODER: {"kv": grad(encoder.embedding.weight)}}
+    first, _, last = encoder.transform
+    return {DECODER: {"embedding": grad(encoder.embedding.weight),
+                      "mlp_in": {"kernel": grad(first.weight).T, "bias": grad(first.bias)},
+                      "mlp_out": {"kernel": grad(last.weight).T, "bias": grad(last.bias)}}}
+
+
+@pytest.mark.parametrize("name, projection", [
+    ("llama", True), ("qwen3", False), ("qwen2", True),
+    pytest.param("llama", False, marks=pytest.mark.slow), pytest.param("qwen3", True, marks=pytest.mark.slow),
+    pytest.param("qwen2", False, marks=pytest.mark.slow), pytest.param("mistral", True, marks=pytest.mark.slow)])
+def test_matches_peft_prefix_tuning_logits_loss_and_gradient(pairs, name, projection):
+    hf, lm = pairs(name)
+    peft_model, spec, params = peft_and_ours(hf, lm, projection, seed=6)
+    batch = random_batch(7)
+    ids, mask, starts = packed(batch)  # PEFT ignores padding for positions: pack to the right
+    labels = torch.full_like(ids, -100)
+    for b, s in enumerate(starts):
+        n = int(batch["target_mask"][b].sum())
+        labels[b, s + 1:s + 1 + n] = torch.as_tensor(batch["target_ids"][b, :n])
+    out = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    ref_logits, ref_loss, ref_grads = target_logits(out.logits, starts), float(out.loss), peft_grads(peft_model,
+                                                                                                      projection)
+
+    ours_batch = jnp_batch(left_padded(batch))  # ours is padding-independent: left-pad it
+
+    def loss_fn(p):
+        total, count = training.batch_loss(lm.model, spec, p, lm.params, ours_batch, None)
+        return total / count
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    logits = lm.model.apply({"params": lm.params}, ours_batch, prefix_lib.materialize(params, spec))
+    assert max_abs_diff(logits, ref_logits, batch["target_mask"]) < TOL
+    assert abs(float(loss) - ref_loss) < 1e-5
+    for path, ours_g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        theirs_g = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
+        scale = np.abs(theirs_g).max()
+        assert scale > 1e-6 and max_abs_diff(ours_g, theirs_g) < 1e-4 * max(1.0, scale), jax.tree_util.keystr(path)
+    # The adapter's `prompt_embeddings` (MLP output) through peft_compat give the same logits.
+    with torch.no_grad():
+        tokens = peft_model.prompt_tokens["default"][None, :P]
+        prompt_embeddings = peft_model.prompt_encoder["default"](tokens)[0].numpy()
+    compat = prefix_from_peft(prompt_embeddings, lm.config.prefix_geometry()[DECODER], seq2seq=False)
+    assert max_abs_diff(run(lm, left_padded(batch), compat), ref_logits, batch["target_mask"]) < TOL
+
+
+def test_padding_side_does_not_matter(pairs):
+    _, lm = pairs("llama")
+    batch = random_batch(8)
+    kv = random_kv(lm.config.prefix_geometry()[DECODER], 9)[0]
+    prompt = jnp.asarray(np.random.default_rng(10).normal(size=(P, 32)), jnp.float32)
+    for prefix in (Prefix(), Prefix(kv={DECODER: kv}), Prefix(kv={DECODER: kv}, infix=True),
+                   Prefix(prompt_embeds=prompt)):
+        right, left = run(lm, batch, prefix), run(lm, left_padded(batch), prefix)
+        assert max_abs_diff(right, left, batch["target_mask"]) < TOL
+
+
+def rotate_keys(key_LxNxPxK: jax.Array, cfg: llama.Config, shift: int) -> jax.Array:
+    """Keys rotated as if moved by `shift` positions."""
+    cos, sin = llama.rope_tables(cfg, jnp.full((1, 1), shift, jnp.int32))
+    return jax.vmap(lambda k_NxPxK: llama.rotate(jnp.swapaxes(k_NxPxK, 0, 1)[None], cos, sin)[0].swapaxes(0, 1))(
+        key_LxNxPxK)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_rope_tokens_at_p_equal_tokens_at_zero_with_keys_rotated_back(pairs, name):
+    """RoPE is relative: tokens at P..P+S-1 with prefix keys K == tokens at 0.. with keys rotated by -P."""
+    _, lm = pairs(name)
+    batch = left_padded(random_batch(30))
+    kv = random_kv(lm.config.prefix_geometry()[DECODER], 31)[0]
+    at_p = run(lm, batch, Prefix(kv={DECODER: kv}))
+    from_zero = dataclasses.replace(lm.config, positions_after_prefix=False)
+    back = KV(rotate_keys(kv.key, lm.config, -P), kv.value)
+    assert max_abs_diff(run(lm, batch, Prefix(kv={DECODER: back}), from_zero), at_p, batch["target_mask"]) < TOL
+    # Not a tautology: unrotated keys at 0.. give other logits.
+    assert max_abs_diff(run(lm, batch, Prefix(kv={DECODER: kv}), from_zero), at_p, batch["target_mask"]) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_words_init_is_the_text_in_the_input(pairs, name):
+    """`prefix.init="words"`: the LM's post-rotation K/V of a text at 0..P-1; with it, logits == LM on [text; x]."""
+    hf, lm = pairs(name)
+    text = [7, 3, 11, 40]
+    spec = prefix_lib.PrefixSpec(length=len(text), placements=(DECODER,), geometry=lm.config.prefix_geometry(),
+                                 hidden_size=32, method="prefix_direct", init="words")
+    params, _ = prefix_init.init_from_text(spec, prefix_lib.init_params(spec, jax.random.PRNGKey(0)), lm.model,
+                                           lm.params, text)
+    kv = prefix_lib.materialize(params, spec).kv[DECODER]
+    with torch.no_grad():  # HF's own cache of the text: what its attention stores, after rotation
+        cache = hf(input_ids=torch.tensor([text]), use_cache=True).cache
+    for layer in range(2):
+        np.testing.assert_allclose(kv.key[layer], cache.layers[layer].keys[0].numpy(), atol=TOL)
+        np.testing.assert_allclose(kv.value[layer], cache.layers[layer].values[0].numpy(), atol=TOL)
+    batch = left_padded(random_batch(32))
+    rows = [[*text, *ids[m == 1]] for ids, m in zip(batch["source_ids"], batch["source_mask"])]
+    source_ids, source_mask = pad(rows, len(text) + S, 0, left=True)
+    written = dict(batch, source_ids=source_ids, source_mask=source_mask)
+    ours = run(lm, batch, Prefix(kv={DECODER: kv}))
+    assert max_abs_diff(ours, run(lm, written), batch["target_mask"]) < TOL
+
+
+@pytest.mark.parametrize("infix", [False, True])
+def test_incremental_decoding_matches_teacher_forcing(pairs, infix):
+    _, lm = pairs("llama")
+    cfg, model, params = lm.config, lm.model, {"params": lm.params}
+    batch = jnp_batch(left_padded(random_batch(11)))
+    prefix = Prefix(kv={DECODER: random_kv(cfg.prefix_geometry()[DECODER], 12)[0]}, infix=infix)
+    full = model.apply(params, batch, prefix)
+    capacity = S + T
+    cache = llama.init_cache(cfg, B, capacity)
+    valid = jnp.concatenate([batch["source_mask"].astype(bool), jnp.zeros((B, T), bool)], axis=1)
+    source_positions = masks.token_positions(batch["source_mask"], 0 if infix else P)
+    _, cache = model.apply(params, batch["source_ids"], source_positions, valid, prefix, cache, True, not infix,
+                           method=model.decode)
+    first_target_position = jnp.sum(batch["source_mask"], axis=1) + P
+    inputs = masks.shift_right(batch["target_ids"], cfg.separator_token_id)
+    step = jax.jit(lambda ids, positions, valid, cache: model.apply(params, ids, positions, valid, prefix, cache,
+                                                                     method=model.decode))
+    steps = []
+    for t in range(T):
+        valid = valid.at[:, S + t].set(True)
+        logits, cache = step(inputs[:, t:t + 1], (first_target_position + t)[:, None], valid, cache)
+        steps.append(logits)
+    assert cache["self"]["key"].shape == (2, B, capacity, cfg.num_key_value_heads, cfg.head_dim)
+    assert max_abs_diff(jnp.concatenate(steps, axis=1), full, batch["target_mask"]) < TOL
+
+
+@pytest.fixture(scope="module")
+def generating(tmp_path_factory):
+    """A tiny GQA Llama whose EOS is likely after a few tokens, so hypotheses finish at various steps."""
+    hf = random_tiny("llama", seed=3)
+    src, mask = generation_sources()
+    with torch.no_grad():
+        out = hf(input_ids=src, attention_mask=mask, output_hidden_states=True)
+        direction = out.hidden_states[-1].reshape(-1, 32).mean(0)
+        hf.lm_head.weight[EOS] = 2.5 * direction / direction.norm()
+    return hf, load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp("llama_gen"))))
+
+
+def generation_sources():
+    """Left-padded sources (HF's decoder-only generate wants left padding)."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(3, VOCAB, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return src * mask, mask
+
+
+def until_eos(rows: np.ndarray) -> list[list[int]]:
+    return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows.tolist()]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, beams):
+    hf, lm = generating
+    new = 10
+    src, mask = generation_sources()
+    kv, (k, v) = random_kv(lm.config.prefix_geometry()[DECODER], 13)
+    prefix = Prefix(kv={DECODER: kv})
+    fn = make_generate_fn(lm.model, GenerationConfig(new, beams))
+    ours = np.asarray(fn(lm.params, prefix, jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
+    # HF: P placeholder ids stand for the cached prefix (generate skips what the cache holds), then source + SEP.
+    ids = torch.cat([torch.zeros(B, P, dtype=torch.long), src, torch.full((B, 1), SEP)], 1)
+    attention = torch.cat([with_prefix_mask(mask), torch.ones(B, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=attention, cache=hf_prefix_cache(k, v, B * beams),
+                          max_new_tokens=new, num_beams=beams, do_sample=False, eos_token_id=EOS,
+                          pad_token_id=0)[:, P + S + 1:].numpy()
+    assert until_eos(ours) == until_eos(ref)
+    assert any(EOS in row for row in until_eos(ours)) and not all(len(r) < 3 for r in until_eos(ours))
+    plain = np.asarray(fn(lm.params, NO_PREFIX, jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
+    assert not np.array_equal(ours, plain)  # the prefix steers decoding
+
+
+@pytest.mark.parametrize("kind", ["infix", "embedding_only"])
+def test_greedy_generation_is_the_argmax_of_teacher_forcing(generating, kind):
+    """For placements HF cannot take as a cache: each decoded token is what our full model predicts there."""
+    from prefix_jax.generate import generate
+
+    _, lm = generating
+    src, mask = (x.numpy() for x in generation_sources())
+    if kind == "infix":
+        prefix = Prefix(kv={DECODER: random_kv(lm.config.prefix_geometry()[DECODER], 25)[0]}, infix=True)
+    else:
+        prefix = Prefix(prompt_embeds=jnp.asarray(np.random.default_rng(26).normal(size=(P, 32)), jnp.float32))
+    tokens = np.asarray(generate(lm.model, lm.params, prefix, jnp.asarray(src), jnp.asarray(mask),
+                                 GenerationConfig(max_new_tokens=T)))
+    valid = (np.cumsum(tokens == EOS, axis=1) - (tokens == EOS)) == 0
+    batch = dict(source_ids=src, source_mask=mask, target_ids=tokens, target_mask=valid.astype(np.int32))
+    forced = np.asarray(run(lm, batch, prefix)).argmax(-1)
+    np.testing.assert_array_equal(forced[valid], tokens[valid])
+
+
+def test_embedding_only_prompt_matches_hf_inputs_embeds(pairs):
+    hf, lm = pairs("qwen2")
+    batch = random_batch(18)
+    prompt = torch.randn(P, 32, generator=torch.Generator().manual_seed(19))
+    ids, mask, starts = packed(batch)
+    with torch.no_grad():
+        embeds = torch.cat([prompt[None].expand(B, -1, -1), hf.model.embed_tokens(ids)], dim=1)
+        ref = target_logits(hf(inputs_embeds=embeds, attention_mask=with_prefix_mask(mask)).logits, starts, offset=P)
+    ours = run(lm, left_padded(batch), Prefix(prompt_embeds=jnp.asarray(prompt.numpy())))
+    assert max_abs_diff(ours, ref, batch["target_mask"]) < TOL
+
+
+def test_infix_hides_kv_from_source_and_shifts_target(pairs):
+    _, lm = pairs("llama")
+    model, params = lm.model, {"params": lm.params}
+    batch = jnp_batch(left_padded(random_batch(13)))
+    geometry = lm.config.prefix_geometry()[DECODER]
+    kv_a, kv_b = random_kv(geometry, 14)[0], random_kv(geometry, 15)[0]
+    hidden = lambda prefix: model.apply(params, batch, prefix, method=model.hidden_states)
+    h_a, start = hidden(Prefix(kv={DECODER: kv_a}, infix=True))
+    h_b, _ = hidden(Prefix(kv={DECODER: kv_b}, infix=True))
+    h_none, _ = hidden(Prefix())
+    assert start == S
+    assert max_abs_diff(h_a[:, :S], h_b[:, :S], batch["source_mask"]) < 1e-6
+    assert max_abs_diff(h_a[:, :S], h_none[:, :S], batch["source_mask"]) < TOL
+    assert max_abs_diff(h_a[:, S:], h_b[:, S:], batch["target_mask"]) > 1e-2
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_param_axes_match_every_leaf_exactly_once(pairs, name):
+    _, lm = pairs(name)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(lm.params)[0]:
+        joined = "/".join(str(k.key) for k in path)
+        rules = [axes for pattern, axes in llama.PARAM_AXES if re.fullmatch(pattern, joined)]
+        assert len(rules) == 1, (joined, rules)
+        assert len(rules[0]) == leaf.ndim, (joined, rules[0], leaf.shape)
+        assert rules[0][0] == "layers" if joined.startswith("model/layers/") else "layers" not in rules[0]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_checkpoint_round_trip(pairs, name):
+    hf, lm = pairs(name)
+    tensors = llama.params_to_hf(lm.params, lm.config)
+    expected = {k: v.numpy() for k, v in hf.state_dict().items()
+                if not (lm.config.tie_word_embeddings and k == "lm_head.weight")}
+    assert set(tensors) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(tensors[key], value, err_msg=key)
+
+
+def test_sharded_bfloat16_checkpoint_loads(pairs, tmp_path):
+    hf, lm32 = pairs("qwen3")
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    lm16 = load_pretrained(str(tmp_path), param_dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(lm16.params))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b, jnp.bfloat16)), lm16.params, lm32.params)
+    batch = random_batch(40)
+    ours16 = run(lm16, batch)
+    assert max_abs_diff(ours16.astype(jnp.float32), run(lm32, batch), batch["target_mask"]) < 0.2
+
+
+def test_missing_tensor_is_a_clear_error(tmp_path):
+    from hf_fixtures import save_state_dict
+
+    save_state_dict(random_tiny("llama"), tmp_path, drop="layers.1.mlp.up_proj")
+    with pytest.raises(ModelNotFoundError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        load_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("name, fields, field", [
+    ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0)), "rope_type"),
+    ("llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0)), "rope_type"),
+    ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+     "partial_rotary_factor"),
+    ("llama", dict(hidden_act="bogus_act"), "hidden_act"),
+    ("qwen2", dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+    ("qwen3", dict(quantization_config={"quant_method": "awq", "bits": 4}), "quantization_config"),
+])
+def test_unsupported_options_are_clear_errors(name, fields, field):
+    cfg = hf_config(name)
+    for key, value in fields.items():  # set after construction: transformers itself may refuse some of them
+        object.__setattr__(cfg, key, value)
+    with pytest.raises(ValueError, match=field):
+        llama.Config.from_hf(cfg, set())
+
+
+def test_sliding_window_is_read_and_refused_when_exceeded(pairs):
+    assert llama.Config.from_hf(hf_config("qwen2", use_sliding_window=True, sliding_window=24,
+                                          max_window_layers=1), set()).sliding_window == 24
+    assert llama.Config.from_hf(hf_config("qwen2", sliding_window=24), set()).sliding_window is None  # unused
+    _, lm = pairs("mistral")
+    batch = random_batch(41)
+    kv = random_kv(lm.config.prefix_geometry()[DECODER], 42)[0]
+    narrow = dataclasses.replace(lm.config, sliding_window=S + T + P - 1)  # the longest key span is P + S + T
+    assert narrow.max_positions == S + T + P - 1  # what the trainer checks before training
+    with pytest.raises(ValueError, match="sliding_window"):
+        run(lm, batch, Prefix(kv={DECODER: kv}), narrow)
+    exact = dataclasses.replace(lm.config, sliding_window=S + T + P)
+    assert max_abs_diff(run(lm, batch, Prefix(kv={DECODER: kv}), exact), run(lm, batch, Prefix(kv={DECODER: kv})),
+                        batch["target_mask"]) == 0.0
+
+
+@pytest.mark.slow
+def test_tiny_llama_checkpoint_matches_transformers(tiny_llama_dir):
+    directory = tiny_llama_dir
+    lm = load_pretrained(str(directory))
+    hf = transformers.LlamaForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    assert (lm.config.num_attention_heads, lm.config.num_key_value_heads) == (4, 2)
+    ids = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(0))
+    ids[:, 4] = lm.config.separator_token_id
+    batch = {"source_ids": ids[:, :4].numpy(), "source_mask": np.ones((2, 4), np.int32),
+             "target_ids": ids[:, 5:].numpy(), "target_mask": np.ones((2, 2), np.int32)}
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits[:, 4:6].numpy()
+    ours = run(lm, batch)
+    assert max_abs_diff(ours, ref) < TOL and np.abs(ref).std() > 0.3  # unit-scale logits: a prefix can steer them
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    from prefix_jax.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+def offline_args(model_dir, workdir, *extra: str) -> list[str]:
+    """train.py flags: configs/llama_offline.py on a few examples, a few steps."""
+    return ["--config", str(REPO / "configs/llama_offline.py"), f"--config.model.name_or_path={model_dir}",
+            "--config.model.create_tiny=", f"--config.train.workdir={workdir}", "--config.train.steps=4",
+            "--config.train.batch_size=4", "--config.train.log_every=1", "--config.train.save_every=2",
+            "--config.optim.warmup_steps=1", "--config.data.max_train_examples=32", "--config.data.max_eval_examples=8",
+            "--config.data.max_source_length=32", "--config.data.max_target_length=16",
+            "--config.eval.max_generate=4", "--config.generate.max_new_tokens=6", *extra]
+
+
+@pytest.mark.slow
+def test_words_init_prefix_trains_and_exports_in_process(tiny_llama_dir, tmp_path):
+    from configs import llama_offline
+    from prefix_jax import trainer
+    from prefix_jax.metrics_log import read_metrics
+
+    c = llama_offline.get_config()
+    c.model.name_or_path, c.model.create_tiny = str(tiny_llama_dir), ""
+    c.data.max_train_examples, c.data.max_eval_examples = 16, 4
+    c.data.max_source_length, c.data.max_target_length = 32, 16
+    c.prefix.length, c.prefix.init, c.prefix.init_text, c.prefix.init_fit_steps = 0, "words", "table-to-text:", 10
+    c.eval.generate = False
+    c.train.workdir, c.train.steps, c.train.batch_size, c.train.log_every = str(tmp_path), 2, 4, 1
+    c.optim.warmup_steps = 1
+    summary = trainer.run(c)
+    assert summary["final_step"] == 2 and np.isfinite(summary["eval_loss"])
+    assert [row["step"] for row in read_metrics(tmp_path) if "loss" in row] == [1, 2]
+    exported, meta = prefix_lib.load_export(summary["export"])
+    assert meta["architecture"] == "llama"
+    assert exported.kv[DECODER].key.shape == (2, 2, 6, 16)  # [layers, K/V heads, "table-to-text:" tokens, head_dim]
+
+
+@pytest.mark.slow
+def test_train_py_checkpoints_resumes_and_exports(tiny_llama_dir, tmp_path):
+    """`train.py --config configs/llama_offline.py`: stopped at step 2 and resumed == run straight to step 4."""
+    from prefix_jax.metrics_log import read_metrics
+
+    straight = run_cli(*offline_args(tiny_llama_dir, tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = run_cli(*offline_args(tiny_llama_dir, tmp_path / "resumed", "--config.train.stop_at=2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert not (tmp_path / "resumed" / "export").exists()
+    second = run_cli(*offline_args(tiny_llama_dir, tmp_path / "resumed"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    losses = lambda d: {row["step"]: row["loss"] for row in read_metrics(d) if "loss" in row}
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and sorted(losses(tmp_path / "resumed")) == [
+        1, 2, 3, 4]
+    for run_dir in ("straight", "resumed"):
+        assert (tmp_path / run_dir / "export" / "prefix.safetensors").is_file()
+        assert list((tmp_path / run_dir).glob("predictions_4.jsonl"))
+    a, _ = prefix_lib.load_export(tmp_path / "straight" / "export")
+    b, _ = prefix_lib.load_export(tmp_path / "resumed" / "export")
+    np.testing.assert_array_equal(a.kv[DECODER].key, b.kv[DECODER].key)
+
+
+def run_cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
