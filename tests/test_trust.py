@@ -367,6 +367,7 @@ def test_a_failing_checkpoint_write_ends_the_process(tiny_t5_dir, tmp_path):
     args = ["--config", str(REPO / "configs/t5_offline.py"), f"--config.model.name_or_path={tiny_t5_dir}",
             "--config.model.create_tiny=", f"--config.train.workdir={tmp_path / 'run'}", "--config.train.steps=3",
             "--config.train.batch_size=4", "--config.data.max_train_examples=32", "--config.train.save_every=1",
+            "--config.optim.warmup_steps=1",
             "--config.data.max_source_length=32", "--config.data.max_target_length=16", "--config.eval.generate=False"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -383,6 +384,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_export(tin
         f"--config.model.name_or_path={tiny_t5_dir}", "--config.model.create_tiny=",
         f"--config.train.workdir={workdir}", "--config.train.steps=12", "--config.train.batch_size=4",
         "--config.data.max_train_examples=64", "--config.train.save_every=1", "--config.train.log_every=1",
+        "--config.optim.warmup_steps=1",
         "--config.data.max_source_length=32", "--config.data.max_target_length=16", "--config.eval.generate=False"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     assert subprocess.run(args(tmp_path / "straight"), env=env, capture_output=True, timeout=600).returncode == 0
