@@ -174,13 +174,23 @@ def lm_fingerprint(lm_params: Any) -> str:
     """Identifies the frozen LM by its weights, not its path: every leaf's path, shape, dtype and a corner of it.
 
     The same checkpoint read from a Hub id or a local copy gives the same fingerprint; two fine-tunes of one
-    architecture do not.
+    architecture do not. Works on host arrays and on an LM sharded over devices and processes (every process
+    must call it: the corners are gathered by one small jitted program).
     """
+    corner = lambda x: x[tuple(slice(0, 2) for _ in x.shape)]
+    leaves = jax.tree.leaves(lm_params)
+    meshes = {x.sharding.mesh for x in leaves if isinstance(x, jax.Array) and hasattr(x.sharding, "mesh")}
+    if meshes:
+        replicated = jax.sharding.NamedSharding(next(iter(meshes)), jax.sharding.PartitionSpec())
+        corners = jax.jit(lambda t: jax.tree.map(corner, t), out_shardings=replicated)(lm_params)
+        corners = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), corners)
+    else:
+        corners = jax.tree.map(lambda x: np.asarray(corner(x)), lm_params)
     h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(lm_params)[0]:
-        corner = np.asarray(leaf[tuple(slice(0, 2) for _ in np.shape(leaf))], np.float32)
-        h.update(f"{jax.tree_util.keystr(path)}|{np.shape(leaf)}|{leaf.dtype}|".encode())
-        h.update(corner.tobytes())
+    for (path, leaf), (_, part) in zip(jax.tree_util.tree_flatten_with_path(lm_params)[0],
+                                       jax.tree_util.tree_flatten_with_path(corners)[0]):
+        h.update(f"{jax.tree_util.keystr(path)}|{tuple(leaf.shape)}|{leaf.dtype}|".encode())
+        h.update(np.asarray(part, np.float32).tobytes())
     return h.hexdigest()[:32]
 
 
