@@ -77,11 +77,15 @@ def _text(record: Mapping[str, Any], key: str, where: str, field: str) -> str:
     if value is None:
         raise DataError(f"{where}: field {key!r} ({field}) is null; fill it in or drop the row.")
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} ({field}) is a {type(value).__name__} ({str(value)[:40]!r}), "
+        raise DataError(f"{where}: field {key!r} ({field}) is {_a(type(value).__name__)} ({str(value)[:40]!r}), "
                         "not text; write it as a string in the file or drop the row.")
     if not value.strip():
         raise DataError(f"{where}: field {key!r} ({field}) is empty; fill it in or drop the row.")
     return value
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def _group_references(pairs: Sequence[tuple[str, str]]) -> list[Example]:
@@ -94,11 +98,16 @@ def _group_references(pairs: Sequence[tuple[str, str]]) -> list[Example]:
 
 def _decode(raw: bytes, origin: str) -> str:
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{origin}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); re-save the file "
                         "as UTF-8.") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise DataError(f"{origin}: has a NUL byte on line {line}, so it is not a text file (binary, or UTF-16?); "
+                        "re-save it as UTF-8 text.")
+    return text
 
 
 def _json_lines(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]:
@@ -112,8 +121,8 @@ def _json_lines(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]:
             raise DataError(f"{origin} line {number}: not valid JSON (column {e.colno}: {e.msg}); JSON Lines "
                             "needs one complete object per line.") from None
         if not isinstance(record, dict):
-            raise DataError(f"{origin} line {number}: expected a JSON object {{\"field\": ...}}, got a "
-                            f"{type(record).__name__}.")
+            raise DataError(f"{origin} line {number}: expected a JSON object {{\"field\": ...}}, got "
+                            f"{_a(type(record).__name__)}.")
         rows.append((f"line {number}", record))
     return rows
 
@@ -137,16 +146,16 @@ def _json_records(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]
     if isinstance(document, dict):  # a single object: one row
         return [("record 1", document)]
     if not isinstance(document, list):
-        raise DataError(f"{origin}: expected a list of JSON objects, got a {type(document).__name__}.")
+        raise DataError(f"{origin}: expected a list of JSON objects, got {_a(type(document).__name__)}.")
     for number, record in enumerate(document, 1):
         if not isinstance(record, dict):
-            raise DataError(f"{origin} record {number}: expected a JSON object {{\"field\": ...}}, got a "
-                            f"{type(record).__name__}.")
+            raise DataError(f"{origin} record {number}: expected a JSON object {{\"field\": ...}}, got "
+                            f"{_a(type(record).__name__)}.")
     return [(f"record {number}", record) for number, record in enumerate(document, 1)]
 
 
 def _csv_records(text: str, origin: str) -> tuple[list[str], list[tuple[str, Mapping[str, Any]]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     rows = []
     try:
         columns = list(reader.fieldnames or [])
@@ -158,10 +167,12 @@ def _csv_records(text: str, origin: str) -> tuple[list[str], list[tuple[str, Map
                 raise DataError(f"{origin} {where}: has more fields than the header's {len(columns)}; quote "
                                 "values that contain commas.")
             if any(v is None for v in record.values()):
-                raise DataError(f"{origin} {where}: has fewer fields than the header's {len(columns)}.")
+                raise DataError(f"{origin} {where}: has fewer fields than the header's {len(columns)}; fill in the "
+                                "missing cells (an unclosed quote also swallows the rest of the file).")
             rows.append((where, record))
     except csv.Error as e:
-        raise DataError(f"{origin} line {reader.line_num}: not valid CSV ({e}).") from None
+        raise DataError(f"{origin} row {len(rows) + 1} (from line {reader.line_num + 1}): not valid CSV ({e}); check "
+                        "the quoting there.") from None
     return columns, rows
 
 
@@ -235,7 +246,7 @@ def _e2e_source(mr: str, where: str) -> str:
     try:
         return linearize_e2e(mr)
     except DataError as e:
-        raise DataError(f"{where}: {e}") from None
+        raise DataError(f"{where}: {e}; expected `field[value], field[value], ...`.") from None
 
 
 def _triples(triples: Any, where: str, field: str) -> str:
