@@ -320,9 +320,9 @@ def _hub_dataset(name: str, config_name: str | None, split: str) -> Any:
         if _script_refused(e):
             return parquet_export(name, config_name, split)
         raise DataError(
-            f"{origin} could not be loaded ({hub.hub_error_hint(e)}). Offline? On a machine with internet run "
-            f"`datasets.load_dataset({name!r}).save_to_disk(...)` or export the splits to jsonl, then set "
-            "data.data_files={'train': ..., 'validation': ...} and data.source_field/target_field."
+            f"{origin} could not be loaded ({hub.hub_error_hint(e)}). Offline? On a machine with internet export each "
+            f"split (`datasets.load_dataset({name!r}, split='train').to_json('train.jsonl')`), copy the files here "
+            "and set data.data_files.train / data.data_files.validation (and data.source_field / data.target_field)."
         ) from e
 
 
@@ -505,7 +505,7 @@ class TokenizedSplit:
 # one (T5: every word `<unk>`; GPT-2: every text empty).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
                    "tokenizer.model", "sentencepiece.bpe.model", "spm.model")
-TOKENIZER_FIELD = "model.tokenizer (model.name_or_path's directory when model.tokenizer is empty)"
+TOKENIZER_FIELD = "model.tokenizer, or model.name_or_path when model.tokenizer is empty"
 _PROBE = "The quick brown fox jumps over the lazy dog 42."
 
 
@@ -515,7 +515,6 @@ def load_tokenizer(path_or_name: str, field: str = TOKENIZER_FIELD) -> Any:
 
     from prefix_jax.models import hub
 
-    where = f"{field}={str(path_or_name)!r}"
     fix = ("save the model's tokenizer there (`AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR)`) or "
            "set model.tokenizer to a directory or Hub id that has one.")
     try:
@@ -523,13 +522,13 @@ def load_tokenizer(path_or_name: str, field: str = TOKENIZER_FIELD) -> Any:
     except hub.ModelNotFoundError as e:
         raise DataError(str(e)) from None
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise DataError(f"{where}: {directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...); "
+        raise DataError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...) [{field}]; "
                         f"{fix}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as e:
-        raise DataError(f"{where}: no tokenizer could be loaded from {directory} ({hub.describe(e)}); {fix}") from e
-    check_tokenizer(tokenizer, f"{where}: the tokenizer of {directory}", fix)
+        raise DataError(f"{directory}: no tokenizer could be loaded ({hub.describe(e)}) [{field}]; {fix}") from e
+    check_tokenizer(tokenizer, f"the tokenizer in {directory} [{field}]", fix)
     return tokenizer
 
 

@@ -51,10 +51,10 @@ def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dty
             raise ValueError(f"{field}={value!r} is not supported; use one of {DTYPES}.")
     model_dir = hub.resolve_model_dir(name_or_path)
     model_type = hub.read_model_type(model_dir)  # config.json checked before transformers sees it
-    try:
-        arch = architecture(model_type)
-    except ValueError as e:
-        raise hub.ModelFileError(f"{model_dir / 'config.json'}: {e}") from None
+    if model_type not in ARCHITECTURES:
+        raise hub.ModelFileError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported "
+                                 f"(supported: {sorted(ARCHITECTURES)}); point model.name_or_path at one of those.")
+    arch = architecture(model_type)
     hf_config = hub.load_hf_config(model_dir)
     known = {f.name for f in dataclasses.fields(arch.Config)}
     for field in config_overrides:

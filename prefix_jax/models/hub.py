@@ -260,7 +260,8 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
     hint = (f" It has {pickles}, which we do not load (unpickling runs code). Convert once with transformers: "
             "`AutoModel...from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)`.") if pickles else ""
-    raise ModelNotFoundError(f"{model_dir} holds no model.safetensors or model.safetensors.index.json.{hint}")
+    raise ModelNotFoundError(f"{model_dir} holds no model.safetensors or model.safetensors.index.json (the weights "
+                             f"of model.name_or_path); save the model there with `save_pretrained`.{hint}")
 
 
 def take(tensors: dict[str, np.ndarray], name: str, model_dir: str = "") -> np.ndarray:
