@@ -1,7 +1,9 @@
 """Datasets -> examples -> token ids -> fixed-shape batches, one process's share at a time.
 
-Reading: `datasets.load_dataset` for the Hub, or local json/jsonl/csv files; table-to-text formats
-are linearized the paper's way (`field : value | ...`, `s : r : o | ...`). Batches have static
+Reading: `datasets.load_dataset` for the Hub (loading-script datasets from their Parquet export), or
+local jsonl/json/csv/parquet files, every row's fields checked (one-line errors naming file, row and
+field); table-to-text formats are linearized the paper's way (`field : value | ...`, `s : r : o | ...`).
+Tokenizers are checked to exist and to round-trip text. Batches have static
 shapes (no recompiles), are drawn by a seeded per-epoch permutation, and are addressed by step, so a
 resumed run sees exactly the batches an uninterrupted run would have seen.
 """
