@@ -15,7 +15,8 @@ import pytest
 
 from prefix_jax import data
 from prefix_jax.models import hub, load_pretrained
-from prefix_jax.tiny import BUNDLED_TOKENIZER
+
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "gpt2-tokenizer"  # GPT-2's vocab + merges
 
 E2E_MR = "name[Zizzi], eatType[pub]"
 
@@ -39,13 +40,17 @@ GOOD = {"src": "a source", "tgt": "a target"}
 
 # (id, file name, content, data config kwargs, substrings the message must hold)
 DATA_CASES = [
-    ("jsonl-null-target", "t.jsonl", jsonl(GOOD, {"src": "x", "tgt": None}), {}, ["line 2", "'tgt'", "data.target_field", "null"]),
+    ("jsonl-null-target", "t.jsonl", jsonl(GOOD, {"src": "x", "tgt": None}), {},
+     ["line 2", "'tgt'", "data.target_field", "null"]),
     ("jsonl-missing-target", "t.jsonl", jsonl(GOOD, {"src": "x"}), {}, ["line 2", "'tgt'", "data.target_field"]),
     ("jsonl-int-target", "t.jsonl", jsonl({"src": "x", "tgt": 123}), {}, ["line 1", "'tgt'", "int", "123"]),
-    ("jsonl-float-source", "t.jsonl", jsonl(GOOD, GOOD, {"src": 1.5, "tgt": "y"}), {}, ["line 3", "data.source_field", "float"]),
+    ("jsonl-float-source", "t.jsonl", jsonl(GOOD, GOOD, {"src": 1.5, "tgt": "y"}), {},
+     ["line 3", "data.source_field", "float"]),
     ("jsonl-bool-source", "t.jsonl", jsonl({"src": True, "tgt": "y"}), {}, ["line 1", "data.source_field", "bool"]),
-    ("jsonl-list-target", "t.jsonl", jsonl({"src": "x", "tgt": ["a", "b"]}), {}, ["line 1", "data.target_field", "list"]),
-    ("jsonl-empty-source", "t.jsonl", jsonl(GOOD, {"src": "", "tgt": "y"}), {}, ["line 2", "data.source_field", "empty"]),
+    ("jsonl-list-target", "t.jsonl", jsonl({"src": "x", "tgt": ["a", "b"]}), {},
+     ["line 1", "data.target_field", "list"]),
+    ("jsonl-empty-source", "t.jsonl", jsonl(GOOD, {"src": "", "tgt": "y"}), {},
+     ["line 2", "data.source_field", "empty"]),
     ("jsonl-blank-target", "t.jsonl", jsonl({"src": "x", "tgt": "   "}), {}, ["line 1", "data.target_field", "empty"]),
     ("jsonl-malformed-line", "t.jsonl", jsonl(GOOD) + '{"src": "x", "tgt": \n', {}, ["line 2", "not valid JSON"]),
     ("jsonl-not-an-object", "t.jsonl", jsonl(GOOD, ["x", "y"]), {}, ["line 2", "JSON object", "list"]),
@@ -135,7 +140,8 @@ def gpt2_dir(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     directory = tmp_path_factory.mktemp("gpt2")
-    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(directory)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(directory)
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(BUNDLED_TOKENIZER / name, directory / name)
     return directory
@@ -179,7 +185,8 @@ def truncate(path: Path, keep: int) -> None:
 
 # (id, how to break a copy of the good model dir, substrings the message must hold)
 MODEL_CASES: list[tuple[str, Callable[[Path], None], list[str]]] = [
-    ("config-not-json", lambda m: write(m, "config.json", '{"model_type": "gpt2", '), ["config.json", "not valid JSON"]),
+    ("config-not-json", lambda m: write(m, "config.json", '{"model_type": "gpt2", '),
+     ["config.json", "not valid JSON"]),
     ("config-not-object", lambda m: write(m, "config.json", "[1, 2]"), ["config.json", "JSON object"]),
     ("config-no-model-type", lambda m: edit_config(m, model_type=None), ["config.json", "model_type"]),
     ("config-unknown-model-type", lambda m: edit_config(m, model_type="no_such_arch"),
@@ -189,7 +196,8 @@ MODEL_CASES: list[tuple[str, Callable[[Path], None], list[str]]] = [
     ("config-missing", lambda m: (m / "config.json").unlink(), ["model.name_or_path", "config.json"]),
     ("safetensors-truncated-header", lambda m: truncate(m / "model.safetensors", 20),
      ["model.safetensors", "truncated or corrupt"]),
-    ("safetensors-truncated-data", lambda m: truncate(m / "model.safetensors", (m / "model.safetensors").stat().st_size - 100),
+    ("safetensors-truncated-data", lambda m: truncate(m / "model.safetensors",
+                                                      (m / "model.safetensors").stat().st_size - 100),
      ["model.safetensors", "truncated or corrupt"]),
     ("safetensors-garbage", lambda m: write(m, "model.safetensors", b"\x00" * 64), ["model.safetensors", "corrupt"]),
     ("safetensors-empty", lambda m: write(m, "model.safetensors", b""), ["model.safetensors", "corrupt"]),
@@ -202,7 +210,8 @@ MODEL_CASES: list[tuple[str, Callable[[Path], None], list[str]]] = [
     ("shard-truncated", lambda m: (shard(m), truncate(m / "model-00001-of-00002.safetensors", 30)),
      ["model-00001-of-00002.safetensors", "truncated or corrupt"]),
     ("no-weights", lambda m: (m / "model.safetensors").unlink(), ["model.safetensors"]),
-    ("pickle-only", lambda m: ((m / "model.safetensors").rename(m / "pytorch_model.bin")), ["pytorch_model.bin", "unpickling"]),
+    ("pickle-only", lambda m: (m / "model.safetensors").rename(m / "pytorch_model.bin"),
+     ["pytorch_model.bin", "unpickling"]),
     ("tensor-shape-contradicts-config", lambda m: edit_config(m, n_embd=32), ["config.json"]),
 ]
 
@@ -331,6 +340,17 @@ def test_loading_script_dataset_falls_back_to_parquet_export(tmp_path):
     with pytest.raises(data.DataError) as info:
         data.read_examples(data_config(name=str(repo), fmt="e2e"), "dev")
     assert_one_line(info.value, "data.name", "'dev'", "refs/convert/parquet", "train", "validation")
+
+
+def test_hub_parquet_export_address():
+    """For a Hub id the same listing runs on the `refs/convert/parquet` revision (nothing is fetched here)."""
+    from huggingface_hub.utils import parse_hf_uri
+
+    _, root, url = data._parquet_export_location("GEM/e2e_nlg")
+    uri = parse_hf_uri(f"{url}/e2e_nlg/train/0000.parquet")
+    assert (uri.type, uri.id, uri.revision, uri.path_in_repo) == (
+        "dataset", "GEM/e2e_nlg", "refs/convert/parquet", "e2e_nlg/train/0000.parquet")
+    assert url == f"hf://{root}"
 
 
 def test_parquet_export_with_several_subsets_needs_config_name(tmp_path):
