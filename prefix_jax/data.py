@@ -313,14 +313,19 @@ def _hub_dataset(name: str, config_name: str | None, split: str) -> Any:
             raise DataError(f"data.name={name!r}: no such directory (a path is never looked up on the Hub); for "
                             "local files set data.data_files.train / .validation instead.")
         hub.bound_hub_timeouts()
-    source = str(local) if local.is_dir() else name
+    is_local = local.is_dir()
+    source = str(local) if is_local else name
     try:
-        if source == name and not datasets.config.HF_HUB_OFFLINE:
+        if not is_local and not datasets.config.HF_HUB_OFFLINE:
             _reach_hub(name)  # one request that fails fast; `load_dataset` retries each request for minutes
         return datasets.load_dataset(source, config_name or None, split=split)
     except Exception as e:
         if _script_refused(e):
             return parquet_export(name, config_name, split)
+        if is_local:
+            raise DataError(f"{origin}: the local dataset directory could not be loaded ({hub.describe(e)}); it must "
+                            "hold data files `datasets` can read (or a Parquet export: SUBSET/SPLIT/*.parquet), or "
+                            "set data.data_files.train / .validation to the files.") from e
         raise DataError(
             f"{origin} could not be loaded ({hub.hub_error_hint(e)}). Offline? On a machine with internet export each "
             f"split (`datasets.load_dataset({name!r}, split='train').to_json('train.jsonl')`), copy the files here "

@@ -129,6 +129,10 @@ def test_paths_and_splits_are_named(tmp_path, monkeypatch):
         with pytest.raises(data.DataError) as info:  # HF_HUB_OFFLINE is not what stops these: no Hub call at all
             data.read_examples(data_config(name=name), "train")
         assert_one_line(info.value, "data.name", "no such directory")
+    (tmp_path / "empty_dataset").mkdir()
+    with pytest.raises(data.DataError) as info:
+        data.read_examples(data_config(name=str(tmp_path / "empty_dataset")), "train")
+    assert_one_line(info.value, "data.name", "local dataset directory could not be loaded", "data.data_files.train")
 
 
 # --- Model directories ---
