@@ -114,7 +114,7 @@ def _decode(raw: bytes, origin: str) -> str:
 
 def _json_lines(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:

@@ -110,6 +110,9 @@ def test_bad_data_file_is_one_line_naming_file_row_and_field(tmp_path, case):
 def test_good_rows_are_read_exactly(tmp_path):
     """The control for the table above: the same readers accept well-formed files of each type."""
     rows = [{"src": "one", "tgt": " uno "}, {"src": "two", "tgt": "dos"}]
+    separated = data.read_examples(data_config({"train": str(write(tmp_path, "u.jsonl", jsonl(
+        {"src": "a\u2028b", "tgt": "c"}, {"src": "d", "tgt": "e"}).replace("\\u2028", "\u2028")))}), "train")
+    assert [e.source for e in separated] == ["a\u2028b", "d"]  # a raw U+2028 inside a JSON string is not a new line
     for name, content in [("a.jsonl", jsonl(*rows)), ("a.json", json.dumps(rows)), ("b.json", jsonl(*rows)),
                           ("a.csv", "src,tgt\none, uno \ntwo,dos\n")]:
         examples = data.read_examples(data_config({"train": str(write(tmp_path, name, content))}), "train")
