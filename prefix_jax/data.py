@@ -309,7 +309,10 @@ def _hub_dataset(name: str, config_name: str | None, split: str) -> Any:
     origin = _hub_origin(name, config_name, split)
     local = Path(name).expanduser()
     if not local.is_dir():
-        if local.exists() or hub.looks_local(name):
+        if local.exists():
+            raise DataError(f"data.name={name!r} is a file; set data.data_files.train (and .validation) to local files "
+                            "and data.name to ''.")
+        if hub.looks_local(name):
             raise DataError(f"data.name={name!r}: no such directory (a path is never looked up on the Hub); for "
                             "local files set data.data_files.train / .validation instead.")
         hub.bound_hub_timeouts()
@@ -326,6 +329,9 @@ def _hub_dataset(name: str, config_name: str | None, split: str) -> Any:
             raise DataError(f"{origin}: the local dataset directory could not be loaded ({hub.describe(e)}); it must "
                             "hold data files `datasets` can read (or a Parquet export: SUBSET/SPLIT/*.parquet), or "
                             "set data.data_files.train / .validation to the files.") from e
+        if not hub.unreachable(e):  # the Hub answered: a wrong id, subset or split
+            raise DataError(f"{origin} could not be loaded ({hub.describe(e)}); check data.name, data.config_name and "
+                            "data.train_split / data.eval_split.") from e
         raise DataError(
             f"{origin} could not be loaded ({hub.hub_error_hint(e)}). Offline? On a machine with internet export each "
             f"split (`datasets.load_dataset({name!r}, split='train').to_json('train.jsonl')`), copy the files here "

@@ -85,6 +85,19 @@ def _timed_out(e: BaseException) -> bool:
     return False
 
 
+def unreachable(e: BaseException) -> bool:
+    """True when `e` (or its cause) says the Hub could not be reached: offline mode, no connection, timeout."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        kind = type(e).__name__
+        if any(word in kind for word in ("Connect", "Timeout", "Offline", "LocalEntryNotFound", "NetworkError")) or \
+                "timed out" in str(e).lower() or "offline" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 # --- Hub access with timeouts ---
 
 
