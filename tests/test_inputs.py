@@ -305,6 +305,17 @@ def test_broken_tokenizer_files_fail_the_sanity_check(gpt2_dir, tmp_path):
 def test_good_tokenizer_passes_and_missing_paths_are_named(gpt2_dir, tmp_path, monkeypatch):
     tokenizer = data.load_tokenizer(str(gpt2_dir))
     assert tokenizer.decode(tokenizer("Hello world")["input_ids"]) == "Hello world"
+    # No false alarms: a byte-level tokenizer without vocabulary files, an uncased WordPiece one.
+    import transformers
+
+    transformers.ByT5Tokenizer().save_pretrained(tmp_path / "byt5")
+    byt5 = data.load_tokenizer(str(tmp_path / "byt5"))
+    assert byt5.decode(byt5("Hello", add_special_tokens=False)["input_ids"]) == "Hello"
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz0123456789.",
+              *("##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789")]
+    transformers.BertTokenizer(vocab={p: i for i, p in enumerate(pieces)}).save_pretrained(tmp_path / "bert")
+    uncased = data.load_tokenizer(str(tmp_path / "bert"))
+    assert uncased.decode(uncased("The Fox 42.", add_special_tokens=False)["input_ids"]) == "the fox 42."
     monkeypatch.chdir(tmp_path)
     with pytest.raises(data.DataError) as info:
         data.load_tokenizer("./no_tokenizer_here", field="model.tokenizer")
