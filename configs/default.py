@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = ""  # HF dataset id, or "" with data_files
     c.data.config_name = ""
-    c.data.data_files = ml_collections.ConfigDict()  # {split: local json/jsonl/csv path}
+    # {split: local jsonl/json/csv/parquet path}; '' = unset. Settable per split: --config.data.data_files.train=...
+    c.data.data_files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
     c.data.format = "fields"  # fields | e2e | dart | webnlg
     c.data.source_field = "source"
     c.data.target_field = "target"
@@ -103,7 +104,8 @@ def offline_demo(c: ml_collections.ConfigDict, architecture: str) -> ml_collecti
     c.prefix.mlp_hidden = 64
     c.data.name = ""
     c.data.format = "e2e"
-    c.data.data_files = {"train": str(DATA / "e2e/devset.csv"), "validation": str(DATA / "e2e/testset_w_refs.csv")}
+    c.data.data_files.train = str(DATA / "e2e/devset.csv")
+    c.data.data_files.validation = str(DATA / "e2e/testset_w_refs.csv")
     c.data.max_source_length = 64
     c.data.max_target_length = 64
     c.data.max_eval_examples = 256

@@ -1,7 +1,9 @@
 """Datasets -> examples -> token ids -> fixed-shape batches, one process's share at a time.
 
-Reading: `datasets.load_dataset` for the Hub, or local json/jsonl/csv files; table-to-text formats
-are linearized the paper's way (`field : value | ...`, `s : r : o | ...`). Batches have static
+Reading: `datasets.load_dataset` for the Hub (loading-script datasets from their Parquet export), or
+local jsonl/json/csv/parquet files, every row's fields checked (one-line errors naming file, row and
+field); table-to-text formats are linearized the paper's way (`field : value | ...`, `s : r : o | ...`).
+Tokenizers are checked to exist and to round-trip text. Batches have static
 shapes (no recompiles), are drawn by a seeded per-epoch permutation, and are addressed by step, so a
 resumed run sees exactly the batches an uninterrupted run would have seen.
 """
@@ -11,10 +13,13 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import difflib
+import io
 import json
+import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -51,6 +56,38 @@ def linearize_triples(triples: Sequence[Sequence[str]]) -> str:
 
 
 # --- Reading ---
+#
+# Every value is checked where it is read: a null, missing, non-string or empty text field is an error
+# naming the file (or dataset split), the row and the field, never the string "None" or "123".
+
+
+@dataclasses.dataclass
+class Table:
+    """Rows of one split: `origin` names where they come from (a config field and file, or a Hub dataset),
+    each row carries its own location (`line 3`, `row 3`)."""
+
+    origin: str
+    columns: list[str]
+    rows: Iterable[tuple[str, Mapping[str, Any]]]
+
+
+def _text(record: Mapping[str, Any], key: str, where: str, field: str) -> str:
+    """`record[key]` if it is non-empty text; otherwise an error naming the row and the config field."""
+    if key not in record:
+        raise DataError(f"{where}: has no field {key!r} ({field}); add it to every row or set {field}.")
+    value = record[key]
+    if value is None:
+        raise DataError(f"{where}: field {key!r} ({field}) is null; fill it in or drop the row.")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} ({field}) is {_a(type(value).__name__)} ({str(value)[:40]!r}), "
+                        "not text; write it as a string in the file or drop the row.")
+    if not value.strip():
+        raise DataError(f"{where}: field {key!r} ({field}) is empty; fill it in or drop the row.")
+    return value
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def _group_references(pairs: Sequence[tuple[str, str]]) -> list[Example]:
@@ -61,44 +98,329 @@ def _group_references(pairs: Sequence[tuple[str, str]]) -> list[Example]:
     return [Example(source, target, tuple(refs[source])) for source, target in pairs]
 
 
-def read_e2e_csv(path: str | Path) -> list[Example]:
+def _decode(raw: bytes, origin: str) -> str:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{origin}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); re-save the file "
+                        "as UTF-8.") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise DataError(f"{origin}: has a NUL byte on line {line}, so it is not a text file (binary, or UTF-16?); "
+                        "re-save it as UTF-8 text.")
+    return text
+
+
+def _json_lines(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]:
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{origin} line {number}: not valid JSON (column {e.colno}: {e.msg}); JSON Lines "
+                            "needs one complete object per line.") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{origin} line {number}: expected a JSON object {{\"field\": ...}}, got "
+                            f"{_a(type(record).__name__)}.")
+        rows.append((f"line {number}", record))
+    return rows
+
+
+def _json_document(text: str, origin: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{origin}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); fix the file "
+                        "(or give JSON Lines, one object per line, as .jsonl).") from None
+
+
+def _json_records(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """A .json file: a list of objects, or JSON Lines (what `datasets`' json loader also accepts)."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # more than one document: JSON Lines in a .json file
+            return _json_lines(text, origin)
+        return _json_document(text, origin)  # raises, naming line and column
+    if isinstance(document, dict):  # a single object: one row
+        return [("record 1", document)]
+    if not isinstance(document, list):
+        raise DataError(f"{origin}: expected a list of JSON objects, got {_a(type(document).__name__)}.")
+    for number, record in enumerate(document, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"{origin} record {number}: expected a JSON object {{\"field\": ...}}, got "
+                            f"{_a(type(record).__name__)}.")
+    return [(f"record {number}", record) for number, record in enumerate(document, 1)]
+
+
+def _csv_records(text: str, origin: str) -> tuple[list[str], list[tuple[str, Mapping[str, Any]]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    rows = []
+    try:
+        columns = list(reader.fieldnames or [])
+        if not columns or not any(c.strip() for c in columns):
+            raise DataError(f"{origin}: has no header row; the first line must name the columns.")
+        for number, record in enumerate(reader, 1):
+            where = f"row {number} (line {reader.line_num})"
+            if None in record:
+                raise DataError(f"{origin} {where}: has more fields than the header's {len(columns)}; quote "
+                                "values that contain commas.")
+            if any(v is None for v in record.values()):
+                raise DataError(f"{origin} {where}: has fewer fields than the header's {len(columns)}; fill in the "
+                                "missing cells (an unclosed quote also swallows the rest of the file).")
+            rows.append((where, record))
+    except csv.Error as e:
+        raise DataError(f"{origin} row {len(rows) + 1} (from line {reader.line_num + 1}): not valid CSV ({e}); check "
+                        "the quoting there.") from None
+    return columns, rows
+
+
+def _parquet_records(path: Path, origin: str) -> tuple[list[str], list[tuple[str, Mapping[str, Any]]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise DataError(f"{origin}: not a readable Parquet file ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
+    return table.column_names, [(f"row {n}", r) for n, r in enumerate(table.to_pylist(), 1)]
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def read_local_table(path: Path, origin: str) -> Table:
+    """Rows of a local .jsonl / .json / .csv / .parquet file, each with its line or row number."""
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"{origin}: unsupported file type {suffix or '(none)'!r}; use one of {LOCAL_SUFFIXES}.")
+    if path.stat().st_size == 0:
+        raise DataError(f"{origin}: the file is empty.")
+    if suffix == ".parquet":
+        columns, rows = _parquet_records(path, origin)
+    else:
+        text = _decode(path.read_bytes(), origin)
+        if not text.strip():
+            raise DataError(f"{origin}: the file is empty.")
+        if suffix == ".csv":
+            columns, rows = _csv_records(text, origin)
+        else:
+            rows = _json_lines(text, origin) if suffix == ".jsonl" else _json_records(text, origin)
+            columns = list(rows[0][1]) if rows else []
+    if not rows:
+        raise DataError(f"{origin}: has no rows.")
+    return Table(origin, columns, rows)
+
+
+def _local(files: Mapping[str, str], split: str) -> tuple[Path, str]:
+    """The file of `split` and how to name it in errors (`data.data_files.train='x.jsonl'`)."""
+    if split not in files:
+        raise DataError(f"data.data_files has no {split!r} entry (has {sorted(files)}).")
+    path = Path(str(files[split])).expanduser()
+    origin = f"data.data_files.{split}={str(files[split])!r}"
+    if path.is_dir():
+        raise DataError(f"{origin}: is a directory; give the file ({', '.join(LOCAL_SUFFIXES)}).")
+    if not path.is_file():
+        raise DataError(f"{origin}: no such file.")
+    return path, origin
+
+
+def read_e2e_csv(path: str | Path, origin: str | None = None) -> list[Example]:
     """The E2E challenge csv (`mr,ref`; one row per reference)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"mr", "ref"} <= set(rows[0]):
-        raise DataError(f"{path}: expected an E2E csv with columns mr,ref.")
-    return _group_references([(linearize_e2e(r["mr"]), r["ref"].strip()) for r in rows])
+    return _e2e_examples(read_local_table(Path(path), origin or str(path)))
 
 
-def read_dart_json(path: str | Path) -> list[Example]:
-    """A DART json file (a list of `{tripleset, annotations: [{text}]}`)."""
-    records = json.loads(Path(path).read_text(encoding="utf-8"))
+def _e2e_examples(table: Table) -> list[Example]:
+    if not {"mr", "ref"} <= set(table.columns):
+        raise DataError(f"{table.origin}: expected an E2E csv with columns mr,ref; it has {table.columns}.")
     pairs = []
-    for record in records:
-        source = linearize_triples(record["tripleset"])
-        pairs.extend((source, a["text"].strip()) for a in record["annotations"])
+    for where, r in table.rows:
+        where = f"{table.origin} {where}"
+        pairs.append((_e2e_source(_text(r, "mr", where, "data.format='e2e'"), where),
+                      _text(r, "ref", where, "data.format='e2e'").strip()))
     return _group_references(pairs)
 
 
-def _hub_or_files(name: str | None, config_name: str | None, data_files: Mapping[str, str] | None, split: str):
-    """A `datasets.Dataset` from the Hub or from local files, with clear errors for either."""
+def _e2e_source(mr: str, where: str) -> str:
+    try:
+        return linearize_e2e(mr)
+    except DataError as e:
+        raise DataError(f"{where}: {e}; expected `field[value], field[value], ...`.") from None
+
+
+def _triples(triples: Any, where: str, field: str) -> str:
+    """Linearized `[[s, r, o], ...]`, after checking it is a non-empty list of string triples."""
+    if (not isinstance(triples, list) or not triples
+            or not all(isinstance(t, (list, tuple)) and len(t) == 3 and all(isinstance(x, str) for x in t)
+                       for t in triples)):
+        raise DataError(f"{where}: field {field!r} must be a non-empty list of [subject, relation, object] "
+                        f"strings; it is {str(triples)[:60]!r}.")
+    return linearize_triples(triples)
+
+
+def read_dart_json(path: str | Path, origin: str | None = None) -> list[Example]:
+    """A DART json file (a list of `{tripleset, annotations: [{text}]}`)."""
+    origin = origin or str(path)
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise DataError(f"{origin}: the file is empty.")
+    records = _json_document(_decode(path.read_bytes(), origin), origin)
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{origin}: expected a non-empty JSON list of DART records {{tripleset, annotations}}.")
+    pairs = []
+    for number, record in enumerate(records, 1):
+        where = f"{origin} record {number}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object {{tripleset, annotations}}.")
+        source = _triples(record.get("tripleset"), where, "tripleset")
+        annotations = record.get("annotations")
+        if not isinstance(annotations, list) or not annotations or not all(isinstance(a, dict) for a in annotations):
+            raise DataError(f"{where}: field 'annotations' must be a non-empty list of {{\"text\": ...}} objects.")
+        pairs.extend((source, _text(a, "text", f"{where} annotation {i}", "data.format='dart'").strip())
+                     for i, a in enumerate(annotations, 1))
+    return _group_references(pairs)
+
+
+# --- The Hub (and local dataset directories) ---
+
+PARQUET_REVISION = "refs/convert/parquet"
+
+
+def _script_refused(e: BaseException) -> bool:
+    """`datasets` >= 4 refuses loading scripts (GEM/e2e_nlg, GEM/web_nlg, GEM/dart, EdinburghNLP/xsum)."""
+    return "scripts are no longer supported" in str(e).lower()
+
+
+def _hub_origin(name: str, config_name: str | None, split: str) -> str:
+    return f"data.name={name!r}" + (f" (data.config_name={config_name!r})" if config_name else "") + \
+        f" split {split!r}"
+
+
+def _hub_dataset(name: str, config_name: str | None, split: str) -> Any:
+    """A `datasets.Dataset` of a Hub id or a local dataset directory; loading-script datasets from their
+    Parquet export."""
     import datasets
 
-    if data_files:
-        path = _local(data_files, split)
-        builder = "csv" if path.suffix == ".csv" else "json"
-        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
-    if not name:
-        raise DataError("set data.name (a Hugging Face dataset id) or data.data_files (local files).")
+    from prefix_jax.models import hub
+
+    origin = _hub_origin(name, config_name, split)
+    local = Path(name).expanduser()
+    if not local.is_dir():
+        if local.exists():
+            raise DataError(f"data.name={name!r} is a file; set data.data_files.train (and .validation) to local files "
+                            "and data.name to ''.")
+        if hub.looks_local(name):
+            raise DataError(f"data.name={name!r}: no such directory (a path is never looked up on the Hub); for "
+                            "local files set data.data_files.train / .validation instead.")
+        hub.bound_hub_timeouts()
+    is_local = local.is_dir()
+    source = str(local) if is_local else name
     try:
-        return datasets.load_dataset(name, config_name, split=split)
+        if not is_local and not datasets.config.HF_HUB_OFFLINE:
+            _reach_hub(name)  # one request that fails fast; `load_dataset` retries each request for minutes
+        return datasets.load_dataset(source, config_name or None, split=split)
+    except Exception as e:
+        if _script_refused(e):
+            return parquet_export(name, config_name, split)
+        if is_local:
+            raise DataError(f"{origin}: the local dataset directory could not be loaded ({hub.describe(e)}); it must "
+                            "hold data files `datasets` can read (or a Parquet export: SUBSET/SPLIT/*.parquet), or "
+                            "set data.data_files.train / .validation to the files.") from e
+        if not hub.unreachable(e):  # the Hub answered: a wrong id, subset or split
+            raise DataError(f"{origin} could not be loaded ({hub.describe(e)}); check data.name, data.config_name and "
+                            "data.train_split / data.eval_split.") from e
+        raise DataError(
+            f"{origin} could not be loaded ({hub.hub_error_hint(e)}). Offline? On a machine with internet export each "
+            f"split (`datasets.load_dataset({name!r}, split='train').to_json('train.jsonl')`), copy the files here "
+            "and set data.data_files.train / data.data_files.validation (and data.source_field / data.target_field)."
+        ) from e
+
+
+def _reach_hub(name: str) -> None:
+    import datasets
+    from huggingface_hub import HfApi
+
+    from prefix_jax.models import hub
+
+    HfApi(endpoint=datasets.config.HF_ENDPOINT).dataset_info(name, timeout=hub.hub_timeout_s())
+
+
+def _parquet_export_location(name: str) -> tuple[Any, str, str]:
+    """(fsspec filesystem, root to list, prefix of file urls) of a dataset's Parquet export: the Hub's
+    `refs/convert/parquet` revision, or a local directory laid out the same way."""
+    from urllib.parse import quote
+
+    local = Path(name).expanduser()
+    if local.is_dir():
+        import fsspec
+
+        return fsspec.filesystem("file"), str(local), str(local)
+    from huggingface_hub import HfFileSystem
+
+    root = f"datasets/{name}@{quote(PARQUET_REVISION, safe='')}"
+    return HfFileSystem(), root, f"hf://{root}"
+
+
+def _subdirs(fs: Any, path: str) -> list[str]:
+    return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=True)
+                  if entry["type"] == "directory")
+
+
+def parquet_export(name: str, config_name: str | None, split: str) -> Any:
+    """A split of a loading-script dataset from its Parquet export (`{config}/{split}/NNNN.parquet`, or
+    `{config}/partial-{split}/` when the Hub converted only part of a large split); columns as the script
+    defined them."""
+    import datasets
+
+    from prefix_jax.models import hub
+
+    origin = _hub_origin(name, config_name, split)
+    try:
+        fs, root, url = _parquet_export_location(name)
+        configs = _subdirs(fs, root)
+        config = config_name or (configs[0] if len(configs) == 1 else "default" if "default" in configs else "")
+        if config not in configs:
+            raise DataError(f"{origin}: a loading-script dataset whose Parquet export ({PARQUET_REVISION}) has the "
+                            f"subsets {configs}; set data.config_name to one of them.")
+        splits = _subdirs(fs, f"{root}/{config}")
+        folder = split if split in splits else f"partial-{split}" if f"partial-{split}" in splits else ""
+        if not folder:
+            raise DataError(f"{origin}: the Parquet export ({PARQUET_REVISION}) of subset {config!r} has the splits "
+                            f"{splits}; set data.train_split / data.eval_split to one of them.")
+        if folder != split:
+            logging.getLogger(__name__).warning("%s: the Hub converted only part of this split (%s/%s).", origin,
+                                                config, folder)
+        files = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(f"{root}/{config}/{folder}",
+                                                                              detail=False)
+                       if entry.endswith(".parquet"))
+        if not files:
+            raise DataError(f"{origin}: {config}/{folder} of the Parquet export ({PARQUET_REVISION}) holds no "
+                            ".parquet files.")
+        urls = [f"{url}/{config}/{folder}/{f}" for f in files]
+        return datasets.load_dataset("parquet", data_files={split: urls}, split=split)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(
-            f"data.name={name!r} split {split!r} could not be loaded ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). Offline? On a machine with internet run "
-            f"`datasets.load_dataset({name!r}).save_to_disk(...)` or export the splits to jsonl, then set "
-            "data.data_files={'train': ..., 'validation': ...} and data.source_field/target_field."
+            f"{origin} is a loading-script dataset (which datasets>=4 cannot run) and its Parquet export "
+            f"({PARQUET_REVISION}) could not be read ({hub.hub_error_hint(e)}). Export the splits to jsonl on a "
+            "machine with internet and set data.data_files={'train': ..., 'validation': ...}."
         ) from e
+
+
+def hub_table(name: str, config_name: str | None, split: str) -> Table:
+    """Rows of a split of a Hub dataset (or local dataset directory), numbered from 1."""
+    if not name:
+        raise DataError("set data.name (a Hugging Face dataset id) or data.data_files (local files).")
+    dataset = _hub_dataset(name, config_name, split)
+    return _as_table(dataset, _hub_origin(name, config_name, split))
+
+
+def _as_table(dataset: Any, origin: str) -> Table:
+    return Table(origin, list(dataset.column_names), ((f"row {n}", r) for n, r in enumerate(dataset, 1)))
 
 
 def read_examples(data: Any, split: str) -> list[Example]:
@@ -106,47 +428,73 @@ def read_examples(data: Any, split: str) -> list[Example]:
     fmt = data.format
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r} is not one of {FORMATS}.")
-    files = dict(data.data_files or {})
-    if fmt == "e2e" and files:
-        return read_e2e_csv(_local(files, split))
-    if fmt == "dart" and files and str(files.get(split, "")).endswith(".json"):
-        return read_dart_json(_local(files, split))
-    table = _hub_or_files(data.name, data.config_name, files, split)
-    if fmt == "fields":
-        missing = [f for f in (data.source_field, data.target_field) if f not in table.column_names]
-        if missing:
-            raise DataError(f"split {split!r} has no column(s) {missing}; it has {table.column_names}. Set "
-                            "data.source_field / data.target_field.")
-        return _group_references([(str(r[data.source_field]), str(r[data.target_field]).strip()) for r in table])
-    return _table_to_text_from_hub(fmt, table, split)
+    files = {split: path for split, path in dict(data.data_files or {}).items() if path}  # '' = unset
+    if files:
+        path, origin = _local(files, split)
+        if fmt == "dart" and path.suffix.lower() == ".json":
+            examples = read_dart_json(path, origin)
+        else:
+            table = read_local_table(path, origin)
+            if fmt == "e2e" and {"mr", "ref"} <= set(table.columns):
+                examples = _e2e_examples(table)
+            else:
+                examples = _examples_of(fmt, table, data)
+    else:
+        table = hub_table(data.name, data.config_name, split)
+        examples = _examples_of(fmt, table, data)
+    if not examples:
+        raise DataError(f"{origin if files else _hub_origin(data.name, data.config_name, split)}: has no rows.")
+    return examples
 
 
-def _local(files: Mapping[str, str], split: str) -> Path:
-    if split not in files:
-        raise DataError(f"data.data_files has no {split!r} entry (has {sorted(files)}).")
-    path = Path(files[split])
-    if not path.is_file():
-        raise DataError(f"data.data_files.{split}={str(path)!r}: no such file.")
-    return path
+def _examples_of(fmt: str, table: Table, data: Any) -> list[Example]:
+    if fmt != "fields":
+        return _table_to_text_from_hub(fmt, table, "")
+    fields = {data.source_field: "data.source_field", data.target_field: "data.target_field"}
+    missing = [f"{key!r} ({field})" for key, field in fields.items() if key not in table.columns]
+    if missing:
+        raise DataError(f"{table.origin}: has no column {', '.join(missing)}; it has {table.columns}. Set "
+                        "data.source_field / data.target_field.")
+    return _group_references([
+        (_text(r, data.source_field, f"{table.origin} {where}", "data.source_field"),
+         _text(r, data.target_field, f"{table.origin} {where}", "data.target_field").strip())
+        for where, r in table.rows])
 
 
 def _table_to_text_from_hub(fmt: str, table: Any, split: str) -> list[Example]:
     """Hub layouts of E2E (`e2e_nlg`, `GEM/e2e_nlg`), DART (`dart`, `GEM/dart`), WebNLG (`GEM/web_nlg`)."""
-    cols = set(table.column_names)
+    if not isinstance(table, Table):
+        table = _as_table(table, f"split {split!r}")
+    cols = set(table.columns)
+    need = {"e2e": [{"meaning_representation", "human_reference"}, {"meaning_representation", "target"}],
+            "dart": [{"tripleset", "annotations"}, {"tripleset", "target"}],
+            "webnlg": [{"input", "target"}]}[fmt]
+    if not any(n <= cols for n in need):
+        raise DataError(f"{table.origin}: data.format={fmt!r} expects the columns "
+                        f"{' or '.join(str(sorted(n)) for n in need)}; it has {sorted(cols)}.")
+    field = f"data.format={fmt!r}"
     pairs: list[tuple[str, str]] = []
-    for r in table:
+    for where, r in table.rows:
+        where = f"{table.origin} {where}"
         if fmt == "e2e":
-            source = linearize_e2e(r["meaning_representation"])
-            targets = [r["human_reference"]] if "human_reference" in cols else [r["target"]]
+            source = _e2e_source(_text(r, "meaning_representation", where, field), where)
+            targets = [_text(r, "human_reference" if "human_reference" in cols else "target", where, field)]
         elif fmt == "dart":
-            source = linearize_triples(r["tripleset"])
-            targets = r["annotations"]["text"] if "annotations" in cols else [r["target"]]
+            source = _triples(r.get("tripleset"), where, "tripleset")
+            if "annotations" in cols:
+                texts = (r.get("annotations") or {}).get("text") if isinstance(r.get("annotations"), dict) else None
+                if not isinstance(texts, list) or not texts:
+                    raise DataError(f"{where}: field 'annotations' ({field}) has no 'text' list.")
+                targets = [_text({"text": t}, "text", f"{where} annotation {i}", field) for i, t in enumerate(texts, 1)]
+            else:
+                targets = [_text(r, "target", where, field)]
         else:  # webnlg: GEM/web_nlg gives `input` as ["s | r | o", ...]
-            if "input" not in cols:
-                raise DataError(f"data.format='webnlg' expects GEM/web_nlg's columns; split {split!r} has "
-                                f"{sorted(cols)}.")
-            source = linearize_triples([t.split(" | ") for t in r["input"]])
-            targets = [r["target"]]
+            triples = r.get("input")
+            if not isinstance(triples, list) or not triples or not all(isinstance(t, str) for t in triples):
+                raise DataError(f"{where}: field 'input' ({field}) must be a non-empty list of 's | r | o' strings; "
+                                f"it is {str(triples)[:60]!r}.")
+            source = linearize_triples([t.split(" | ") for t in triples])
+            targets = [_text(r, "target", where, field)]
         pairs.extend((source, t.strip()) for t in targets)
     return _group_references(pairs)
 
@@ -166,15 +514,55 @@ class TokenizedSplit:
         return len(self.source_ids)
 
 
-def load_tokenizer(path_or_name: str) -> Any:
-    """`transformers.AutoTokenizer` for a model directory or Hub id."""
+# Files from which `transformers` can build a tokenizer; without any of them it silently builds an empty
+# one (T5: every word `<unk>`; GPT-2: every text empty).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model", "spm.model")
+TOKENIZER_FIELD = "model.tokenizer, or model.name_or_path when model.tokenizer is empty"
+_PROBE = "The quick brown fox jumps over the lazy dog 42."
+
+
+def load_tokenizer(path_or_name: str, field: str = TOKENIZER_FIELD) -> Any:
+    """`transformers.AutoTokenizer` for a model directory or Hub id, checked to tokenize text sensibly."""
     from transformers import AutoTokenizer
 
+    from prefix_jax.models import hub
+
+    fix = ("save the model's tokenizer there (`AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR)`) or "
+           "set model.tokenizer to a directory or Hub id that has one.")
     try:
-        return AutoTokenizer.from_pretrained(path_or_name)
+        directory = hub.resolve_tokenizer_dir(str(path_or_name), field)
+    except hub.ModelNotFoundError as e:
+        raise DataError(str(e)) from None
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...) [{field}]; "
+                        f"{fix}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as e:
-        raise DataError(f"no tokenizer could be loaded from {path_or_name!r} ({type(e).__name__}); the model "
-                        "directory must hold tokenizer files, or set model.tokenizer to a directory that does.") from e
+        raise DataError(f"{directory}: no tokenizer could be loaded ({hub.describe(e)}) [{field}]; {fix}") from e
+    check_tokenizer(tokenizer, f"the tokenizer in {directory} [{field}]", fix)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: Any, what: str, fix: str) -> None:
+    """Refuses a tokenizer that cannot round-trip a plain English sentence (an empty or all-`<unk>` one)."""
+    size = len(tokenizer)
+    if size < 16:
+        raise DataError(f"{what} has only {size} tokens; its vocabulary files are missing or broken: {fix}")
+    ids = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise DataError(f"{what} turns {_PROBE!r} into no tokens at all; its vocabulary files are missing or broken: "
+                        f"{fix}")
+    unk = tokenizer.unk_token_id
+    if unk is not None and all(i == unk for i in ids):
+        raise DataError(f"{what} turns {_PROBE!r} into unknown tokens only; its vocabulary files are missing or "
+                        f"broken: {fix}")
+    letters = lambda text: "".join(ch for ch in text.lower() if ch.isalnum())
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    if difflib.SequenceMatcher(None, letters(_PROBE), letters(decoded)).ratio() < 0.5:
+        raise DataError(f"{what} decodes {_PROBE!r} back as {decoded[:60]!r}; its vocabulary files are missing or "
+                        f"broken: {fix}")
 
 
 def tokenize(examples: Sequence[Example], tokenizer: Any, max_source_length: int, max_target_length: int,

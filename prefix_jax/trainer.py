@@ -125,7 +125,8 @@ def build(config: Any) -> Setup:
     c = config
     sharding.initialize_distributed(c.mesh.coordinator_address or None, c.mesh.num_processes, c.mesh.process_id)
     lm = load_lm(c)
-    tokenizer = data.load_tokenizer(c.model.tokenizer or str(lm.model_dir))
+    tokenizer = data.load_tokenizer(c.model.tokenizer or str(lm.model_dir),
+                                    field="model.tokenizer" if c.model.tokenizer else "model.name_or_path")
     init_ids = init_text_ids(c, tokenizer)
     spec = prefix_spec(c, lm.config, init_ids)
     if init_ids and len(init_ids) != spec.length:

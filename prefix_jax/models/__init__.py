@@ -50,14 +50,16 @@ def architecture(model_type: str, field: str = "model.name_or_path") -> Any:
 def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
                     **config_overrides: Any) -> PretrainedLM:
     """Loads a HF checkpoint (Hub id or local directory; safetensors only) as our model + params."""
-    from transformers import AutoConfig
-
     for field, value in (("model.param_dtype", param_dtype), ("model.compute_dtype", compute_dtype)):
         if value is not None and value not in DTYPES:
             raise ValueError(f"{field}={value!r} is not supported; use one of {DTYPES}.")
     model_dir = hub.resolve_model_dir(name_or_path)
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    arch = architecture(hf_config.model_type)
+    model_type = hub.read_model_type(model_dir)  # config.json checked before transformers sees it
+    if model_type not in ARCHITECTURES:
+        raise hub.ModelFileError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported "
+                                 f"(supported: {sorted(ARCHITECTURES)}); point model.name_or_path at one of those.")
+    arch = architecture(model_type)
+    hf_config = hub.load_hf_config(model_dir)
     known = {f.name for f in dataclasses.fields(arch.Config)}
     for field in config_overrides:
         if field not in known:
@@ -65,7 +67,13 @@ def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dty
     tensors = hub.read_safetensors(model_dir)
     config = arch.Config.from_hf(hf_config, set(tensors), dtype=compute_dtype or param_dtype,
                                  param_dtype=param_dtype, **config_overrides)
-    params = arch.params_from_hf(tensors, config, str(model_dir))
+    try:
+        params = arch.params_from_hf(tensors, config, str(model_dir))
+    except (ValueError, TypeError, IndexError) as e:  # e.g. a tensor whose shape contradicts config.json
+        if isinstance(e, hub.ModelNotFoundError):
+            raise
+        raise hub.ModelFileError(f"{model_dir}: its tensors do not fit its config.json ({hub.describe(e)}); the "
+                                 "files come from different models, save the model again.") from None
     params = jax.tree.map(lambda x: np.asarray(x, dtype=param_dtype), params)
     return PretrainedLM(name_or_path, model_dir, config, arch.Model(config), params, hf_config)
 
