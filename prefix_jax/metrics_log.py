@@ -28,6 +28,9 @@ class MetricsWriter:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._written = {(row["step"], _keys(row)) for row in read_metrics(self.path.parent)}
+            text = self.path.read_text() if self.path.exists() else ""
+            if text and not text.endswith("\n"):
+                append_line(self.path, "")  # end the line a killed run left half-written
             if "://" not in str(self.path):
                 try:
                     from tensorboardX import SummaryWriter
@@ -67,6 +70,12 @@ def _scalar(v: Any) -> Any:
 
 
 def read_metrics(workdir: str | epath.PathLike) -> list[dict]:
-    """All rows of a run's `metrics.jsonl`."""
+    """All rows of a run's `metrics.jsonl` (a line a killed run left half-written is skipped)."""
     path = epath.Path(workdir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
