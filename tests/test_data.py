@@ -39,7 +39,11 @@ def test_dart_linearization_and_references():
     assert examples[0].source == "Mars Hill College : JOINED : 1973 | Mars Hill College : LOCATION : Mars Hill, North Carolina"
     assert examples[0].target == "A school from Mars Hill, North Carolina, joined in 1973."
     records = json.loads(DART_DEV.read_text())
-    assert len({e.source for e in examples}) <= len(records)
+    assert len(examples) == sum(len(r["annotations"]) for r in records)  # one example per annotation
+    by_source = {e.source: set(e.references) for e in examples}
+    for record in records:  # every annotation is a reference of its own linearized tripleset
+        texts = {a["text"].strip() for a in record["annotations"]}
+        assert texts <= by_source[data.linearize_triples(record["tripleset"])]
     many = [e for e in examples if len(e.references) > 1][0]
     assert len(set(many.references)) > 1
 
@@ -121,4 +125,8 @@ def test_eval_batches_cover_every_example_once():
     b = make_batcher(n=10, batch=4)
     batches = list(b.eval_batches())
     assert len(batches) == 3 and all(x["source_ids"].shape == (4, 4) for x in batches)
-    assert sum(int(x["target_mask"].sum()) for x in batches) == 10 * 2  # padding rows are fully masked
+    rows = [(tuple(ids[m == 1]), tuple(t[tm == 1])) for x in batches
+            for ids, m, t, tm in zip(x["source_ids"], x["source_mask"], x["target_ids"], x["target_mask"])
+            if m.any()]
+    expected = [(tuple(s), tuple(t)) for s, t in zip(b.split.source_ids, b.split.target_ids)]
+    assert rows == expected  # each example once, in order; the filler rows are fully masked

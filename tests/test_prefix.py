@@ -76,11 +76,14 @@ def test_bad_specs_name_the_field():
 def test_prefix_dropout_only_in_training():
     s = spec(dropout=0.5)
     params = prefix_lib.init_params(s, jax.random.PRNGKey(0))
-    eval_a = prefix_lib.materialize(params, s)
-    train = prefix_lib.materialize(params, s, jax.random.PRNGKey(1), deterministic=False)
-    zeros = float(jnp.mean(train.kv[DECODER].key == 0))
-    assert 0.4 < zeros < 0.6
-    np.testing.assert_array_equal(eval_a.kv[DECODER].key, prefix_lib.materialize(params, s).kv[DECODER].key)
+    undropped = prefix_lib.materialize(params, spec(dropout=0.0)).kv[DECODER].key  # same params, no dropout
+    np.testing.assert_array_equal(prefix_lib.materialize(params, s).kv[DECODER].key, undropped)  # eval: none
+    a = prefix_lib.materialize(params, s, jax.random.PRNGKey(1), deterministic=False).kv[DECODER].key
+    b = prefix_lib.materialize(params, s, jax.random.PRNGKey(2), deterministic=False).kv[DECODER].key
+    kept = np.asarray(a) != 0
+    assert 0.4 < 1 - kept.mean() < 0.6
+    np.testing.assert_allclose(np.asarray(a)[kept], 2.0 * np.asarray(undropped)[kept], rtol=1e-6)  # kept / (1-p)
+    assert (np.asarray(b) != 0).tolist() != kept.tolist()  # a fresh mask per rng
 
 
 @pytest.fixture(scope="module")

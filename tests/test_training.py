@@ -94,12 +94,22 @@ def test_frozen_paths_do_not_move():
 
 
 def test_weight_decay_only_on_mlp_kernels():
+    """With zero gradients AdamW's update is its decay alone: -lr * wd * p on MLP kernels, nothing elsewhere."""
     cfg, _, _ = tiny_t5()
     params = prefix_lib.init_params(spec_for(cfg), jax.random.PRNGKey(0))
-    names = optim.path_names(params)
-    mask = optim.decay_mask(params)
-    for name, decayed in zip(jax.tree.leaves(names), jax.tree.leaves(mask)):
-        assert decayed == name.endswith("kernel"), name
+    lr, wd = 1e-2, 0.1
+    tx, _ = optim.make_optimizer(params, lr, 10, weight_decay=wd, max_grad_norm=None)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    first_lr = float(optim.linear_schedule(lr, 10)(0))
+    decayed = []
+    for (path, p), u in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(updates)):
+        name = jax.tree_util.keystr(path)
+        if np.any(np.asarray(u)):
+            np.testing.assert_allclose(u, -first_lr * wd * p, rtol=1e-5, err_msg=name)
+            decayed.append(name)
+    assert decayed and all("kernel" in n and "mlp" in n for n in decayed), decayed
+    assert not any("bias" in n or "embedding" in n for n in decayed)
 
 
 def test_step_hlo_does_not_grow_with_the_lm():
@@ -127,17 +137,23 @@ def test_step_hlo_does_not_grow_with_the_lm():
 
 
 def test_label_smoothing_and_padding_in_the_loss():
-    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5)), jnp.float32)
-    targets = jnp.asarray([[1, 2, 3], [4, 0, 0]])
-    mask = jnp.asarray([[1, 1, 1], [1, 0, 0]])
-    total, count = training.token_cross_entropy(logits, targets, mask)
-    logp = jax.nn.log_softmax(logits)
-    expected = -sum(float(logp[b, t, targets[b, t]]) for b, t in [(0, 0), (0, 1), (0, 2), (1, 0)])
-    assert float(count) == 4
-    np.testing.assert_allclose(float(total), expected, rtol=1e-6)
-    smoothed, _ = training.token_cross_entropy(logits, targets, mask, label_smoothing=0.1)
-    uniform = -sum(float(jnp.mean(logp[b, t])) for b, t in [(0, 0), (0, 1), (0, 2), (1, 0)])
-    np.testing.assert_allclose(float(smoothed), 0.9 * expected + 0.1 * uniform, rtol=1e-6)
+    """Equal to transformers' own `LabelSmoother` (what its Trainer applies), pads ignored."""
+    import torch
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    logits = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
+    targets = np.asarray([[1, 2, 3], [4, 0, 0]])
+    mask = np.asarray([[1, 1, 1], [1, 0, 0]])
+    labels = torch.tensor(np.where(mask == 1, targets, -100))
+    for epsilon in (0.0, 0.1):
+        total, count = training.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
+                                                    label_smoothing=epsilon)
+        if epsilon:
+            expected = float(LabelSmoother(epsilon=epsilon)({"logits": torch.tensor(logits)}, labels))
+        else:
+            expected = float(torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, 5), labels.reshape(-1)))
+        assert float(count) == 4
+        np.testing.assert_allclose(float(total) / float(count), expected, rtol=1e-6)
 
 
 def test_step_is_independent_of_lm_values_but_not_shapes():
