@@ -383,3 +383,24 @@ def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray
                 out[f"{lp}.{fc}.weight"] = layers[fc]["kernel"][i].T
                 out[f"{lp}.{fc}.bias"] = layers[fc]["bias"][i]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# Partition rules (see prefix_jax/partitioning.py): "/"-joined param path (fullmatch, first wins) -> one
+# logical axis name per dimension. Stacked layer params carry a leading "layers" axis; biases of width
+# d_model stay replicated (None), biases of sharded outputs follow their kernel's output axis.
+_ATTENTION = r"(encoder|decoder)/layers/(self_attention|cross_attention)"
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"shared/embedding", ("vocab", "embed")),
+    (r"final_logits_bias", ("vocab",)),
+    (r"(encoder|decoder)/embed_positions/embedding", ("positions", "embed")),
+    (r"(encoder|decoder)/layernorm_embedding/(scale|bias)", ("norm",)),
+    (_ATTENTION + r"/(query|key|value)/kernel", ("layers", "embed", "heads", "head_dim")),
+    (_ATTENTION + r"/(query|key|value)/bias", ("layers", "heads", "head_dim")),
+    (_ATTENTION + r"/out/kernel", ("layers", "heads", "head_dim", "embed")),
+    (_ATTENTION + r"/out/bias", ("layers", None)),
+    (r"(encoder|decoder)/layers/fc1/kernel", ("layers", "embed", "mlp")),
+    (r"(encoder|decoder)/layers/fc1/bias", ("layers", "mlp")),
+    (r"(encoder|decoder)/layers/fc2/kernel", ("layers", "mlp", "embed")),
+    (r"(encoder|decoder)/layers/fc2/bias", ("layers", None)),
+    (r"(encoder|decoder)/layers/\w+_norm/(scale|bias)", ("layers", "norm")),
+)

@@ -315,3 +315,22 @@ def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray
         for fc in ("c_fc", "c_proj"):
             out[f"{lp}.mlp.{fc}.weight"], out[f"{lp}.mlp.{fc}.bias"] = layers[fc]["kernel"][i], layers[fc]["bias"][i]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# Partition rules (see prefix_jax/partitioning.py): "/"-joined param path (fullmatch, first wins) -> one
+# logical axis name per dimension. Stacked layer params carry a leading "layers" axis; biases of width
+# n_embd stay replicated (None), biases of sharded outputs follow their kernel's output axis.
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"wte/embedding", ("vocab", "embed")),
+    (r"transformer/wpe/embedding", ("positions", "embed")),
+    (r"transformer/h/attn/(query|key|value)/kernel", ("layers", "embed", "heads", "head_dim")),
+    (r"transformer/h/attn/(query|key|value)/bias", ("layers", "heads", "head_dim")),
+    (r"transformer/h/attn/out/kernel", ("layers", "heads", "head_dim", "embed")),
+    (r"transformer/h/attn/out/bias", ("layers", None)),
+    (r"transformer/h/c_fc/kernel", ("layers", "embed", "mlp")),
+    (r"transformer/h/c_fc/bias", ("layers", "mlp")),
+    (r"transformer/h/c_proj/kernel", ("layers", "mlp", "embed")),
+    (r"transformer/h/c_proj/bias", ("layers", None)),
+    (r"transformer/h/ln_(1|2)/(scale|bias)", ("layers", "norm")),
+    (r"transformer/ln_f/(scale|bias)", ("norm",)),
+)

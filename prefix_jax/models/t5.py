@@ -383,3 +383,19 @@ def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray
     if not cfg.tied_lm_head:
         out["lm_head.weight"] = p["lm_head"]["kernel"].T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# Partition rules (see prefix_jax/partitioning.py): "/"-joined param path (fullmatch, first wins) -> one
+# logical axis name per dimension. Stacked layer params carry a leading "layers" axis.
+_ATTENTION = r"(encoder|decoder)/layers/(self_attention|cross_attention)"
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"shared/embedding", ("vocab", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+    (r"(encoder|decoder)/relative_attention_bias/embedding", ("buckets", "heads")),
+    (_ATTENTION + r"/(query|key|value)/kernel", ("layers", "embed", "heads", "head_dim")),
+    (_ATTENTION + r"/out/kernel", ("layers", "heads", "head_dim", "embed")),
+    (r"(encoder|decoder)/layers/ffn/(wi|wi_0|wi_1)/kernel", ("layers", "embed", "mlp")),
+    (r"(encoder|decoder)/layers/ffn/wo/kernel", ("layers", "mlp", "embed")),
+    (r"(encoder|decoder)/layers/\w+_norm/scale", ("layers", "norm")),
+    (r"(encoder|decoder)/final_norm/scale", ("norm",)),
+)
