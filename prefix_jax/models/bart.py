@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention
@@ -71,7 +72,7 @@ class Config:
     positions_after_prefix: bool = False  # see module docstring
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
 
     is_encoder_decoder = True
     architecture = "bart"
@@ -172,7 +173,8 @@ class BartBlock(nn.Module):
             h, _ = cross(x_BxLxD, memory, cross_mask, None, prefix_cross, None, det)
             x_BxLxD = layer_norm(cfg, "cross_attention_norm")(x_BxLxD + dropout(h))
         act = common.activation(cfg.activation_function, "activation_function")
-        h = act(dense(cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim, "fc1")(x_BxLxD))
+        mlp_input = checkpoint_name(x_BxLxD, "mlp_input")  # saved by remat policy "minimal"
+        h = act(dense(cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim, "fc1")(mlp_input))
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=det)
         h = dense(cfg.d_model, "fc2")(h)
         x_BxLxD = layer_norm(cfg, "ffn_norm")(x_BxLxD + dropout(h))

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention
@@ -61,7 +62,7 @@ class Config:
     positions_after_prefix: bool = True  # see module docstring
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
 
     is_encoder_decoder = False
     architecture = "gpt2"
@@ -148,7 +149,8 @@ class GPT2Block(nn.Module):
         h, cache = attention(layer_norm(cfg, "ln_1")(x_BxLxD), None, mask_BxHxQxT, None, prefix, cache, det)
         x_BxLxD = x_BxLxD + dropout(h)
         act = common.activation(cfg.activation_function, "activation_function")
-        h_BxLxI = act(dense(cfg.inner_dim, "c_fc")(layer_norm(cfg, "ln_2")(x_BxLxD)))
+        mlp_input = checkpoint_name(layer_norm(cfg, "ln_2")(x_BxLxD), "mlp_input")  # saved by remat "minimal"
+        h_BxLxI = act(dense(cfg.inner_dim, "c_fc")(mlp_input))
         h = dense(cfg.n_embd, "c_proj")(h_BxLxI)
         return x_BxLxD + dropout(h), cache
 

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention
@@ -48,7 +49,7 @@ class Config:
     eos_token_id: int = 1
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
 
     is_encoder_decoder = True
     architecture = "t5"
@@ -178,7 +179,7 @@ class T5Block(nn.Module):
                 new_cache["cross"] = memory
             h, _ = cross(norm("cross_attention_norm")(x_BxLxD), memory, cross_mask, None, prefix_cross, None, det)
             x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
-        h = FeedForward(cfg, det, name="ffn")(norm("ffn_norm")(x_BxLxD))
+        h = FeedForward(cfg, det, name="ffn")(checkpoint_name(norm("ffn_norm")(x_BxLxD), "mlp_input"))
         x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
         return x_BxLxD, new_cache
 
