@@ -352,6 +352,47 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
     return params
 
 
+def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
+    """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
+    from prefix_jax.models import sharded_load as sl
+
+    D = cfg.d_model
+
+    def stack(name: str, num_layers: int, heads: int, ffn: int) -> dict:
+        K, p = D // heads, f"model.{name}.layers.{{i}}"
+        per_layer = lambda w, *split, **kw: sl.layers(num_layers, f"{p}.{w}", *split, **kw)
+        norm = lambda n: {"scale": per_layer(f"{n}.weight", (D,)), "bias": per_layer(f"{n}.bias", (D,))}
+        out: dict = {"ffn_norm": norm("final_layer_norm")}
+        for ours, (attn, ln) in _SUBLAYERS.items():
+            if name == "decoder" or ours == "self_attention":
+                out[ours] = {o: {"kernel": per_layer(f"{attn}.{t}.weight", (D,), (heads, K), transpose=True),
+                                 "bias": per_layer(f"{attn}.{t}.bias", (heads, K))} for o, t in _PROJECTIONS}
+                out[ours]["out"] = {"kernel": per_layer(f"{attn}.out_proj.weight", (heads, K), (D,), transpose=True),
+                                    "bias": per_layer(f"{attn}.out_proj.bias", (D,))}
+                out[f"{ours}_norm"] = norm(ln)
+        out["fc1"] = {"kernel": per_layer("fc1.weight", (D,), (ffn,), transpose=True),
+                      "bias": per_layer("fc1.bias", (ffn,))}
+        out["fc2"] = {"kernel": per_layer("fc2.weight", (ffn,), (D,), transpose=True),
+                      "bias": per_layer("fc2.bias", (D,))}
+        base = f"model.{name}"
+        return {"embed_positions": {"embedding": sl.tensor(f"{base}.embed_positions.weight",
+                                                           (cfg.max_position_embeddings + POSITION_OFFSET,), (D,))},
+                "layernorm_embedding": {"scale": sl.tensor(f"{base}.layernorm_embedding.weight", (D,)),
+                                        "bias": sl.tensor(f"{base}.layernorm_embedding.bias", (D,))},
+                "layers": out}
+
+    embedding = next((n for n in _EMBEDDING_NAMES if n in tensor_names), _EMBEDDING_NAMES[0])
+    V = cfg.vocab_size
+    return {
+        "shared": {"embedding": sl.tensor(embedding, (V,), (D,))},
+        "encoder": stack("encoder", cfg.encoder_layers, cfg.encoder_attention_heads, cfg.encoder_ffn_dim),
+        "decoder": stack("decoder", cfg.decoder_layers, cfg.decoder_attention_heads, cfg.decoder_ffn_dim),
+        # A buffer [1, V]: absent from some checkpoints, then zeros.
+        "final_logits_bias": sl.tensor("final_logits_bias", (), (V,)) if "final_logits_bias" in tensor_names
+        else sl.Zeros((V,)),
+    }
+
+
 def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
     """Inverse of `params_from_hf`: our params -> a HF BART state dict (e.g. to write a tiny checkpoint)."""
     p = jax.tree.map(np.asarray, params)

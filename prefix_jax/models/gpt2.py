@@ -297,6 +297,33 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
     }
 
 
+def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
+    """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
+    from prefix_jax.models import sharded_load as sl
+
+    base = _base(tensor_names)
+    H, K, D, inner = cfg.n_head, cfg.head_dim, cfg.n_embd, cfg.inner_dim
+    per_layer = lambda w, *split, **kw: sl.layers(cfg.n_layer, f"{base}h.{{i}}.{w}", *split, **kw)
+    norm = lambda n, layered=True: {
+        part: per_layer(f"{n}.{w}", (D,)) if layered else sl.tensor(f"{base}{n}.{w}", (D,))
+        for part, w in (("scale", "weight"), ("bias", "bias"))}
+    # Conv1D weights are [in, out]: no transpose; q/k/v are the thirds of the fused c_attn's output axis.
+    attn = {name: {"kernel": per_layer("attn.c_attn.weight", (D,), (H, K), offset=(0, j * D)),
+                   "bias": per_layer("attn.c_attn.bias", (H, K), offset=(j * D,))}
+            for j, name in enumerate(_PROJECTIONS)}
+    attn["out"] = {"kernel": per_layer("attn.c_proj.weight", (H, K), (D,)), "bias": per_layer("attn.c_proj.bias", (D,))}
+    layers = {"ln_1": norm("ln_1"), "attn": attn, "ln_2": norm("ln_2"),
+              "c_fc": {"kernel": per_layer("mlp.c_fc.weight", (D,), (inner,)),
+                       "bias": per_layer("mlp.c_fc.bias", (inner,))},
+              "c_proj": {"kernel": per_layer("mlp.c_proj.weight", (inner,), (D,)),
+                         "bias": per_layer("mlp.c_proj.bias", (D,))}}
+    return {
+        "wte": {"embedding": sl.tensor(f"{base}wte.weight", (cfg.vocab_size,), (D,))},
+        "transformer": {"wpe": {"embedding": sl.tensor(f"{base}wpe.weight", (cfg.n_positions,), (D,))},
+                        "h": layers, "ln_f": norm("ln_f", layered=False)},
+    }
+
+
 def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
     """Inverse of `params_from_hf`: our params -> a HF `GPT2LMHeadModel` state dict (tied head not written)."""
     p = jax.tree.map(np.asarray, params)

@@ -354,6 +354,43 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
     return params
 
 
+def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
+    """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
+    from prefix_jax.models import sharded_load as sl
+
+    H, K, D = cfg.num_heads, cfg.d_kv, cfg.d_model
+
+    def stack(name: str, num_layers: int, sublayers: tuple[tuple[str, str], ...]) -> dict:
+        layer = f"{name}.block.{{i}}.layer"
+        out: dict = {}
+        for j, (ours, module) in enumerate(sublayers):
+            if ours == "ffn":
+                wis = ("wi_0", "wi_1") if cfg.is_gated_act else ("wi",)
+                out["ffn"] = {w: {"kernel": sl.layers(num_layers, f"{layer}.{j}.DenseReluDense.{w}.weight", (D,),
+                                                      (cfg.d_ff,), transpose=True)} for w in wis}
+                out["ffn"]["wo"] = {"kernel": sl.layers(num_layers, f"{layer}.{j}.DenseReluDense.wo.weight",
+                                                        (cfg.d_ff,), (D,), transpose=True)}
+            else:
+                w = lambda t: f"{layer}.{j}.{module}.{t}.weight"
+                out[ours] = {o: {"kernel": sl.layers(num_layers, w(t), (D,), (H, K), transpose=True)}
+                             for o, t in (("query", "q"), ("key", "k"), ("value", "v"))}
+                out[ours]["out"] = {"kernel": sl.layers(num_layers, w("o"), (H, K), (D,), transpose=True)}
+            out[f"{ours}_norm"] = {"scale": sl.layers(num_layers, f"{layer}.{j}.layer_norm.weight", (D,))}
+        bias = f"{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        return {"relative_attention_bias": {"embedding": sl.tensor(bias, (cfg.relative_attention_num_buckets,), (H,))},
+                "layers": out, "final_norm": {"scale": sl.tensor(f"{name}.final_layer_norm.weight", (D,))}}
+
+    params = {
+        "shared": {"embedding": sl.tensor("shared.weight", (cfg.vocab_size,), (D,))},
+        "encoder": stack("encoder", cfg.num_encoder_layers, (("self_attention", "SelfAttention"), ("ffn", ""))),
+        "decoder": stack("decoder", cfg.num_decoder_layers, (("self_attention", "SelfAttention"),
+                                                              ("cross_attention", "EncDecAttention"), ("ffn", ""))),
+    }
+    if not cfg.tied_lm_head:
+        params["lm_head"] = {"kernel": sl.tensor("lm_head.weight", (D,), (cfg.vocab_size,), transpose=True)}
+    return params
+
+
 def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
     """Inverse of `params_from_hf`: our params -> a HF T5 state dict (e.g. to write a checkpoint)."""
     H, K = cfg.num_heads, cfg.d_kv
