@@ -18,11 +18,15 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+import logging
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from prefix_jax.models import hub
+
+log = logging.getLogger("prefix_jax")
 
 # (start, stop) per dimension of a block of our array.
 Bounds = tuple[tuple[int, int], ...]
@@ -131,6 +135,7 @@ class Checkpoint:
     def __init__(self, model_dir: Path):
         single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
         self.model_dir = model_dir
+        self.bytes_read = 0  # by this process
         if single.is_file():
             self._files = {single: None}
             self.files = {name: single for name in self._handle(single).keys()}
@@ -157,7 +162,13 @@ class Checkpoint:
         return tuple(self._slice(name).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        return self._slice(name)[index]
+        block = self._slice(name)[index]
+        self.bytes_read += block.nbytes
+        return block
+
+    def total_bytes(self) -> int:
+        """Size of the checkpoint's files (headers included)."""
+        return sum(path.stat().st_size for path in set(self.files.values()))
 
     def check(self, layout: Any) -> None:
         """Every tensor a layout reads exists and is at least as large as the layout expects."""
@@ -234,6 +245,8 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
     checkpoint.check(layout)
     shardings = partitioning.lm_shardings(layout_shapes(layout, param_dtype), arch.PARAM_AXES, strategy, mesh)
     params = place_from_checkpoint(checkpoint, layout, shardings, np.dtype(param_dtype))
+    log.info("LM loaded into its shards (%s on mesh %s): process %d read %d of the checkpoint's %d bytes",
+             strategy, dict(mesh.shape), jax.process_index(), checkpoint.bytes_read, checkpoint.total_bytes())
     return models.PretrainedLM(name_or_path, model_dir, config, arch.Model(config), params, hf_config)
 
 
