@@ -223,10 +223,11 @@ def check_training(root: Path) -> dict:
         run = train_on(directory, shape)
         np.testing.assert_allclose(run["losses"], one["losses"], rtol=2e-5)
         np.testing.assert_allclose(run["eval_loss"], one["eval_loss"], rtol=2e-5)
-        grad_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (np.abs(np.asarray(b)) + 1e-6)))
+        # Relative to each gradient leaf's scale: float32 sums in another order differ by ~1e-7 absolute.
+        grad_diff = max(float(np.max(np.abs(np.subtract(a, b))) / np.max(np.abs(b)))
                         for a, b in zip(run["grads"], one["grads"]))
         for a, b in zip(run["grads"], one["grads"]):
-            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(np.max(np.abs(b))))
         assert run["lm_unchanged"], shape
         assert run["lm_sharded"] == (shape != (8, 1, 1)), shape
         report[str(shape)] = {"max_loss_rel_diff": float(np.max(np.abs(np.subtract(run["losses"], one["losses"]))
