@@ -152,13 +152,20 @@ def spec_for(cfg) -> prefix_lib.PrefixSpec:
 
 
 def test_remat_policies_give_the_same_gradients_and_order_temp_memory():
-    cfg, lm_params = tiny_t5(layers=3)
-    spec = spec_for(cfg)
+    from transformers import GPT2Config
+
+    from prefix_jax.models import gpt2
+
+    cfg = gpt2.Config.from_hf(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=6, n_head=4, embd_pdrop=0.0,
+                                         resid_pdrop=0.0, attn_pdrop=0.0), set())
+    batch = uneven_batch(8, source=24, target=16)
+    lm_params = gpt2.Model(cfg).init(jax.random.PRNGKey(0), batch)["params"]
+    spec = prefix_lib.PrefixSpec(length=4, placements=("decoder",), geometry=cfg.prefix_geometry(),
+                                 hidden_size=cfg.n_embd, mlp_hidden=16)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
-    batch = uneven_batch(16, source=32, target=16)
     grads, temp = {}, {}
     for policy in common.REMAT_POLICIES:
-        model = t5.Model(dataclasses.replace(cfg, remat=policy))
+        model = gpt2.Model(dataclasses.replace(cfg, remat=policy))
         fn = jax.jit(jax.grad(lambda p, lm, b: training.batch_loss(model, spec, p, lm, b, None)[0]))
         temp[policy] = fn.lower(params, lm_params, batch).compile().memory_analysis().temp_size_in_bytes
         grads[policy] = fn(params, lm_params, batch)
@@ -191,8 +198,8 @@ def test_gradient_accumulation_with_uneven_token_counts_equals_one_big_step():
         np.testing.assert_allclose(grad_acc, grad_big, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(grad_big))))
     # A mean of micro-batch means is not the batch mean when token counts differ: the check can tell them apart.
     micro = training.micro_batches(batch, 4)
-    means = [training.batch_loss(model, spec, params, lm_params, jax.tree.map(lambda x: x[j], micro), None)
-             for j in range(4)]
+    loss = jax.jit(lambda b: training.batch_loss(model, spec, params, lm_params, b, None))
+    means = [loss(jax.tree.map(lambda x: x[j], micro)) for j in range(4)]
     assert abs(np.mean([float(t / c) for t, c in means]) - float(big["loss"])) > 1e-3
 
 
