@@ -259,7 +259,37 @@ def check_memory(root: Path) -> dict:
         out["lm_bytes"] = sum(x.nbytes for x in jax.tree.leaves(lm.params))
     out["ratio"] = out["fsdp4"] / out["replicated"]
     assert 0.24 < out["ratio"] < 0.3, out
+    out["hlo_chars"] = sharded_step_hlo_sizes()
+    small, large = out["hlo_chars"]["small"], out["hlo_chars"]["large"]
+    assert large < 1.05 * small + 10_000, out
     return out
+
+
+def sharded_step_hlo_sizes() -> dict:
+    """Text size of the lowered train step on mesh (2, 2, 2) for a small and a 100x larger T5 (abstract LM)."""
+    from transformers import T5Config
+
+    from prefix_jax.models import t5
+
+    mesh = mesh_of((2, 2, 2))
+    sizes = {}
+    for name, (vocab, d_ff) in {"small": (64, 64), "large": (8192, 1024)}.items():
+        cfg = t5.Config.from_hf(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=d_ff, num_layers=2, num_heads=4,
+                                         decoder_start_token_id=0, relative_attention_num_buckets=8), set())
+        model = t5.Model(cfg)
+        batch = {k: jnp.asarray(v) for k, v in batches(vocab, 1)[0].items()}
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
+        lm_sharding = partitioning.lm_shardings(shapes, t5.PARAM_AXES, STRATEGY, mesh)
+        lm_abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, lm_sharding)
+        spec = prefix_lib.PrefixSpec(length=4, placements=("encoder", "decoder", "cross"),
+                                     geometry=cfg.prefix_geometry(), hidden_size=32, mlp_hidden=16)
+        params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
+        tx, schedule = optim.make_optimizer(params, 1e-2, 10)
+        state = sharding.replicate(training.init_state(params, tx, jax.random.PRNGKey(2)), mesh)
+        step = training.jit_train_step(model, spec, tx, schedule, state_sharding=sharding.replicated(mesh),
+                                       lm_sharding=lm_sharding, batch_sharding=sharding.batch_sharding(mesh))
+        sizes[name] = len(step.lower(state, lm_abstract, sharding.shard_batch(batches(vocab, 1)[0], mesh)).as_text())
+    return sizes
 
 
 def check_generation(root: Path) -> dict:
