@@ -21,7 +21,7 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from prefix_jax import models, optim, partitioning, sharding, training
+from prefix_jax import models, partitioning, sharding, training
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.metrics_log import read_metrics
 from prefix_jax.models import common, t5
