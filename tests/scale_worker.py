@@ -126,12 +126,16 @@ def check_loading(root: Path) -> dict:
     """Sharded loading == load_pretrained bitwise; a sharded leaf's shards are 1/4 of it; one read per block,
     none of them the full tensor for a sharded leaf."""
     checkpoints = build_checkpoints(root)
+    references = {(name, dtype): models.load_pretrained(str(directory), dtype)
+                  for name, directory in checkpoints.items() for dtype in ("float32", "bfloat16")}
+    hf_sizes = {name: {n: x.size for n, x in models.hub.read_safetensors(directory).items()}
+                for name, directory in checkpoints.items()}
     report = {}
     for shape in ((2, 4, 1), (2, 1, 4)):
         mesh = mesh_of(shape)
         for name, directory in checkpoints.items():
             for dtype in ("float32", "bfloat16"):
-                reference = models.load_pretrained(str(directory), dtype)
+                reference = references[(name, dtype)]
                 with ReadSpy() as spy:
                     lm = sharded_load.load_sharded(str(directory), mesh, STRATEGY, dtype)
                 assert jax.tree.structure(lm.params) == jax.tree.structure(reference.params), name
@@ -139,7 +143,6 @@ def check_loading(root: Path) -> dict:
                 layout = arch.hf_layout(lm.config, set(sharded_load.Checkpoint(directory).files))
                 sources = jax.tree.leaves(layout, is_leaf=lambda x: isinstance(x, (sharded_load.FromHF,
                                                                                     sharded_load.Zeros)))
-                hf_sizes = {n: x.size for n, x in models.hub.read_safetensors(directory).items()}
                 expected_reads = 0
                 sharded = 0
                 for src, ours, ref in zip(sources, jax.tree.leaves(lm.params), jax.tree.leaves(reference.params)):
@@ -157,8 +160,8 @@ def check_loading(root: Path) -> dict:
                         if isinstance(src, sharded_load.FromHF):
                             for tensor_name in src.names:
                                 sizes = [n for t, n in spy.reads if t == tensor_name]
-                                assert sizes and all(4 * n <= hf_sizes[tensor_name] for n in sizes), (
-                                    name, tensor_name, sizes, hf_sizes[tensor_name])
+                                full = hf_sizes[name][tensor_name]
+                                assert sizes and all(4 * n <= full for n in sizes), (name, tensor_name, sizes, full)
                 assert len(spy.reads) == expected_reads, (name, len(spy.reads), expected_reads)
                 assert sharded >= 5, (name, shape, sharded)
                 report[f"{name}/{dtype}/{shape}"] = {"sharded_leaves": sharded, "reads": len(spy.reads)}
