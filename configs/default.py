@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.tokenizer = ""  # defaults to name_or_path
     c.model.param_dtype = "float32"  # dtype the frozen LM is stored in: float32 | bfloat16
     c.model.compute_dtype = ""  # activations; defaults to param_dtype
-    c.model.remat = False  # recompute layer activations in the backward pass (long sequences)
+    c.model.remat = "none"  # none | full | minimal (keep q/k/v + MLP inputs); what backward recomputes per layer
     c.model.positions_after_prefix = ml_collections.FieldReference(None, field_type=bool)  # None: the paper's choice
     c.model.create_tiny = ""  # offline demos: build a random tiny checkpoint of this architecture if missing
 
@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.resume_anyway = False  # resume although data/batch/seed/optimizer changed (warns; not an exact replay)
     c.train.max_nonfinite_steps = 5  # non-finite steps skipped in a row before the run stops (0: stop at the first)
     c.train.export = True  # write the materialized prefix (no MLP) to workdir/export at the end
+    c.train.grad_accum_steps = 1  # micro-batches per step (same result, less activation memory)
     c.train.eval_only = False  # only evaluate the workdir's latest checkpoint on data.eval_split (e.g. "test")
 
     c.eval = ml_collections.ConfigDict()
@@ -89,8 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.frozen = ()  # regexes of trainable-tree paths to keep fixed, e.g. ("embedding",)
 
     c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, model) sizes; -1: the rest of the devices. Batch over data x fsdp
+    c.mesh.lm_partitioning = "fsdp_tensor"  # replicated | fsdp | tensor | fsdp_tensor (axes of size 1 shard nothing)
     c.mesh.num_devices = 0  # 0: all visible devices
-    c.mesh.coordinator_address = ""  # multi-process: host:port of process 0
+    c.mesh.coordinator_address = ""  # multi-process: host:port of process 0, or "auto" (TPU pod, SLURM, Open MPI)
     c.mesh.num_processes = 1
     c.mesh.process_id = 0
     return c

@@ -16,13 +16,15 @@ import jax
 import numpy as np
 from etils import epath
 
-from prefix_jax import checkpoint, config_checks, data, evaluation, models, optim, preemption, sharding, tiny, training
+from prefix_jax import checkpoint, config_checks, data, evaluation, models, optim, partitioning, preemption, sharding
+from prefix_jax import tiny, training
 from prefix_jax import workdir as workdir_lib
 from prefix_jax.config_checks import ConfigError
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_init
 from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.metrics_log import MetricsWriter
+from prefix_jax.models import common, sharded_load
 
 log = logging.getLogger("prefix_jax")
 
@@ -44,20 +46,22 @@ class Setup:
 
 
 def _model_overrides(config: Any) -> dict:
-    overrides = {"remat": bool(config.model.remat)}
+    overrides = {"remat": common.remat_policy(config.model.remat)}
     if config.model.positions_after_prefix is not None:
         overrides["positions_after_prefix"] = bool(config.model.positions_after_prefix)
     return overrides
 
 
-def load_lm(config: Any) -> models.PretrainedLM:
-    """The frozen LM named by `config.model` (building the tiny offline one first if asked to)."""
+def load_lm(config: Any, mesh: Any) -> models.PretrainedLM:
+    """The frozen LM named by `config.model` (building the tiny offline one first if asked to), its params read
+    straight into their shards on `mesh` (`mesh.lm_partitioning`)."""
     if config.model.create_tiny:
         tiny.build_tiny_checkpoint(config.model.name_or_path, config.model.create_tiny)
     if not config.model.name_or_path:
         raise ConfigError("model.name_or_path is empty; set a HF Hub id or a local checkpoint directory.")
-    return models.load_pretrained(config.model.name_or_path, config.model.param_dtype,
-                                  config.model.compute_dtype or None, **_model_overrides(config))
+    return sharded_load.load_sharded(config.model.name_or_path, mesh, config.mesh.lm_partitioning,
+                                     config.model.param_dtype, config.model.compute_dtype or None,
+                                     **_model_overrides(config))
 
 
 def init_text_ids(config: Any, tokenizer: Any) -> list[int]:
@@ -124,7 +128,8 @@ def build(config: Any) -> Setup:
     """Loads the LM, tokenizer and data and checks every size, before anything is written."""
     c = config
     sharding.initialize_distributed(c.mesh.coordinator_address or None, c.mesh.num_processes, c.mesh.process_id)
-    lm = load_lm(c)
+    mesh = sharding.mesh_from_config(c.mesh)  # before the LM: it is loaded straight into its shards
+    lm = load_lm(c, mesh)
     tokenizer = data.load_tokenizer(c.model.tokenizer or str(lm.model_dir),
                                     field="model.tokenizer" if c.model.tokenizer else "model.name_or_path")
     init_ids = init_text_ids(c, tokenizer)
@@ -151,8 +156,7 @@ def build(config: Any) -> Setup:
     generated = c.generate.max_new_tokens if c.eval.generate else 0
     check_positions(lm.config, spec, source_width, max(target_width, generated))
 
-    mesh = sharding.make_mesh(c.mesh.num_devices or None)
-    sharding.check_batch_size(c.train.batch_size, mesh)
+    sharding.check_batch_size(c.train.batch_size, mesh, c.train.grad_accum_steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batcher = lambda split, size: data.Batcher(
         split, size, source_width, target_width, pad_id, left_pad_source=not encoder_decoder, seed=c.train.seed,
@@ -219,6 +223,7 @@ def run_metadata(setup: Setup) -> dict:
         meta["resume"] = {
             "data.train": data_fingerprint(setup.train.split), "train.batch_size": c.train.batch_size,
             "train.seed": c.train.seed, "train.steps": setup.total_steps,
+            "train.grad_accum_steps": c.train.grad_accum_steps,
             "train.label_smoothing": c.train.label_smoothing, "model.param_dtype": c.model.param_dtype,
             "model.compute_dtype": c.model.compute_dtype or c.model.param_dtype,
             **{f"optim.{k}": c.optim[k] for k in ("learning_rate", "warmup_steps", "weight_decay", "b1", "b2", "eps",
@@ -354,12 +359,16 @@ def _loop(setup: Setup, state: training.TrainState, tx: Any, schedule: Any, meta
     """Steps, logs, evaluations, checkpoints and the export of one run, from `state` on."""
     c, spec, mesh = setup.config, setup.spec, setup.mesh
     is_main = jax.process_index() == 0
-    lm_params = sharding.replicate(setup.lm.params, mesh)
-    replicated = sharding.replicated(mesh)
+    # The LM is already on the mesh (sharded_load); the step takes it with its own shardings.
+    lm_params = setup.lm.params
+    lm_sharding = sharded_load.shardings_of(lm_params)
+    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    shard_prefix = lambda prefix: partitioning.constrain_prefix(prefix, mesh)
     step_fn = training.jit_train_step(setup.lm.model, spec, tx, schedule, c.train.label_smoothing,
-                                      state_sharding=replicated, lm_sharding=replicated,
-                                      batch_sharding=sharding.batch_sharding(mesh))
-    eval_fn = training.jit_eval_step(setup.lm.model, spec)
+                                      state_sharding=replicated, lm_sharding=lm_sharding,
+                                      batch_sharding=batch_sharding, grad_accum_steps=c.train.grad_accum_steps,
+                                      shard_prefix=shard_prefix)
+    eval_fn = training.jit_eval_step(setup.lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix)
     generate_fn = None
     if c.eval.generate:
         generate_fn = make_generate_fn(setup.lm.model, GenerationConfig(

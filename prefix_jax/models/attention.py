@@ -15,6 +15,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 # Finite, so a row whose keys are all masked (a pad query) softmaxes to uniform instead of NaN.
 _MASKED_SCORE = -1e30
@@ -121,11 +122,12 @@ class MultiHeadAttention(nn.Module):
         deterministic: bool = True,
     ) -> tuple[jax.Array, dict | None]:
         """Attends from `x` to `memory` (self-attention when None; precomputed K/V when a `KV`)."""
-        q = self.query(x_BxQxD)
+        q = checkpoint_name(self.query(x_BxQxD), "query")  # names saved by remat policy "minimal"
         if isinstance(memory, KV):
             k, v = memory
         else:
             k, v = self.project_kv(x_BxQxD if memory is None else memory)
+            k, v = checkpoint_name(k, "key"), checkpoint_name(v, "value")
         # Real-token keys/values, for callers that read them (`mutable=["intermediates"]`): prefix init from text.
         self.sow("intermediates", "key_value", KV(k, v))
         if cache is not None:

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention
@@ -71,7 +72,7 @@ class Config:
     positions_after_prefix: bool = False  # see module docstring
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
 
     is_encoder_decoder = True
     architecture = "bart"
@@ -172,7 +173,8 @@ class BartBlock(nn.Module):
             h, _ = cross(x_BxLxD, memory, cross_mask, None, prefix_cross, None, det)
             x_BxLxD = layer_norm(cfg, "cross_attention_norm")(x_BxLxD + dropout(h))
         act = common.activation(cfg.activation_function, "activation_function")
-        h = act(dense(cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim, "fc1")(x_BxLxD))
+        mlp_input = checkpoint_name(x_BxLxD, "mlp_input")  # saved by remat policy "minimal"
+        h = act(dense(cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim, "fc1")(mlp_input))
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=det)
         h = dense(cfg.d_model, "fc2")(h)
         x_BxLxD = layer_norm(cfg, "ffn_norm")(x_BxLxD + dropout(h))
@@ -350,6 +352,47 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
     return params
 
 
+def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
+    """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
+    from prefix_jax.models import sharded_load as sl
+
+    D = cfg.d_model
+
+    def stack(name: str, num_layers: int, heads: int, ffn: int) -> dict:
+        K, p = D // heads, f"model.{name}.layers.{{i}}"
+        per_layer = lambda w, *split, **kw: sl.layers(num_layers, f"{p}.{w}", *split, **kw)
+        norm = lambda n: {"scale": per_layer(f"{n}.weight", (D,)), "bias": per_layer(f"{n}.bias", (D,))}
+        out: dict = {"ffn_norm": norm("final_layer_norm")}
+        for ours, (attn, ln) in _SUBLAYERS.items():
+            if name == "decoder" or ours == "self_attention":
+                out[ours] = {o: {"kernel": per_layer(f"{attn}.{t}.weight", (D,), (heads, K), transpose=True),
+                                 "bias": per_layer(f"{attn}.{t}.bias", (heads, K))} for o, t in _PROJECTIONS}
+                out[ours]["out"] = {"kernel": per_layer(f"{attn}.out_proj.weight", (heads, K), (D,), transpose=True),
+                                    "bias": per_layer(f"{attn}.out_proj.bias", (D,))}
+                out[f"{ours}_norm"] = norm(ln)
+        out["fc1"] = {"kernel": per_layer("fc1.weight", (D,), (ffn,), transpose=True),
+                      "bias": per_layer("fc1.bias", (ffn,))}
+        out["fc2"] = {"kernel": per_layer("fc2.weight", (ffn,), (D,), transpose=True),
+                      "bias": per_layer("fc2.bias", (D,))}
+        base = f"model.{name}"
+        return {"embed_positions": {"embedding": sl.tensor(f"{base}.embed_positions.weight",
+                                                           (cfg.max_position_embeddings + POSITION_OFFSET,), (D,))},
+                "layernorm_embedding": {"scale": sl.tensor(f"{base}.layernorm_embedding.weight", (D,)),
+                                        "bias": sl.tensor(f"{base}.layernorm_embedding.bias", (D,))},
+                "layers": out}
+
+    embedding = next((n for n in _EMBEDDING_NAMES if n in tensor_names), _EMBEDDING_NAMES[0])
+    V = cfg.vocab_size
+    return {
+        "shared": {"embedding": sl.tensor(embedding, (V,), (D,))},
+        "encoder": stack("encoder", cfg.encoder_layers, cfg.encoder_attention_heads, cfg.encoder_ffn_dim),
+        "decoder": stack("decoder", cfg.decoder_layers, cfg.decoder_attention_heads, cfg.decoder_ffn_dim),
+        # A buffer [1, V]: absent from some checkpoints, then zeros.
+        "final_logits_bias": sl.tensor("final_logits_bias", (), (V,)) if "final_logits_bias" in tensor_names
+        else sl.Zeros((V,)),
+    }
+
+
 def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
     """Inverse of `params_from_hf`: our params -> a HF BART state dict (e.g. to write a tiny checkpoint)."""
     p = jax.tree.map(np.asarray, params)
@@ -383,3 +426,24 @@ def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray
                 out[f"{lp}.{fc}.weight"] = layers[fc]["kernel"][i].T
                 out[f"{lp}.{fc}.bias"] = layers[fc]["bias"][i]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# Partition rules (see prefix_jax/partitioning.py): "/"-joined param path (fullmatch, first wins) -> one
+# logical axis name per dimension. Stacked layer params carry a leading "layers" axis; biases of width
+# d_model stay replicated (None), biases of sharded outputs follow their kernel's output axis.
+_ATTENTION = r"(encoder|decoder)/layers/(self_attention|cross_attention)"
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"shared/embedding", ("vocab", "embed")),
+    (r"final_logits_bias", ("vocab",)),
+    (r"(encoder|decoder)/embed_positions/embedding", ("positions", "embed")),
+    (r"(encoder|decoder)/layernorm_embedding/(scale|bias)", ("norm",)),
+    (_ATTENTION + r"/(query|key|value)/kernel", ("layers", "embed", "heads", "head_dim")),
+    (_ATTENTION + r"/(query|key|value)/bias", ("layers", "heads", "head_dim")),
+    (_ATTENTION + r"/out/kernel", ("layers", "heads", "head_dim", "embed")),
+    (_ATTENTION + r"/out/bias", ("layers", None)),
+    (r"(encoder|decoder)/layers/fc1/kernel", ("layers", "embed", "mlp")),
+    (r"(encoder|decoder)/layers/fc1/bias", ("layers", "mlp")),
+    (r"(encoder|decoder)/layers/fc2/kernel", ("layers", "mlp", "embed")),
+    (r"(encoder|decoder)/layers/fc2/bias", ("layers", None)),
+    (r"(encoder|decoder)/layers/\w+_norm/(scale|bias)", ("layers", "norm")),
+)

@@ -31,14 +31,37 @@ def activation(name: str, field: str = "activation") -> Callable[[jax.Array], ja
         raise ValueError(f"{field}={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.") from None
 
 
-def stack_layers(block: type[nn.Module], num_layers: int, remat: bool, in_axes: tuple) -> type[nn.Module]:
+# Rematerialization policies (`model.remat`): what the backward pass keeps of each layer's forward.
+#   none: everything (most memory); full: only the layer input (recompute the whole layer);
+#   minimal: the named q/k/v projections and MLP inputs (`checkpoint_name` tags below). The LM is frozen,
+#   so no weight gradient needs saved inputs; what backward needs is q/k/v (with the prefix), and the
+#   MLP's input for its activations' gradient; norms and softmax are cheap to recompute.
+REMAT_POLICIES = ("none", "full", "minimal")
+SAVED_BY_MINIMAL = ("query", "key", "value", "mlp_input")
+
+
+def remat_policy(value: bool | str, field: str = "model.remat") -> str:
+    """`model.remat` as a policy name (`False`/`True` are read as none/full)."""
+    if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+        return "full" if str(value).lower() == "true" else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"{field}={value!r} is not a remat policy; use one of {REMAT_POLICIES}.")
+    return value
+
+
+def stack_layers(block: type[nn.Module], num_layers: int, remat: bool | str, in_axes: tuple) -> type[nn.Module]:
     """`block` repeated `num_layers` times with `nn.scan`: params get a leading layer axis.
 
     The block's `__call__(carry, *xs)` returns `(carry, y)`; `in_axes` says per `xs` entry whether it
     is scanned (0: one slice per layer, e.g. the prefix K/V) or broadcast (`nn.broadcast`).
+    `remat` is a policy of `REMAT_POLICIES` (or a bool).
     """
-    if remat:
+    policy = remat_policy(remat)
+    if policy == "full":
         block = nn.remat(block, prevent_cse=False)
+    elif policy == "minimal":
+        block = nn.remat(block, prevent_cse=False,
+                         policy=jax.checkpoint_policies.save_only_these_names(*SAVED_BY_MINIMAL))
     return nn.scan(
         block,
         variable_axes={"params": 0, "intermediates": 0},

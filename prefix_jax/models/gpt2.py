@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention
@@ -61,7 +62,7 @@ class Config:
     positions_after_prefix: bool = True  # see module docstring
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
 
     is_encoder_decoder = False
     architecture = "gpt2"
@@ -148,7 +149,8 @@ class GPT2Block(nn.Module):
         h, cache = attention(layer_norm(cfg, "ln_1")(x_BxLxD), None, mask_BxHxQxT, None, prefix, cache, det)
         x_BxLxD = x_BxLxD + dropout(h)
         act = common.activation(cfg.activation_function, "activation_function")
-        h_BxLxI = act(dense(cfg.inner_dim, "c_fc")(layer_norm(cfg, "ln_2")(x_BxLxD)))
+        mlp_input = checkpoint_name(layer_norm(cfg, "ln_2")(x_BxLxD), "mlp_input")  # saved by remat "minimal"
+        h_BxLxI = act(dense(cfg.inner_dim, "c_fc")(mlp_input))
         h = dense(cfg.n_embd, "c_proj")(h_BxLxI)
         return x_BxLxD + dropout(h), cache
 
@@ -295,6 +297,33 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
     }
 
 
+def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
+    """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
+    from prefix_jax.models import sharded_load as sl
+
+    base = _base(tensor_names)
+    H, K, D, inner = cfg.n_head, cfg.head_dim, cfg.n_embd, cfg.inner_dim
+    per_layer = lambda w, *split, **kw: sl.layers(cfg.n_layer, f"{base}h.{{i}}.{w}", *split, **kw)
+    norm = lambda n, layered=True: {
+        part: per_layer(f"{n}.{w}", (D,)) if layered else sl.tensor(f"{base}{n}.{w}", (D,))
+        for part, w in (("scale", "weight"), ("bias", "bias"))}
+    # Conv1D weights are [in, out]: no transpose; q/k/v are the thirds of the fused c_attn's output axis.
+    attn = {name: {"kernel": per_layer("attn.c_attn.weight", (D,), (H, K), offset=(0, j * D)),
+                   "bias": per_layer("attn.c_attn.bias", (H, K), offset=(j * D,))}
+            for j, name in enumerate(_PROJECTIONS)}
+    attn["out"] = {"kernel": per_layer("attn.c_proj.weight", (H, K), (D,)), "bias": per_layer("attn.c_proj.bias", (D,))}
+    layers = {"ln_1": norm("ln_1"), "attn": attn, "ln_2": norm("ln_2"),
+              "c_fc": {"kernel": per_layer("mlp.c_fc.weight", (D,), (inner,)),
+                       "bias": per_layer("mlp.c_fc.bias", (inner,))},
+              "c_proj": {"kernel": per_layer("mlp.c_proj.weight", (inner,), (D,)),
+                         "bias": per_layer("mlp.c_proj.bias", (D,))}}
+    return {
+        "wte": {"embedding": sl.tensor(f"{base}wte.weight", (cfg.vocab_size,), (D,))},
+        "transformer": {"wpe": {"embedding": sl.tensor(f"{base}wpe.weight", (cfg.n_positions,), (D,))},
+                        "h": layers, "ln_f": norm("ln_f", layered=False)},
+    }
+
+
 def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
     """Inverse of `params_from_hf`: our params -> a HF `GPT2LMHeadModel` state dict (tied head not written)."""
     p = jax.tree.map(np.asarray, params)
@@ -315,3 +344,22 @@ def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray
         for fc in ("c_fc", "c_proj"):
             out[f"{lp}.mlp.{fc}.weight"], out[f"{lp}.mlp.{fc}.bias"] = layers[fc]["kernel"][i], layers[fc]["bias"][i]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# Partition rules (see prefix_jax/partitioning.py): "/"-joined param path (fullmatch, first wins) -> one
+# logical axis name per dimension. Stacked layer params carry a leading "layers" axis; biases of width
+# n_embd stay replicated (None), biases of sharded outputs follow their kernel's output axis.
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"wte/embedding", ("vocab", "embed")),
+    (r"transformer/wpe/embedding", ("positions", "embed")),
+    (r"transformer/h/attn/(query|key|value)/kernel", ("layers", "embed", "heads", "head_dim")),
+    (r"transformer/h/attn/(query|key|value)/bias", ("layers", "heads", "head_dim")),
+    (r"transformer/h/attn/out/kernel", ("layers", "heads", "head_dim", "embed")),
+    (r"transformer/h/attn/out/bias", ("layers", None)),
+    (r"transformer/h/c_fc/kernel", ("layers", "embed", "mlp")),
+    (r"transformer/h/c_fc/bias", ("layers", "mlp")),
+    (r"transformer/h/c_proj/kernel", ("layers", "mlp", "embed")),
+    (r"transformer/h/c_proj/bias", ("layers", None)),
+    (r"transformer/h/ln_(1|2)/(scale|bias)", ("layers", "norm")),
+    (r"transformer/ln_f/(scale|bias)", ("norm",)),
+)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention
@@ -48,7 +49,7 @@ class Config:
     eos_token_id: int = 1
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
 
     is_encoder_decoder = True
     architecture = "t5"
@@ -178,7 +179,7 @@ class T5Block(nn.Module):
                 new_cache["cross"] = memory
             h, _ = cross(norm("cross_attention_norm")(x_BxLxD), memory, cross_mask, None, prefix_cross, None, det)
             x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
-        h = FeedForward(cfg, det, name="ffn")(norm("ffn_norm")(x_BxLxD))
+        h = FeedForward(cfg, det, name="ffn")(checkpoint_name(norm("ffn_norm")(x_BxLxD), "mlp_input"))
         x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
         return x_BxLxD, new_cache
 
@@ -353,6 +354,43 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
     return params
 
 
+def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
+    """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
+    from prefix_jax.models import sharded_load as sl
+
+    H, K, D = cfg.num_heads, cfg.d_kv, cfg.d_model
+
+    def stack(name: str, num_layers: int, sublayers: tuple[tuple[str, str], ...]) -> dict:
+        layer = f"{name}.block.{{i}}.layer"
+        out: dict = {}
+        for j, (ours, module) in enumerate(sublayers):
+            if ours == "ffn":
+                wis = ("wi_0", "wi_1") if cfg.is_gated_act else ("wi",)
+                out["ffn"] = {w: {"kernel": sl.layers(num_layers, f"{layer}.{j}.DenseReluDense.{w}.weight", (D,),
+                                                      (cfg.d_ff,), transpose=True)} for w in wis}
+                out["ffn"]["wo"] = {"kernel": sl.layers(num_layers, f"{layer}.{j}.DenseReluDense.wo.weight",
+                                                        (cfg.d_ff,), (D,), transpose=True)}
+            else:
+                w = lambda t: f"{layer}.{j}.{module}.{t}.weight"
+                out[ours] = {o: {"kernel": sl.layers(num_layers, w(t), (D,), (H, K), transpose=True)}
+                             for o, t in (("query", "q"), ("key", "k"), ("value", "v"))}
+                out[ours]["out"] = {"kernel": sl.layers(num_layers, w("o"), (H, K), (D,), transpose=True)}
+            out[f"{ours}_norm"] = {"scale": sl.layers(num_layers, f"{layer}.{j}.layer_norm.weight", (D,))}
+        bias = f"{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        return {"relative_attention_bias": {"embedding": sl.tensor(bias, (cfg.relative_attention_num_buckets,), (H,))},
+                "layers": out, "final_norm": {"scale": sl.tensor(f"{name}.final_layer_norm.weight", (D,))}}
+
+    params = {
+        "shared": {"embedding": sl.tensor("shared.weight", (cfg.vocab_size,), (D,))},
+        "encoder": stack("encoder", cfg.num_encoder_layers, (("self_attention", "SelfAttention"), ("ffn", ""))),
+        "decoder": stack("decoder", cfg.num_decoder_layers, (("self_attention", "SelfAttention"),
+                                                              ("cross_attention", "EncDecAttention"), ("ffn", ""))),
+    }
+    if not cfg.tied_lm_head:
+        params["lm_head"] = {"kernel": sl.tensor("lm_head.weight", (D,), (cfg.vocab_size,), transpose=True)}
+    return params
+
+
 def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
     """Inverse of `params_from_hf`: our params -> a HF T5 state dict (e.g. to write a checkpoint)."""
     H, K = cfg.num_heads, cfg.d_kv
@@ -383,3 +421,19 @@ def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray
     if not cfg.tied_lm_head:
         out["lm_head.weight"] = p["lm_head"]["kernel"].T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# Partition rules (see prefix_jax/partitioning.py): "/"-joined param path (fullmatch, first wins) -> one
+# logical axis name per dimension. Stacked layer params carry a leading "layers" axis.
+_ATTENTION = r"(encoder|decoder)/layers/(self_attention|cross_attention)"
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"shared/embedding", ("vocab", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+    (r"(encoder|decoder)/relative_attention_bias/embedding", ("buckets", "heads")),
+    (_ATTENTION + r"/(query|key|value)/kernel", ("layers", "embed", "heads", "head_dim")),
+    (_ATTENTION + r"/out/kernel", ("layers", "heads", "head_dim", "embed")),
+    (r"(encoder|decoder)/layers/ffn/(wi|wi_0|wi_1)/kernel", ("layers", "embed", "mlp")),
+    (r"(encoder|decoder)/layers/ffn/wo/kernel", ("layers", "mlp", "embed")),
+    (r"(encoder|decoder)/layers/\w+_norm/scale", ("layers", "norm")),
+    (r"(encoder|decoder)/final_norm/scale", ("norm",)),
+)

@@ -1,0 +1,143 @@
+"""Partition rules for the frozen LM: param path -> logical axis names -> mesh axes.
+
+Each architecture module holds `PARAM_AXES`, an ordered table of (regex, logical names): the first
+regex that fullmatches a leaf's "/"-joined param path (e.g. `encoder/layers/self_attention/query/kernel`)
+names each of its dimensions. A strategy maps logical names to mesh axes (`STRATEGIES`); a name it
+does not map is replicated. Two facts keep every spec valid on every mesh: a dimension whose size
+does not divide its mesh axis is replicated instead (with a log line: GPT-2's vocab 50257), and a
+mesh axis is used at most once per leaf. The scanned `layers` axis is never sharded (the scan slices it).
+
+The trainable prefix tree and its optimizer state are replicated (they are small); the prefix K/V a
+step materializes (`[layers, heads, P, head_dim]`) are sharded over heads like the key projection.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from prefix_jax.models.interface import Prefix
+from prefix_jax.sharding import FSDP_AXIS, MODEL_AXIS
+
+log = logging.getLogger("prefix_jax")
+
+# Logical axis names a PARAM_AXES table may use (None: a dimension no strategy shards).
+LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "positions", "buckets")
+
+ParamAxes = Sequence[tuple[str, tuple[str | None, ...]]]
+
+_FSDP = {"embed": FSDP_AXIS}
+_TENSOR = {"heads": MODEL_AXIS, "kv_heads": MODEL_AXIS, "mlp": MODEL_AXIS, "vocab": MODEL_AXIS}
+STRATEGIES: dict[str, dict[str, str]] = {
+    "replicated": {},
+    "fsdp": _FSDP,  # weights split along d_model over `fsdp`, all-gathered per layer in the step
+    "tensor": _TENSOR,  # heads / MLP / vocab split over `model` (capped by the KV-head count)
+    "fsdp_tensor": {**_FSDP, **_TENSOR},
+}
+
+
+class PartitionError(ValueError):
+    """An LM leaf has no partition rule, or a rule does not fit the leaf."""
+
+
+def path_name(path: tuple) -> str:
+    """A pytree key path as the "/"-joined string the rules match (`decoder/layers/ffn/wo/kernel`)."""
+    parts = []
+    for key in path:
+        name = getattr(key, "key", None)
+        if name is None:
+            name = getattr(key, "name", None)
+        if name is None:
+            name = getattr(key, "idx", key)
+        parts.append(str(name))
+    return "/".join(parts)
+
+
+def check_strategy(strategy: str, field: str = "mesh.lm_partitioning") -> dict[str, str]:
+    """The logical -> mesh axis table of a strategy name."""
+    if strategy not in STRATEGIES:
+        raise PartitionError(f"{field}={strategy!r} is not a strategy; choose one of {sorted(STRATEGIES)}.")
+    return STRATEGIES[strategy]
+
+
+def logical_axes(params: Any, param_axes: ParamAxes) -> Any:
+    """Per leaf of `params` (arrays or shape structs), its tuple of logical axis names."""
+    compiled = [(re.compile(pattern), names) for pattern, names in param_axes]
+
+    def leaf_axes(path: tuple, leaf: Any) -> tuple[str | None, ...]:
+        name = path_name(path)
+        for pattern, names in compiled:
+            if pattern.fullmatch(name):
+                if len(names) != len(leaf.shape):
+                    raise PartitionError(f"LM param {name} has shape {tuple(leaf.shape)} but its PARAM_AXES rule "
+                                         f"{pattern.pattern!r} names {len(names)} axes {names}; fix the rule.")
+                unknown = [n for n in names if n is not None and n not in LOGICAL_AXES]
+                if unknown:
+                    raise PartitionError(f"PARAM_AXES rule {pattern.pattern!r} uses unknown logical axes {unknown}; "
+                                         f"use {LOGICAL_AXES} or None.")
+                return tuple(names)
+        raise PartitionError(f"LM param {name} (shape {tuple(leaf.shape)}) matches no PARAM_AXES rule; add a "
+                             "(regex, axes) row for it to the architecture's table.")
+
+    return jax.tree_util.tree_map_with_path(leaf_axes, params)
+
+
+def _spec(name: str, shape: tuple[int, ...], names: tuple[str | None, ...], rules: Mapping[str, str],
+          mesh_sizes: Mapping[str, int]) -> PartitionSpec:
+    used: set[str] = set()
+    spec: list[str | None] = []
+    for size, logical in zip(shape, names):
+        axis = rules.get(logical) if logical not in (None, "layers") else None
+        if axis is None or mesh_sizes.get(axis, 1) == 1:
+            spec.append(None)
+            continue
+        if axis in used:  # a mesh axis may shard one dimension of a leaf only
+            spec.append(None)
+            continue
+        if size % mesh_sizes[axis]:
+            log.info("partitioning: %s dim %r (%d) does not divide mesh axis %r (%d); replicated along it",
+                     name, logical, size, axis, mesh_sizes[axis])
+            spec.append(None)
+            continue
+        used.add(axis)
+        spec.append(axis)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def lm_partition_specs(params: Any, param_axes: ParamAxes, strategy: str, mesh: Any) -> Any:
+    """`PartitionSpec` per LM leaf under `strategy` on `mesh` (a `Mesh` or `AbstractMesh`; only sizes are read)."""
+    rules = check_strategy(strategy)
+    sizes = dict(mesh.shape)
+    axes = logical_axes(params, param_axes)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf, names: _spec(path_name(path), tuple(leaf.shape), names, rules, sizes),
+        params, axes, is_leaf=lambda x: hasattr(x, "shape"))
+
+
+def lm_shardings(params: Any, param_axes: ParamAxes, strategy: str, mesh: Any) -> Any:
+    """`NamedSharding` per LM leaf (see `lm_partition_specs`)."""
+    specs = lm_partition_specs(params, param_axes, strategy, mesh)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def prefix_kv_spec(num_heads: int, mesh: Any) -> PartitionSpec:
+    """How a materialized prefix `[layers, heads, P, head_dim]` is laid out: heads over `model` when they divide."""
+    model = dict(mesh.shape).get(MODEL_AXIS, 1)
+    if model > 1 and num_heads % model == 0:
+        return PartitionSpec(None, MODEL_AXIS)
+    return PartitionSpec()
+
+
+def constrain_prefix(prefix: Prefix, mesh: Any) -> Prefix:
+    """Inside a jitted function: the prefix K/V sharded over heads like the key projection (no-op without `model`)."""
+    def constrain(x: jax.Array) -> jax.Array:
+        spec = prefix_kv_spec(x.shape[1], mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)) if spec != PartitionSpec() else x
+
+    return prefix.replace(kv={p: jax.tree.map(constrain, kv) for p, kv in prefix.kv.items()})
