@@ -15,8 +15,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from prefix_jax import logits_processing
+from prefix_jax import logits_processing, prefix_bank
 from prefix_jax.models import masks
+from prefix_jax.models.attention import tokens_after_prefix
 from prefix_jax.models.interface import DECODER, Prefix
 
 _NEG = -1.0e9  # transformers' "impossible" score; finite, so sums stay ordered
@@ -95,6 +96,7 @@ def _encoder_decoder_start(model: Any, lm_params: Any, prefix: Prefix, source_id
     params = {"params": lm_params}
     encoded, encoded_mask = model.apply(params, source_ids, source_mask, prefix, method=model.encode)
     encoded, encoded_mask = _repeat(encoded, cfg.num_beams), _repeat(encoded_mask, cfg.num_beams)
+    prefix = prefix_bank.repeat_rows(prefix, cfg.num_beams)  # a bank's row indices follow the beams
     rows = encoded.shape[0]
     cache = arch.init_cache(model.config, rows, cfg.max_new_tokens)
 
@@ -128,14 +130,18 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
     if prompt:
         prefix = _prompt_as_kv(model, params, prefix.prompt_embeds)
     source_ids, source_mask = _repeat(source_ids, cfg.num_beams), _repeat(source_mask, cfg.num_beams)
+    prefix = prefix_bank.repeat_rows(prefix, cfg.num_beams)
     rows, source_len = source_ids.shape
     capacity = source_len + cfg.max_new_tokens
     cache = arch.init_cache(config, rows, capacity)
-    prefix_len = prefix.length(DECODER)
-    shift_source = prefix_len if ((config.positions_after_prefix or prompt) and not prefix.infix) else 0
-    shift_target = prefix_len if (config.positions_after_prefix or prompt or prefix.infix) else 0
-    if shift_target + source_len + cfg.max_new_tokens > config.max_positions:
-        raise ValueError(f"prefix ({shift_target} positions) + source ({source_len}) + generate.max_new_tokens "
+    prefix_len = prefix.length(DECODER)  # the longest of a bank's prefixes
+    before_tokens = tokens_after_prefix(prefix.kv.get(DECODER))  # per row for a bank
+    target_after_prefix = config.positions_after_prefix or prompt or prefix.infix
+    shift_source = before_tokens if ((config.positions_after_prefix or prompt) and not prefix.infix) else 0
+    shift_target = before_tokens if target_after_prefix else 0
+    taken = prefix_len if target_after_prefix else 0
+    if taken + source_len + cfg.max_new_tokens > config.max_positions:
+        raise ValueError(f"prefix ({taken} positions) + source ({source_len}) + generate.max_new_tokens "
                          f"({cfg.max_new_tokens}) exceed the model's {config.max_positions} positions; shorten one.")
     source_positions = masks.token_positions(source_mask, shift_source)
     valid = jnp.concatenate([source_mask.astype(bool), jnp.zeros((rows, cfg.max_new_tokens), bool)], axis=1)
