@@ -159,3 +159,27 @@ def test_command_line_reads_stdin_and_exits_2_on_errors(setup, tmp_path):
     bad = subprocess.run(cmd + ["--config.input=missing.jsonl"], capture_output=True, text=True, cwd=tmp_path,
                          env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: input='missing.jsonl' is not a file."
+
+
+def test_checkpoint_workdir_decodes_like_its_export(setup, tmp_path):
+    """checkpoint=WORKDIR materializes the latest checkpoint's prefix: same predictions as its export."""
+    from prefix_jax import checkpoint
+
+    model_dir, _, _, rows, _ = setup
+    lm = load_pretrained(str(model_dir))
+    spec = prefix_lib.PrefixSpec(length=4, placements=("decoder",), geometry=lm.config.prefix_geometry(),
+                                 hidden_size=lm.config.hidden_size, mlp_hidden=16)  # with its MLP
+    params = prefix_lib.init_params(spec, jax.random.key(3))
+    meta = {"base_model": str(model_dir), "architecture": "gpt2", "prefix_spec": spec.to_json(),
+            "model_config": {"positions_after_prefix": True}}
+    mngr = checkpoint.manager(tmp_path / "run" / "checkpoints")
+    checkpoint.save(mngr, 7, {"step": np.int32(7), "params": params}, meta)
+    mngr.wait_until_finished()
+    export = prefix_lib.export(params, spec, tmp_path / "export", meta)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(SOURCES[:3]) + "\n")
+    c = _config(model_dir, "", inputs, tmp_path / "ckpt.jsonl")
+    c.checkpoint = str(tmp_path / "run")
+    predict.run(c)
+    predict.run(_config(model_dir, str(export), inputs, tmp_path / "export.jsonl"))
+    assert _read(tmp_path / "ckpt.jsonl") == _read(tmp_path / "export.jsonl")
