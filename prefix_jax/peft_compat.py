@@ -142,4 +142,5 @@ def load_peft(directory: str | Path, lm_config: Any) -> Prefix:
         raise ValueError(f"{directory / ADAPTER_CONFIG}: peft_type={config.get('peft_type')!r}, expected "
                          "'PREFIX_TUNING'.")
     embeddings = load_file(str(directory / ADAPTER_WEIGHTS))[PEFT_TENSOR]
-    return prefix_from_peft(embeddings, lm_config.prefix_geometry()[DECODER], seq2seq=bool(lm_config.is_encoder_decoder))
+    geometry = lm_config.prefix_geometry()[DECODER]
+    return prefix_from_peft(embeddings, geometry, seq2seq=bool(lm_config.is_encoder_decoder))

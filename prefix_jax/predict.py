@@ -297,7 +297,7 @@ def cli() -> None:
     """`python -m prefix_jax.predict --config configs/predict.py ...` (or the repo's predict.py)."""
     import logging
 
-    from absl import app, flags
+    from absl import app
     from ml_collections import config_flags
 
     default = str(Path(__file__).resolve().parent.parent / "configs" / "predict.py")

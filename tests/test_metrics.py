@@ -9,7 +9,8 @@ from prefix_jax import metrics
 
 HYPS = ["the eagle is a coffee shop in the city centre .", "Blue Spice serves cheap Chinese food near the river.",
         "Zizzi is a pub ."]
-REFS = [["The Eagle is a coffee shop in the city centre.", "In the city centre there is a coffee shop called The Eagle."],
+REFS = [["The Eagle is a coffee shop in the city centre.",
+         "In the city centre there is a coffee shop called The Eagle."],
         ["Blue Spice is a cheap Chinese restaurant by the riverside.",
          "Cheap Chinese food is served at Blue Spice near the river."],
         ["Zizzi is a family friendly pub.", "There is a pub called Zizzi.", "Zizzi, a pub."]]

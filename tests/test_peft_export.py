@@ -16,7 +16,7 @@ from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, G
     T5ForConditionalGeneration
 
 from prefix_jax.models import CROSS, DECODER, ENCODER, KV, Prefix, load_pretrained
-from prefix_jax.peft_compat import PEFT_TENSOR, PeftExportError, export_peft, load_peft, prefix_from_peft
+from prefix_jax.peft_compat import PEFT_TENSOR, PeftExportError, export_peft, load_peft
 
 TOL = 1e-4
 B, S, T, P, VOCAB = 2, 6, 5, 3, 50
