@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.source_prefix = ""  # prepended to every source (e.g. "summarize: " for T5)
     c.max_source_length = 512
     c.batch_size = 16
-    c.metrics = ("bleu",)  # prefix_jax.metrics.METRICS; e2e, webnlg, dart, xsum: the paper's sets; computed per task and over all rows
+    c.metrics = ("bleu",)  # metrics.METRICS (e2e, webnlg, dart, xsum: the paper's sets); per task and over all
     c.progress = True  # tqdm progress bar on stderr
 
     c.generate = ml_collections.ConfigDict()
