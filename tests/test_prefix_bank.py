@@ -45,7 +45,7 @@ def _hf(which):
 
 @pytest.fixture(scope="module", params=["t5", "bart", "bart_hf_positions", "gpt2"])
 def lm(request, tmp_path_factory):
-    which = request.param
+    which = request.param  # also set by tests that parametrize `lm` indirectly
     overrides = {"positions_after_prefix": True} if which == "bart_hf_positions" else {}
     return which, load_pretrained(str(save_tiny(_hf(which), tmp_path_factory.mktemp(which))), **overrides)
 
@@ -117,6 +117,7 @@ def test_mixed_decoding_equals_separate_runs(lm, beams):
     assert len({tuple(r) for r in mixed}) > 2  # the rows really decode differently
 
 
+@pytest.mark.parametrize("lm", ["t5", "gpt2", pytest.param("bart", marks=pytest.mark.slow)], indirect=True)
 def test_each_prefix_gets_gradients_only_from_its_own_rows(lm):
     _, lm = lm
     prefixes = _prefixes(lm)[:2]
