@@ -183,3 +183,30 @@ def test_checkpoint_workdir_decodes_like_its_export(setup, tmp_path):
     predict.run(c)
     predict.run(_config(model_dir, str(export), inputs, tmp_path / "export.jsonl"))
     assert _read(tmp_path / "ckpt.jsonl") == _read(tmp_path / "export.jsonl")
+
+
+@pytest.mark.slow
+def test_encoder_decoder_mixed_tasks_equal_separate_runs(tmp_path):
+    """The same on the offline T5 (all three placements, prefixes of lengths 2 and 5)."""
+    model_dir = tiny.build_tiny_checkpoint(tmp_path / "t5", "t5")
+    lm = load_pretrained(str(model_dir))
+    exports = {}
+    for task, length, seed in (("a", 2, 0), ("b", 5, 1)):
+        spec = prefix_lib.PrefixSpec(length=length, placements=("encoder", "decoder", "cross"),
+                                     geometry=lm.config.prefix_geometry(), hidden_size=lm.config.hidden_size,
+                                     method="prefix_direct")
+        params = jax.tree.map(lambda x: x * 3.0, prefix_lib.init_params(spec, jax.random.key(seed)))
+        exports[task] = prefix_lib.export(params, spec, tmp_path / task, {"base_model": str(model_dir),
+                                                                            "architecture": "t5"})
+    rows = [{"id": i, "task": "ab"[i % 2], "source": s} for i, s in enumerate(SOURCES[:4])]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    predict.run(_config(model_dir, f"a={exports['a']},b={exports['b']}", tmp_path / "in.jsonl", tmp_path / "m.jsonl",
+                        **{"generate.num_beams": 2}))
+    mixed = _read(tmp_path / "m.jsonl")
+    for task in "ab":
+        (tmp_path / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == task))
+        predict.run(_config(model_dir, str(exports[task]), tmp_path / f"{task}.jsonl", tmp_path / f"{task}.out",
+                            **{"generate.num_beams": 2}))
+        assert [r["prediction"] for r in mixed if r["task"] == task] == \
+            [r["prediction"] for r in _read(tmp_path / f"{task}.out")]
+    assert len({r["prediction"] for r in mixed}) > 1
