@@ -15,7 +15,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from prefix_jax import logits_processing, prefix_bank
 from prefix_jax.models import masks
+from prefix_jax.models.attention import tokens_after_prefix
 from prefix_jax.models.interface import DECODER, Prefix
 
 _NEG = -1.0e9  # transformers' "impossible" score; finite, so sums stay ordered
@@ -23,19 +25,65 @@ _NEG = -1.0e9  # transformers' "impossible" score; finite, so sums stay ordered
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
+    """Decoding settings; each means what the transformers `generate` argument of the same name means."""
+
     max_new_tokens: int = 64
     num_beams: int = 1
     length_penalty: float = 1.0  # score = sum log p / (generated tokens ** length_penalty)
+    min_new_tokens: int = 0  # EOS is impossible before this many new tokens
+    no_repeat_ngram_size: int = 0  # no n-gram of this size twice in source+output (decoder-only) / output
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already seen (CTRL)
+    do_sample: bool = False  # sample instead of argmax (greedy only)
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    seed: int = 0  # sampling seed when `generate` is given no rng
+    forced_bos_token_id: int | None = None  # first generated token (BART checkpoints use 0)
+    forced_eos_token_id: int | None = None  # last token when max_new_tokens is reached
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"generate.max_new_tokens={self.max_new_tokens} must be at least 1.")
-        if self.num_beams < 1:
-            raise ValueError(f"generate.num_beams={self.num_beams} must be at least 1.")
+        checks = (
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
+            ("num_beams", self.num_beams >= 1, "must be at least 1"),
+            ("min_new_tokens", 0 <= self.min_new_tokens, "must be at least 0"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "must be at least 0 (0: off)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be positive (1.0: off)"),
+            ("temperature", self.temperature > 0, "must be positive (1.0: off)"),
+            ("top_k", self.top_k >= 0, "must be at least 0 (0: off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1.0: off)"),
+            ("forced_bos_token_id", self.forced_bos_token_id is None or self.forced_bos_token_id >= 0,
+             "must be a token id or None"),
+            ("forced_eos_token_id", self.forced_eos_token_id is None or self.forced_eos_token_id >= 0,
+             "must be a token id or None"),
+        )
+        for field, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"generate.{field}={getattr(self, field)!r} {rule}.")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError(f"generate.do_sample=True with generate.num_beams={self.num_beams}: beam sampling is "
+                             "not supported; use num_beams=1 to sample or do_sample=False for beam search.")
+        if not self.do_sample:
+            for field, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
+                if getattr(self, field) != off:
+                    raise ValueError(f"generate.{field}={getattr(self, field)!r} only applies when sampling; set "
+                                     f"generate.do_sample=True or leave it at {off!r}.")
+
+    @classmethod
+    def from_config(cls, fields: Any) -> "GenerationConfig":
+        """From a mapping (e.g. the `generate` ConfigDict); an unknown key is an error naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = dict(fields)
+        for key in values:
+            if key not in known:
+                raise ValueError(f"generate.{key} is not a decoding option; known: {sorted(known)}.")
+        return cls(**values)
 
 
 # A decoding step: (token ids [N], cache, step t) -> (next-token logits [N, V], cache).
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+# What `_greedy`/`_beam_search` need from a model: first tokens [N], cache, step, and the prompt history
+# [N, C0] that n-gram blocking and the repetition penalty look at (see `logits_processing`).
+Start = tuple[jax.Array, Any, StepFn, jax.Array]
 
 
 def _repeat(x: jax.Array, times: int) -> jax.Array:
@@ -44,10 +92,11 @@ def _repeat(x: jax.Array, times: int) -> jax.Array:
 
 
 def _encoder_decoder_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
-                           cfg: GenerationConfig, arch: Any) -> tuple[jax.Array, Any, StepFn]:
+                           cfg: GenerationConfig, arch: Any) -> Start:
     params = {"params": lm_params}
     encoded, encoded_mask = model.apply(params, source_ids, source_mask, prefix, method=model.encode)
     encoded, encoded_mask = _repeat(encoded, cfg.num_beams), _repeat(encoded_mask, cfg.num_beams)
+    prefix = prefix_bank.repeat_rows(prefix, cfg.num_beams)  # a bank's row indices follow the beams
     rows = encoded.shape[0]
     cache = arch.init_cache(model.config, rows, cfg.max_new_tokens)
 
@@ -58,7 +107,7 @@ def _encoder_decoder_start(model: Any, lm_params: Any, prefix: Prefix, source_id
         return logits[:, -1], cache
 
     start = jnp.full((rows,), model.config.decoder_start_token_id, jnp.int32)
-    return start, cache, step
+    return start, cache, step, start[:, None]
 
 
 def _prompt_as_kv(model: Any, params: Any, prompt_embeds_PxD: jax.Array) -> Prefix:
@@ -73,7 +122,7 @@ def _prompt_as_kv(model: Any, params: Any, prompt_embeds_PxD: jax.Array) -> Pref
 
 
 def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
-                        cfg: GenerationConfig, arch: Any) -> tuple[jax.Array, Any, StepFn]:
+                        cfg: GenerationConfig, arch: Any) -> Start:
     """Prefills the (left- or right-padded) source, then decodes from the separator token."""
     params = {"params": lm_params}
     config = model.config
@@ -81,14 +130,18 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
     if prompt:
         prefix = _prompt_as_kv(model, params, prefix.prompt_embeds)
     source_ids, source_mask = _repeat(source_ids, cfg.num_beams), _repeat(source_mask, cfg.num_beams)
+    prefix = prefix_bank.repeat_rows(prefix, cfg.num_beams)
     rows, source_len = source_ids.shape
     capacity = source_len + cfg.max_new_tokens
     cache = arch.init_cache(config, rows, capacity)
-    prefix_len = prefix.length(DECODER)
-    shift_source = prefix_len if ((config.positions_after_prefix or prompt) and not prefix.infix) else 0
-    shift_target = prefix_len if (config.positions_after_prefix or prompt or prefix.infix) else 0
-    if shift_target + source_len + cfg.max_new_tokens > config.max_positions:
-        raise ValueError(f"prefix ({shift_target} positions) + source ({source_len}) + generate.max_new_tokens "
+    prefix_len = prefix.length(DECODER)  # the longest of a bank's prefixes
+    before_tokens = tokens_after_prefix(prefix.kv.get(DECODER))  # per row for a bank
+    target_after_prefix = config.positions_after_prefix or prompt or prefix.infix
+    shift_source = before_tokens if ((config.positions_after_prefix or prompt) and not prefix.infix) else 0
+    shift_target = before_tokens if target_after_prefix else 0
+    taken = prefix_len if target_after_prefix else 0
+    if taken + source_len + cfg.max_new_tokens > config.max_positions:
+        raise ValueError(f"prefix ({taken} positions) + source ({source_len}) + generate.max_new_tokens "
                          f"({cfg.max_new_tokens}) exceed the model's {config.max_positions} positions; shorten one.")
     source_positions = masks.token_positions(source_mask, shift_source)
     valid = jnp.concatenate([source_mask.astype(bool), jnp.zeros((rows, cfg.max_new_tokens), bool)], axis=1)
@@ -105,7 +158,11 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
         return logits[:, -1], cache
 
     start = jnp.full((rows,), config.separator_token_id, jnp.int32)
-    return start, cache, step
+    # The real source tokens right-aligned (pads first, order kept), then the separator.
+    order = jnp.argsort(source_mask != 0, axis=1, stable=True)
+    aligned = jnp.where(jnp.take_along_axis(source_mask, order, axis=1) != 0,
+                        jnp.take_along_axis(source_ids, order, axis=1), logits_processing.NO_TOKEN)
+    return start, cache, step, jnp.concatenate([aligned.astype(jnp.int32), start[:, None]], axis=1)
 
 
 def _reorder(cache: Any, rows_N: jax.Array) -> Any:
@@ -113,7 +170,9 @@ def _reorder(cache: Any, rows_N: jax.Array) -> Any:
     return jax.tree.map(lambda x: x if x.ndim < 2 else jnp.take(x, rows_N, axis=1), cache)
 
 
-def _greedy(start: jax.Array, cache: Any, step: StepFn, cfg: GenerationConfig, eos: int, pad: int) -> jax.Array:
+def _greedy(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, cfg: GenerationConfig, eos: int,
+            pad: int, rng: jax.Array) -> jax.Array:
+    """Greedy search, or sampling with `cfg.do_sample` (one key per step, folded from `rng`)."""
     batch = start.shape[0]
     tokens = jnp.full((batch, cfg.max_new_tokens), pad, jnp.int32)
 
@@ -123,7 +182,12 @@ def _greedy(start: jax.Array, cache: Any, step: StepFn, cfg: GenerationConfig, e
 
     def body(carry):
         t, logits, tokens, cache, done = carry
-        token = jnp.where(done, pad, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        scores = logits_processing.process(logits, prompt, tokens, t, cfg, eos, cfg.do_sample)
+        if cfg.do_sample:
+            chosen = jax.random.categorical(jax.random.fold_in(rng, t), scores, axis=-1)
+        else:
+            chosen = jnp.argmax(scores, axis=-1)
+        token = jnp.where(done, pad, chosen.astype(jnp.int32))
         tokens = tokens.at[:, t].set(token)
         logits, cache = step(token, cache, t + 1)
         return t + 1, logits, tokens, cache, done | (token == eos)
@@ -134,7 +198,8 @@ def _greedy(start: jax.Array, cache: Any, step: StepFn, cfg: GenerationConfig, e
     return jax.lax.while_loop(cond, body, carry)[2]
 
 
-def _beam_search(start: jax.Array, cache: Any, step: StepFn, cfg: GenerationConfig, eos: int, pad: int) -> jax.Array:
+def _beam_search(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, cfg: GenerationConfig, eos: int,
+                 pad: int, rng: jax.Array) -> jax.Array:
     K, T, lp = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     batch = start.shape[0] // K
     candidates = 2 * K
@@ -147,7 +212,9 @@ def _beam_search(start: jax.Array, cache: Any, step: StepFn, cfg: GenerationConf
     def body(carry):
         t, logits, alive_seqs, alive_scores, done_seqs, done_scores, done_flags, cache, improvable, _ = carry
         vocab = logits.shape[-1]
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, K, vocab)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))  # processed after, as transformers does
+        log_probs = logits_processing.process(log_probs, prompt, alive_seqs.reshape(batch * K, T), t, cfg, eos,
+                                              False).reshape(batch, K, vocab)
         flat = (log_probs + alive_scores[:, :, None]).reshape(batch, K * vocab)
         cand_scores, cand_index = jax.lax.top_k(flat, candidates)
         cand_beam, cand_token = cand_index // vocab, (cand_index % vocab).astype(jnp.int32)
@@ -192,20 +259,27 @@ def _beam_search(start: jax.Array, cache: Any, step: StepFn, cfg: GenerationConf
 
 
 def generate(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
-             cfg: GenerationConfig) -> jax.Array:
-    """Generated token ids `[B, max_new_tokens]` (EOS included, then padding). Jit with `make_generate_fn`."""
+             cfg: GenerationConfig, rng: jax.Array | None = None) -> jax.Array:
+    """Generated token ids `[B, max_new_tokens]` (EOS included, then padding). Jit with `make_generate_fn`.
+
+    `rng` seeds sampling (default: `jax.random.key(cfg.seed)`); greedy and beam search ignore it.
+    """
     from prefix_jax import models
 
     config = model.config
+    if cfg.forced_bos_token_id is not None and not config.is_encoder_decoder:
+        raise ValueError("generate.forced_bos_token_id applies to encoder-decoder models (the first decoder "
+                         f"token); a decoder-only {config.architecture} continues its source: leave it None.")
     arch = models.architecture(config.architecture)
     begin = _encoder_decoder_start if config.is_encoder_decoder else _decoder_only_start
-    start, cache, step = begin(model, lm_params, prefix, source_ids, source_mask, cfg, arch)
+    start, cache, step, prompt = begin(model, lm_params, prefix, source_ids, source_mask, cfg, arch)
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     search = _greedy if cfg.num_beams == 1 else _beam_search
-    return search(start, cache, step, cfg, config.eos_token_id, pad)
+    rng = jax.random.key(cfg.seed) if rng is None else rng
+    return search(start, cache, step, prompt, cfg, config.eos_token_id, pad, rng)
 
 
 def make_generate_fn(model: Any, cfg: GenerationConfig) -> Callable:
-    """`fn(lm_params, prefix, source_ids, source_mask) -> tokens`, jitted; the LM stays an argument."""
-    return jax.jit(lambda lm_params, prefix, source_ids, source_mask: generate(
-        model, lm_params, prefix, source_ids, source_mask, cfg))
+    """`fn(lm_params, prefix, source_ids, source_mask, rng=None) -> tokens`, jitted; the LM stays an argument."""
+    return jax.jit(lambda lm_params, prefix, source_ids, source_mask, rng=None: generate(
+        model, lm_params, prefix, source_ids, source_mask, cfg, rng))

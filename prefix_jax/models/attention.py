@@ -28,11 +28,58 @@ class KV(NamedTuple):
     value: jax.Array
 
 
-def prepend_prefix(prefix: KV | None, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Concatenates an unbatched prefix `[H, P, K]` in front of batched keys and values."""
+class BankKV(NamedTuple):
+    """T prefixes in one array and which one each row uses (see `prefix_jax.prefix_bank`).
+
+    key/value `[..., T, H, P, K]`: prefixes shorter than the longest are right-aligned, their leading
+    slots empty; slot_valid `[..., T, P]` marks the real slots; rows `[..., B]` is each row's prefix index.
+    (A leading layer axis on all four when stacked, so scanning over layers slices them together.)
+    """
+
+    key: jax.Array
+    value: jax.Array
+    slot_valid: jax.Array
+    rows: jax.Array
+
+
+def _rows_of(bank: BankKV) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row: key, value `[B, H, P, K]` and slot validity `[B, P]` (one layer's bank)."""
+    return bank.key[bank.rows], bank.value[bank.rows], bank.slot_valid[bank.rows]
+
+
+def tokens_after_prefix(prefix: KV | BankKV | None) -> int | jax.Array:
+    """How many prefix slots precede the real tokens: P, or per row `[B]` for a bank (its own length)."""
+    if prefix is None:
+        return 0
+    if isinstance(prefix, BankKV):
+        valid_TxP = prefix.slot_valid.reshape(-1, *prefix.slot_valid.shape[-2:])[0]
+        rows_B = prefix.rows.reshape(-1, prefix.rows.shape[-1])[0]
+        return jnp.sum(valid_TxP, axis=-1).astype(jnp.int32)[rows_B]
+    return prefix.key.shape[-2]
+
+
+def mask_empty_prefix_slots(prefix: KV | BankKV | None, mask_BxHxQxT: jax.Array) -> jax.Array:
+    """Hides a bank's empty slots (the first P mask columns) from every query; other prefixes unchanged."""
+    if not isinstance(prefix, BankKV):
+        return mask_BxHxQxT
+    num_slots = prefix.key.shape[-2]
+    valid_BxP = _rows_of(prefix)[2]
+    mask_BxHxQxT = jnp.broadcast_to(mask_BxHxQxT, (valid_BxP.shape[0], *mask_BxHxQxT.shape[1:]))
+    slots = mask_BxHxQxT[..., :num_slots] & valid_BxP[:, None, None, :]
+    return jnp.concatenate([slots, mask_BxHxQxT[..., num_slots:]], axis=-1)
+
+
+def prepend_prefix(prefix: KV | BankKV | None, k_BxSxHxK: jax.Array,
+                   v_BxSxHxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Concatenates an unbatched prefix `[H, P, K]` (or each row's prefix of a bank) in front of keys and values."""
     if prefix is None:
         return k_BxSxHxK, v_BxSxHxK
     batch = k_BxSxHxK.shape[0]
+    if isinstance(prefix, BankKV):
+        key_BxHxPxK, value_BxHxPxK, _ = _rows_of(prefix)
+        row = lambda p, like: jnp.swapaxes(p, 1, 2).astype(like.dtype)
+        return (jnp.concatenate([row(key_BxHxPxK, k_BxSxHxK), k_BxSxHxK], axis=1),
+                jnp.concatenate([row(value_BxHxPxK, v_BxSxHxK), v_BxSxHxK], axis=1))
 
     def expand(p_HxPxK: jax.Array, like: jax.Array) -> jax.Array:
         p_PxHxK = jnp.swapaxes(p_HxPxK, 0, 1).astype(like.dtype)
@@ -117,7 +164,7 @@ class MultiHeadAttention(nn.Module):
         memory: jax.Array | KV | None,
         mask_BxHxQxT: jax.Array,
         bias_BxHxQxT: jax.Array | None = None,
-        prefix: KV | None = None,
+        prefix: KV | BankKV | None = None,
         cache: dict | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, dict | None]:
@@ -136,5 +183,6 @@ class MultiHeadAttention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), index, axis=1)
             cache = {"key": k, "value": v, "index": index + x_BxQxD.shape[1]}
         k, v = prepend_prefix(prefix, k, v)
+        mask_BxHxQxT = mask_empty_prefix_slots(prefix, mask_BxHxQxT)
         y = attend(q, k, v, mask_BxHxQxT, bias_BxHxQxT, self.query_scale, self.dropout, deterministic)
         return self.out(y), cache

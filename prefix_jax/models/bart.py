@@ -26,7 +26,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention
+from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
 from prefix_jax.models.hub import take
 from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry
 
@@ -245,8 +245,12 @@ class Model(nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.shared(ids) * jnp.asarray(self.config.embed_scale, self.config.dtype)
 
-    def _shift(self, prefix: KV | None) -> int:
-        """Where real tokens start relative to a self-attention prefix (see module docstring)."""
+    def _shift(self, prefix: KV | None) -> int | jax.Array:
+        """Where real tokens start relative to a self-attention prefix (see module docstring); `[B]` for a bank."""
+        return tokens_after_prefix(prefix) if self.config.positions_after_prefix else 0
+
+    def _slots(self, prefix: KV | None) -> int:
+        """Position-table entries a prefix may take (its slot count; the longest prefix of a bank)."""
         return prefix.key.shape[-2] if (prefix is not None and self.config.positions_after_prefix) else 0
 
     def _check_positions(self, needed: int, stack: str) -> None:
@@ -260,7 +264,7 @@ class Model(nn.Module):
         x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
         kv = prefix.kv.get(ENCODER)
         shift = self._shift(kv)
-        self._check_positions(shift + x.shape[1], "encoder")
+        self._check_positions(self._slots(kv) + x.shape[1], "encoder")
         positions = masks.token_positions(source_mask, shift)
         encoded, _ = self.encoder(x, positions, source_mask, kv, deterministic)
         return encoded, source_mask
@@ -271,15 +275,15 @@ class Model(nn.Module):
         x = self.embed(decoder_ids)
         kv = prefix.kv.get(DECODER)
         shift = self._shift(kv)
-        self._check_positions(shift + decoder_mask.shape[1], "decoder")
+        self._check_positions(self._slots(kv) + decoder_mask.shape[1], "decoder")
         if cache is None:
             positions = masks.token_positions(decoder_mask, shift)
             offset = 0
         else:  # decoding: the decoder input has no padding; slot == position
             offset = cache["self"]["index"][0]
             batch, num_queries = decoder_ids.shape
-            positions = jnp.broadcast_to(shift + offset + jnp.arange(num_queries, dtype=jnp.int32),
-                                         (batch, num_queries))
+            slots = offset + jnp.arange(num_queries, dtype=jnp.int32)
+            positions = jnp.broadcast_to(jnp.asarray(shift)[..., None] + slots, (batch, num_queries))
         h, cache = self.decoder(x, positions, decoder_mask, kv, deterministic, offset, encoded, encoded_mask,
                                 prefix.kv.get(CROSS), cache)
         logits = self.shared.attend(h)  # the LM head is tied to the token embedding

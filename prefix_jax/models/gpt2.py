@@ -27,7 +27,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention
+from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
 from prefix_jax.models.hub import take
 from prefix_jax.models.interface import DECODER, NO_PREFIX, Prefix, StackGeometry
 
@@ -205,13 +205,14 @@ class Model(nn.Module):
         source_len = source_ids.shape[1] + (0 if prefix.prompt_embeds is None else prefix.prompt_embeds.shape[0])
 
         kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
+        shift = tokens_after_prefix(kv)  # == prefix_len, except per row for a prefix bank
         length = valid_BxL.shape[1]
         target_side_L = jnp.arange(length) >= source_len
         if prefix.infix:
-            positions = masks.token_positions(valid_BxL) + prefix_len * target_side_L[None].astype(jnp.int32)
+            positions = masks.token_positions(valid_BxL) + jnp.asarray(shift)[..., None] * target_side_L[None]
             visible_BxL = jnp.broadcast_to(target_side_L[None], valid_BxL.shape)
         else:
-            positions = masks.token_positions(valid_BxL, prefix_len if cfg.positions_after_prefix else 0)
+            positions = masks.token_positions(valid_BxL, shift if cfg.positions_after_prefix else 0)
             visible_BxL = None
         needed = length + (prefix_len if (prefix.infix or cfg.positions_after_prefix) else 0)
         if needed > cfg.n_positions:

@@ -1,0 +1,53 @@
+"""Decoding with one frozen LM and one or many trained prefixes:
+
+  python predict.py --config configs/predict.py --config.model.name_or_path=DIR \
+      --config.prefixes=e2e=runs/gpt2_e2e/export,dart=runs/gpt2_dart/export \
+      --config.input=inputs.jsonl --config.output=predictions.jsonl
+
+Each input row's `task` column picks its prefix (a single prefix needs no task column); rows of
+different tasks share batches.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = ""  # the frozen LM the prefixes were trained on (HF id or local directory)
+    c.model.tokenizer = ""  # defaults to name_or_path
+    c.model.param_dtype = "float32"
+    c.model.positions_after_prefix = ml_collections.FieldReference(None, field_type=bool)  # None: from the export
+
+    # Exported prefixes (`<workdir>/export`): "DIR" (task "default") or "task=DIR,task=DIR,...".
+    c.prefixes = ""
+    c.checkpoint = ""  # or a train workdir: its latest checkpoint (task "default"); not with prefixes
+
+    c.input = "-"  # .jsonl | .csv | .txt (one source per line); "-": jsonl (or plain lines) on stdin
+    c.output = ""  # jsonl: id, task, source, prediction (+ references); "": <input>.predictions.jsonl or stdout
+    c.source_field = "source"
+    c.task_field = "task"
+    c.reference_field = "target"  # a string, or a list of references (jsonl); scored when present
+    c.id_field = "id"  # kept when present, else the row number
+    c.source_prefix = ""  # prepended to every source (e.g. "summarize: " for T5)
+    c.max_source_length = 512
+    c.batch_size = 16
+    c.metrics = ("bleu",)  # metrics.METRICS (e2e, webnlg, dart, xsum: the paper's sets); per task and over all
+    c.progress = True  # tqdm progress bar on stderr
+
+    c.generate = ml_collections.ConfigDict()
+    c.generate.num_beams = 1
+    c.generate.max_new_tokens = 64
+    c.generate.length_penalty = 1.0
+    c.generate.min_new_tokens = 0
+    c.generate.no_repeat_ngram_size = 0
+    c.generate.repetition_penalty = 1.0
+    c.generate.do_sample = False
+    c.generate.temperature = 1.0
+    c.generate.top_k = 0
+    c.generate.top_p = 1.0
+    c.generate.seed = 0
+    c.generate.forced_bos_token_id = ml_collections.FieldReference(None, field_type=int)
+    c.generate.forced_eos_token_id = ml_collections.FieldReference(None, field_type=int)
+    return c

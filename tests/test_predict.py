@@ -1,0 +1,212 @@
+"""predict: one LM, several exported prefixes, mixed tasks in one input file -> jsonl + scores; bad inputs are
+one-line errors naming the file/row or both models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from prefix_jax import prefix as prefix_lib
+from prefix_jax import predict, tiny
+from prefix_jax.models import load_pretrained
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ["name : Alimentum | area : city centre", "name : Aromi | eatType : coffee shop",
+           "name : Bibimbap House | food : Chinese | priceRange : cheap", "name : Blue Spice",
+           "name : Cotto | near : The Portland Arms | customer rating : high", "name : Zizzi | area : riverside"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny GPT-2 (bundled tokenizer) and two exported prefixes of different lengths trained on it."""
+    root = tmp_path_factory.mktemp("predict")
+    model_dir = tiny.build_tiny_checkpoint(root / "gpt2", "gpt2")
+    lm = load_pretrained(str(model_dir))
+    exports = {}
+    for task, length, seed in (("e2e", 3, 0), ("dart", 6, 1)):
+        spec = prefix_lib.PrefixSpec(length=length, placements=("decoder",), geometry=lm.config.prefix_geometry(),
+                                     hidden_size=lm.config.hidden_size, method="prefix_direct")
+        params = jax.tree.map(lambda x: x * 3.0, prefix_lib.init_params(spec, jax.random.key(seed)))
+        meta = {"base_model": str(model_dir), "architecture": "gpt2", "model_config": {"positions_after_prefix": True}}
+        exports[task] = prefix_lib.export(params, spec, root / task, meta)
+    rows = [{"id": f"r{i}", "task": ("e2e", "dart")[i % 2], "source": s, "target": s.split(" : ")[1].split(" |")[0]}
+            for i, s in enumerate(SOURCES)]
+    inputs = root / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, exports, inputs, rows, root
+
+
+def _config(model_dir, prefixes, inputs, output, **changes):
+    from configs.predict import get_config
+
+    c = get_config()
+    c.model.name_or_path = str(model_dir)
+    c.prefixes = prefixes
+    c.input = str(inputs)
+    c.output = str(output)
+    c.batch_size = 4
+    c.generate.max_new_tokens = 8
+    c.progress = False
+    for key, value in changes.items():
+        node = c
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return c
+
+
+def _read(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_mixed_tasks_equal_one_prefix_at_a_time_and_are_scored(setup):
+    model_dir, exports, inputs, rows, root = setup
+    both = f"e2e={exports['e2e']},dart={exports['dart']}"
+    summary = predict.run(_config(model_dir, both, inputs, root / "mixed.jsonl"))
+    mixed = _read(root / "mixed.jsonl")
+    assert [r["id"] for r in mixed] == [r["id"] for r in rows]  # input order, ids kept
+    assert [r["task"] for r in mixed] == [r["task"] for r in rows]
+    assert all(set(r) == {"id", "task", "source", "prediction", "references"} for r in mixed)
+    assert set(summary["scores"]) == {"e2e", "dart", "all"} and "bleu" in summary["scores"]["all"]
+
+    # Each task alone (its own rows, its own prefix) gives the same predictions.
+    for task in ("e2e", "dart"):
+        alone_in = root / f"{task}.jsonl"
+        alone_in.write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == task))
+        predict.run(_config(model_dir, str(exports[task]), alone_in, root / f"{task}.out.jsonl"))
+        alone = {r["id"]: r["prediction"] for r in _read(root / f"{task}.out.jsonl")}
+        assert {r["id"]: r["prediction"] for r in mixed if r["task"] == task} == alone
+    # The prefixes steer: the two tasks' prefixes give different outputs for the same sources.
+    swapped_in = root / "swapped.jsonl"
+    swapped_in.write_text("".join(json.dumps({**r, "task": "dart" if r["task"] == "e2e" else "e2e"}) + "\n"
+                                  for r in rows))
+    predict.run(_config(model_dir, both, swapped_in, root / "swapped.out.jsonl"))
+    assert [r["prediction"] for r in _read(root / "swapped.out.jsonl")] != [r["prediction"] for r in mixed]
+
+
+def test_csv_and_txt_inputs(setup):
+    model_dir, exports, _, rows, root = setup
+    csv_in = root / "in.csv"
+    csv_in.write_text("source,task\n" + "".join(f"\"{r['source']}\",{r['task']}\n" for r in rows[:3]))
+    both = f"e2e={exports['e2e']},dart={exports['dart']}"
+    summary = predict.run(_config(model_dir, both, csv_in, root / "csv.out.jsonl"))
+    assert summary["rows"] == 3 and summary["scores"] == {}
+    txt_in = root / "in.txt"
+    txt_in.write_text("\n".join(SOURCES[:2]) + "\n")
+    predict.run(_config(model_dir, str(exports["e2e"]), txt_in, root / "txt.out.jsonl"))
+    assert [r["source"] for r in _read(root / "txt.out.jsonl")] == SOURCES[:2]
+
+
+@pytest.mark.parametrize("case,match", [
+    ("unknown_task", r"row 0: task 'webnlg' has no prefix; loaded: \['e2e', 'dart'\]"),
+    ("missing_column", r"row 0: no 'task' column"),
+    ("missing_source", r"row 0: no 'source' column"),
+    ("wrong_base_model", r"trained on base model 'someone/other-gpt2' \(gpt2\), but model.name_or_path is"),
+    ("wrong_architecture", r"trained on base model .* \(t5\), but model.name_or_path is .* \(gpt2\)"),
+    ("bad_option", r"generate.top_k=3 only applies when sampling"),
+])
+def test_bad_inputs_are_one_line_errors(setup, case, match, tmp_path):
+    model_dir, exports, _, rows, _ = setup
+    prefixes = f"e2e={exports['e2e']},dart={exports['dart']}"
+    record = {"source": "x", "task": "e2e"}
+    changes = {}
+    if case == "unknown_task":
+        record["task"] = "webnlg"
+    elif case == "missing_column":
+        record.pop("task")
+    elif case == "missing_source":
+        record = {"text": "x", "task": "e2e"}
+    elif case in ("wrong_base_model", "wrong_architecture"):
+        other = tmp_path / "other"
+        other.mkdir()
+        for name in ("prefix.json", "prefix.safetensors"):
+            (other / name).write_bytes((Path(exports["e2e"]) / name).read_bytes())
+        meta = json.loads((other / "prefix.json").read_text())
+        if case == "wrong_base_model":
+            meta["base_model"] = "someone/other-gpt2"
+        else:
+            meta["architecture"] = "t5"
+        (other / "prefix.json").write_text(json.dumps(meta))
+        prefixes = str(other)
+    else:
+        changes["generate.top_k"] = 3
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=match) as err:
+        predict.run(_config(model_dir, prefixes, inputs, tmp_path / "out.jsonl", **changes))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_command_line_reads_stdin_and_exits_2_on_errors(setup, tmp_path):
+    model_dir, exports, _, _, _ = setup
+    cmd = [sys.executable, str(ROOT / "predict.py"), "--config", str(ROOT / "configs" / "predict.py"),
+           f"--config.model.name_or_path={model_dir}", f"--config.prefixes={exports['e2e']}",
+           "--config.generate.max_new_tokens=4", "--config.progress=False", "--config.batch_size=2"]
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run(cmd, input="\n".join(SOURCES[:3]), capture_output=True, text=True, cwd=tmp_path, env=env,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    out = [json.loads(line) for line in ok.stdout.splitlines()]
+    assert [r["source"] for r in out] == SOURCES[:3] and all(r["task"] == "default" for r in out)
+    bad = subprocess.run(cmd + ["--config.input=missing.jsonl"], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: input='missing.jsonl' is not a file."
+
+
+def test_checkpoint_workdir_decodes_like_its_export(setup, tmp_path):
+    """checkpoint=WORKDIR materializes the latest checkpoint's prefix: same predictions as its export."""
+    from prefix_jax import checkpoint
+
+    model_dir, _, _, rows, _ = setup
+    lm = load_pretrained(str(model_dir))
+    spec = prefix_lib.PrefixSpec(length=4, placements=("decoder",), geometry=lm.config.prefix_geometry(),
+                                 hidden_size=lm.config.hidden_size, mlp_hidden=16)  # with its MLP
+    params = prefix_lib.init_params(spec, jax.random.key(3))
+    meta = {"base_model": str(model_dir), "architecture": "gpt2", "prefix_spec": spec.to_json(),
+            "model_config": {"positions_after_prefix": True}}
+    mngr = checkpoint.manager(tmp_path / "run" / "checkpoints")
+    checkpoint.save(mngr, 7, {"step": np.int32(7), "params": params}, meta)
+    mngr.wait_until_finished()
+    export = prefix_lib.export(params, spec, tmp_path / "export", meta)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(SOURCES[:3]) + "\n")
+    c = _config(model_dir, "", inputs, tmp_path / "ckpt.jsonl")
+    c.checkpoint = str(tmp_path / "run")
+    predict.run(c)
+    predict.run(_config(model_dir, str(export), inputs, tmp_path / "export.jsonl"))
+    assert _read(tmp_path / "ckpt.jsonl") == _read(tmp_path / "export.jsonl")
+
+
+@pytest.mark.slow
+def test_encoder_decoder_mixed_tasks_equal_separate_runs(tmp_path):
+    """The same on the offline T5 (all three placements, prefixes of lengths 2 and 5)."""
+    model_dir = tiny.build_tiny_checkpoint(tmp_path / "t5", "t5")
+    lm = load_pretrained(str(model_dir))
+    exports = {}
+    for task, length, seed in (("a", 2, 0), ("b", 5, 1)):
+        spec = prefix_lib.PrefixSpec(length=length, placements=("encoder", "decoder", "cross"),
+                                     geometry=lm.config.prefix_geometry(), hidden_size=lm.config.hidden_size,
+                                     method="prefix_direct")
+        params = jax.tree.map(lambda x: x * 3.0, prefix_lib.init_params(spec, jax.random.key(seed)))
+        exports[task] = prefix_lib.export(params, spec, tmp_path / task, {"base_model": str(model_dir),
+                                                                            "architecture": "t5"})
+    rows = [{"id": i, "task": "ab"[i % 2], "source": s} for i, s in enumerate(SOURCES[:4])]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    predict.run(_config(model_dir, f"a={exports['a']},b={exports['b']}", tmp_path / "in.jsonl", tmp_path / "m.jsonl",
+                        **{"generate.num_beams": 2}))
+    mixed = _read(tmp_path / "m.jsonl")
+    for task in "ab":
+        (tmp_path / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == task))
+        predict.run(_config(model_dir, str(exports[task]), tmp_path / f"{task}.jsonl", tmp_path / f"{task}.out",
+                            **{"generate.num_beams": 2}))
+        assert [r["prediction"] for r in mixed if r["task"] == task] == \
+            [r["prediction"] for r in _read(tmp_path / f"{task}.out")]
+    assert len({r["prediction"] for r in mixed}) > 1
