@@ -74,10 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.metrics = ("bleu",)  # bleu | rouge
     c.eval.max_generate = 0  # distinct sources to decode per evaluation; 0: all
 
-    c.generate = ml_collections.ConfigDict()
-    c.generate.num_beams = 1
-    c.generate.max_new_tokens = 64
-    c.generate.length_penalty = 1.0
+    c.generate = generation_options()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 5e-5
@@ -97,6 +94,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.num_processes = 1
     c.mesh.process_id = 0
     return c
+
+
+def generation_options() -> ml_collections.ConfigDict:
+    """Decoding options (`generate.GenerationConfig`), shared by train.py's evaluation and predict.py."""
+    g = ml_collections.ConfigDict()
+    g.num_beams = 1
+    g.max_new_tokens = 64
+    g.length_penalty = 1.0
+    g.min_new_tokens = 0
+    g.no_repeat_ngram_size = 0
+    g.repetition_penalty = 1.0
+    g.do_sample = False  # sampling (greedy only): temperature, top_k, top_p, seeded by seed
+    g.temperature = 1.0
+    g.top_k = 0
+    g.top_p = 1.0
+    g.seed = 0
+    g.forced_bos_token_id = ml_collections.FieldReference(None, field_type=int)  # e.g. 0 for BART checkpoints
+    g.forced_eos_token_id = ml_collections.FieldReference(None, field_type=int)
+    return g
 
 
 def offline_demo(c: ml_collections.ConfigDict, architecture: str) -> ml_collections.ConfigDict:

@@ -10,6 +10,8 @@ different tasks share batches.
 
 import ml_collections
 
+from configs import default
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -36,18 +38,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.metrics = ("bleu",)  # metrics.METRICS (e2e, webnlg, dart, xsum: the paper's sets); per task and over all
     c.progress = True  # tqdm progress bar on stderr
 
-    c.generate = ml_collections.ConfigDict()
-    c.generate.num_beams = 1
-    c.generate.max_new_tokens = 64
-    c.generate.length_penalty = 1.0
-    c.generate.min_new_tokens = 0
-    c.generate.no_repeat_ngram_size = 0
-    c.generate.repetition_penalty = 1.0
-    c.generate.do_sample = False
-    c.generate.temperature = 1.0
-    c.generate.top_k = 0
-    c.generate.top_p = 1.0
-    c.generate.seed = 0
-    c.generate.forced_bos_token_id = ml_collections.FieldReference(None, field_type=int)
-    c.generate.forced_eos_token_id = ml_collections.FieldReference(None, field_type=int)
+    c.generate = default.generation_options()
     return c

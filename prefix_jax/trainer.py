@@ -137,7 +137,7 @@ def build(config: Any) -> Setup:
     if init_ids and len(init_ids) != spec.length:
         raise ConfigError(f"prefix.init_text has {len(init_ids)} tokens but prefix.length={spec.length}; set "
                           f"prefix.length={len(init_ids)} or 0 (as many as the text has).")
-    GenerationConfig(c.generate.max_new_tokens, c.generate.num_beams, c.generate.length_penalty)  # validates
+    GenerationConfig.from_config(c.generate)  # validates
     for name in c.eval.metrics:
         if name not in evaluation.metrics.METRICS:
             raise ConfigError(f"eval.metrics has {name!r}; choose from {evaluation.metrics.METRICS}.")
@@ -371,8 +371,7 @@ def _loop(setup: Setup, state: training.TrainState, tx: Any, schedule: Any, meta
     eval_fn = training.jit_eval_step(setup.lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix)
     generate_fn = None
     if c.eval.generate:
-        generate_fn = make_generate_fn(setup.lm.model, GenerationConfig(
-            c.generate.max_new_tokens, c.generate.num_beams, c.generate.length_penalty))
+        generate_fn = make_generate_fn(setup.lm.model, GenerationConfig.from_config(c.generate))
     if is_main:
         log.info("trainable parameters: %d (LM: %d, frozen)", prefix_lib.num_params(state.params),
                  prefix_lib.num_params(setup.lm.params))
