@@ -69,3 +69,21 @@ def test_two_processes_match_one(tiny_t5_dir, one_device, tmp_path):
     np.testing.assert_allclose(losses(tmp_path), losses(one_device), rtol=2e-5)
     np.testing.assert_allclose(final_eval(tmp_path)["eval_loss"], final_eval(one_device)["eval_loss"], rtol=2e-5)
     assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_another_topology(tiny_t5_dir, one_device, tmp_path):
+    """Saved by 8 devices with the LM sharded (fsdp x model), resumed by 1 device, and the other way round:
+    the trainable state is restored onto the new mesh and the run ends where the one-device run does."""
+    eight = ["--config.mesh.num_devices=8", "--config.mesh.shape=(2,2,2)"]
+    for first, second, name in ((eight, [], "8-then-1"), ([], eight, "1-then-8")):
+        workdir = tmp_path / name
+        out = subprocess.run(args(tiny_t5_dir, workdir) + first + ["--config.train.stop_at=2"],
+                             env=env(8 if first else 1), capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        out = subprocess.run(args(tiny_t5_dir, workdir) + second, env=env(8 if second else 1), capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "resumed from step 2" in out.stderr
+        np.testing.assert_allclose(losses(workdir), losses(one_device), rtol=2e-5)
+        np.testing.assert_allclose(final_eval(workdir)["eval_loss"], final_eval(one_device)["eval_loss"], rtol=2e-5)
