@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.format = "fields"  # fields | e2e | dart | webnlg
     c.data.source_field = "source"
     c.data.target_field = "target"
+    c.data.task_field = ""  # multi-task (format "fields"): this column names each row's task; one prefix per task
     c.data.source_prefix = ""  # prepended to every source text (e.g. "summarize: " for T5)
     c.data.target_prefix = ""
     c.data.train_split = "train"

@@ -101,6 +101,9 @@ def check(config: Any) -> None:
     if not 0 <= config.mesh.process_id < config.mesh.num_processes:
         raise ConfigError(f"mesh.process_id={config.mesh.process_id} must be in [0, mesh.num_processes="
                           f"{config.mesh.num_processes}).")
+    if config.data.get("task_field") and config.data.format != "fields":
+        raise ConfigError(f"data.task_field={config.data.task_field!r} needs data.format='fields' (a task column "
+                          f"beside source and target); data.format is {config.data.format!r}.")
     for pattern in config.optim.frozen:
         try:
             re.compile(pattern)

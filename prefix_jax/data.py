@@ -35,6 +35,7 @@ class Example:
     source: str
     target: str
     references: tuple[str, ...] = ()  # every reference of this source (evaluation)
+    task: str = ""  # multi-task data (`data.task_field`): which prefix this example trains
 
 
 # --- Linearization (the paper's formats) ---
@@ -90,12 +91,13 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
-def _group_references(pairs: Sequence[tuple[str, str]]) -> list[Example]:
-    """One example per (source, reference) pair, each knowing all references of its source."""
-    refs: dict[str, list[str]] = collections.defaultdict(list)
-    for source, target in pairs:
-        refs[source].append(target)
-    return [Example(source, target, tuple(refs[source])) for source, target in pairs]
+def _group_references(pairs: Sequence[tuple[str, str]], tasks: Sequence[str] | None = None) -> list[Example]:
+    """One example per (source, reference) pair, each knowing all references of its source (within its task)."""
+    tasks = tasks if tasks is not None else [""] * len(pairs)
+    refs: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+    for (source, target), task in zip(pairs, tasks):
+        refs[task, source].append(target)
+    return [Example(source, target, tuple(refs[task, source]), task) for (source, target), task in zip(pairs, tasks)]
 
 
 def _decode(raw: bytes, origin: str) -> str:
@@ -455,10 +457,16 @@ def _examples_of(fmt: str, table: Table, data: Any) -> list[Example]:
     if missing:
         raise DataError(f"{table.origin}: has no column {', '.join(missing)}; it has {table.columns}. Set "
                         "data.source_field / data.target_field.")
+    task_field = data.get("task_field", "")
+    if task_field and task_field not in table.columns:
+        raise DataError(f"{table.origin}: has no column {task_field!r} (data.task_field); it has {table.columns}.")
+    rows = list(table.rows)
+    tasks = [_text(r, task_field, f"{table.origin} {where}", "data.task_field").strip()
+             for where, r in rows] if task_field else None
     return _group_references([
         (_text(r, data.source_field, f"{table.origin} {where}", "data.source_field"),
          _text(r, data.target_field, f"{table.origin} {where}", "data.target_field").strip())
-        for where, r in table.rows])
+        for where, r in rows], tasks)
 
 
 def _table_to_text_from_hub(fmt: str, table: Any, split: str) -> list[Example]:
@@ -509,6 +517,7 @@ class TokenizedSplit:
     source_ids: list[list[int]]
     target_ids: list[list[int]]
     examples: list[Example]
+    task_ids: list[int] | None = None  # multi-task: each example's prefix index (batches carry it)
 
     def __len__(self) -> int:
         return len(self.source_ids)
@@ -649,7 +658,10 @@ class Batcher:
         src_ids, src_mask = pad([self.split.source_ids[i] for i in local], self.source_width, self.pad_id,
                                 self.left_pad_source)
         tgt_ids, tgt_mask = pad([self.split.target_ids[i] for i in local], self.target_width, self.pad_id, False)
-        return {"source_ids": src_ids, "source_mask": src_mask, "target_ids": tgt_ids, "target_mask": tgt_mask}
+        batch = {"source_ids": src_ids, "source_mask": src_mask, "target_ids": tgt_ids, "target_mask": tgt_mask}
+        if self.split.task_ids is not None:
+            batch["task_ids"] = np.asarray([self.split.task_ids[i] for i in local], np.int32)
+        return batch
 
     def train_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the global batch of `step` (epochs reshuffle with seed (seed, epoch))."""
@@ -669,5 +681,5 @@ class Batcher:
             batch = self._rows(indices)
             short = self.local_batch_size - batch["source_ids"].shape[0]
             if short:
-                batch = {k: np.concatenate([v, np.zeros((short, v.shape[1]), v.dtype)]) for k, v in batch.items()}
+                batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
             yield batch

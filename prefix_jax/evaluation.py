@@ -11,6 +11,7 @@ import numpy as np
 
 from prefix_jax import data, metrics, sharding
 from prefix_jax import prefix as prefix_lib
+from prefix_jax import prefix_bank
 
 
 def loss(batcher: data.Batcher, mesh: Any, params: Any, lm_params: Any, eval_fn: Callable) -> dict:
@@ -25,11 +26,11 @@ def loss(batcher: data.Batcher, mesh: Any, params: Any, lm_params: Any, eval_fn:
 
 
 def unique_sources(split: data.TokenizedSplit, limit: int = 0) -> list[int]:
-    """Index of the first example of each distinct source (multi-reference sets are decoded once per source)."""
+    """Index of the first example of each distinct (task, source) (multi-reference sets are decoded once)."""
     seen, first = set(), []
     for i, example in enumerate(split.examples):
-        if example.source not in seen:
-            seen.add(example.source)
+        if (example.task, example.source) not in seen:
+            seen.add((example.task, example.source))
             first.append(i)
     return first[:limit] if limit else first
 
@@ -58,13 +59,17 @@ def generate_and_score(batcher: data.Batcher, mesh: Any, tokenizer: Any, spec: p
         ids, mask = data.pad([split.source_ids[i] for i in local], batcher.source_width, batcher.pad_id,
                              batcher.left_pad_source)
         batch = sharding.shard_batch({"ids": ids, "mask": mask}, mesh)
-        tokens = _gather(generate_fn(lm_params, prefix, batch["ids"], batch["mask"]))[:len(indices)]
+        rows_prefix = prefix
+        if spec.tasks:  # each row decodes with its own task's prefix (the global batch's rows, in order)
+            rows_prefix = prefix_bank.for_rows(prefix, np.asarray([split.task_ids[i] for i in rows], np.int32))
+        tokens = _gather(generate_fn(lm_params, rows_prefix, batch["ids"], batch["mask"]))[:len(indices)]
         hypotheses.extend(t.strip() for t in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True))
     references = [list(split.examples[i].references or (split.examples[i].target,)) for i in chosen]
     scores = metrics.compute(metric_names, hypotheses, references) if metric_names else {}
     if predictions_path is not None and jax.process_index() == 0:
         with predictions_path.open("w") as f:
             for i, hypothesis, refs in zip(chosen, hypotheses, references):
-                f.write(json.dumps({"source": split.examples[i].source, "prediction": hypothesis,
+                task = {"task": split.examples[i].task} if split.examples[i].task else {}
+                f.write(json.dumps({**task, "source": split.examples[i].source, "prediction": hypothesis,
                                     "references": refs}) + "\n")
     return {**scores, "generated": len(hypotheses)}

@@ -140,4 +140,8 @@ def constrain_prefix(prefix: Prefix, mesh: Any) -> Prefix:
         spec = prefix_kv_spec(x.shape[1], mesh)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)) if spec != PartitionSpec() else x
 
-    return prefix.replace(kv={p: jax.tree.map(constrain, kv) for p, kv in prefix.kv.items()})
+    from prefix_jax.models.attention import BankKV
+
+    # A prefix bank ([L, T, H, P, K] plus masks and row indices) stays replicated: it is small and gathered per row.
+    return prefix.replace(kv={p: kv if isinstance(kv, BankKV) else jax.tree.map(constrain, kv)
+                              for p, kv in prefix.kv.items()})

@@ -52,8 +52,12 @@ class PrefixSpec:
     dropout: float = 0.0
     init: str = "normal"
     tie: tuple[tuple[str, ...], ...] = ()  # groups of placements sharing one set of parameters
+    tasks: tuple[str, ...] = ()  # multi-task: one prefix per task (params keyed by task), used as a prefix bank
 
     def __post_init__(self) -> None:
+        if self.tasks and (self.method == "embedding_only" or len(set(self.tasks)) != len(self.tasks)):
+            raise ValueError(f"data.task_field: tasks {list(self.tasks)} must be distinct, and need K/V prefixes "
+                             "(prefix.method other than 'embedding_only').")
         if self.method not in METHODS:
             raise ValueError(f"prefix.method={self.method!r} is not one of {METHODS}.")
         if self.length < 1:
@@ -115,6 +119,7 @@ class PrefixSpec:
         d = dict(d)
         d["placements"] = tuple(d["placements"])
         d["tie"] = tuple(tuple(g) for g in d.get("tie", ()))
+        d["tasks"] = tuple(d.get("tasks", ()))
         d["geometry"] = {k: StackGeometry(**v) for k, v in d["geometry"].items()}
         return cls(**d)
 
@@ -135,8 +140,18 @@ def _virtual_tokens(rng: jax.Array, shape: tuple[int, ...], init: str) -> jax.Ar
     return jax.random.normal(rng, shape, jnp.float32)
 
 
+def single_task(spec: PrefixSpec) -> PrefixSpec:
+    """The spec of one task's prefix of a multi-task spec (itself for a single-task one)."""
+    return dataclasses.replace(spec, tasks=()) if spec.tasks else spec
+
+
 def init_params(spec: PrefixSpec, rng: jax.Array) -> dict:
-    """Random trainable params (float32), per `spec.init` ("words" starts random: see `prefix_init`)."""
+    """Random trainable params (float32), per `spec.init` ("words" starts random: see `prefix_init`).
+
+    Multi-task specs give `{task: params}`, each task its own draw."""
+    if spec.tasks:
+        one = single_task(spec)
+        return {task: init_params(one, key) for task, key in zip(spec.tasks, jax.random.split(rng, len(spec.tasks)))}
     if spec.method == "embedding_only":
         emb = _virtual_tokens(rng, (spec.length, spec.hidden_size), spec.init)
         return {"prompt": {"embedding": jnp.zeros_like(emb) if spec.init == "zero" else emb}}
@@ -189,7 +204,16 @@ def flat_kv(params: Mapping[str, Any], spec: PrefixSpec) -> dict[str, jax.Array]
 
 def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | None = None,
                 deterministic: bool = True) -> Prefix:
-    """Trainable params -> the `Prefix` the model consumes. Dropout (if any) only when not deterministic."""
+    """Trainable params -> the `Prefix` the model consumes. Dropout (if any) only when not deterministic.
+
+    Multi-task specs give a prefix bank (`prefix_bank.stack`, one prefix per task in `spec.tasks` order);
+    `prefix_bank.for_rows(prefix, task_ids)` then gives each row its task's prefix."""
+    if spec.tasks:
+        from prefix_jax import prefix_bank
+
+        one = single_task(spec)
+        keys = jax.random.split(rng, len(spec.tasks)) if rng is not None else [None] * len(spec.tasks)
+        return prefix_bank.stack([materialize(params[t], one, k, deterministic) for t, k in zip(spec.tasks, keys)])
     if spec.method == "embedding_only":
         embeds = params["prompt"]["embedding"]
         if spec.dropout and not deterministic:

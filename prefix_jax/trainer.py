@@ -150,6 +150,11 @@ def build(config: Any) -> Setup:
     # Evaluating only: no need to read (and tokenize) the training data.
     train_split = eval_split if c.train.eval_only else tokenize(
         _examples(c, c.data.train_split, c.data.max_train_examples))
+    if c.data.task_field:
+        spec = dataclasses.replace(spec, tasks=task_names(c, train_split, eval_split))
+        for split in (train_split, eval_split):
+            if split is not None:
+                split.task_ids = [spec.tasks.index(e.task) for e in split.examples]
     widths = [data.padded_lengths(s, c.data.max_source_length, c.data.max_target_length)
               for s in (train_split, eval_split) if s is not None]
     source_width, target_width = max(w[0] for w in widths), max(w[1] for w in widths)
@@ -173,6 +178,28 @@ def build(config: Any) -> Setup:
     workdir = config_checks.workdir_path(c.train.workdir)
     return Setup(c, lm, tokenizer, spec, mesh, train, batcher(eval_split, eval_size) if eval_split else None, total,
                  workdir, init_ids)
+
+
+def task_names(config: Any, train_split: data.TokenizedSplit, eval_split: data.TokenizedSplit | None
+               ) -> tuple[str, ...]:
+    """Multi-task data: the tasks, one prefix each (sorted; evaluating only: those the checkpoint was trained on)."""
+    tasks: tuple[str, ...] = ()
+    if config.train.eval_only:
+        mngr = checkpoint.manager(config_checks.workdir_path(config.train.workdir) / "checkpoints", read_only=True)
+        try:
+            saved = checkpoint.read_meta(mngr) if mngr.latest_step() is not None else None
+        except Exception:  # noqa: BLE001 - unreadable: the resume checks report it
+            saved = None
+        finally:
+            mngr.close()
+        tasks = tuple((saved or {}).get("prefix_spec", {}).get("tasks", ()))
+    tasks = tasks or tuple(sorted({e.task for e in train_split.examples}))
+    for split, name in ((train_split, config.data.train_split), (eval_split, config.data.eval_split)):
+        unknown = sorted({e.task for e in split.examples} - set(tasks)) if split is not None else []
+        if unknown:
+            raise ConfigError(f"data.task_field: split {name!r} has tasks {unknown[:5]} that the prefixes were not "
+                              f"trained for ({list(tasks)[:10]}).")
+    return tasks
 
 
 def lm_fingerprint(lm_params: Any) -> str:
@@ -295,9 +322,14 @@ def fresh_state(setup: Setup, tx: Any) -> training.TrainState:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(c.train.seed))
     params = prefix_lib.init_params(setup.spec, init_rng)
     if setup.init_ids:
-        params, report = prefix_init.init_from_text(setup.spec, params, setup.lm.model, setup.lm.params,
-                                                    setup.init_ids, c.prefix.init_fit_steps,
-                                                    c.prefix.init_fit_learning_rate)
+        one = prefix_lib.single_task(setup.spec)
+        init = lambda p: prefix_init.init_from_text(one, p, setup.lm.model, setup.lm.params, setup.init_ids,
+                                                    c.prefix.init_fit_steps, c.prefix.init_fit_learning_rate)
+        if setup.spec.tasks:
+            fitted = {task: init(params[task]) for task in setup.spec.tasks}
+            params, report = {t: f[0] for t, f in fitted.items()}, {t: f[1] for t, f in fitted.items()}
+        else:
+            params, report = init(params)
         log.info("prefix initialised from %r: %s", c.prefix.init_text, report)
     return sharding.replicate(training.init_state(params, tx, state_rng), setup.mesh)
 
@@ -437,8 +469,15 @@ def _loop(setup: Setup, state: training.TrainState, tx: Any, schedule: Any, meta
         if not checkpoint.is_finite(state.params):
             raise NonFiniteError("the trained prefix is not finite; nothing was exported.")
         export_meta = {k: meta[k] for k in ("base_model", "lm_fingerprint", "architecture", "model_config")}
-        summary["export"] = str(prefix_lib.export(jax.device_get(state.params), spec, setup.workdir / "export",
-                                                  {**export_meta, "step": setup.total_steps}))
+        export_meta["step"] = setup.total_steps
+        params = jax.device_get(state.params)
+        if spec.tasks:  # one export per task: export/<task>/, each a single prefix predict.py can load
+            one = prefix_lib.single_task(spec)
+            for task in spec.tasks:
+                prefix_lib.export(params[task], one, setup.workdir / "export" / task, {**export_meta, "task": task})
+            summary["export"] = str(setup.workdir / "export")
+        else:
+            summary["export"] = str(prefix_lib.export(params, spec, setup.workdir / "export", export_meta))
     summary["final_step"] = int(jax.device_get(state.step))
     return summary
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from prefix_jax import prefix as prefix_lib
+from prefix_jax import prefix_bank
 
 
 @flax.struct.dataclass
@@ -63,6 +64,8 @@ def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: 
     deterministic = rng is None
     prefix_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
     prefix = prefix_lib.materialize(params, spec, prefix_rng, deterministic)
+    if spec.tasks:  # multi-task: each row attends to its own task's prefix
+        prefix = prefix_bank.for_rows(prefix, batch["task_ids"])
     if shard_prefix is not None:
         prefix = shard_prefix(prefix)
     logits = model.apply({"params": lm_params}, batch, prefix, deterministic=deterministic,
