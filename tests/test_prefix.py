@@ -235,7 +235,8 @@ def test_every_variant_trains_keeps_the_lm_frozen_and_checkpoints(arch, variant,
     mngr = checkpoint.manager(tmp_path / "ckpt")
     checkpoint.save(mngr, 30, state, {"prefix_spec": s.to_json()})
     mngr.wait_until_finished()
-    restored, meta = checkpoint.restore(mngr, checkpoint.abstract(state))
+    step_restored, restored, meta, corrupt = checkpoint.restore_latest_good(mngr, checkpoint.abstract(state))
     mngr.close()
+    assert step_restored == 30 and not corrupt
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)
     assert prefix_lib.PrefixSpec.from_json(meta["prefix_spec"]) == s
