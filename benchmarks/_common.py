@@ -193,7 +193,7 @@ def ours_step_fn(shape: Shape, directory: str, loss: str = "logits") -> OursStep
     return OursStep(step, state, jax.device_put(lm.params), batch, lm, spec)
 
 
-def chunked_loss_train_step(model: Any, spec: Any, tx: Any, chunk_size: int = 1024) -> Callable:
+def chunked_loss_train_step(model: Any, spec: Any, tx: Any, chunk_size: int | None = None) -> Callable:
     """A decoder-only (GPT-2/Llama) training step whose loss never forms `[B, T, V]` logits: the wiring the
     lead would put into `training.batch_loss` (hidden states -> `losses.chunked_token_cross_entropy`)."""
     import jax

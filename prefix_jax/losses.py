@@ -9,7 +9,7 @@ of keeping them: peak extra memory is `O(chunk_size * V)` in both passes instead
 
 Token chunks (not vocabulary chunks) keep the logsumexp exact and work unchanged when the head is sharded
 over the vocabulary (the reduction over V becomes a collective). Each chunk reads the whole head weight,
-so choose `chunk_size` large enough that the matmul stays efficient (hundreds to a few thousand tokens).
+so a chunk should be large enough that the matmul stays efficient (the default aims at 64 MiB of logits).
 
 Gradients flow to whatever is differentiated: the hidden states (the prefix gradient reaches the prefix
 only through them) and, only if asked for, the head weight or bias. Prefix tuning never asks for the
@@ -23,6 +23,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+CHUNK_LOGITS = 2**24  # default logits elements per chunk
 
 
 class LossConfigError(ValueError):
@@ -73,13 +76,18 @@ def _token_losses(logits_NxV: jax.Array, targets_N: jax.Array, label_smoothing: 
 
 
 def chunked_token_cross_entropy(h_BxTxD: jax.Array, head: LMHead, targets_BxT: jax.Array, mask_BxT: jax.Array,
-                                label_smoothing: float = 0.0, chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+                                label_smoothing: float = 0.0, chunk_size: int | None = None
+                                ) -> tuple[jax.Array, jax.Array]:
     """Summed cross-entropy over real target tokens and their count, from hidden states (see module doc).
 
     `h_BxTxD`: the final hidden states at the target positions (position t predicts `targets_BxT[:, t]`).
+    `chunk_size`: tokens per chunk; by default as many as keep one chunk's logits near `CHUNK_LOGITS`
+    elements (64 MiB in float32: 512 tokens at V=32k, 64 at V=256k).
     """
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_LOGITS // head.vocab_size)
     if chunk_size < 1:
-        raise LossConfigError(f"chunk_size={chunk_size} must be a positive number of tokens; use e.g. 1024.")
+        raise LossConfigError(f"chunk_size={chunk_size} must be a positive number of tokens; use e.g. 512, or None for the default.")
     if not 0.0 <= label_smoothing < 1.0:
         raise LossConfigError(f"label_smoothing={label_smoothing} must be in [0, 1); use e.g. 0.0 or 0.1.")
     batch, length, width = h_BxTxD.shape

@@ -88,6 +88,8 @@ def test_neither_pass_holds_the_full_logits():
     assert full_bytes >= logits_bytes  # the logits path holds [B, T, V] float32 (and its gradient)
     assert chunked_bytes <= 3 * chunk_logits_bytes, (chunked_bytes, full_bytes)  # a few chunks' worth, no more
     assert temp_bytes(chunked, h, head, targets, mask) <= 3 * chunk_logits_bytes
+    default_chunk = mean_loss(losses.chunked_token_cross_entropy)  # 512 tokens at V=32k: two chunks here
+    assert temp_bytes(grad(default_chunk), h, head, targets, mask) < full_bytes / 2
 
 
 # --- Each model's head, as `lm_head_for` describes it, against the model's own logits ---
