@@ -321,7 +321,8 @@ def train_step_flops(shape: Shape, hf: Any) -> dict[str, float]:
     head = 2 * b * t * d * v
     fwd = encoder + layers * (self_linear + self_attention + cross_q_o + cross_k_v + cross_attention + ffn) + head
     bwd = layers * (self_linear + 2 * self_attention + cross_q_o + cross_attention + ffn) + head
-    return {"forward": fwd + prefix_mlp_fwd, "backward": bwd + 2 * prefix_mlp_fwd, "total": fwd + bwd + 3 * prefix_mlp_fwd}
+    return {"forward": fwd + prefix_mlp_fwd, "backward": bwd + 2 * prefix_mlp_fwd,
+            "total": fwd + bwd + 3 * prefix_mlp_fwd}
 
 
 def hf_hidden(hf: Any) -> int:

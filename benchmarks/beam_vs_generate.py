@@ -12,7 +12,7 @@ attention mask of ones over them: without it generate masks the placeholders, wh
 them the prefix). EOS is made
 unreachable (its embedding row zeroed: logit 0 of 32k random ones; the pad/start token's too) so both sides decode all
 `--new-tokens` steps. The first rows' tokens are compared, as a check that both decode the same thing.
-Writes benchmarks/results/beam_vs_generate.json (or --json).
+Writes benchmarks/results/beam_vs_generate.<shapes>.json (or --json).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def main() -> None:
          "rows decoded identically"],
         [[shape.describe().replace(" + 0 tgt", ""), args.beams, args.new_tokens, f"{h * 1e3:.0f}", f"{o * 1e3:.0f}",
           f"{h / o:.2f}x", f"{first_call:.1f}", f"{same}/{shape.batch}"]])
-    c.write_json(args.json, "beam_vs_generate", {"machine": c.machine(threads), "args": vars(args),
+    c.write_json(args.json, f"beam_vs_generate.{args.shapes}", {"machine": c.machine(threads), "args": vars(args),
                                                  "shape": shape.describe(), "transformers_s": h, "ours_s": o,
                                                  "speedup": h / o, "first_call_s": first_call,
                                                  "rows_identical": same, "times": times, "table": table})

@@ -7,7 +7,7 @@ Each row traces, lowers and compiles `training.jit_train_step` from abstract sha
 no weights are created, so the time is the compiler's alone) in this process, on the benchmark batch of
 its model (GPT-2: batch 8, 64 + 64 tokens, prefix 10; T5: batch 8, 256 + 64, prefix 30, decoder). The
 frozen LM is an argument of the step, never a constant, and layers are scanned, so compile time should
-depend on neither the weights' size nor the number of layers. Writes benchmarks/results/compile_time.json.
+depend on neither the weights' size nor the number of layers. Writes benchmarks/results/compile_time.<shapes>.json.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def main() -> None:
     table = c.print_table(["shape", "frozen weights (M)", "trace + lower s", "XLA compile s", "first-step compile s"],
                           [[r["shape"], f"{r['weights'] / 1e6:.0f}", f"{r['trace_lower_s']:.1f}",
                             f"{r['compile_s']:.1f}", f"{r['total_s']:.1f}"] for r in results])
-    c.write_json(args.json, "compile_time", {"machine": c.machine(threads), "args": vars(args), "results": results,
-                                             "table": table})
+    c.write_json(args.json, f"compile_time.{args.shapes}", {"machine": c.machine(threads), "args": vars(args),
+                                                           "results": results, "table": table})
 
 
 if __name__ == "__main__":

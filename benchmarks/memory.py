@@ -14,7 +14,7 @@ Two measures:
   allocator keeps freed buffers, so its resident memory does not rise and fall per step.)
 The 256k row compiles (does not run) a GPT-2-like model (d256, 2 layers, vocab 256,000) from abstract
 shapes, with the logits loss and with `losses.chunked_token_cross_entropy` (default chunks: 64 tokens here).
-Writes benchmarks/results/memory.json (or --json).
+Writes benchmarks/results/memory.<shapes>.json (or --json).
 """
 
 from __future__ import annotations
@@ -139,8 +139,9 @@ def main() -> None:
     print("GPT-2-like d256, 2 layers, vocab 256,000, batch 4, 64 + 64 tokens, prefix 10 (compiled only)")
     table += "\n\n" + c.print_table(["loss", "[B,T,V] f32 logits MiB", "compiled temp MiB", "compiled peak MiB"],
                                     v_rows)
-    c.write_json(args.json, "memory", {"machine": c.machine(threads), "args": vars(args), "results": results,
-                                       "table": table, "jax_devices": str(jax.devices())})
+    c.write_json(args.json, f"memory.{args.shapes}", {"machine": c.machine(threads), "args": vars(args),
+                                                     "results": results, "table": table,
+                                                     "jax_devices": str(jax.devices())})
 
 
 if __name__ == "__main__":

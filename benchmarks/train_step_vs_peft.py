@@ -8,7 +8,7 @@ AdamW, float32, and the same cores (the process is pinned to `--threads` cores; 
 threads). Steps alternate PEFT, ours, PEFT, ours... after warm-up (ours compiles in its first call) and
 the median of each is reported, with their ratio: on a shared, noisy machine only same-run ratios mean
 anything. MFU = analytic model FLOPs of the step (see `_common.train_step_flops`) / step time, against a
-float32 matmul measured in the same run. Writes benchmarks/results/train_step_vs_peft.json (or --json).
+float32 matmul measured in the same run. Writes benchmarks/results/train_step_vs_peft.<shapes>.json (or --json).
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def main() -> None:
     print(f"matmul peak (float32, JAX, same run): {peak / 1e9:.0f} GFLOP/s on {threads} threads")
     table = c.print_table(["shape", "PEFT ms", "ours ms", "ours speed-up", "model GFLOP", "ours MFU",
                            "PEFT MFU (same FLOPs)"], rows)
-    c.write_json(args.json, "train_step_vs_peft", {"machine": c.machine(threads), "matmul_peak_flops": peak,
-                                                   "args": vars(args), "results": results, "table": table})
+    c.write_json(args.json, f"train_step_vs_peft.{args.shapes}", {"machine": c.machine(threads),
+                                                                 "matmul_peak_flops": peak, "args": vars(args),
+                                                                 "results": results, "table": table})
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def chunked_token_cross_entropy(h_BxTxD: jax.Array, head: LMHead, targets_BxT: j
     if chunk_size is None:
         chunk_size = max(1, CHUNK_LOGITS // head.vocab_size)
     if chunk_size < 1:
-        raise LossConfigError(f"chunk_size={chunk_size} must be a positive number of tokens; use e.g. 512, or None for the default.")
+        raise LossConfigError(f"chunk_size={chunk_size} must be a positive number of tokens; use e.g. 512, or None "
+                              "for the default.")
     if not 0.0 <= label_smoothing < 1.0:
         raise LossConfigError(f"label_smoothing={label_smoothing} must be in [0, 1); use e.g. 0.0 or 0.1.")
     batch, length, width = h_BxTxD.shape
