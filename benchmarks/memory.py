@@ -8,10 +8,14 @@ Two measures:
 - compiled (ours only): XLA's `memory_analysis()` of the jitted step: `temp` (activations, gradients,
   logits: everything the step allocates beyond its arguments and results) and `peak` = arguments + results
   + temp - donated (aliased) bytes, which counts the frozen weights once.
-- RSS (PEFT): the peak resident memory sampled every millisecond during one step (after warm-up steps),
-  above the resident memory just before it: its activations, gradients and temporaries (torch returns
-  them to the OS after each step), the analogue of our `temp`. (Ours is not measured this way: XLA's CPU
-  allocator keeps freed buffers, so its resident memory does not rise and fall per step.)
+- RSS (PEFT's working memory): its step runs in a fresh child process with glibc's mmap threshold fixed
+  at 64 KiB (`MALLOC_MMAP_THRESHOLD_`), so every tensor is mapped when allocated and returned to the OS
+  when freed; the peak resident memory sampled every millisecond during one step (after two warm-up
+  steps), above the resident memory just before it, is then its activations, gradients, logits and
+  temporaries: the analogue of our compiled `temp`. (Without the fixed threshold glibc keeps freed memory
+  after the first steps and the rise undercounts. Ours is measured the same way too and kept in the JSON
+  as `ours_rss_step`, but XLA's CPU runtime keeps its buffers between steps, so that number is not a
+  measure of the step.)
 The 256k row compiles (does not run) a GPT-2-like model (d256, 2 layers, vocab 256,000) from abstract
 shapes, with the logits loss and with `losses.chunked_token_cross_entropy` (default chunks: 64 tokens here).
 Writes benchmarks/results/memory.<shapes>.json (or --json).
@@ -20,6 +24,9 @@ Writes benchmarks/results/memory.<shapes>.json (or --json).
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 
 import _common as c
@@ -67,6 +74,25 @@ def rss_of_one_step(fn, warmup: int = 2) -> int:
     return sampler.increase
 
 
+def rss_in_child(side: str, shapes: str, directory: str, threads: int) -> int:
+    """`rss_of_one_step` of one side's step, in a fresh process whose freed buffers go back to the OS."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, __file__, "--child", side, "--checkpoint", directory, "--shapes", shapes,
+                          "--threads", str(threads)], env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("rss_rise=")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"memory child {side} failed:\n{out.stderr[-3000:]}")
+    return int(lines[-1].split("=", 1)[1])
+
+
+def child(side: str, shape: c.Shape, directory: str) -> None:
+    if side == "peft":
+        fn = c.peft_step_fn(shape, directory)
+    else:
+        fn = c.ours_step_fn(shape, directory, loss="chunked" if side == "ours_chunked" else "logits")
+    print(f"rss_rise={rss_of_one_step(fn)}")
+
+
 def vocab_256k_rows() -> list[dict]:
     """Compiled memory of a prefix step at vocabulary 256k, with the logits loss and with the chunked loss."""
     import jax
@@ -103,17 +129,20 @@ def main() -> None:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="small")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--child", choices=("peft", "ours", "ours_chunked"), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     threads = c.pin_threads(args.threads)
+    shape = SHAPES[args.shapes]
+    if args.child:
+        return child(args.child, shape, args.checkpoint)
     import jax
 
-    shape = SHAPES[args.shapes]
     results: dict = {"shape": shape.describe()}
     with tempfile.TemporaryDirectory() as directory:
         c.save_random_checkpoint(shape, directory)
-        peft = c.peft_step_fn(shape, directory)
-        results["peft_rss_step"] = rss_of_one_step(peft)
-        del peft
+        for side in ("peft", "ours", "ours_chunked"):
+            results[f"{side}_rss_step"] = rss_in_child(side, args.shapes, directory, threads)
         ours = c.ours_step_fn(shape, directory)
         results["ours_compiled"] = compiled_memory(ours.step, ours.state, ours.lm_params, ours.batch)
         chunked = c.ours_step_fn(shape, directory, loss="chunked")
@@ -127,13 +156,14 @@ def main() -> None:
     mib = lambda b: f"{b / MIB:.0f}"
     oc, cc, fc = results["ours_compiled"], results["ours_chunked_compiled"], results["full_ft_compiled"]
     peft_rss = results["peft_rss_step"]
-    rows = [["PEFT prefix tuning (torch)", f"{mib(peft_rss)} (RSS rise)", "–", "1.00"],
-            ["ours prefix tuning", mib(oc["temp"]), mib(oc["peak"]), f"{oc['temp'] / peft_rss:.2f}"],
-            ["ours prefix tuning, chunked loss", mib(cc["temp"]), mib(cc["peak"]), f"{cc['temp'] / peft_rss:.2f}"],
-            ["ours full fine-tuning (AdamW)", mib(fc["temp"]), mib(fc["peak"]), f"{fc['temp'] / peft_rss:.2f}"]]
+    rows = [["PEFT prefix tuning (torch)", f"{mib(peft_rss)} (RSS rise)", "1.00", "–"],
+            ["ours prefix tuning", f"{mib(oc['temp'])} (temp)", f"{oc['temp'] / peft_rss:.2f}", mib(oc["peak"])],
+            ["ours prefix tuning, chunked loss", f"{mib(cc['temp'])} (temp)", f"{cc['temp'] / peft_rss:.2f}",
+             mib(cc["peak"])],
+            ["ours full fine-tuning (AdamW)", f"{mib(fc['temp'])} (temp)", f"{fc['temp'] / peft_rss:.2f}",
+             mib(fc["peak"])]]
     print(f"{shape.describe()}; threads {threads}")
-    table = c.print_table(["step", "step memory MiB (ours: compiled temp)", "compiled peak MiB (incl. weights)",
-                           "step memory / PEFT's"], rows)
+    table = c.print_table(["step", "step working memory MiB", "/ PEFT's", "compiled peak MiB (incl. weights)"], rows)
     print(f"full fine-tuning / prefix tuning compiled peak: {fc['peak'] / oc['peak']:.2f}")
     v_rows = [[r["loss"], mib(r["logits_f32_bytes"]), mib(r["temp"]), mib(r["peak"])] for r in results["vocab_256k"]]
     print("GPT-2-like d256, 2 layers, vocab 256,000, batch 4, 64 + 64 tokens, prefix 10 (compiled only)")
