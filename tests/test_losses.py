@@ -1,0 +1,160 @@
+"""Chunked cross-entropy: same loss and hidden-state gradient as the logits path, without `[B, T, V]` buffers."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from prefix_jax import losses, training
+from prefix_jax.models import bart, gpt2, llama, t5
+
+B, T, D, V = 3, 7, 16, 50
+
+
+def random_case(seed: int = 0, vocab_axis: int = 0, with_bias: bool = False, scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    shape = (V, D) if vocab_axis == 0 else (D, V)
+    weight = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(V,)), jnp.float32) if with_bias else None
+    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    lengths = np.array([T, 4, 1])  # right padding; one row with a single real token
+    mask = jnp.asarray(np.arange(T)[None] < lengths[:, None], jnp.int32)
+    return h, losses.LMHead(weight, vocab_axis, bias, scale), targets, mask
+
+
+def reference_logits(h, head: losses.LMHead):
+    w_VxD = head.weight if head.vocab_axis == 0 else head.weight.T
+    logits = (h * head.scale) @ w_VxD.T
+    return logits if head.bias is None else logits + head.bias
+
+
+def mean_loss(loss_fn):
+    def fn(h, head, targets, mask):
+        total, count = loss_fn(h, head, targets, mask)
+        return total / count
+    return fn
+
+
+HEADS = [dict(vocab_axis=0), dict(vocab_axis=1, with_bias=True, scale=D**-0.5)]
+
+
+@pytest.mark.parametrize("head_kwargs", HEADS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_loss_and_hidden_gradient_equal_the_logits_path(head_kwargs, label_smoothing, chunk_size):
+    h, head, targets, mask = random_case(**head_kwargs)
+    ref = lambda h, head, t, m: training.token_cross_entropy(reference_logits(h, head), t, m, label_smoothing)
+    ours = lambda h, head, t, m: losses.chunked_token_cross_entropy(h, head, t, m, label_smoothing, chunk_size)
+    (ref_total, ref_count), (total, count) = ref(h, head, targets, mask), ours(h, head, targets, mask)
+    assert float(count) == float(ref_count) == float(mask.sum())
+    np.testing.assert_allclose(total, ref_total, rtol=1e-6)
+    ref_grads = jax.grad(mean_loss(ref), argnums=(0, 1))(h, head, targets, mask)
+    grads = jax.grad(mean_loss(ours), argnums=(0, 1))(h, head, targets, mask)
+    np.testing.assert_allclose(grads[0], ref_grads[0], atol=1e-6)
+    assert not np.any(np.asarray(grads[0])[np.asarray(mask) == 0])  # padded positions get no gradient
+    for g, r in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(ref_grads[1])):  # the head too, when asked
+        np.testing.assert_allclose(g, r, atol=1e-6)
+
+
+def test_bad_arguments_raise_one_line_errors():
+    h, head, targets, mask = random_case()
+    for kwargs in (dict(chunk_size=0), dict(label_smoothing=1.0)):
+        with pytest.raises(losses.LossConfigError, match="^[^\n]+$"):
+            losses.chunked_token_cross_entropy(h, head, targets, mask, **kwargs)
+
+
+def temp_bytes(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_neither_pass_holds_the_full_logits():
+    batch, length, width, vocab, chunk = 4, 256, 64, 32768, 128
+    logits_bytes = batch * length * vocab * 4  # 128 MiB
+    h = jax.ShapeDtypeStruct((batch, length, width), jnp.float32)
+    head = losses.LMHead(jax.ShapeDtypeStruct((vocab, width), jnp.float32))
+    targets = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    mask = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    chunked = mean_loss(lambda *a: losses.chunked_token_cross_entropy(*a, chunk_size=chunk))
+    full = mean_loss(lambda h, head, t, m: training.token_cross_entropy(head.logits(h), t, m))
+    grad = lambda f: jax.grad(f)  # d loss / d hidden states only, as prefix tuning asks
+    full_bytes, chunked_bytes = temp_bytes(grad(full), h, head, targets, mask), temp_bytes(grad(chunked), h, head,
+                                                                                          targets, mask)
+    chunk_logits_bytes = chunk * vocab * 4
+    assert full_bytes >= logits_bytes  # the logits path holds [B, T, V] float32 (and its gradient)
+    assert chunked_bytes <= 3 * chunk_logits_bytes, (chunked_bytes, full_bytes)  # a few chunks' worth, no more
+    assert temp_bytes(chunked, h, head, targets, mask) <= 3 * chunk_logits_bytes
+    default_chunk = mean_loss(losses.chunked_token_cross_entropy)  # 512 tokens at V=32k: two chunks here
+    assert temp_bytes(grad(default_chunk), h, head, targets, mask) < full_bytes / 2
+
+
+# --- Each model's head, as `lm_head_for` describes it, against the model's own logits ---
+
+
+def _t5(tied: bool):
+    hf = transformers.T5Config(vocab_size=V, d_model=D, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                               relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0,
+                               tie_word_embeddings=tied)
+    return t5.Config.from_hf(hf, set() if tied else {"lm_head.weight"}), t5.Model, "decoder"
+
+
+def _bart():
+    hf = transformers.BartConfig(vocab_size=V, d_model=D, encoder_layers=1, decoder_layers=1,
+                                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+                                 decoder_ffn_dim=32, max_position_embeddings=64, dropout=0.0)
+    return bart.Config.from_hf(hf, set()), bart.Model, "decoder"
+
+
+def _gpt2():
+    hf = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=D, n_layer=1, n_head=4)
+    return gpt2.Config.from_hf(hf, set()), gpt2.Model, "transformer"
+
+
+def _llama(tied: bool):
+    hf = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  tie_word_embeddings=tied)
+    return llama.Config.from_hf(hf, set() if tied else {"lm_head.weight"}), llama.Model, "model"
+
+
+MODELS = {"t5-v1.0-tied-scaled": lambda: _t5(True), "t5-untied": lambda: _t5(False), "bart": _bart,
+          "gpt2": _gpt2, "llama-untied": lambda: _llama(False), "llama-tied": lambda: _llama(True)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_lm_head_for_reproduces_each_models_loss(name):
+    config, model_cls, stack_name = MODELS[name]()
+    model = model_cls(config)
+    rng = np.random.default_rng(1)
+    source_len = 5
+    batch = {"source_ids": jnp.asarray(rng.integers(3, V, (2, source_len)), jnp.int32),
+             "source_mask": jnp.ones((2, source_len), jnp.int32),
+             "target_ids": jnp.asarray(rng.integers(3, V, (2, 4)), jnp.int32),
+             "target_mask": jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]], jnp.int32)}
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+    if "final_logits_bias" in params:  # zeros at init: make the bias matter
+        params = {**params, "final_logits_bias": jnp.asarray(rng.normal(size=(V,)), jnp.float32)}
+    stack_outputs = []
+
+    def record_stack_output(next_fn, args, kwargs, context):
+        out = next_fn(*args, **kwargs)
+        if context.module.name == stack_name and context.method_name == "__call__":
+            stack_outputs.append(out[0])
+        return out
+
+    @jax.jit
+    def logits_and_stack_output(params):
+        with nn.intercept_methods(record_stack_output):
+            logits = model.apply({"params": params}, batch)
+        return logits, stack_outputs[-1]
+
+    logits, h = logits_and_stack_output(params)
+    h = h[:, -batch["target_ids"].shape[1]:]  # decoder-only stacks run over [source; target]
+    ref_total, _ = training.token_cross_entropy(logits, batch["target_ids"], batch["target_mask"], 0.1)
+    head = losses.lm_head_for(config, params)
+    total, _ = losses.chunked_token_cross_entropy(h, head, batch["target_ids"], batch["target_mask"], 0.1, 3)
+    np.testing.assert_allclose(total, ref_total, rtol=1e-6)

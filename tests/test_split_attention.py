@@ -1,0 +1,76 @@
+"""Two-block attention (prefix, tokens; one softmax) == the concatenating attention of the models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prefix_jax.models import masks
+from prefix_jax.models.attention import KV, attend, prepend_prefix
+from prefix_jax.models.split_attention import attend_with_prefix
+
+B, Q, S, P, H, K = 3, 5, 6, 4, 2, 8
+
+
+def case(seed: int = 0, per_row_prefix: bool = False):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    q, k, v = normal(B, Q, H, K), normal(B, S, H, K), normal(B, S, H, K)
+    prefix_shape = (B, H, P, K) if per_row_prefix else (H, P, K)
+    prefix = KV(3.0 * normal(*prefix_shape), normal(*prefix_shape))  # larger prefix scores: the max sits there
+    valid = jnp.asarray(np.arange(S)[None] < np.array([S, 3, 1])[:, None])  # padding; row 2: one real key
+    visible = jnp.asarray(rng.random((B, Q)) < 0.7)  # infix-style: some queries cannot see the prefix
+    mask = masks.attention_mask(valid, Q, P, causal=True, query_offset=1, prefix_visible_BxQ=visible)
+    bias = normal(1, H, Q, P + S)  # T5-style relative bias, broadcast over the batch
+    return q, k, v, prefix, mask, bias
+
+
+def concatenating(q, k, v, prefix, mask, bias, scale):
+    """The models' path; a per-row prefix is concatenated row by row."""
+    if prefix is not None and prefix.key.ndim == 4:
+        swap = lambda x: jnp.swapaxes(x, 1, 2)
+        k, v = jnp.concatenate([swap(prefix.key), k], 1), jnp.concatenate([swap(prefix.value), v], 1)
+    else:
+        k, v = prepend_prefix(prefix, k, v)
+    return attend(q, k, v, mask, bias, scale)
+
+
+@pytest.mark.parametrize("per_row_prefix", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_equals_concatenating_attention_with_masks_and_bias(per_row_prefix, with_bias):
+    q, k, v, prefix, mask, bias = case(per_row_prefix=per_row_prefix)
+    bias = bias if with_bias else None
+    ref = concatenating(q, k, v, prefix, mask, bias, K**-0.5)
+    ours = attend_with_prefix(q, k, v, prefix, mask, bias, K**-0.5)
+    np.testing.assert_allclose(ours, ref, atol=2e-6)
+
+
+def test_gradients_equal_for_prefix_queries_and_keys():
+    q, k, v, prefix, mask, bias = case(1)
+    loss = lambda f: lambda q, k, v, prefix: jnp.sum(jnp.sin(f(q, k, v, prefix, mask, bias, 1.0)))
+    ref = jax.grad(loss(concatenating), argnums=(0, 1, 2, 3))(q, k, v, prefix)
+    ours = jax.grad(loss(attend_with_prefix), argnums=(0, 1, 2, 3))(q, k, v, prefix)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_no_prefix_is_plain_attention_and_bfloat16_stays_close():
+    q, k, v, prefix, mask, bias = case(2)
+    token_mask = mask[..., P:]
+    np.testing.assert_array_equal(attend_with_prefix(q, k, v, None, token_mask, None, 0.5),
+                                  attend(q, k, v, token_mask, None, 0.5))
+    bf = lambda x: x.astype(jnp.bfloat16)
+    ref = concatenating(q, k, v, prefix, mask, bias, K**-0.5)
+    ours = attend_with_prefix(bf(q), bf(k), bf(v), KV(bf(prefix.key), bf(prefix.value)), mask, bias, K**-0.5)
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(ours, np.float32), ref, atol=0.1)
+
+
+def test_the_prefix_is_never_broadcast_to_the_batch():
+    q, k, v, prefix, mask, bias = case(3)
+    hlo = jax.jit(attend_with_prefix, static_argnums=(6,)).lower(q, k, v, prefix, mask, bias, 1.0).as_text()
+    assert f"tensor<{B}x{P + S}x{H}x{K}x" not in hlo  # no [B, P + S, H, K] keys or values
+    ref_hlo = jax.jit(concatenating, static_argnums=(6,)).lower(q, k, v, prefix, mask, bias, 1.0).as_text()
+    assert f"tensor<{B}x{P + S}x{H}x{K}x" in ref_hlo  # (the check can see the copy where there is one)
