@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.resume_anyway = False  # resume although data/batch/seed/optimizer changed (warns; not an exact replay)
     c.train.max_nonfinite_steps = 5  # non-finite steps skipped in a row before the run stops (0: stop at the first)
     c.train.export = True  # write the materialized prefix (no MLP) to workdir/export at the end
+    c.train.prefetch_depth = 2  # batches prepared and put on the devices ahead of the step (a background thread)
     c.train.grad_accum_steps = 1  # micro-batches per step (same result, less activation memory)
     c.train.eval_only = False  # only evaluate the workdir's latest checkpoint on data.eval_split (e.g. "test")
 

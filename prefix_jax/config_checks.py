@@ -59,6 +59,7 @@ _RULES: tuple[Rule, ...] = (
     ("train.save_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("train.keep_checkpoints", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: keep all)"),
     ("train.grad_accum_steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1 (micro-batches per step)"),
+    ("train.prefetch_depth", lambda v: _is_int(v) and v >= 1, "an integer >= 1 (batches prepared ahead)"),
     ("train.max_nonfinite_steps", lambda v: _is_int(v) and v >= 0,
      "an integer >= 0 (non-finite steps skipped in a row before the run stops)"),
     ("eval.max_generate", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: all)"),

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -17,7 +18,7 @@ import numpy as np
 from etils import epath
 
 from prefix_jax import checkpoint, config_checks, data, evaluation, models, optim, partitioning, preemption, sharding
-from prefix_jax import tiny, training
+from prefix_jax import prefetch, tiny, training
 from prefix_jax import workdir as workdir_lib
 from prefix_jax.config_checks import ConfigError
 from prefix_jax import prefix as prefix_lib
@@ -428,9 +429,13 @@ def _loop(setup: Setup, state: training.TrainState, tx: Any, schedule: Any, meta
 
     progress = _progress(start, setup.total_steps, is_main)
     last_time, last_step, window = time.perf_counter(), start, []
-    with preemption.StopSignal() as stop:
-        for step in range(start, end):
-            batch = sharding.shard_batch(setup.train.train_batch(step), mesh)
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(preemption.StopSignal())
+        # Batches are built and put on the devices by a background thread while earlier steps run.
+        batches = prefetch.Prefetcher(lambda s: sharding.shard_batch(setup.train.train_batch(s), mesh), start, end,
+                                      c.train.prefetch_depth)
+        stack.enter_context(batches)
+        for step, batch in batches:
             state, metrics = step_fn(state, lm_params, batch)
             done = step + 1
             window.append(metrics)

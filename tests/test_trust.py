@@ -223,23 +223,25 @@ def test_diverging_run_stops_keeps_good_checkpoints_and_exports_nothing(tiny_t5_
 
 def test_sigterm_saves_at_the_step_reached_and_resume_is_exact(tiny_t5_dir, tmp_path, monkeypatch):
     straight = trainer.run(small_config(tiny_t5_dir, tmp_path / "straight", steps=6, save_every=100))
-    real_batch = data.Batcher.train_batch
+    from prefix_jax import metrics_log
 
-    def train_batch(self, step):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-run, while step 3 is prepared
-        return real_batch(self, step)
+    real_write = metrics_log.MetricsWriter.write
 
-    monkeypatch.setattr(data.Batcher, "train_batch", train_batch)
+    def write(self, step, metrics):
+        real_write(self, step, metrics)
+        if step == 3 and "loss" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-run, after step 3 is logged
+
+    monkeypatch.setattr(metrics_log.MetricsWriter, "write", write)
     handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted) as info:
         trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=6, save_every=100))
-    assert info.value.step == 4  # the step in flight finished, then was saved
-    assert checkpoint.manager(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [4]
+    assert info.value.step == 3  # the step it had reached, saved before exiting
+    assert checkpoint.manager(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [3]
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the run's handler is gone with the run
-    monkeypatch.setattr(data.Batcher, "train_batch", real_batch)
+    monkeypatch.setattr(metrics_log.MetricsWriter, "write", real_write)
     resumed = trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=6, save_every=100))
-    assert resumed["start_step"] == 4
+    assert resumed["start_step"] == 3
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
     a, b = Path(straight["export"], prefix_lib.EXPORT_WEIGHTS), Path(resumed["export"], prefix_lib.EXPORT_WEIGHTS)
     assert a.read_bytes() == b.read_bytes()
