@@ -140,6 +140,10 @@ def check_loading(root: Path) -> dict:
                     lm = sharded_load.load_sharded(str(directory), mesh, STRATEGY, dtype)
                 assert jax.tree.structure(lm.params) == jax.tree.structure(reference.params), name
                 arch = models.architecture(lm.config.architecture)
+                if not hasattr(arch, "hf_layout"):  # no block layout (Llama today): a full read, then placement
+                    for ours, ref in zip(jax.tree.leaves(lm.params), jax.tree.leaves(reference.params)):
+                        np.testing.assert_array_equal(np.asarray(jax.device_get(ours)), ref)
+                    continue
                 layout = arch.hf_layout(lm.config, set(sharded_load.Checkpoint(directory).files))
                 sources = jax.tree.leaves(layout, is_leaf=lambda x: isinstance(x, (sharded_load.FromHF,
                                                                                     sharded_load.Zeros)))
