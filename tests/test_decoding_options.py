@@ -271,6 +271,7 @@ def test_gpt2_with_prefix_matches_generate(gpt2, beams, options, with_prefix):
     assert until_eos(ours, eos) == until_eos(ref, eos)
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_1_is_greedy(t5):
     hf, lm = t5
     src, mask = (jnp.asarray(x.numpy()) for x in _sources(7))

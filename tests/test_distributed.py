@@ -46,6 +46,7 @@ def one_device(tiny_t5_dir, tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(tiny_t5_dir, one_device, tmp_path):
     out = subprocess.run(args(tiny_t5_dir, tmp_path) + ["--config.mesh.num_devices=8"], env=env(8),
                          capture_output=True, text=True, timeout=600)
@@ -55,6 +56,7 @@ def test_eight_devices_match_one(tiny_t5_dir, one_device, tmp_path):
     np.testing.assert_allclose(final_eval(tmp_path)["eval_loss"], final_eval(one_device)["eval_loss"], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_t5_dir, one_device, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

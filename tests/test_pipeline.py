@@ -48,6 +48,7 @@ def tree_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_resumed_run_replays_the_uninterrupted_one(tiny_t5_dir, tmp_path):
     straight = trainer.run(small_config(tiny_t5_dir, tmp_path / "straight"))
     first = trainer.run(small_config(tiny_t5_dir, tmp_path / "resumed", stop_at=3))
@@ -152,6 +153,7 @@ def test_train_py_bad_input_exits_nonzero_with_the_field_named(tiny_t5_dir, tmp_
     assert out.returncode != 0 and "lenght" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,init", [("infix", "normal"), ("embedding_only", "normal"), ("prefix", "words")])
 def test_decoder_only_variants_run_end_to_end(tiny_gpt2_dir, tmp_path, method, init):
     from configs import gpt2_e2e_offline
@@ -188,6 +190,7 @@ def test_prefix_plus_text_longer_than_the_position_table_fails_before_training(t
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_eval_only_scores_the_latest_checkpoint_on_another_split(tiny_t5_dir, tmp_path):
     trained = trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=2))
     c = small_config(tiny_t5_dir, tmp_path / "run", eval_only=True)

@@ -151,6 +151,7 @@ def spec_for(cfg) -> prefix_lib.PrefixSpec:
                                  hidden_size=cfg.d_model, mlp_hidden=16)
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradients_and_order_temp_memory():
     from transformers import GPT2Config
 
@@ -175,6 +176,7 @@ def test_remat_policies_give_the_same_gradients_and_order_temp_memory():
     assert temp["none"] > temp["minimal"] > temp["full"], temp
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_with_uneven_token_counts_equals_one_big_step():
     cfg, lm_params = tiny_t5(layers=1)
     model = t5.Model(cfg)
@@ -223,6 +225,7 @@ def models_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("scale-models")
 
 
+@pytest.mark.slow
 def test_sharded_loading_equals_the_loader_bitwise_reading_only_each_shard(models_root):
     """(2,4,1) and (2,1,4); T5 v1.0/v1.1, BART (also split over two files), GPT-2 (also without `transformer.`,
     and stored in bfloat16), each loaded as float32 and bfloat16."""

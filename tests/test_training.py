@@ -52,6 +52,7 @@ def make_step(model, spec, params, steps=100, lr=1e-2):
 LEARNING = [("prefix", 3e-2, 0.2), ("prefix_direct", 1e-1, 0.2), ("embedding_only", 1e-1, 0.8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,lr,fraction", LEARNING)
 def test_only_the_prefix_learns_and_the_lm_stays_bitwise_frozen(method, lr, fraction):
     cfg, model, lm_params = tiny_t5()
@@ -156,6 +157,7 @@ def test_label_smoothing_and_padding_in_the_loss():
         np.testing.assert_allclose(float(total) / float(count), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_step_is_independent_of_lm_values_but_not_shapes():
     """One compiled step serves any LM weights of the same shapes (they are data, not code)."""
     cfg, model, lm_a = tiny_t5(seed=0)
@@ -171,6 +173,7 @@ def test_step_is_independent_of_lm_values_but_not_shapes():
     assert float(m_a["loss"]) != float(m_b["loss"])
 
 
+@pytest.mark.slow
 def test_train_step_makes_no_hidden_transfers():
     """Once state, LM and batch are on device, a step moves nothing between host and device implicitly."""
     cfg, model, lm_params = tiny_t5()

@@ -164,6 +164,7 @@ def test_create_tiny_never_deletes_user_files(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".building-" in p.name]  # no staging left behind
 
 
+@pytest.mark.slow
 def test_every_path_option_at_user_files_changes_only_the_workdir(tiny_t5_dir, tmp_path):
     user = tmp_path / "user"
     shutil.copytree(tiny_t5_dir, user / "model")
@@ -247,6 +248,7 @@ def test_sigterm_saves_at_the_step_reached_and_resume_is_exact(tiny_t5_dir, tmp_
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.slow
 def test_train_py_exits_75_on_sigterm_after_saving(tiny_t5_dir, tmp_path):
     args = ["--config", str(REPO / "configs/t5_offline.py"), f"--config.model.name_or_path={tiny_t5_dir}",
             "--config.model.create_tiny=", f"--config.train.workdir={tmp_path / 'run'}", "--config.train.steps=400",
@@ -294,7 +296,7 @@ def _largest_file(directory: Path) -> Path:
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("flip", marks=pytest.mark.slow)])
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_t5_dir, tmp_path, damage):
     straight = tmp_path / "straight"
     trainer.run(small_config(tiny_t5_dir, straight, steps=6, save_every=2))
@@ -323,6 +325,7 @@ def test_resume_identifies_the_model_by_its_weights_not_its_path(tiny_t5_dir, tm
     assert summary["start_step"] == 2 and summary["final_step"] == 4
 
 
+@pytest.mark.slow
 def test_resume_anyway_continues_with_a_changed_seed(tiny_t5_dir, tmp_path, caplog):
     run = tmp_path / "run"
     trainer.run(small_config(tiny_t5_dir, run, steps=4, stop_at=2, save_every=2))
