@@ -70,7 +70,7 @@ def ours_steps(directory: str, batch: int, steps: int, placements: tuple[str, ..
     spec = prefix_lib.PrefixSpec(length=10, placements=placements, geometry=lm.config.prefix_geometry(),
                                  hidden_size=lm.config.hidden_size, mlp_hidden=512)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(0))
-    tx, schedule = optim.make_optimizer(params, 5e-5, 1000, max_grad_norm=None)
+    tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000, max_grad_norm=None)
     step = training.jit_train_step(lm.model, spec, tx, schedule)
     state = training.init_state(params, tx, jax.random.PRNGKey(1))
     lm_params = jax.device_put(lm.params)

@@ -10,7 +10,7 @@ padding layout, so batch size and beam expansion cannot change it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -186,3 +186,24 @@ class MultiHeadAttention(nn.Module):
         mask_BxHxQxT = mask_empty_prefix_slots(prefix, mask_BxHxQxT)
         y = attend(q, k, v, mask_BxHxQxT, bias_BxHxQxT, self.query_scale, self.dropout, deterministic)
         return self.out(y), cache
+
+
+def _placement_of(path: Sequence[Any]) -> str:
+    """The placement whose attention sowed the K/V at `path` (from the module names the models use)."""
+    from prefix_jax.models.interface import CROSS, DECODER, ENCODER  # interface imports KV from here
+
+    names = [str(getattr(k, "key", k)) for k in path]
+    if "cross_attention" in names:
+        return CROSS
+    return ENCODER if "encoder" in names else DECODER
+
+
+def collect_kv(intermediates: Any, length: int, start: int = 0) -> dict[str, KV]:
+    """Per placement, the real-token K/V `MultiHeadAttention` sowed (`mutable=["intermediates"]`) for slots
+    `start .. start+length` of row 0: `[layers, H, P, K]`."""
+    found: dict[str, KV] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates, is_leaf=lambda x: isinstance(x, KV))[0]:
+        if isinstance(leaf, KV):  # [L, B, S, H, K] -> [L, H, P, K]
+            found[_placement_of(path)] = KV(*(jnp.transpose(x[:, 0, start:start + length], (0, 2, 1, 3))
+                                               for x in leaf))
+    return found

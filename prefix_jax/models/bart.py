@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
 
 Batch = Mapping[str, jax.Array]
 
@@ -120,6 +120,23 @@ class Config:
         enc = StackGeometry(self.encoder_layers, enc_heads, self.d_model // enc_heads)
         dec = StackGeometry(self.decoder_layers, dec_heads, self.d_model // dec_heads)
         return {ENCODER: enc, DECODER: dec, CROSS: dec}
+
+    def text_positions(self, stack: str, text_len: int, prefix_len: int = 0, *,
+                       before_tokens: int | jax.Array | None = None, infix: bool = False,
+                       prompt_len: int = 0) -> TextPositions:
+        """Where a stack's tokens start after its self-attention prefix, and the positions prefix + text need.
+
+        stack: ENCODER (text: the source) or DECODER (text: the target); both offsets are that stack's.
+        prefix_len: the stack's K/V prefix slots (a bank's longest); before_tokens: the slots before each row's
+        tokens (default prefix_len); they move the text only with `positions_after_prefix` (module docstring).
+        prompt_len: virtual tokens in front of the encoder input that `text_len` does not count.
+        `infix` is for decoder-only models and ignored.
+        """
+        before = prefix_len if before_tokens is None else before_tokens
+        prompt = prompt_len if stack == ENCODER else 0
+        offset = (before if self.positions_after_prefix else 0) + prompt
+        taken = (prefix_len if self.positions_after_prefix else 0) + prompt
+        return TextPositions(offset, offset, taken + text_len)
 
     @property
     def max_positions(self) -> int:
@@ -245,27 +262,21 @@ class Model(nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.shared(ids) * jnp.asarray(self.config.embed_scale, self.config.dtype)
 
-    def _shift(self, prefix: KV | None) -> int | jax.Array:
-        """Where real tokens start relative to a self-attention prefix (see module docstring); `[B]` for a bank."""
-        return tokens_after_prefix(prefix) if self.config.positions_after_prefix else 0
-
-    def _slots(self, prefix: KV | None) -> int:
-        """Position-table entries a prefix may take (its slot count; the longest prefix of a bank)."""
-        return prefix.key.shape[-2] if (prefix is not None and self.config.positions_after_prefix) else 0
-
-    def _check_positions(self, needed: int, stack: str) -> None:
+    def _text_positions(self, prefix: Prefix, stack: str, text_len: int) -> TextPositions:
+        """`Config.text_positions` for a stack's self-attention prefix; fails past the position table."""
+        kv = prefix.kv.get(stack)  # the prompt, if any, is already counted in text_len
+        where = self.config.text_positions(stack, text_len, prefix.length(stack), before_tokens=tokens_after_prefix(kv))
         limit = self.config.max_position_embeddings
-        if needed > limit:
-            raise ValueError(f"the BART {stack} needs {needed} positions (prefix + text) but has {limit}: shorten "
-                             "the prefix or the text.")
+        if where.needed > limit:
+            raise ValueError(f"the BART {stack} needs {where.needed} positions (prefix + text) but has {limit}: "
+                             "shorten the prefix or the text.")
+        return where
 
     def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
         """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
         x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
         kv = prefix.kv.get(ENCODER)
-        shift = self._shift(kv)
-        self._check_positions(self._slots(kv) + x.shape[1], "encoder")
-        positions = masks.token_positions(source_mask, shift)
+        positions = masks.token_positions(source_mask, self._text_positions(prefix, ENCODER, x.shape[1]).source_offset)
         encoded, _ = self.encoder(x, positions, source_mask, kv, deterministic)
         return encoded, source_mask
 
@@ -274,8 +285,7 @@ class Model(nn.Module):
         """Logits `[B, T, V]` for decoder inputs. With `cache`, `decoder_mask` covers the cache slots."""
         x = self.embed(decoder_ids)
         kv = prefix.kv.get(DECODER)
-        shift = self._shift(kv)
-        self._check_positions(self._slots(kv) + decoder_mask.shape[1], "decoder")
+        shift = self._text_positions(prefix, DECODER, decoder_mask.shape[1]).target_offset
         if cache is None:
             positions = masks.token_positions(decoder_mask, shift)
             offset = 0
@@ -293,13 +303,13 @@ class Model(nn.Module):
         """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
         return common.teacher_forced_logits(self, batch, prefix, deterministic)
 
-
-def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
-    """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
-    heads = cfg.decoder_attention_heads
-    shape = (cfg.decoder_layers, batch_size, max_len, heads, cfg.d_model // heads)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.decoder_layers,), jnp.int32)}}
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
+        cfg = self.config
+        heads = cfg.decoder_attention_heads
+        shape = (cfg.decoder_layers, batch_size, max_len, heads, cfg.d_model // heads)
+        zeros = jnp.zeros(shape, cfg.dtype)
+        return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.decoder_layers,), jnp.int32)}}
 
 
 # Our sub-layer names -> HF's (attention, its layer norm). The FFN's norm is HF's `final_layer_norm`.

@@ -29,7 +29,8 @@ from jax.ad_checkpoint import checkpoint_name
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import DECODER, NO_PREFIX, Prefix, StackGeometry
+from prefix_jax.models.interface import (DECODER, NO_PREFIX, Prefix, StackGeometry, TextPositions,
+                                         decoder_only_text_positions)
 
 Batch = Mapping[str, jax.Array]
 
@@ -105,6 +106,18 @@ class Config:
 
     def prefix_geometry(self) -> dict[str, StackGeometry]:
         return {DECODER: StackGeometry(self.n_layer, self.n_head, self.head_dim)}
+
+    def text_positions(self, stack: str, text_len: int, prefix_len: int = 0, *,
+                       before_tokens: int | jax.Array | None = None, infix: bool = False,
+                       prompt_len: int = 0) -> TextPositions:
+        """Where source and target start after a prefix and the positions prefix + text need (module docstring).
+
+        stack: DECODER (the only one). text_len: source + target tokens. prefix_len: the K/V prefix's slots
+        (a bank's longest); before_tokens: the slots before each row's tokens (default prefix_len).
+        prompt_len: virtual tokens in front that `text_len` does not count.
+        """
+        return decoder_only_text_positions(self.positions_after_prefix, text_len, prefix_len, before_tokens, infix,
+                                           prompt_len)
 
     @property
     def head_dim(self) -> int:
@@ -205,19 +218,21 @@ class Model(nn.Module):
         source_len = source_ids.shape[1] + (0 if prefix.prompt_embeds is None else prefix.prompt_embeds.shape[0])
 
         kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
-        shift = tokens_after_prefix(kv)  # == prefix_len, except per row for a prefix bank
         length = valid_BxL.shape[1]
+        # before_tokens == prefix_len, except per row for a prefix bank; the prompt is counted in `length`.
+        where = cfg.text_positions(DECODER, length, prefix_len, before_tokens=tokens_after_prefix(kv),
+                                   infix=prefix.infix)
         target_side_L = jnp.arange(length) >= source_len
         if prefix.infix:
-            positions = masks.token_positions(valid_BxL) + jnp.asarray(shift)[..., None] * target_side_L[None]
+            positions = (masks.token_positions(valid_BxL, where.source_offset)
+                         + jnp.asarray(where.target_offset)[..., None] * target_side_L[None])
             visible_BxL = jnp.broadcast_to(target_side_L[None], valid_BxL.shape)
         else:
-            positions = masks.token_positions(valid_BxL, shift if cfg.positions_after_prefix else 0)
+            positions = masks.token_positions(valid_BxL, where.source_offset)
             visible_BxL = None
-        needed = length + (prefix_len if (prefix.infix or cfg.positions_after_prefix) else 0)
-        if needed > cfg.n_positions:
-            raise ValueError(f"GPT-2 needs {needed} positions (prefix + source + target) but has {cfg.n_positions}: "
-                             "shorten the prefix, the source or the target.")
+        if where.needed > cfg.n_positions:
+            raise ValueError(f"GPT-2 needs {where.needed} positions (prefix + source + target) but has "
+                             f"{cfg.n_positions}: shorten the prefix, the source or the target.")
         mask = masks.attention_mask(valid_BxL, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxL)
         h, _ = self.transformer(x_BxLxD, positions, mask, kv, None, deterministic)
         return h, source_len
@@ -246,12 +261,12 @@ class Model(nn.Module):
                                          cache["self"], deterministic)
         return self.wte.attend(h).astype(jnp.float32), {"self": self_cache}
 
-
-def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
-    """Empty self-attention cache for `max_len` tokens (source and generated)."""
-    shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.n_layer,), jnp.int32)}}
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Empty self-attention cache for `max_len` tokens (source and generated)."""
+        cfg = self.config
+        shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.head_dim)
+        zeros = jnp.zeros(shape, cfg.dtype)
+        return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.n_layer,), jnp.int32)}}
 
 
 _PROJECTIONS = ("query", "key", "value")  # the thirds of HF's fused `c_attn`, in order

@@ -51,3 +51,34 @@ class Prefix:
 
 
 NO_PREFIX = Prefix()
+
+
+@dataclasses.dataclass(frozen=True)
+class TextPositions:
+    """Where text sits after a prefix in one attention stack, and how many positions prefix + text span.
+
+    A token's position is the number of real tokens before it in its stack plus its side's offset:
+    source_offset for source tokens, target_offset for target tokens (the same text in an
+    encoder-decoder stack, so both are that stack's offset). An offset is 0, the prefix length or,
+    for a prefix bank, each row's own prefix length `[B]`. needed: the positions prefix + text take
+    (a bank's longest prefix), to compare with the model's `max_positions`.
+    """
+
+    source_offset: int | jax.Array
+    target_offset: int | jax.Array
+    needed: int
+
+
+def decoder_only_text_positions(positions_after_prefix: bool, text_len: int, prefix_len: int,
+                                before_tokens: int | jax.Array | None, infix: bool,
+                                prompt_len: int) -> TextPositions:
+    """The decoder-only rule (GPT-2, Llama) behind `Config.text_positions`; see `gpt2`'s module docstring.
+
+    A K/V prefix moves the text after it with `positions_after_prefix`; an infix moves only the target;
+    a prompt of `prompt_len` virtual tokens (not counted in `text_len`) always comes first.
+    """
+    before = prefix_len if before_tokens is None else before_tokens
+    source_offset = before if (positions_after_prefix and not infix) else 0
+    target_offset = before if (positions_after_prefix or infix) else 0
+    taken = prefix_len if (positions_after_prefix or infix) else 0
+    return TextPositions(source_offset + prompt_len, target_offset + prompt_len, taken + prompt_len + text_len)

@@ -32,7 +32,8 @@ import numpy as np
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, prepend_prefix
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import DECODER, NO_PREFIX, Prefix, StackGeometry
+from prefix_jax.models.interface import (DECODER, NO_PREFIX, Prefix, StackGeometry, TextPositions,
+                                         decoder_only_text_positions)
 
 Batch = Mapping[str, jax.Array]
 
@@ -176,6 +177,18 @@ class Config:
     def max_positions(self) -> int:
         """Prefix + tokens one sequence may span: the trained context, or the sliding window if smaller."""
         return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+    def text_positions(self, stack: str, text_len: int, prefix_len: int = 0, *,
+                       before_tokens: int | jax.Array | None = None, infix: bool = False,
+                       prompt_len: int = 0) -> TextPositions:
+        """Where source and target start after a prefix and the positions prefix + text need (module docstring).
+
+        stack: DECODER (the only one). text_len: source + target tokens. prefix_len: the K/V prefix's slots
+        (a bank's longest); before_tokens: the slots before each row's tokens (default prefix_len).
+        prompt_len: virtual tokens in front that `text_len` does not count.
+        """
+        return decoder_only_text_positions(self.positions_after_prefix, text_len, prefix_len, before_tokens, infix,
+                                           prompt_len)
 
 
 def _sliding_window(hf: Any) -> int | None:
@@ -418,12 +431,15 @@ class Model(nn.Module):
         kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
         length = valid_BxL.shape[1]
         self._check_window(prefix_len, length)
+        # Each row's tokens come after all prefix_len slots (a bank's shorter rows included, unlike GPT-2).
+        where = cfg.text_positions(DECODER, length, prefix_len, infix=prefix.infix)
         target_side_L = jnp.arange(length) >= source_len
         if prefix.infix:
-            positions = masks.token_positions(valid_BxL) + prefix_len * target_side_L[None].astype(jnp.int32)
+            positions = (masks.token_positions(valid_BxL, where.source_offset)
+                         + where.target_offset * target_side_L[None].astype(jnp.int32))
             visible_BxL = jnp.broadcast_to(target_side_L[None], valid_BxL.shape)
         else:
-            positions = masks.token_positions(valid_BxL, prefix_len if cfg.positions_after_prefix else 0)
+            positions = masks.token_positions(valid_BxL, where.source_offset)
             visible_BxL = None
         mask = masks.attention_mask(valid_BxL, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxL)
         h, _ = self.model(x_BxLxD, positions, mask, kv, None, deterministic)
@@ -450,12 +466,12 @@ class Model(nn.Module):
                                     deterministic)
         return self._logits(h), {"self": self_cache}
 
-
-def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
-    """Empty self-attention cache for `max_len` tokens: post-rotation keys and values, `num_key_value_heads` wide."""
-    shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.num_hidden_layers,), jnp.int32)}}
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Empty self-attention cache for `max_len` tokens: post-rotation keys and values, `num_key_value_heads` wide."""
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, cfg.dtype)
+        return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.num_hidden_layers,), jnp.int32)}}
 
 
 # --- HF checkpoints <-> our params ---

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
 from prefix_jax.models.hub import take
 
 Batch = Mapping[str, jax.Array]
@@ -88,6 +88,16 @@ class Config:
         enc = StackGeometry(self.num_encoder_layers, self.num_heads, self.d_kv)
         dec = StackGeometry(self.num_decoder_layers, self.num_heads, self.d_kv)
         return {ENCODER: enc, DECODER: dec, CROSS: dec}
+
+    def text_positions(self, stack: str, text_len: int, prefix_len: int = 0, *,
+                       before_tokens: int | jax.Array | None = None, infix: bool = False,
+                       prompt_len: int = 0) -> TextPositions:
+        """As `bart.Config.text_positions`; T5's positions are relative, so a K/V prefix moves no token.
+
+        A prompt of `prompt_len` virtual tokens in front of the encoder input takes the first positions.
+        """
+        prompt = prompt_len if stack == ENCODER else 0
+        return TextPositions(prompt, prompt, prompt + text_len)
 
     @property
     def max_positions(self) -> int | None:
@@ -260,7 +270,8 @@ class Model(nn.Module):
     def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
         """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
         x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
-        positions = masks.token_positions(source_mask)
+        # The prompt, if any, is in source_mask already; relative positions need no prefix shift.
+        positions = masks.token_positions(source_mask, self.config.text_positions(ENCODER, x.shape[1]).source_offset)
         encoded, _ = self.encoder(x, positions, positions, source_mask, prefix.kv.get(ENCODER), deterministic)
         return encoded, source_mask
 
@@ -289,12 +300,12 @@ class Model(nn.Module):
         """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
         return common.teacher_forced_logits(self, batch, prefix, deterministic)
 
-
-def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
-    """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
-    shape = (cfg.num_decoder_layers, batch_size, max_len, cfg.num_heads, cfg.d_kv)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.num_decoder_layers,), jnp.int32)}}
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
+        cfg = self.config
+        shape = (cfg.num_decoder_layers, batch_size, max_len, cfg.num_heads, cfg.d_kv)
+        zeros = jnp.zeros(shape, cfg.dtype)
+        return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.num_decoder_layers,), jnp.int32)}}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
