@@ -80,10 +80,10 @@ class GenerationConfig:
         return cls(**values)
 
 
-# A decoding step: (token ids [N], cache, step t) -> (next-token logits [N, V], cache).
+# A decoding step: (token ids [R], cache, step t) -> (next-token logits [R, V], cache); R = batch x beams.
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
-# What `_greedy`/`_beam_search` need from a model: first tokens [N], cache, step, and the prompt history
-# [N, C0] that n-gram blocking and the repetition penalty look at (see `logits_processing`).
+# What `_greedy`/`_beam_search` need from a model: first tokens [R], cache, step, and the prompt history
+# [R, C0] that n-gram blocking and the repetition penalty look at (see `logits_processing`).
 Start = tuple[jax.Array, Any, StepFn, jax.Array]
 
 
@@ -102,9 +102,9 @@ def _encoder_decoder_start(model: Any, lm_params: Any, prefix: Prefix, source_id
     rows = encoded.shape[0]
     cache = model.init_cache(rows, cfg.max_new_tokens)
 
-    def step(tokens_N: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
+    def step(tokens_R: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
         written = jnp.broadcast_to(jnp.arange(cfg.max_new_tokens) <= t, (rows, cfg.max_new_tokens))
-        logits, cache = model.apply(params, encoded=encoded, encoded_mask=encoded_mask, decoder_ids=tokens_N[:, None],
+        logits, cache = model.apply(params, encoded=encoded, encoded_mask=encoded_mask, decoder_ids=tokens_R[:, None],
                                     decoder_mask=written, prefix=prefix, deterministic=True, cache=cache,
                                     method=model.decode)
         return logits[:, -1], cache
@@ -152,11 +152,11 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
                            method=model.decode)
     first_target_position = jnp.sum(source_mask, axis=1).astype(jnp.int32) + where.target_offset
 
-    def step(tokens_N: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
+    def step(tokens_R: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
         slots = source_len + t
         key_valid = valid | (jnp.arange(capacity) <= slots)[None] & (jnp.arange(capacity) >= source_len)[None]
         positions = (first_target_position + t)[:, None]
-        logits, cache = model.apply(params, ids_BxQ=tokens_N[:, None], positions_BxQ=positions,
+        logits, cache = model.apply(params, ids_BxQ=tokens_R[:, None], positions_BxQ=positions,
                                     key_valid_BxC=key_valid, prefix=prefix, cache=cache, deterministic=True,
                                     prefix_visible=True, method=model.decode)
         return logits[:, -1], cache
@@ -169,9 +169,9 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
     return start, cache, step, jnp.concatenate([aligned.astype(jnp.int32), start[:, None]], axis=1)
 
 
-def _reorder(cache: Any, rows_N: jax.Array) -> Any:
+def _reorder(cache: Any, rows_R: jax.Array) -> Any:
     """Gathers the batch axis (axis 1, after the layer axis) of every cache array; layer indices stay."""
-    return jax.tree.map(lambda x: x if x.ndim < 2 else jnp.take(x, rows_N, axis=1), cache)
+    return jax.tree.map(lambda x: x if x.ndim < 2 else jnp.take(x, rows_R, axis=1), cache)
 
 
 def _greedy(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, cfg: GenerationConfig, eos: int,
@@ -207,7 +207,7 @@ class BeamState:
     """What beam search carries from step to step: B examples, W = num_beams, T = max_new_tokens, V vocab."""
 
     step: jax.Array  # tokens generated so far (scalar)
-    logits_BWxV: jax.Array  # next-token logits of each alive beam (rows example-major)
+    logits_RxV: jax.Array  # next-token logits of each alive beam (R = B * W rows, example-major)
     alive_seqs_BxWxT: jax.Array
     alive_scores_BxW: jax.Array  # sum of log-probabilities
     done_seqs_BxWxT: jax.Array  # the best finished hypotheses so far
@@ -230,8 +230,8 @@ def _beam_search(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, 
 
     def body(state: BeamState) -> BeamState:
         t, alive_seqs, improvable = state.step, state.alive_seqs_BxWxT, state.improvable_B
-        vocab = state.logits_BWxV.shape[-1]
-        log_probs = jax.nn.log_softmax(state.logits_BWxV.astype(jnp.float32))  # processed after, as transformers
+        vocab = state.logits_RxV.shape[-1]
+        log_probs = jax.nn.log_softmax(state.logits_RxV.astype(jnp.float32))  # processed after, as transformers
         log_probs = logits_processing.process(log_probs, prompt, alive_seqs.reshape(batch * W, T), t, cfg, eos,
                                               False).reshape(batch, W, vocab)
         flat = (log_probs + state.alive_scores_BxW[:, :, None]).reshape(batch, W * vocab)
@@ -262,13 +262,13 @@ def _beam_search(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, 
         worst_done = jnp.where(done_flags, jnp.min(done_scores, axis=1, keepdims=True), _NEG)
         improvable = improvable & jnp.any(best_alive > worst_done, axis=1)
         logits, cache = step(alive_seqs[:, :, t].reshape(-1), cache, t + 1)
-        return BeamState(step=t + 1, logits_BWxV=logits, alive_seqs_BxWxT=alive_seqs, alive_scores_BxW=go_on_scores,
+        return BeamState(step=t + 1, logits_RxV=logits, alive_seqs_BxWxT=alive_seqs, alive_scores_BxW=go_on_scores,
                          done_seqs_BxWxT=done_seqs, done_scores_BxW=done_scores, done_flags_BxW=done_flags,
                          cache=cache, improvable_B=improvable, all_stopped=jnp.all(stops))
 
     empty = jnp.full((batch, W, T), pad, jnp.int32)
     logits, cache = step(start, cache, jnp.zeros((), jnp.int32))  # outside the loop, see _greedy
-    state = BeamState(step=jnp.zeros((), jnp.int32), logits_BWxV=logits, alive_seqs_BxWxT=empty,
+    state = BeamState(step=jnp.zeros((), jnp.int32), logits_RxV=logits, alive_seqs_BxWxT=empty,
                       alive_scores_BxW=jnp.tile(jnp.where(jnp.arange(W) == 0, 0.0, _NEG)[None], (batch, 1)),
                       done_seqs_BxWxT=empty, done_scores_BxW=jnp.full((batch, W), _NEG),
                       done_flags_BxW=jnp.zeros((batch, W), bool), cache=cache, improvable_B=jnp.ones((batch,), bool),

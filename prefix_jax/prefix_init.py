@@ -38,13 +38,13 @@ def text_activations(model: Any, lm_params: Any, token_ids: Sequence[int]) -> di
     return collect_kv(state["intermediates"], len(token_ids))
 
 
-def fit_mlp(group: dict, target_PxN: jax.Array, activation: str, steps: int,
+def fit_mlp(group: dict, target_PxE: jax.Array, activation: str, steps: int,
             learning_rate: float) -> tuple[dict, float]:
     """Adam on `MSE(MLP(embedding), target)` over the whole group (embedding and MLP); returns (group, final MSE)."""
     tx = optax.adam(learning_rate)
 
     def loss_fn(g):
-        return jnp.mean(jnp.square(mlp(g, activation) - target_PxN))
+        return jnp.mean(jnp.square(mlp(g, activation) - target_PxE))
 
     @jax.jit
     def run(g):

@@ -26,7 +26,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
+from prefix_jax.models.attention import KV, MultiHeadAttention, empty_cache, tokens_after_prefix
 from prefix_jax.models.hub import take
 from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
 
@@ -165,7 +165,7 @@ class BartBlock(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD, prefix_self, prefix_cross, cache, self_mask, memory, cross_mask):
+    def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, memory, cross_mask):
         cfg = self.config
         det = self.deterministic
         heads = cfg.decoder_attention_heads if self.is_decoder else cfg.encoder_attention_heads
@@ -177,8 +177,8 @@ class BartBlock(nn.Module):
         dropout = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=det)
 
         h, self_cache = attention("self_attention")(
-            x_BxLxD, None, self_mask, None, prefix_self, None if cache is None else cache["self"], det)
-        x_BxLxD = layer_norm(cfg, "self_attention_norm")(x_BxLxD + dropout(h))
+            x_BxQxD, None, self_mask, None, prefix_self, None if cache is None else cache["self"], det)
+        x_BxQxD = layer_norm(cfg, "self_attention_norm")(x_BxQxD + dropout(h))
         new_cache = None if cache is None else {"self": self_cache}
         if self.is_decoder:
             cross = attention("cross_attention")
@@ -187,15 +187,15 @@ class BartBlock(nn.Module):
                     cache = {**cache, "cross": cross.project_kv(memory)}
                 memory = cache["cross"]
                 new_cache["cross"] = memory
-            h, _ = cross(x_BxLxD, memory, cross_mask, None, prefix_cross, None, det)
-            x_BxLxD = layer_norm(cfg, "cross_attention_norm")(x_BxLxD + dropout(h))
+            h, _ = cross(x_BxQxD, memory, cross_mask, None, prefix_cross, None, det)
+            x_BxQxD = layer_norm(cfg, "cross_attention_norm")(x_BxQxD + dropout(h))
         act = common.activation(cfg.activation_function, "activation_function")
-        mlp_input = checkpoint_name(x_BxLxD, "mlp_input")  # saved by remat policy "minimal"
+        mlp_input = checkpoint_name(x_BxQxD, "mlp_input")  # saved by remat policy "minimal"
         h = act(dense(cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim, "fc1")(mlp_input))
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=det)
         h = dense(cfg.d_model, "fc2")(h)
-        x_BxLxD = layer_norm(cfg, "ffn_norm")(x_BxLxD + dropout(h))
-        return x_BxLxD, new_cache
+        x_BxQxD = layer_norm(cfg, "ffn_norm")(x_BxQxD + dropout(h))
+        return x_BxQxD, new_cache
 
 
 class BartStack(nn.Module):
@@ -209,7 +209,7 @@ class BartStack(nn.Module):
         self,
         x_BxQxD: jax.Array,
         positions_BxQ: jax.Array,
-        key_valid_BxS: jax.Array,
+        key_valid_BxC: jax.Array,
         prefix: KV | None,
         deterministic: bool,
         query_offset: jax.Array | int = 0,
@@ -227,7 +227,7 @@ class BartStack(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
         prefix_len = 0 if prefix is None else prefix.key.shape[-2]
-        self_mask = masks.attention_mask(key_valid_BxS, num_queries, prefix_len, causal=self.is_decoder,
+        self_mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=self.is_decoder,
                                          query_offset=query_offset)
         cross_mask = None
         if self.is_decoder:
@@ -305,11 +305,9 @@ class Model(nn.Module):
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
-        cfg = self.config
-        heads = cfg.decoder_attention_heads
-        shape = (cfg.decoder_layers, batch_size, max_len, heads, cfg.d_model // heads)
-        zeros = jnp.zeros(shape, cfg.dtype)
-        return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.decoder_layers,), jnp.int32)}}
+        geometry = self.config.prefix_geometry()[DECODER]  # the decoder's self-attention: layers, K/V heads, head dim
+        return {"self": empty_cache(geometry.num_layers, geometry.num_heads, geometry.head_dim, batch_size, max_len,
+                                    self.config.dtype)}
 
 
 # Our sub-layer names -> HF's (attention, its layer norm). The FFN's norm is HF's `final_layer_norm`.

@@ -71,15 +71,15 @@ def stack_layers(block: type[nn.Module], num_layers: int, remat: bool | str, in_
     )
 
 
-def prepend_prompt(x_BxLxD: jax.Array, valid_BxL: jax.Array,
+def prepend_prompt(x_BxQxD: jax.Array, valid_BxQ: jax.Array,
                    prompt_PxD: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Embedding-only prompt tuning: `P` free vectors in front of the input embeddings, always valid."""
     if prompt_PxD is None:
-        return x_BxLxD, valid_BxL
-    batch = x_BxLxD.shape[0]
-    prompt = jnp.broadcast_to(prompt_PxD.astype(x_BxLxD.dtype)[None], (batch, *prompt_PxD.shape))
-    valid = jnp.concatenate([jnp.ones((batch, prompt_PxD.shape[0]), valid_BxL.dtype), valid_BxL], axis=1)
-    return jnp.concatenate([prompt, x_BxLxD], axis=1), valid
+        return x_BxQxD, valid_BxQ
+    batch = x_BxQxD.shape[0]
+    prompt = jnp.broadcast_to(prompt_PxD.astype(x_BxQxD.dtype)[None], (batch, *prompt_PxD.shape))
+    valid = jnp.concatenate([jnp.ones((batch, prompt_PxD.shape[0]), valid_BxQ.dtype), valid_BxQ], axis=1)
+    return jnp.concatenate([prompt, x_BxQxD], axis=1), valid
 
 
 def teacher_forced_logits(model: nn.Module, batch: dict, prefix, deterministic: bool) -> jax.Array:

@@ -69,16 +69,27 @@ class TextPositions:
     needed: int
 
 
-def decoder_only_text_positions(positions_after_prefix: bool, text_len: int, prefix_len: int,
-                                before_tokens: int | jax.Array | None, infix: bool,
-                                prompt_len: int) -> TextPositions:
-    """The decoder-only rule (GPT-2, Llama) behind `Config.text_positions`; see `gpt2`'s module docstring.
+class DecoderOnlyPositions:
+    """`text_positions` of a decoder-only LM (GPT-2, Llama): a mixin for a `Config` with `positions_after_prefix`.
 
-    A K/V prefix moves the text after it with `positions_after_prefix`; an infix moves only the target;
-    a prompt of `prompt_len` virtual tokens (not counted in `text_len`) always comes first.
+    A K/V prefix moves the text after it with `positions_after_prefix`; an infix (`[x; INFIX; y]`) moves
+    only the target; a prompt of virtual tokens always comes first (see `models/gpt2.py`'s docstring).
     """
-    before = prefix_len if before_tokens is None else before_tokens
-    source_offset = before if (positions_after_prefix and not infix) else 0
-    target_offset = before if (positions_after_prefix or infix) else 0
-    taken = prefix_len if (positions_after_prefix or infix) else 0
-    return TextPositions(source_offset + prompt_len, target_offset + prompt_len, taken + prompt_len + text_len)
+
+    positions_after_prefix: bool
+
+    def text_positions(self, stack: str, text_len: int, prefix_len: int = 0, *,
+                       before_tokens: int | jax.Array | None = None, infix: bool = False,
+                       prompt_len: int = 0) -> TextPositions:
+        """Where source and target start after a prefix, and the positions prefix + text need.
+
+        stack: DECODER (the only one). text_len: source + target tokens. prefix_len: the K/V prefix's slots
+        (a bank's longest); before_tokens: the slots before each row's tokens (default prefix_len).
+        prompt_len: virtual tokens in front that `text_len` does not count.
+        """
+        before = prefix_len if before_tokens is None else before_tokens
+        moves = self.positions_after_prefix or infix
+        source_offset = before if (self.positions_after_prefix and not infix) else 0
+        target_offset = before if moves else 0
+        taken = prefix_len if moves else 0
+        return TextPositions(source_offset + prompt_len, target_offset + prompt_len, taken + prompt_len + text_len)

@@ -20,7 +20,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention
+from prefix_jax.models.attention import KV, MultiHeadAttention, empty_cache
 from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
 from prefix_jax.models.hub import take
 
@@ -146,14 +146,14 @@ class FeedForward(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxQxD: jax.Array) -> jax.Array:
         cfg = self.config
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
         act = common.activation(cfg.dense_act_fn, "dense_act_fn")
         if cfg.is_gated_act:
-            h = act(dense(cfg.d_ff, "wi_0")(x_BxLxD)) * dense(cfg.d_ff, "wi_1")(x_BxLxD)
+            h = act(dense(cfg.d_ff, "wi_0")(x_BxQxD)) * dense(cfg.d_ff, "wi_1")(x_BxQxD)
         else:
-            h = act(dense(cfg.d_ff, "wi")(x_BxLxD))
+            h = act(dense(cfg.d_ff, "wi")(x_BxQxD))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         return dense(cfg.d_model, "wo")(h)
 
@@ -166,7 +166,7 @@ class T5Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
+    def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
         cfg = self.config
         det = self.deterministic
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name=name)
@@ -176,9 +176,9 @@ class T5Block(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate)
 
         h, self_cache = attention("self_attention")(
-            norm("self_attention_norm")(x_BxLxD), None, self_mask, self_bias, prefix_self,
+            norm("self_attention_norm")(x_BxQxD), None, self_mask, self_bias, prefix_self,
             None if cache is None else cache["self"], det)
-        x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
+        x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
         new_cache = None if cache is None else {"self": self_cache}
         if self.is_decoder:
             cross = attention("cross_attention")
@@ -187,11 +187,11 @@ class T5Block(nn.Module):
                     cache = {**cache, "cross": cross.project_kv(memory)}
                 memory = cache["cross"]
                 new_cache["cross"] = memory
-            h, _ = cross(norm("cross_attention_norm")(x_BxLxD), memory, cross_mask, None, prefix_cross, None, det)
-            x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
-        h = FeedForward(cfg, det, name="ffn")(checkpoint_name(norm("ffn_norm")(x_BxLxD), "mlp_input"))
-        x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
-        return x_BxLxD, new_cache
+            h, _ = cross(norm("cross_attention_norm")(x_BxQxD), memory, cross_mask, None, prefix_cross, None, det)
+            x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
+        h = FeedForward(cfg, det, name="ffn")(checkpoint_name(norm("ffn_norm")(x_BxQxD), "mlp_input"))
+        x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
+        return x_BxQxD, new_cache
 
 
 class T5Stack(nn.Module):
@@ -205,8 +205,8 @@ class T5Stack(nn.Module):
         self,
         x_BxQxD: jax.Array,
         query_positions_BxQ: jax.Array,
-        key_positions_BxS: jax.Array,
-        key_valid_BxS: jax.Array,
+        key_positions_BxC: jax.Array,
+        key_valid_BxC: jax.Array,
         prefix: KV | None,
         deterministic: bool,
         query_offset: jax.Array | int = 0,
@@ -220,14 +220,14 @@ class T5Stack(nn.Module):
         prefix_len = 0 if prefix is None else prefix.key.shape[-2]
         # Prefix slots at positions 0..P-1, real tokens from P (see module docstring).
         prefix_positions = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (batch, prefix_len))
-        key_positions = jnp.concatenate([prefix_positions, prefix_len + key_positions_BxS], axis=1)
+        key_positions = jnp.concatenate([prefix_positions, prefix_len + key_positions_BxC], axis=1)
         relative = key_positions[:, None, :] - (prefix_len + query_positions_BxQ)[:, :, None]
         buckets = relative_position_bucket(relative, not self.is_decoder, cfg.relative_attention_num_buckets,
                                            cfg.relative_attention_max_distance)
         table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=cfg.param_dtype,
                          name="relative_attention_bias")
-        bias_BxHxQxT = jnp.transpose(table(buckets), (0, 3, 1, 2))
-        self_mask = masks.attention_mask(key_valid_BxS, num_queries, prefix_len, causal=self.is_decoder,
+        bias_BxHxQxM = jnp.transpose(table(buckets), (0, 3, 1, 2))
+        self_mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=self.is_decoder,
                                          query_offset=query_offset)
         cross_mask = None
         if self.is_decoder:
@@ -239,7 +239,7 @@ class T5Stack(nn.Module):
             in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         )(cfg, self.is_decoder, deterministic, name="layers")
         x = nn.Dropout(cfg.dropout_rate)(x_BxQxD, deterministic=deterministic)
-        x, cache = layers(x, prefix, cross_prefix, cache, self_mask, bias_BxHxQxT, memory, cross_mask)
+        x, cache = layers(x, prefix, cross_prefix, cache, self_mask, bias_BxHxQxM, memory, cross_mask)
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic), cache
 
@@ -302,10 +302,9 @@ class Model(nn.Module):
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
-        cfg = self.config
-        shape = (cfg.num_decoder_layers, batch_size, max_len, cfg.num_heads, cfg.d_kv)
-        zeros = jnp.zeros(shape, cfg.dtype)
-        return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.num_decoder_layers,), jnp.int32)}}
+        geometry = self.config.prefix_geometry()[DECODER]  # the decoder's self-attention: layers, K/V heads, head dim
+        return {"self": empty_cache(geometry.num_layers, geometry.num_heads, geometry.head_dim, batch_size, max_len,
+                                    self.config.dtype)}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
