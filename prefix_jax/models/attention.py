@@ -109,7 +109,7 @@ def attend(
     Scores and softmax run in float32 whatever the compute dtype. `M` = P + C keys. Mask and bias
     broadcast over any axis of size one.
     """
-    scores = jnp.einsum("bqhk,bthk->bhqt", q_BxQxHxK, k_BxMxHxK, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqhk,bmhk->bhqm", q_BxQxHxK, k_BxMxHxK, preferred_element_type=jnp.float32)
     scores = scores * scale
     if bias_BxHxQxM is not None:
         scores = scores + bias_BxHxQxM.astype(jnp.float32)
@@ -117,7 +117,7 @@ def attend(
     weights = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         weights = dropout(weights, deterministic=deterministic)
-    return jnp.einsum("bhqt,bthk->bqhk", weights.astype(v_BxMxHxK.dtype), v_BxMxHxK)
+    return jnp.einsum("bhqm,bmhk->bqhk", weights.astype(v_BxMxHxK.dtype), v_BxMxHxK)
 
 
 class MultiHeadAttention(nn.Module):

@@ -26,7 +26,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention, empty_cache, tokens_after_prefix
+from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
 from prefix_jax.models.hub import take
 from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
 
@@ -240,7 +240,7 @@ class BartStack(nn.Module):
         return layers(x, prefix, cross_prefix, cache, self_mask, memory, cross_mask)
 
 
-class Model(nn.Module):
+class Model(common.DecoderCache, nn.Module):
     """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
 
     `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
@@ -302,12 +302,6 @@ class Model(nn.Module):
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
         """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
         return common.teacher_forced_logits(self, batch, prefix, deterministic)
-
-    def init_cache(self, batch_size: int, max_len: int) -> dict:
-        """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
-        geometry = self.config.prefix_geometry()[DECODER]  # the decoder's self-attention: layers, K/V heads, head dim
-        return {"self": empty_cache(geometry.num_layers, geometry.num_heads, geometry.head_dim, batch_size, max_len,
-                                    self.config.dtype)}
 
 
 # Our sub-layer names -> HF's (attention, its layer norm). The FFN's norm is HF's `final_layer_norm`.

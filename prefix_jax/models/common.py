@@ -1,4 +1,4 @@
-"""Pieces every architecture shares: layer stacking, activations, weight-layout conversion."""
+"""Pieces every architecture shares: layer stacking, activations, the decoding cache, weight-layout conversion."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefix_jax.models import masks
+from prefix_jax.models.attention import empty_cache
+from prefix_jax.models.interface import DECODER
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Names as transformers' ACT2FN spells them.
@@ -69,6 +71,19 @@ def stack_layers(block: type[nn.Module], num_layers: int, remat: bool | str, in_
         in_axes=in_axes,
         length=num_layers,
     )
+
+
+class DecoderCache:
+    """Mixin giving a `Model` (whose config has `prefix_geometry` and `dtype`) its decoding cache."""
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Empty decoder self-attention cache for `max_len` tokens (an encoder-decoder adds cross K/V on first use).
+
+        Sized by the decoder's self-attention: layers, key/value heads, head dim (its `prefix_geometry`).
+        """
+        geometry = self.config.prefix_geometry()[DECODER]
+        return {"self": empty_cache(geometry.num_layers, geometry.num_heads, geometry.head_dim, batch_size, max_len,
+                                    self.config.dtype)}
 
 
 def prepend_prompt(x_BxQxD: jax.Array, valid_BxQ: jax.Array,

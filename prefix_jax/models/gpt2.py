@@ -27,7 +27,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention, empty_cache, tokens_after_prefix
+from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
 from prefix_jax.models.hub import take
 from prefix_jax.models.interface import DECODER, NO_PREFIX, DecoderOnlyPositions, Prefix, StackGeometry
 
@@ -173,7 +173,7 @@ class GPT2Stack(nn.Module):
         return layer_norm(cfg, "ln_f")(x), cache
 
 
-class Model(nn.Module):
+class Model(common.DecoderCache, nn.Module):
     """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
 
     `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]` (targets
@@ -247,12 +247,6 @@ class Model(nn.Module):
         h, self_cache = self.transformer(self.embed(ids_BxQ), positions_BxQ, mask, prefix.kv.get(DECODER),
                                          cache["self"], deterministic)
         return self.wte.attend(h).astype(jnp.float32), {"self": self_cache}
-
-    def init_cache(self, batch_size: int, max_len: int) -> dict:
-        """Empty self-attention cache for `max_len` tokens (source and generated)."""
-        geometry = self.config.prefix_geometry()[DECODER]  # the decoder's self-attention: layers, K/V heads, head dim
-        return {"self": empty_cache(geometry.num_layers, geometry.num_heads, geometry.head_dim, batch_size, max_len,
-                                    self.config.dtype)}
 
 
 _PROJECTIONS = ("query", "key", "value")  # the thirds of HF's fused `c_attn`, in order

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, empty_cache, prepend_prefix
+from prefix_jax.models.attention import KV, prepend_prefix
 from prefix_jax.models.hub import take
 from prefix_jax.models.interface import DECODER, NO_PREFIX, DecoderOnlyPositions, Prefix, StackGeometry
 
@@ -284,12 +284,12 @@ def grouped_attend(q_BxQxHxK: jax.Array, k_BxMxNxK: jax.Array, v_BxMxNxK: jax.Ar
     batch, num_queries, num_heads, head_dim = q_BxQxHxK.shape
     num_kv = k_BxMxNxK.shape[2]
     q_BxQxNxGxK = q_BxQxHxK.reshape(batch, num_queries, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("bqngk,btnk->bngqt", q_BxQxNxGxK, k_BxMxNxK, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bqngk,bmnk->bngqm", q_BxQxNxGxK, k_BxMxNxK, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask_BxHxQxM[:, :, None], scores, _MASKED_SCORE)
     weights_BxNxGxQxM = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         weights_BxNxGxQxM = dropout(weights_BxNxGxQxM, deterministic=deterministic)
-    y = jnp.einsum("bngqt,btnk->bqngk", weights_BxNxGxQxM.astype(v_BxMxNxK.dtype), v_BxMxNxK)
+    y = jnp.einsum("bngqm,bmnk->bqngk", weights_BxNxGxQxM.astype(v_BxMxNxK.dtype), v_BxMxNxK)
     return y.reshape(batch, num_queries, num_heads, head_dim)
 
 
@@ -373,7 +373,7 @@ class LlamaStack(nn.Module):
         return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x), cache
 
 
-class Model(nn.Module):
+class Model(common.DecoderCache, nn.Module):
     """`logits = Model(config).apply({'params': lm_params}, batch, prefix)` (batch and prefix as for GPT-2)."""
 
     config: Config
@@ -451,12 +451,6 @@ class Model(nn.Module):
         h, self_cache = self.model(self.embed(ids_BxQ), positions_BxQ, mask, prefix.kv.get(DECODER), cache["self"],
                                     deterministic)
         return self._logits(h), {"self": self_cache}
-
-    def init_cache(self, batch_size: int, max_len: int) -> dict:
-        """Empty self-attention cache for `max_len` tokens: post-rotation keys and values, N = kv heads wide."""
-        geometry = self.config.prefix_geometry()[DECODER]  # the decoder's self-attention: layers, K/V heads, head dim
-        return {"self": empty_cache(geometry.num_layers, geometry.num_heads, geometry.head_dim, batch_size, max_len,
-                                    self.config.dtype)}
 
 
 # --- HF checkpoints <-> our params ---
