@@ -183,7 +183,7 @@ def ours_step_fn(shape: Shape, directory: str, loss: str = "logits") -> OursStep
     spec = prefix_lib.PrefixSpec(length=shape.prefix, placements=("decoder",), geometry=lm.config.prefix_geometry(),
                                  hidden_size=lm.config.hidden_size, mlp_hidden=512)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(0))
-    tx, schedule = optim.make_optimizer(params, 5e-5, 1000, max_grad_norm=None)
+    tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000, max_grad_norm=None)
     if loss == "chunked":
         step = jax.jit(chunked_loss_train_step(lm.model, spec, tx), donate_argnums=(0,))
     else:

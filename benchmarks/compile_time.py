@@ -46,7 +46,7 @@ def compile_seconds(shape: c.Shape) -> dict:
     spec = prefix_lib.PrefixSpec(length=shape.prefix, placements=("decoder",), geometry=config.prefix_geometry(),
                                  hidden_size=config.hidden_size, mlp_hidden=512)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(0))
-    tx, schedule = optim.make_optimizer(params, 5e-5, 1000, max_grad_norm=None)
+    tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000, max_grad_norm=None)
     state = jax.eval_shape(lambda: training.init_state(params, tx, jax.random.PRNGKey(1)))
     step = training.jit_train_step(model, spec, tx, schedule)
     start = time.perf_counter()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from prefix_jax import logits_processing, prefix_bank
 from prefix_jax.models import masks
-from prefix_jax.models.attention import tokens_after_prefix
+from prefix_jax.models.attention import collect_kv, tokens_after_prefix
 from prefix_jax.models.interface import DECODER, Prefix
 
 _NEG = -1.0e9  # transformers' "impossible" score; finite, so sums stay ordered
@@ -79,10 +80,10 @@ class GenerationConfig:
         return cls(**values)
 
 
-# A decoding step: (token ids [N], cache, step t) -> (next-token logits [N, V], cache).
+# A decoding step: (token ids [R], cache, step t) -> (next-token logits [R, V], cache); R = batch x beams.
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
-# What `_greedy`/`_beam_search` need from a model: first tokens [N], cache, step, and the prompt history
-# [N, C0] that n-gram blocking and the repetition penalty look at (see `logits_processing`).
+# What `_greedy`/`_beam_search` need from a model: first tokens [R], cache, step, and the prompt history
+# [R, C0] that n-gram blocking and the repetition penalty look at (see `logits_processing`).
 Start = tuple[jax.Array, Any, StepFn, jax.Array]
 
 
@@ -92,17 +93,19 @@ def _repeat(x: jax.Array, times: int) -> jax.Array:
 
 
 def _encoder_decoder_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
-                           cfg: GenerationConfig, arch: Any) -> Start:
+                           cfg: GenerationConfig) -> Start:
     params = {"params": lm_params}
-    encoded, encoded_mask = model.apply(params, source_ids, source_mask, prefix, method=model.encode)
+    encoded, encoded_mask = model.apply(params, source_ids=source_ids, source_mask=source_mask, prefix=prefix,
+                                        method=model.encode)
     encoded, encoded_mask = _repeat(encoded, cfg.num_beams), _repeat(encoded_mask, cfg.num_beams)
     prefix = prefix_bank.repeat_rows(prefix, cfg.num_beams)  # a bank's row indices follow the beams
     rows = encoded.shape[0]
-    cache = arch.init_cache(model.config, rows, cfg.max_new_tokens)
+    cache = model.init_cache(rows, cfg.max_new_tokens)
 
-    def step(tokens_N: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
+    def step(tokens_R: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
         written = jnp.broadcast_to(jnp.arange(cfg.max_new_tokens) <= t, (rows, cfg.max_new_tokens))
-        logits, cache = model.apply(params, encoded, encoded_mask, tokens_N[:, None], written, prefix, True, cache,
+        logits, cache = model.apply(params, encoded=encoded, encoded_mask=encoded_mask, decoder_ids=tokens_R[:, None],
+                                    decoder_mask=written, prefix=prefix, deterministic=True, cache=cache,
                                     method=model.decode)
         return logits[:, -1], cache
 
@@ -113,8 +116,6 @@ def _encoder_decoder_start(model: Any, lm_params: Any, prefix: Prefix, source_id
 def _prompt_as_kv(model: Any, params: Any, prompt_embeds_PxD: jax.Array) -> Prefix:
     """Input-layer prompt -> the K/V it produces in every layer. Exact for a causal LM: the prompt comes
     first, so its activations do not depend on the text after it."""
-    from prefix_jax.prefix_init import collect_kv
-
     one = jnp.ones((1, 1), jnp.int32)
     batch = {"source_ids": one, "source_mask": one, "target_ids": one, "target_mask": one}
     _, state = model.apply(params, batch, Prefix(prompt_embeds=prompt_embeds_PxD), mutable=["intermediates"])
@@ -122,7 +123,7 @@ def _prompt_as_kv(model: Any, params: Any, prompt_embeds_PxD: jax.Array) -> Pref
 
 
 def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
-                        cfg: GenerationConfig, arch: Any) -> Start:
+                        cfg: GenerationConfig) -> Start:
     """Prefills the (left- or right-padded) source, then decodes from the separator token."""
     params = {"params": lm_params}
     config = model.config
@@ -133,28 +134,31 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
     prefix = prefix_bank.repeat_rows(prefix, cfg.num_beams)
     rows, source_len = source_ids.shape
     capacity = source_len + cfg.max_new_tokens
-    cache = arch.init_cache(config, rows, capacity)
+    cache = model.init_cache(rows, capacity)
     prefix_len = prefix.length(DECODER)  # the longest of a bank's prefixes
-    before_tokens = tokens_after_prefix(prefix.kv.get(DECODER))  # per row for a bank
-    target_after_prefix = config.positions_after_prefix or prompt or prefix.infix
-    shift_source = before_tokens if ((config.positions_after_prefix or prompt) and not prefix.infix) else 0
-    shift_target = before_tokens if target_after_prefix else 0
-    taken = prefix_len if target_after_prefix else 0
-    if taken + source_len + cfg.max_new_tokens > config.max_positions:
-        raise ValueError(f"prefix ({taken} positions) + source ({source_len}) + generate.max_new_tokens "
-                         f"({cfg.max_new_tokens}) exceed the model's {config.max_positions} positions; shorten one.")
-    source_positions = masks.token_positions(source_mask, shift_source)
+    if prompt:  # the prompt's K/V: P virtual tokens in front, at positions 0..P-1
+        where = config.text_positions(DECODER, source_len + cfg.max_new_tokens, prompt_len=prefix_len)
+    else:
+        where = config.text_positions(DECODER, source_len + cfg.max_new_tokens, prefix_len, infix=prefix.infix,
+                                      before_tokens=tokens_after_prefix(prefix.kv.get(DECODER)))  # per row: bank
+    if where.needed > config.max_positions:
+        raise ValueError(f"prefix ({where.needed - source_len - cfg.max_new_tokens} positions) + source "
+                         f"({source_len}) + generate.max_new_tokens ({cfg.max_new_tokens}) exceed the model's "
+                         f"{config.max_positions} positions; shorten one.")
+    source_positions = masks.token_positions(source_mask, where.source_offset)
     valid = jnp.concatenate([source_mask.astype(bool), jnp.zeros((rows, cfg.max_new_tokens), bool)], axis=1)
-    _, cache = model.apply(params, source_ids, source_positions, valid, prefix, cache, True, not prefix.infix,
+    _, cache = model.apply(params, ids_BxQ=source_ids, positions_BxQ=source_positions, key_valid_BxC=valid,
+                           prefix=prefix, cache=cache, deterministic=True, prefix_visible=not prefix.infix,
                            method=model.decode)
-    first_target_position = jnp.sum(source_mask, axis=1).astype(jnp.int32) + shift_target
+    first_target_position = jnp.sum(source_mask, axis=1).astype(jnp.int32) + where.target_offset
 
-    def step(tokens_N: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
+    def step(tokens_R: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
         slots = source_len + t
         key_valid = valid | (jnp.arange(capacity) <= slots)[None] & (jnp.arange(capacity) >= source_len)[None]
         positions = (first_target_position + t)[:, None]
-        logits, cache = model.apply(params, tokens_N[:, None], positions, key_valid, prefix, cache, True, True,
-                                    method=model.decode)
+        logits, cache = model.apply(params, ids_BxQ=tokens_R[:, None], positions_BxQ=positions,
+                                    key_valid_BxC=key_valid, prefix=prefix, cache=cache, deterministic=True,
+                                    prefix_visible=True, method=model.decode)
         return logits[:, -1], cache
 
     start = jnp.full((rows,), config.separator_token_id, jnp.int32)
@@ -165,9 +169,9 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
     return start, cache, step, jnp.concatenate([aligned.astype(jnp.int32), start[:, None]], axis=1)
 
 
-def _reorder(cache: Any, rows_N: jax.Array) -> Any:
+def _reorder(cache: Any, rows_R: jax.Array) -> Any:
     """Gathers the batch axis (axis 1, after the layer axis) of every cache array; layer indices stay."""
-    return jax.tree.map(lambda x: x if x.ndim < 2 else jnp.take(x, rows_N, axis=1), cache)
+    return jax.tree.map(lambda x: x if x.ndim < 2 else jnp.take(x, rows_R, axis=1), cache)
 
 
 def _greedy(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, cfg: GenerationConfig, eos: int,
@@ -198,43 +202,58 @@ def _greedy(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, cfg: 
     return jax.lax.while_loop(cond, body, carry)[2]
 
 
+@flax.struct.dataclass
+class BeamState:
+    """What beam search carries from step to step: B examples, W = num_beams, T = max_new_tokens, V vocab."""
+
+    step: jax.Array  # tokens generated so far (scalar)
+    logits_RxV: jax.Array  # next-token logits of each alive beam (R = B * W rows, example-major)
+    alive_seqs_BxWxT: jax.Array
+    alive_scores_BxW: jax.Array  # sum of log-probabilities
+    done_seqs_BxWxT: jax.Array  # the best finished hypotheses so far
+    done_scores_BxW: jax.Array  # length-normalized; _NEG where none
+    done_flags_BxW: jax.Array  # which done slots hold a real hypothesis
+    cache: Any
+    improvable_B: jax.Array  # can an alive beam still beat the worst done one
+    all_stopped: jax.Array  # every candidate of the last step stopped (scalar)
+
+
 def _beam_search(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, cfg: GenerationConfig, eos: int,
                  pad: int, rng: jax.Array) -> jax.Array:
-    K, T, lp = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
-    batch = start.shape[0] // K
-    candidates = 2 * K
-    top_k_mask = jnp.arange(candidates) < K  # only these candidates may finish (as transformers does)
+    W, T, lp = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
+    batch = start.shape[0] // W
+    candidates = 2 * W
+    top_w_mask = jnp.arange(candidates) < W  # only these candidates may finish (as transformers does)
 
-    def cond(carry):
-        t, *_, improvable, all_stopped = carry
-        return (t < T) & jnp.any(improvable) & ~all_stopped
+    def cond(state: BeamState) -> jax.Array:
+        return (state.step < T) & jnp.any(state.improvable_B) & ~state.all_stopped
 
-    def body(carry):
-        t, logits, alive_seqs, alive_scores, done_seqs, done_scores, done_flags, cache, improvable, _ = carry
-        vocab = logits.shape[-1]
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))  # processed after, as transformers does
-        log_probs = logits_processing.process(log_probs, prompt, alive_seqs.reshape(batch * K, T), t, cfg, eos,
-                                              False).reshape(batch, K, vocab)
-        flat = (log_probs + alive_scores[:, :, None]).reshape(batch, K * vocab)
+    def body(state: BeamState) -> BeamState:
+        t, alive_seqs, improvable = state.step, state.alive_seqs_BxWxT, state.improvable_B
+        vocab = state.logits_RxV.shape[-1]
+        log_probs = jax.nn.log_softmax(state.logits_RxV.astype(jnp.float32))  # processed after, as transformers
+        log_probs = logits_processing.process(log_probs, prompt, alive_seqs.reshape(batch * W, T), t, cfg, eos,
+                                              False).reshape(batch, W, vocab)
+        flat = (log_probs + state.alive_scores_BxW[:, :, None]).reshape(batch, W * vocab)
         cand_scores, cand_index = jax.lax.top_k(flat, candidates)
         cand_beam, cand_token = cand_index // vocab, (cand_index % vocab).astype(jnp.int32)
         cand_seqs = jnp.take_along_axis(alive_seqs, cand_beam[:, :, None], axis=1).at[:, :, t].set(cand_token)
         stops = (cand_token == eos) | (t + 1 >= T)
 
-        # The best K candidates that go on.
-        go_on_scores, go_on = jax.lax.top_k(cand_scores + stops * _NEG, K)
+        # The best W candidates that go on.
+        go_on_scores, go_on = jax.lax.top_k(cand_scores + stops * _NEG, W)
         alive_seqs = jnp.take_along_axis(cand_seqs, go_on[:, :, None], axis=1)
         alive_beam = jnp.take_along_axis(cand_beam, go_on, axis=1)
-        cache = _reorder(cache, (alive_beam + jnp.arange(batch)[:, None] * K).reshape(-1))
+        cache = _reorder(state.cache, (alive_beam + jnp.arange(batch)[:, None] * W).reshape(-1))
 
-        # Finished hypotheses: merge the new ones (length-normalized) into the best K so far.
+        # Finished hypotheses: merge the new ones (length-normalized) into the best W so far.
         generated = (t + 1).astype(jnp.float32)
         finish_scores = cand_scores / generated**lp
-        finish_scores += (~(stops & top_k_mask[None])) * _NEG + (~improvable[:, None]) * _NEG
-        merged_scores = jnp.concatenate([done_scores, finish_scores], axis=1)
-        merged_seqs = jnp.concatenate([done_seqs, cand_seqs], axis=1)
-        merged_flags = jnp.concatenate([done_flags, stops & top_k_mask[None]], axis=1)
-        done_scores, keep = jax.lax.top_k(merged_scores, K)
+        finish_scores += (~(stops & top_w_mask[None])) * _NEG + (~improvable[:, None]) * _NEG
+        merged_scores = jnp.concatenate([state.done_scores_BxW, finish_scores], axis=1)
+        merged_seqs = jnp.concatenate([state.done_seqs_BxWxT, cand_seqs], axis=1)
+        merged_flags = jnp.concatenate([state.done_flags_BxW, stops & top_w_mask[None]], axis=1)
+        done_scores, keep = jax.lax.top_k(merged_scores, W)
         done_seqs = jnp.take_along_axis(merged_seqs, keep[:, :, None], axis=1)
         done_flags = jnp.take_along_axis(merged_flags, keep, axis=1)
 
@@ -243,16 +262,18 @@ def _beam_search(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, 
         worst_done = jnp.where(done_flags, jnp.min(done_scores, axis=1, keepdims=True), _NEG)
         improvable = improvable & jnp.any(best_alive > worst_done, axis=1)
         logits, cache = step(alive_seqs[:, :, t].reshape(-1), cache, t + 1)
-        return (t + 1, logits, alive_seqs, go_on_scores, done_seqs, done_scores, done_flags, cache, improvable,
-                jnp.all(stops))
+        return BeamState(step=t + 1, logits_RxV=logits, alive_seqs_BxWxT=alive_seqs, alive_scores_BxW=go_on_scores,
+                         done_seqs_BxWxT=done_seqs, done_scores_BxW=done_scores, done_flags_BxW=done_flags,
+                         cache=cache, improvable_B=improvable, all_stopped=jnp.all(stops))
 
-    alive_scores = jnp.tile(jnp.where(jnp.arange(K) == 0, 0.0, _NEG)[None], (batch, 1))
-    empty = jnp.full((batch, K, T), pad, jnp.int32)
+    empty = jnp.full((batch, W, T), pad, jnp.int32)
     logits, cache = step(start, cache, jnp.zeros((), jnp.int32))  # outside the loop, see _greedy
-    carry = (jnp.zeros((), jnp.int32), logits, empty, alive_scores, empty, jnp.full((batch, K), _NEG),
-             jnp.zeros((batch, K), bool), cache, jnp.ones((batch,), bool), jnp.zeros((), bool))
-    done_seqs = jax.lax.while_loop(cond, body, carry)[4]
-    best = done_seqs[:, 0]
+    state = BeamState(step=jnp.zeros((), jnp.int32), logits_RxV=logits, alive_seqs_BxWxT=empty,
+                      alive_scores_BxW=jnp.tile(jnp.where(jnp.arange(W) == 0, 0.0, _NEG)[None], (batch, 1)),
+                      done_seqs_BxWxT=empty, done_scores_BxW=jnp.full((batch, W), _NEG),
+                      done_flags_BxW=jnp.zeros((batch, W), bool), cache=cache, improvable_B=jnp.ones((batch,), bool),
+                      all_stopped=jnp.zeros((), bool))
+    best = jax.lax.while_loop(cond, body, state).done_seqs_BxWxT[:, 0]
     # Everything after the first EOS is padding.
     after_eos = jnp.cumsum(best == eos, axis=1) - (best == eos) > 0
     return jnp.where(after_eos, pad, best)
@@ -264,15 +285,12 @@ def generate(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, 
 
     `rng` seeds sampling (default: `jax.random.key(cfg.seed)`); greedy and beam search ignore it.
     """
-    from prefix_jax import models
-
     config = model.config
     if cfg.forced_bos_token_id is not None and not config.is_encoder_decoder:
         raise ValueError("generate.forced_bos_token_id applies to encoder-decoder models (the first decoder "
                          f"token); a decoder-only {config.architecture} continues its source: leave it None.")
-    arch = models.architecture(config.architecture)
     begin = _encoder_decoder_start if config.is_encoder_decoder else _decoder_only_start
-    start, cache, step, prompt = begin(model, lm_params, prefix, source_ids, source_mask, cfg, arch)
+    start, cache, step, prompt = begin(model, lm_params, prefix, source_ids, source_mask, cfg)
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     search = _greedy if cfg.num_beams == 1 else _beam_search
     rng = jax.random.key(cfg.seed) if rng is None else rng

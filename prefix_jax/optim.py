@@ -47,10 +47,10 @@ def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
     return jax.tree.map(lambda name: any(c.search(name) for c in compiled), path_names(params))
 
 
-def make_optimizer(params: Any, learning_rate: float, total_steps: int, warmup_steps: int = 0,
+def make_optimizer(params: Any, *, learning_rate: float, total_steps: int, warmup_steps: int = 0,
                    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   max_grad_norm: float | None = 1.0, frozen: Sequence[str] = ()) -> tuple[optax.GradientTransformation,
-                                                                                         optax.Schedule]:
+                   max_grad_norm: float | None = 1.0,
+                   frozen: Sequence[str] = ()) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW on the trainable tree, as the paper trains the prefix; `frozen` paths get no update and no state."""
     if learning_rate <= 0:
         raise ValueError(f"optim.learning_rate={learning_rate} must be positive.")

@@ -38,9 +38,9 @@ def peft_layer_for_decoder_layer(layer: int, num_layers: int) -> int:
     return (2 * layer) % num_layers
 
 
-def prefix_from_peft(prompt_embeddings_PxN: np.ndarray, decoder: StackGeometry, seq2seq: bool) -> Prefix:
+def prefix_from_peft(prompt_embeddings_PxE: np.ndarray, decoder: StackGeometry, seq2seq: bool) -> Prefix:
     """Our `Prefix` that makes a model behave as PEFT's prefix tuning does with these embeddings."""
-    flat = jnp.asarray(prompt_embeddings_PxN, jnp.float32)
+    flat = jnp.asarray(prompt_embeddings_PxE, jnp.float32)
     if flat.shape[-1] != decoder.kv_size:
         raise ValueError(f"PEFT prompt_embeddings have {flat.shape[-1]} numbers per virtual token; this model's "
                          f"decoder needs 2*{decoder.num_layers}*{decoder.num_heads}*{decoder.head_dim}="

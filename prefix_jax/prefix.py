@@ -4,15 +4,16 @@ The trainable tree is a plain dict of arrays, one entry per *group* of placement
 parameters (by default every placement is its own group, as in the paper; `PrefixSpec.tie` joins
 placements into one group, e.g. `(("decoder", "cross"),)` as PEFT's layout implies):
 
-  method "prefix" / "infix"  group -> {"embedding": [P, D], "mlp_in": Dense(D->M), "mlp_out": Dense(M->N)}
-  method "prefix_direct"     group -> {"kv": [P, N]}               (no MLP: deep prompt tuning)
+  method "prefix" / "infix"  group -> {"embedding": [P, D], "mlp_in": Dense(D->F), "mlp_out": Dense(F->E)}
+  method "prefix_direct"     group -> {"kv": [P, E]}               (no MLP: deep prompt tuning)
   method "embedding_only"    {"prompt": {"embedding": [P, D]}}     (input-layer virtual tokens)
 
-with N = 2 * layers * heads * head_dim, laid out layer-major as PEFT lays it out: for layer l,
-the key is columns `[2l * H*K, (2l+1) * H*K)` and the value the next `H*K`. `materialize` turns the
-tree into per-placement `KV(key, value)` of shape `[layers, heads, P, head_dim]`; after training the
-MLP can be dropped and only those are kept (`export`). "infix" is the paper's `[x; INFIX; y]` for
-decoder-only models: the same K/V, seen by target tokens only (see `Prefix.infix`).
+with E = 2 * L * H * K (layers, heads, head dim; letters as in `prefix_jax.shapes`), laid out
+layer-major as PEFT lays it out: for layer l, the key is columns `[2l * H*K, (2l+1) * H*K)` and the
+value the next `H*K`. `materialize` turns the tree into per-placement `KV(key, value)` of shape
+`[layers, heads, P, head_dim]`; after training the MLP can be dropped and only those are kept
+(`export`). "infix" is the paper's `[x; INFIX; y]` for decoder-only models: the same K/V, seen by
+target tokens only (see `Prefix.infix`).
 """
 
 from __future__ import annotations
@@ -176,16 +177,16 @@ def init_params(spec: PrefixSpec, rng: jax.Array) -> dict:
 
 
 def mlp(group: Mapping[str, Any], activation: str) -> jax.Array:
-    """The reparameterization `P = MLP(P')`: `[P, D] -> [P, N]`."""
+    """The reparameterization `P = MLP(P')`: `[P, D] -> [P, E]`."""
     h = group["embedding"] @ group["mlp_in"]["kernel"] + group["mlp_in"]["bias"]
     h = common.activation(activation, "prefix.mlp_activation")(h)
     return h @ group["mlp_out"]["kernel"] + group["mlp_out"]["bias"]
 
 
-def unflatten(flat_PxN: jax.Array, geometry: StackGeometry) -> KV:
+def unflatten(flat_PxE: jax.Array, geometry: StackGeometry) -> KV:
     """`[P, 2*L*H*K]` (layer-major, key then value) -> `KV` of `[L, H, P, K]`."""
     g = geometry
-    x = flat_PxN.reshape(flat_PxN.shape[0], g.num_layers, 2, g.num_heads, g.head_dim)
+    x = flat_PxE.reshape(flat_PxE.shape[0], g.num_layers, 2, g.num_heads, g.head_dim)
     x = jnp.transpose(x, (1, 2, 3, 0, 4))  # [L, 2, H, P, K]
     return KV(x[:, 0], x[:, 1])
 
@@ -197,7 +198,7 @@ def flatten(kv: KV) -> jax.Array:
 
 
 def flat_kv(params: Mapping[str, Any], spec: PrefixSpec) -> dict[str, jax.Array]:
-    """Per parameter group, the prefix as `[P, N]` before reshaping (MLP output or the direct parameter)."""
+    """Per parameter group, the prefix as `[P, E]` before reshaping (MLP output or the direct parameter)."""
     return {name: mlp(params[name], spec.mlp_activation) if spec.uses_mlp else params[name]["kv"]
             for name in spec.groups()}
 

@@ -1,7 +1,7 @@
-"""A bank of T prefixes for one frozen LM, and batches whose rows use different prefixes.
+"""A bank of J prefixes for one frozen LM, and batches whose rows use different prefixes.
 
 `stack` turns T single prefixes (same placements and layer geometry, any lengths) into one `Prefix`
-whose placements hold a `BankKV`: keys/values `[L, T, H, P, K]` with P the longest length. A shorter
+whose placements hold a `BankKV`: keys/values `[L, J, H, P, K]` with P the longest length. A shorter
 prefix is right-aligned and its leading slots are masked, so every row sees exactly its own prefix:
 for T5's relative positions the distances from its real slots to the tokens are unchanged, and for
 learned position tables the tokens start after the row's own length (`attention.tokens_after_prefix`).
@@ -43,9 +43,9 @@ def stack(prefixes: Sequence[Prefix]) -> Prefix:
                                   "they were made for different LMs.")
         longest = max(k.key.shape[2] for k in parts)
         pad = lambda x: jnp.pad(jnp.asarray(x), ((0, 0), (0, 0), (longest - x.shape[2], 0), (0, 0)))
-        key = jnp.stack([pad(k.key) for k in parts], axis=1)  # [L, T, H, P, K]
+        key = jnp.stack([pad(k.key) for k in parts], axis=1)  # [L, J, H, P, K]
         value = jnp.stack([pad(k.value) for k in parts], axis=1)
-        valid = jnp.stack([jnp.arange(longest) >= longest - k.key.shape[2] for k in parts])  # [T, P]
+        valid = jnp.stack([jnp.arange(longest) >= longest - k.key.shape[2] for k in parts])  # [J, P]
         layers = key.shape[0]
         kv[placement] = BankKV(key, value, jnp.broadcast_to(valid, (layers, *valid.shape)),
                                jnp.zeros((layers, 1), jnp.int32))

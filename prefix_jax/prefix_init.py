@@ -17,26 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from prefix_jax.models.attention import KV
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER
+from prefix_jax.models.attention import KV, collect_kv
 from prefix_jax.prefix import PrefixSpec, flatten, mlp
-
-
-def _placement_of(path: Sequence[Any]) -> str:
-    names = [str(getattr(k, "key", k)) for k in path]
-    if "cross_attention" in names:
-        return CROSS
-    return ENCODER if "encoder" in names else DECODER
-
-
-def collect_kv(intermediates: Any, length: int, start: int = 0) -> dict[str, KV]:
-    """Per placement, the sown real-token K/V of slots `start .. start+length` of row 0: `[layers, H, P, K]`."""
-    found: dict[str, KV] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates, is_leaf=lambda x: isinstance(x, KV))[0]:
-        if isinstance(leaf, KV):  # [L, B, S, H, K] -> [L, H, P, K]
-            found[_placement_of(path)] = KV(*(jnp.transpose(x[:, 0, start:start + length], (0, 2, 1, 3))
-                                               for x in leaf))
-    return found
 
 
 def text_activations(model: Any, lm_params: Any, token_ids: Sequence[int]) -> dict[str, KV]:
@@ -56,13 +38,13 @@ def text_activations(model: Any, lm_params: Any, token_ids: Sequence[int]) -> di
     return collect_kv(state["intermediates"], len(token_ids))
 
 
-def fit_mlp(group: dict, target_PxN: jax.Array, activation: str, steps: int,
+def fit_mlp(group: dict, target_PxE: jax.Array, activation: str, steps: int,
             learning_rate: float) -> tuple[dict, float]:
     """Adam on `MSE(MLP(embedding), target)` over the whole group (embedding and MLP); returns (group, final MSE)."""
     tx = optax.adam(learning_rate)
 
     def loss_fn(g):
-        return jnp.mean(jnp.square(mlp(g, activation) - target_PxN))
+        return jnp.mean(jnp.square(mlp(g, activation) - target_PxE))
 
     @jax.jit
     def run(g):

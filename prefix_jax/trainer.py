@@ -96,15 +96,12 @@ def check_positions(model_config: Any, spec: prefix_lib.PrefixSpec, source_width
     limit = model_config.max_positions
     if limit is None:
         return
-    shifted = getattr(model_config, "positions_after_prefix", False)
-    embedding_only = spec.method == "embedding_only"
+    prompt_len = spec.length if spec.method == "embedding_only" else 0  # virtual tokens in front of the input
 
-    def need(placement: str, text: int) -> int:
-        # Prompt embeddings go in front of the (encoder) input; a prefix shifts the text after it when asked to.
-        prompt = embedding_only and (placement == "encoder" or not model_config.is_encoder_decoder)
-        moves_text = (shifted or spec.method == "infix") and not embedding_only and placement in spec.placements
-        extra = spec.length if prompt or moves_text else 0
-        return extra + text
+    def need(stack: str, text: int) -> int:  # the model's own answer (`Config.text_positions`)
+        kv_len = spec.length if (stack in spec.placements and not prompt_len) else 0
+        return model_config.text_positions(stack, text, kv_len, infix=spec.method == "infix",
+                                           prompt_len=prompt_len).needed
 
     if model_config.is_encoder_decoder:
         checks = {"encoder (prefix + data.max_source_length)": need("encoder", source_width),
@@ -353,8 +350,9 @@ def run(config: Any) -> dict:
     # The optimizer needs only the tree's paths and shapes.
     shapes = jax.eval_shape(lambda key: prefix_lib.init_params(spec, key), jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(
-        shapes, c.optim.learning_rate, setup.total_steps, c.optim.warmup_steps, c.optim.weight_decay, c.optim.b1,
-        c.optim.b2, c.optim.eps, c.optim.max_grad_norm or None, tuple(c.optim.frozen))
+        shapes, learning_rate=c.optim.learning_rate, total_steps=setup.total_steps,
+        warmup_steps=c.optim.warmup_steps, weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
+        eps=c.optim.eps, max_grad_norm=c.optim.max_grad_norm or None, frozen=tuple(c.optim.frozen))
     meta = run_metadata(setup)
     resume = find_resume(setup, tx, meta)  # everything above only read; the lock is the first write
 

@@ -196,7 +196,7 @@ def train_on(directory: Path, shape: tuple[int, int, int], steps: int = 3) -> di
                                  geometry=lm.config.prefix_geometry(), hidden_size=lm.config.hidden_size,
                                  mlp_hidden=16, dropout=0.1)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
-    tx, schedule = optim.make_optimizer(params, 1e-2, 10)
+    tx, schedule = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10)
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     lm_sharding = sharded_load.shardings_of(lm.params)
     shard_prefix = lambda prefix: partitioning.constrain_prefix(prefix, mesh)
@@ -254,7 +254,7 @@ def check_memory(root: Path) -> dict:
         spec = prefix_lib.PrefixSpec(length=4, placements=("decoder",), geometry=lm.config.prefix_geometry(),
                                      hidden_size=lm.config.hidden_size, mlp_hidden=16)
         params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
-        tx, schedule = optim.make_optimizer(params, 1e-2, 10)
+        tx, schedule = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10)
         replicated = sharding.replicated(mesh)
         step = training.jit_train_step(lm.model, spec, tx, schedule, state_sharding=replicated,
                                        lm_sharding=sharded_load.shardings_of(lm.params),
@@ -291,7 +291,7 @@ def sharded_step_hlo_sizes() -> dict:
         spec = prefix_lib.PrefixSpec(length=4, placements=("encoder", "decoder", "cross"),
                                      geometry=cfg.prefix_geometry(), hidden_size=32, mlp_hidden=16)
         params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
-        tx, schedule = optim.make_optimizer(params, 1e-2, 10)
+        tx, schedule = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10)
         state = sharding.replicate(training.init_state(params, tx, jax.random.PRNGKey(2)), mesh)
         step = training.jit_train_step(model, spec, tx, schedule, state_sharding=sharding.replicated(mesh),
                                        lm_sharding=lm_sharding, batch_sharding=sharding.batch_sharding(mesh))

@@ -246,7 +246,7 @@ def test_incremental_decoding_matches_teacher_forcing(scaled, after):
                                         method=model.encode)
     step = jax.jit(lambda enc, enc_mask, ids, mask, cache: model.apply(
         params, enc, enc_mask, ids, mask, prefix, True, cache, method=model.decode))
-    cache = bart.init_cache(cfg, B, T)
+    cache = model.init_cache(B, T)
     decoder_ids = jnp.concatenate([jnp.full((B, 1), cfg.decoder_start_token_id), batch["target_ids"][:, :-1]], 1)
     steps = []
     for t in range(T):

@@ -195,7 +195,7 @@ def test_incremental_decoding_matches_teacher_forcing(base, infix):
     prefix = Prefix(kv={DECODER: random_kv(cfg.prefix_geometry()[DECODER], 12)[0]}, infix=infix)
     full = model.apply(params, batch, prefix)
     capacity = S + T
-    cache = gpt2.init_cache(cfg, B, capacity)
+    cache = model.init_cache(B, capacity)
     valid = jnp.concatenate([batch["source_mask"].astype(bool), jnp.zeros((B, T), bool)], axis=1)
     source_positions = masks.token_positions(batch["source_mask"], 0 if infix else P)
     _, cache = model.apply(params, batch["source_ids"], source_positions, valid, prefix, cache, True, not infix,
@@ -294,7 +294,7 @@ def test_embedding_only_prompt_matches_hf_inputs_embeds(base):
     with pytest.raises(ValueError, match="prompt_embeds"):
         model.apply({"params": lm.params}, jnp.zeros((B, 1), jnp.int32), jnp.zeros((B, 1), jnp.int32),
                     jnp.ones((B, 4), bool), Prefix(prompt_embeds=jnp.asarray(prompt.numpy())),
-                    gpt2.init_cache(lm.config, B, 4), method=model.decode)
+                    model.init_cache(B, 4), method=model.decode)
 
 
 def test_dropout_only_when_not_deterministic(base):

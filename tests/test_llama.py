@@ -326,7 +326,7 @@ def test_incremental_decoding_matches_teacher_forcing(pairs, infix):
     prefix = Prefix(kv={DECODER: random_kv(cfg.prefix_geometry()[DECODER], 12)[0]}, infix=infix)
     full = model.apply(params, batch, prefix)
     capacity = S + T
-    cache = llama.init_cache(cfg, B, capacity)
+    cache = model.init_cache(B, capacity)
     valid = jnp.concatenate([batch["source_mask"].astype(bool), jnp.zeros((B, T), bool)], axis=1)
     source_positions = masks.token_positions(batch["source_mask"], 0 if infix else P)
     _, cache = model.apply(params, batch["source_ids"], source_positions, valid, prefix, cache, True, not infix,

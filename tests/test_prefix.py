@@ -216,7 +216,7 @@ def test_every_variant_trains_keeps_the_lm_frozen_and_checkpoints(arch, variant,
         params, _ = prefix_init.init_from_text(s, params, lm.model, lm.params, [3, 9, 27, 17], fit_steps=50)
     lm_before = jax.tree.map(np.array, lm.params)
     lr = 3e-2 if s.uses_mlp else 1e-1
-    tx, schedule = optim.make_optimizer(params, lr, 100)
+    tx, schedule = optim.make_optimizer(params, learning_rate=lr, total_steps=100)
     step = training.jit_train_step(lm.model, s, tx, schedule)
     state = training.init_state(params, tx, jax.random.PRNGKey(1))
     rng = np.random.default_rng(0)

@@ -192,7 +192,7 @@ def test_incremental_decoding_matches_teacher_forcing(v10):
     full = model.apply(params, batch, prefix)
     encoded, encoded_mask = model.apply(params, batch["source_ids"], batch["source_mask"], prefix,
                                         method=model.encode)
-    cache = t5.init_cache(cfg, B, T)
+    cache = model.init_cache(B, T)
     decoder_ids = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), batch["target_ids"][:, :-1]], axis=1)
     steps = []
     for t in range(T):

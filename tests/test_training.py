@@ -43,7 +43,7 @@ def spec_for(cfg, method="prefix", length=4) -> prefix_lib.PrefixSpec:
 
 
 def make_step(model, spec, params, steps=100, lr=1e-2):
-    tx, schedule = optim.make_optimizer(params, lr, steps)
+    tx, schedule = optim.make_optimizer(params, learning_rate=lr, total_steps=steps)
     return tx, training.jit_train_step(model, spec, tx, schedule)
 
 
@@ -81,7 +81,7 @@ def test_frozen_paths_do_not_move():
     cfg, model, lm_params = tiny_t5()
     spec = spec_for(cfg)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
-    tx, schedule = optim.make_optimizer(params, 1e-2, 10, frozen=("embedding",))
+    tx, schedule = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10, frozen=("embedding",))
     step = training.jit_train_step(model, spec, tx, schedule)
     state = training.init_state(params, tx, jax.random.PRNGKey(2))
     before = jax.tree.map(np.array, state.params)
@@ -91,7 +91,7 @@ def test_frozen_paths_do_not_move():
         np.testing.assert_array_equal(state.params[placement]["embedding"], before[placement]["embedding"])
         assert not np.array_equal(state.params[placement]["mlp_out"]["kernel"], before[placement]["mlp_out"]["kernel"])
     with pytest.raises(ValueError, match="optim.frozen"):
-        optim.make_optimizer(params, 1e-2, 10, frozen=(".*",))
+        optim.make_optimizer(params, learning_rate=1e-2, total_steps=10, frozen=(".*",))
 
 
 def test_weight_decay_only_on_mlp_kernels():
@@ -99,7 +99,7 @@ def test_weight_decay_only_on_mlp_kernels():
     cfg, _, _ = tiny_t5()
     params = prefix_lib.init_params(spec_for(cfg), jax.random.PRNGKey(0))
     lr, wd = 1e-2, 0.1
-    tx, _ = optim.make_optimizer(params, lr, 10, weight_decay=wd, max_grad_norm=None)
+    tx, _ = optim.make_optimizer(params, learning_rate=lr, total_steps=10, weight_decay=wd, max_grad_norm=None)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     first_lr = float(optim.linear_schedule(lr, 10)(0))

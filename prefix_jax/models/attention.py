@@ -1,8 +1,6 @@
 """Multi-head attention that also attends to a per-layer prefix of keys and values.
 
-Shapes are named once here and kept in variable names:
-  B batch, Q query length, S key/value length (real tokens), P prefix length,
-  H heads, K head dim, D model dim.
+Shape letters as in `prefix_jax.shapes` (Q queries, C real-token key slots, M = P + C keys).
 
 A prefix is never batched: one `[H, P, K]` key/value pair per layer serves every example, beam and
 padding layout, so batch size and beam expansion cannot change it.
@@ -10,7 +8,7 @@ padding layout, so batch size and beam expansion cannot change it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,10 +27,10 @@ class KV(NamedTuple):
 
 
 class BankKV(NamedTuple):
-    """T prefixes in one array and which one each row uses (see `prefix_jax.prefix_bank`).
+    """J prefixes in one array and which one each row uses (see `prefix_jax.prefix_bank`).
 
-    key/value `[..., T, H, P, K]`: prefixes shorter than the longest are right-aligned, their leading
-    slots empty; slot_valid `[..., T, P]` marks the real slots; rows `[..., B]` is each row's prefix index.
+    key/value `[..., J, H, P, K]`: prefixes shorter than the longest are right-aligned, their leading
+    slots empty; slot_valid `[..., J, P]` marks the real slots; rows `[..., B]` is each row's prefix index.
     (A leading layer axis on all four when stacked, so scanning over layers slices them together.)
     """
 
@@ -52,68 +50,74 @@ def tokens_after_prefix(prefix: KV | BankKV | None) -> int | jax.Array:
     if prefix is None:
         return 0
     if isinstance(prefix, BankKV):
-        valid_TxP = prefix.slot_valid.reshape(-1, *prefix.slot_valid.shape[-2:])[0]
+        valid_JxP = prefix.slot_valid.reshape(-1, *prefix.slot_valid.shape[-2:])[0]
         rows_B = prefix.rows.reshape(-1, prefix.rows.shape[-1])[0]
-        return jnp.sum(valid_TxP, axis=-1).astype(jnp.int32)[rows_B]
+        return jnp.sum(valid_JxP, axis=-1).astype(jnp.int32)[rows_B]
     return prefix.key.shape[-2]
 
 
-def mask_empty_prefix_slots(prefix: KV | BankKV | None, mask_BxHxQxT: jax.Array) -> jax.Array:
+def mask_empty_prefix_slots(prefix: KV | BankKV | None, mask_BxHxQxM: jax.Array) -> jax.Array:
     """Hides a bank's empty slots (the first P mask columns) from every query; other prefixes unchanged."""
     if not isinstance(prefix, BankKV):
-        return mask_BxHxQxT
+        return mask_BxHxQxM
     num_slots = prefix.key.shape[-2]
     valid_BxP = _rows_of(prefix)[2]
-    mask_BxHxQxT = jnp.broadcast_to(mask_BxHxQxT, (valid_BxP.shape[0], *mask_BxHxQxT.shape[1:]))
-    slots = mask_BxHxQxT[..., :num_slots] & valid_BxP[:, None, None, :]
-    return jnp.concatenate([slots, mask_BxHxQxT[..., num_slots:]], axis=-1)
+    mask_BxHxQxM = jnp.broadcast_to(mask_BxHxQxM, (valid_BxP.shape[0], *mask_BxHxQxM.shape[1:]))
+    slots = mask_BxHxQxM[..., :num_slots] & valid_BxP[:, None, None, :]
+    return jnp.concatenate([slots, mask_BxHxQxM[..., num_slots:]], axis=-1)
 
 
-def prepend_prefix(prefix: KV | BankKV | None, k_BxSxHxK: jax.Array,
-                   v_BxSxHxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+def prepend_prefix(prefix: KV | BankKV | None, k_BxCxHxK: jax.Array,
+                   v_BxCxHxK: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Concatenates an unbatched prefix `[H, P, K]` (or each row's prefix of a bank) in front of keys and values."""
     if prefix is None:
-        return k_BxSxHxK, v_BxSxHxK
-    batch = k_BxSxHxK.shape[0]
+        return k_BxCxHxK, v_BxCxHxK
+    batch = k_BxCxHxK.shape[0]
     if isinstance(prefix, BankKV):
         key_BxHxPxK, value_BxHxPxK, _ = _rows_of(prefix)
         row = lambda p, like: jnp.swapaxes(p, 1, 2).astype(like.dtype)
-        return (jnp.concatenate([row(key_BxHxPxK, k_BxSxHxK), k_BxSxHxK], axis=1),
-                jnp.concatenate([row(value_BxHxPxK, v_BxSxHxK), v_BxSxHxK], axis=1))
+        return (jnp.concatenate([row(key_BxHxPxK, k_BxCxHxK), k_BxCxHxK], axis=1),
+                jnp.concatenate([row(value_BxHxPxK, v_BxCxHxK), v_BxCxHxK], axis=1))
 
     def expand(p_HxPxK: jax.Array, like: jax.Array) -> jax.Array:
         p_PxHxK = jnp.swapaxes(p_HxPxK, 0, 1).astype(like.dtype)
         return jnp.broadcast_to(p_PxHxK[None], (batch, *p_PxHxK.shape))
 
-    k = jnp.concatenate([expand(prefix.key, k_BxSxHxK), k_BxSxHxK], axis=1)
-    v = jnp.concatenate([expand(prefix.value, v_BxSxHxK), v_BxSxHxK], axis=1)
+    k = jnp.concatenate([expand(prefix.key, k_BxCxHxK), k_BxCxHxK], axis=1)
+    v = jnp.concatenate([expand(prefix.value, v_BxCxHxK), v_BxCxHxK], axis=1)
     return k, v
+
+
+def empty_cache(num_layers: int, num_heads: int, head_dim: int, batch_size: int, capacity: int, dtype: str) -> dict:
+    """A layer-stacked `MultiHeadAttention` cache with nothing written: keys/values `[L, B, C, H, K]`, index `[L]`."""
+    zeros = jnp.zeros((num_layers, batch_size, capacity, num_heads, head_dim), dtype)
+    return {"key": zeros, "value": zeros, "index": jnp.zeros((num_layers,), jnp.int32)}
 
 
 def attend(
     q_BxQxHxK: jax.Array,
-    k_BxTxHxK: jax.Array,
-    v_BxTxHxK: jax.Array,
-    mask_BxHxQxT: jax.Array,
-    bias_BxHxQxT: jax.Array | None,
+    k_BxMxHxK: jax.Array,
+    v_BxMxHxK: jax.Array,
+    mask_BxHxQxM: jax.Array,
+    bias_BxHxQxM: jax.Array | None,
     scale: float,
     dropout: nn.Dropout | None = None,
     deterministic: bool = True,
 ) -> jax.Array:
     """Scaled dot-product attention with a boolean mask and an optional additive bias.
 
-    Scores and softmax run in float32 whatever the compute dtype. `T` = P + S keys. Mask and bias
+    Scores and softmax run in float32 whatever the compute dtype. `M` = P + C keys. Mask and bias
     broadcast over any axis of size one.
     """
-    scores = jnp.einsum("bqhk,bthk->bhqt", q_BxQxHxK, k_BxTxHxK, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqhk,bmhk->bhqm", q_BxQxHxK, k_BxMxHxK, preferred_element_type=jnp.float32)
     scores = scores * scale
-    if bias_BxHxQxT is not None:
-        scores = scores + bias_BxHxQxT.astype(jnp.float32)
-    scores = jnp.where(mask_BxHxQxT, scores, _MASKED_SCORE)
+    if bias_BxHxQxM is not None:
+        scores = scores + bias_BxHxQxM.astype(jnp.float32)
+    scores = jnp.where(mask_BxHxQxM, scores, _MASKED_SCORE)
     weights = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         weights = dropout(weights, deterministic=deterministic)
-    return jnp.einsum("bhqt,bthk->bqhk", weights.astype(v_BxTxHxK.dtype), v_BxTxHxK)
+    return jnp.einsum("bhqm,bmhk->bqhk", weights.astype(v_BxMxHxK.dtype), v_BxMxHxK)
 
 
 class MultiHeadAttention(nn.Module):
@@ -154,16 +158,16 @@ class MultiHeadAttention(nn.Module):
         )
         self.dropout = nn.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
 
-    def project_kv(self, x_BxSxD: jax.Array) -> KV:
-        """Keys and values of `x` in `[B, S, H, K]` (used to precompute cross-attention memory)."""
-        return KV(self.key(x_BxSxD), self.value(x_BxSxD))
+    def project_kv(self, x_BxCxD: jax.Array) -> KV:
+        """Keys and values of `x` in `[B, C, H, K]` (used to precompute cross-attention memory)."""
+        return KV(self.key(x_BxCxD), self.value(x_BxCxD))
 
     def __call__(
         self,
         x_BxQxD: jax.Array,
         memory: jax.Array | KV | None,
-        mask_BxHxQxT: jax.Array,
-        bias_BxHxQxT: jax.Array | None = None,
+        mask_BxHxQxM: jax.Array,
+        bias_BxHxQxM: jax.Array | None = None,
         prefix: KV | BankKV | None = None,
         cache: dict | None = None,
         deterministic: bool = True,
@@ -183,6 +187,27 @@ class MultiHeadAttention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), index, axis=1)
             cache = {"key": k, "value": v, "index": index + x_BxQxD.shape[1]}
         k, v = prepend_prefix(prefix, k, v)
-        mask_BxHxQxT = mask_empty_prefix_slots(prefix, mask_BxHxQxT)
-        y = attend(q, k, v, mask_BxHxQxT, bias_BxHxQxT, self.query_scale, self.dropout, deterministic)
+        mask_BxHxQxM = mask_empty_prefix_slots(prefix, mask_BxHxQxM)
+        y = attend(q, k, v, mask_BxHxQxM, bias_BxHxQxM, self.query_scale, self.dropout, deterministic)
         return self.out(y), cache
+
+
+def _placement_of(path: Sequence[Any]) -> str:
+    """The placement whose attention sowed the K/V at `path` (from the module names the models use)."""
+    from prefix_jax.models.interface import CROSS, DECODER, ENCODER  # interface imports KV from here
+
+    names = [str(getattr(k, "key", k)) for k in path]
+    if "cross_attention" in names:
+        return CROSS
+    return ENCODER if "encoder" in names else DECODER
+
+
+def collect_kv(intermediates: Any, length: int, start: int = 0) -> dict[str, KV]:
+    """Per placement, the real-token K/V `MultiHeadAttention` sowed (`mutable=["intermediates"]`) for slots
+    `start .. start+length` of row 0: `[layers, H, P, K]`."""
+    found: dict[str, KV] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates, is_leaf=lambda x: isinstance(x, KV))[0]:
+        if isinstance(leaf, KV):  # [L, B, C, H, K] -> [L, H, P, K]
+            found[_placement_of(path)] = KV(*(jnp.transpose(x[:, 0, start:start + length], (0, 2, 1, 3))
+                                               for x in leaf))
+    return found

@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
 
 Batch = Mapping[str, jax.Array]
 
@@ -121,6 +121,23 @@ class Config:
         dec = StackGeometry(self.decoder_layers, dec_heads, self.d_model // dec_heads)
         return {ENCODER: enc, DECODER: dec, CROSS: dec}
 
+    def text_positions(self, stack: str, text_len: int, prefix_len: int = 0, *,
+                       before_tokens: int | jax.Array | None = None, infix: bool = False,
+                       prompt_len: int = 0) -> TextPositions:
+        """Where a stack's tokens start after its self-attention prefix, and the positions prefix + text need.
+
+        stack: ENCODER (text: the source) or DECODER (text: the target); both offsets are that stack's.
+        prefix_len: the stack's K/V prefix slots (a bank's longest); before_tokens: the slots before each row's
+        tokens (default prefix_len); they move the text only with `positions_after_prefix` (module docstring).
+        prompt_len: virtual tokens in front of the encoder input that `text_len` does not count.
+        `infix` is for decoder-only models and ignored.
+        """
+        before = prefix_len if before_tokens is None else before_tokens
+        prompt = prompt_len if stack == ENCODER else 0
+        offset = (before if self.positions_after_prefix else 0) + prompt
+        taken = (prefix_len if self.positions_after_prefix else 0) + prompt
+        return TextPositions(offset, offset, taken + text_len)
+
     @property
     def max_positions(self) -> int:
         return self.max_position_embeddings
@@ -148,7 +165,7 @@ class BartBlock(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD, prefix_self, prefix_cross, cache, self_mask, memory, cross_mask):
+    def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, memory, cross_mask):
         cfg = self.config
         det = self.deterministic
         heads = cfg.decoder_attention_heads if self.is_decoder else cfg.encoder_attention_heads
@@ -160,8 +177,8 @@ class BartBlock(nn.Module):
         dropout = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=det)
 
         h, self_cache = attention("self_attention")(
-            x_BxLxD, None, self_mask, None, prefix_self, None if cache is None else cache["self"], det)
-        x_BxLxD = layer_norm(cfg, "self_attention_norm")(x_BxLxD + dropout(h))
+            x_BxQxD, None, self_mask, None, prefix_self, None if cache is None else cache["self"], det)
+        x_BxQxD = layer_norm(cfg, "self_attention_norm")(x_BxQxD + dropout(h))
         new_cache = None if cache is None else {"self": self_cache}
         if self.is_decoder:
             cross = attention("cross_attention")
@@ -170,15 +187,15 @@ class BartBlock(nn.Module):
                     cache = {**cache, "cross": cross.project_kv(memory)}
                 memory = cache["cross"]
                 new_cache["cross"] = memory
-            h, _ = cross(x_BxLxD, memory, cross_mask, None, prefix_cross, None, det)
-            x_BxLxD = layer_norm(cfg, "cross_attention_norm")(x_BxLxD + dropout(h))
+            h, _ = cross(x_BxQxD, memory, cross_mask, None, prefix_cross, None, det)
+            x_BxQxD = layer_norm(cfg, "cross_attention_norm")(x_BxQxD + dropout(h))
         act = common.activation(cfg.activation_function, "activation_function")
-        mlp_input = checkpoint_name(x_BxLxD, "mlp_input")  # saved by remat policy "minimal"
+        mlp_input = checkpoint_name(x_BxQxD, "mlp_input")  # saved by remat policy "minimal"
         h = act(dense(cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim, "fc1")(mlp_input))
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=det)
         h = dense(cfg.d_model, "fc2")(h)
-        x_BxLxD = layer_norm(cfg, "ffn_norm")(x_BxLxD + dropout(h))
-        return x_BxLxD, new_cache
+        x_BxQxD = layer_norm(cfg, "ffn_norm")(x_BxQxD + dropout(h))
+        return x_BxQxD, new_cache
 
 
 class BartStack(nn.Module):
@@ -192,7 +209,7 @@ class BartStack(nn.Module):
         self,
         x_BxQxD: jax.Array,
         positions_BxQ: jax.Array,
-        key_valid_BxS: jax.Array,
+        key_valid_BxC: jax.Array,
         prefix: KV | None,
         deterministic: bool,
         query_offset: jax.Array | int = 0,
@@ -210,7 +227,7 @@ class BartStack(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
         prefix_len = 0 if prefix is None else prefix.key.shape[-2]
-        self_mask = masks.attention_mask(key_valid_BxS, num_queries, prefix_len, causal=self.is_decoder,
+        self_mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=self.is_decoder,
                                          query_offset=query_offset)
         cross_mask = None
         if self.is_decoder:
@@ -223,7 +240,7 @@ class BartStack(nn.Module):
         return layers(x, prefix, cross_prefix, cache, self_mask, memory, cross_mask)
 
 
-class Model(nn.Module):
+class Model(common.DecoderCache, nn.Module):
     """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
 
     `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
@@ -245,27 +262,21 @@ class Model(nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.shared(ids) * jnp.asarray(self.config.embed_scale, self.config.dtype)
 
-    def _shift(self, prefix: KV | None) -> int | jax.Array:
-        """Where real tokens start relative to a self-attention prefix (see module docstring); `[B]` for a bank."""
-        return tokens_after_prefix(prefix) if self.config.positions_after_prefix else 0
-
-    def _slots(self, prefix: KV | None) -> int:
-        """Position-table entries a prefix may take (its slot count; the longest prefix of a bank)."""
-        return prefix.key.shape[-2] if (prefix is not None and self.config.positions_after_prefix) else 0
-
-    def _check_positions(self, needed: int, stack: str) -> None:
+    def _text_positions(self, prefix: Prefix, stack: str, text_len: int) -> TextPositions:
+        """`Config.text_positions` for a stack's self-attention prefix; fails past the position table."""
+        kv = prefix.kv.get(stack)  # the prompt, if any, is already counted in text_len
+        where = self.config.text_positions(stack, text_len, prefix.length(stack), before_tokens=tokens_after_prefix(kv))
         limit = self.config.max_position_embeddings
-        if needed > limit:
-            raise ValueError(f"the BART {stack} needs {needed} positions (prefix + text) but has {limit}: shorten "
-                             "the prefix or the text.")
+        if where.needed > limit:
+            raise ValueError(f"the BART {stack} needs {where.needed} positions (prefix + text) but has {limit}: "
+                             "shorten the prefix or the text.")
+        return where
 
     def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
         """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
         x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
         kv = prefix.kv.get(ENCODER)
-        shift = self._shift(kv)
-        self._check_positions(self._slots(kv) + x.shape[1], "encoder")
-        positions = masks.token_positions(source_mask, shift)
+        positions = masks.token_positions(source_mask, self._text_positions(prefix, ENCODER, x.shape[1]).source_offset)
         encoded, _ = self.encoder(x, positions, source_mask, kv, deterministic)
         return encoded, source_mask
 
@@ -274,8 +285,7 @@ class Model(nn.Module):
         """Logits `[B, T, V]` for decoder inputs. With `cache`, `decoder_mask` covers the cache slots."""
         x = self.embed(decoder_ids)
         kv = prefix.kv.get(DECODER)
-        shift = self._shift(kv)
-        self._check_positions(self._slots(kv) + decoder_mask.shape[1], "decoder")
+        shift = self._text_positions(prefix, DECODER, decoder_mask.shape[1]).target_offset
         if cache is None:
             positions = masks.token_positions(decoder_mask, shift)
             offset = 0
@@ -292,14 +302,6 @@ class Model(nn.Module):
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
         """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
         return common.teacher_forced_logits(self, batch, prefix, deterministic)
-
-
-def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
-    """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
-    heads = cfg.decoder_attention_heads
-    shape = (cfg.decoder_layers, batch_size, max_len, heads, cfg.d_model // heads)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.decoder_layers,), jnp.int32)}}
 
 
 # Our sub-layer names -> HF's (attention, its layer norm). The FFN's norm is HF's `final_layer_norm`.

@@ -1,4 +1,4 @@
-"""Pieces every architecture shares: layer stacking, activations, weight-layout conversion."""
+"""Pieces every architecture shares: layer stacking, activations, the decoding cache, weight-layout conversion."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefix_jax.models import masks
+from prefix_jax.models.attention import empty_cache
+from prefix_jax.models.interface import DECODER
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Names as transformers' ACT2FN spells them.
@@ -71,15 +73,28 @@ def stack_layers(block: type[nn.Module], num_layers: int, remat: bool | str, in_
     )
 
 
-def prepend_prompt(x_BxLxD: jax.Array, valid_BxL: jax.Array,
+class DecoderCache:
+    """Mixin giving a `Model` (whose config has `prefix_geometry` and `dtype`) its decoding cache."""
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Empty decoder self-attention cache for `max_len` tokens (an encoder-decoder adds cross K/V on first use).
+
+        Sized by the decoder's self-attention: layers, key/value heads, head dim (its `prefix_geometry`).
+        """
+        geometry = self.config.prefix_geometry()[DECODER]
+        return {"self": empty_cache(geometry.num_layers, geometry.num_heads, geometry.head_dim, batch_size, max_len,
+                                    self.config.dtype)}
+
+
+def prepend_prompt(x_BxQxD: jax.Array, valid_BxQ: jax.Array,
                    prompt_PxD: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Embedding-only prompt tuning: `P` free vectors in front of the input embeddings, always valid."""
     if prompt_PxD is None:
-        return x_BxLxD, valid_BxL
-    batch = x_BxLxD.shape[0]
-    prompt = jnp.broadcast_to(prompt_PxD.astype(x_BxLxD.dtype)[None], (batch, *prompt_PxD.shape))
-    valid = jnp.concatenate([jnp.ones((batch, prompt_PxD.shape[0]), valid_BxL.dtype), valid_BxL], axis=1)
-    return jnp.concatenate([prompt, x_BxLxD], axis=1), valid
+        return x_BxQxD, valid_BxQ
+    batch = x_BxQxD.shape[0]
+    prompt = jnp.broadcast_to(prompt_PxD.astype(x_BxQxD.dtype)[None], (batch, *prompt_PxD.shape))
+    valid = jnp.concatenate([jnp.ones((batch, prompt_PxD.shape[0]), valid_BxQ.dtype), valid_BxQ], axis=1)
+    return jnp.concatenate([prompt, x_BxQxD], axis=1), valid
 
 
 def teacher_forced_logits(model: nn.Module, batch: dict, prefix, deterministic: bool) -> jax.Array:

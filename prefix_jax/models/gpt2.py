@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import DECODER, NO_PREFIX, Prefix, StackGeometry
+from prefix_jax.models.interface import DECODER, NO_PREFIX, DecoderOnlyPositions, Prefix, StackGeometry
 
 Batch = Mapping[str, jax.Array]
 
@@ -42,7 +42,7 @@ _UNSUPPORTED = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(DecoderOnlyPositions):
     vocab_size: int
     n_positions: int
     n_embd: int
@@ -136,7 +136,7 @@ class GPT2Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD, prefix, cache, mask_BxHxQxT):
+    def __call__(self, x_BxQxD, prefix, cache, mask_BxHxQxM):
         cfg = self.config
         det = self.deterministic
         dense = lambda n, name: nn.Dense(n, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
@@ -146,13 +146,13 @@ class GPT2Block(nn.Module):
             cfg.n_head, cfg.head_dim, cfg.n_embd, use_bias=True,
             query_scale=cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0, dropout_rate=cfg.attn_pdrop,
             dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="attn")
-        h, cache = attention(layer_norm(cfg, "ln_1")(x_BxLxD), None, mask_BxHxQxT, None, prefix, cache, det)
-        x_BxLxD = x_BxLxD + dropout(h)
+        h, cache = attention(layer_norm(cfg, "ln_1")(x_BxQxD), None, mask_BxHxQxM, None, prefix, cache, det)
+        x_BxQxD = x_BxQxD + dropout(h)
         act = common.activation(cfg.activation_function, "activation_function")
-        mlp_input = checkpoint_name(layer_norm(cfg, "ln_2")(x_BxLxD), "mlp_input")  # saved by remat "minimal"
-        h_BxLxI = act(dense(cfg.inner_dim, "c_fc")(mlp_input))
-        h = dense(cfg.n_embd, "c_proj")(h_BxLxI)
-        return x_BxLxD + dropout(h), cache
+        mlp_input = checkpoint_name(layer_norm(cfg, "ln_2")(x_BxQxD), "mlp_input")  # saved by remat "minimal"
+        h_BxQxF = act(dense(cfg.inner_dim, "c_fc")(mlp_input))
+        h = dense(cfg.n_embd, "c_proj")(h_BxQxF)
+        return x_BxQxD + dropout(h), cache
 
 
 class GPT2Stack(nn.Module):
@@ -161,7 +161,7 @@ class GPT2Stack(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BxQxD: jax.Array, positions_BxQ: jax.Array, mask_BxHxQxT: jax.Array, prefix: KV | None,
+    def __call__(self, x_BxQxD: jax.Array, positions_BxQ: jax.Array, mask_BxHxQxM: jax.Array, prefix: KV | None,
                  cache: dict | None, deterministic: bool) -> tuple[jax.Array, dict | None]:
         cfg = self.config
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -169,11 +169,11 @@ class GPT2Stack(nn.Module):
         x = nn.Dropout(cfg.embd_pdrop)(x_BxQxD + wpe(positions_BxQ), deterministic=deterministic)
         layers = common.stack_layers(GPT2Block, cfg.n_layer, cfg.remat, in_axes=(0, 0, nn.broadcast))(
             cfg, deterministic, name="h")
-        x, cache = layers(x, prefix, cache, mask_BxHxQxT)
+        x, cache = layers(x, prefix, cache, mask_BxHxQxM)
         return layer_norm(cfg, "ln_f")(x), cache
 
 
-class Model(nn.Module):
+class Model(common.DecoderCache, nn.Module):
     """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
 
     `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]` (targets
@@ -200,26 +200,28 @@ class Model(nn.Module):
         cfg = self.config
         source_ids, source_mask = batch["source_ids"], batch["source_mask"]
         ids = jnp.concatenate([source_ids, masks.shift_right(batch["target_ids"], cfg.separator_token_id)], axis=1)
-        valid_BxL = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
-        x_BxLxD, valid_BxL = common.prepend_prompt(self.embed(ids), valid_BxL, prefix.prompt_embeds)
+        valid_BxQ = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
+        x_BxQxD, valid_BxQ = common.prepend_prompt(self.embed(ids), valid_BxQ, prefix.prompt_embeds)
         source_len = source_ids.shape[1] + (0 if prefix.prompt_embeds is None else prefix.prompt_embeds.shape[0])
 
         kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
-        shift = tokens_after_prefix(kv)  # == prefix_len, except per row for a prefix bank
-        length = valid_BxL.shape[1]
-        target_side_L = jnp.arange(length) >= source_len
+        length = valid_BxQ.shape[1]
+        # before_tokens == prefix_len, except per row for a prefix bank; the prompt is counted in `length`.
+        where = cfg.text_positions(DECODER, length, prefix_len, before_tokens=tokens_after_prefix(kv),
+                                   infix=prefix.infix)
+        target_side_Q = jnp.arange(length) >= source_len
         if prefix.infix:
-            positions = masks.token_positions(valid_BxL) + jnp.asarray(shift)[..., None] * target_side_L[None]
-            visible_BxL = jnp.broadcast_to(target_side_L[None], valid_BxL.shape)
+            positions = (masks.token_positions(valid_BxQ, where.source_offset)
+                         + jnp.asarray(where.target_offset)[..., None] * target_side_Q[None])
+            visible_BxQ = jnp.broadcast_to(target_side_Q[None], valid_BxQ.shape)
         else:
-            positions = masks.token_positions(valid_BxL, shift if cfg.positions_after_prefix else 0)
-            visible_BxL = None
-        needed = length + (prefix_len if (prefix.infix or cfg.positions_after_prefix) else 0)
-        if needed > cfg.n_positions:
-            raise ValueError(f"GPT-2 needs {needed} positions (prefix + source + target) but has {cfg.n_positions}: "
-                             "shorten the prefix, the source or the target.")
-        mask = masks.attention_mask(valid_BxL, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxL)
-        h, _ = self.transformer(x_BxLxD, positions, mask, kv, None, deterministic)
+            positions = masks.token_positions(valid_BxQ, where.source_offset)
+            visible_BxQ = None
+        if where.needed > cfg.n_positions:
+            raise ValueError(f"GPT-2 needs {where.needed} positions (prefix + source + target) but has "
+                             f"{cfg.n_positions}: shorten the prefix, the source or the target.")
+        mask = masks.attention_mask(valid_BxQ, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxQ)
+        h, _ = self.transformer(x_BxQxD, positions, mask, kv, None, deterministic)
         return h, source_len
 
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
@@ -245,13 +247,6 @@ class Model(nn.Module):
         h, self_cache = self.transformer(self.embed(ids_BxQ), positions_BxQ, mask, prefix.kv.get(DECODER),
                                          cache["self"], deterministic)
         return self.wte.attend(h).astype(jnp.float32), {"self": self_cache}
-
-
-def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
-    """Empty self-attention cache for `max_len` tokens (source and generated)."""
-    shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.n_layer,), jnp.int32)}}
 
 
 _PROJECTIONS = ("query", "key", "value")  # the thirds of HF's fused `c_attn`, in order

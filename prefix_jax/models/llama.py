@@ -14,8 +14,7 @@ and with `positions_after_prefix` (HF, PEFT) real tokens sit at positions `P .. 
 RoPE is relative, that equals tokens at `0 ..` with prefix keys rotated by `-P`. Infix and
 embedding-only prompts are placed exactly as for GPT-2.
 
-Shape letters: B batch, Q queries, S/L tokens, T keys (P prefix + S), D hidden, H query heads,
-N key/value heads, G = H / N queries per K/V head, K head dim, I MLP width, V vocabulary.
+Shape letters as in `prefix_jax.shapes`; here N key/value heads and G = H / N queries per K/V head.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import numpy as np
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, prepend_prefix
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import DECODER, NO_PREFIX, Prefix, StackGeometry
+from prefix_jax.models.interface import DECODER, NO_PREFIX, DecoderOnlyPositions, Prefix, StackGeometry
 
 Batch = Mapping[str, jax.Array]
 
@@ -68,7 +67,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(DecoderOnlyPositions):
     model_type: str  # llama | mistral | qwen2 | qwen3 (HF's name; `architecture`)
     vocab_size: int
     hidden_size: int
@@ -276,21 +275,21 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def grouped_attend(q_BxQxHxK: jax.Array, k_BxTxNxK: jax.Array, v_BxTxNxK: jax.Array, mask_BxHxQxT: jax.Array,
+def grouped_attend(q_BxQxHxK: jax.Array, k_BxMxNxK: jax.Array, v_BxMxNxK: jax.Array, mask_BxHxQxM: jax.Array,
                    scale: float, dropout: nn.Dropout | None = None, deterministic: bool = True) -> jax.Array:
     """Grouped-query attention: query head `h` reads K/V head `h // G`, without repeating K/V in memory.
 
     Scores and softmax in float32. The mask's head axis has size one.
     """
     batch, num_queries, num_heads, head_dim = q_BxQxHxK.shape
-    num_kv = k_BxTxNxK.shape[2]
+    num_kv = k_BxMxNxK.shape[2]
     q_BxQxNxGxK = q_BxQxHxK.reshape(batch, num_queries, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("bqngk,btnk->bngqt", q_BxQxNxGxK, k_BxTxNxK, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask_BxHxQxT[:, :, None], scores, _MASKED_SCORE)
-    weights_BxNxGxQxT = jax.nn.softmax(scores, axis=-1)
+    scores = jnp.einsum("bqngk,bmnk->bngqm", q_BxQxNxGxK, k_BxMxNxK, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask_BxHxQxM[:, :, None], scores, _MASKED_SCORE)
+    weights_BxNxGxQxM = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
-        weights_BxNxGxQxT = dropout(weights_BxNxGxQxT, deterministic=deterministic)
-    y = jnp.einsum("bngqt,btnk->bqngk", weights_BxNxGxQxT.astype(v_BxTxNxK.dtype), v_BxTxNxK)
+        weights_BxNxGxQxM = dropout(weights_BxNxGxQxM, deterministic=deterministic)
+    y = jnp.einsum("bngqm,bmnk->bqngk", weights_BxNxGxQxM.astype(v_BxMxNxK.dtype), v_BxMxNxK)
     return y.reshape(batch, num_queries, num_heads, head_dim)
 
 
@@ -299,7 +298,7 @@ class LlamaAttention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxQxD, rope, mask_BxHxQxT, prefix: KV | None, cache: dict | None):
+    def __call__(self, x_BxQxD, rope, mask_BxHxQxM, prefix: KV | None, cache: dict | None):
         cfg = self.config
         heads = lambda n, bias, name: nn.DenseGeneral((n, cfg.head_dim), use_bias=bias, dtype=cfg.dtype,
                                                       param_dtype=cfg.param_dtype, name=name)
@@ -320,7 +319,7 @@ class LlamaAttention(nn.Module):
             cache = {"key": k, "value": v, "index": index + x_BxQxD.shape[1]}
         k, v = prepend_prefix(prefix, k, v)
         dropout = nn.Dropout(cfg.attention_dropout) if cfg.attention_dropout > 0 else None
-        y = grouped_attend(q, k, v, mask_BxHxQxT, cfg.head_dim**-0.5, dropout, self.deterministic)
+        y = grouped_attend(q, k, v, mask_BxHxQxM, cfg.head_dim**-0.5, dropout, self.deterministic)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, name="o_proj")
         return out(y), cache
@@ -332,14 +331,14 @@ class LlamaMLP(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxQxD: jax.Array) -> jax.Array:
         cfg = self.config
         dense = lambda n, name: nn.Dense(n, use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                          name=name)
         act = common.activation(cfg.hidden_act, "hidden_act")
-        h_BxLxI = act(dense(cfg.intermediate_size, "gate_proj")(x_BxLxD)) * dense(cfg.intermediate_size, "up_proj")(
-            x_BxLxD)
-        return dense(cfg.hidden_size, "down_proj")(h_BxLxI)
+        h_BxQxF = act(dense(cfg.intermediate_size, "gate_proj")(x_BxQxD)) * dense(cfg.intermediate_size, "up_proj")(
+            x_BxQxD)
+        return dense(cfg.hidden_size, "down_proj")(h_BxQxF)
 
 
 class LlamaBlock(nn.Module):
@@ -349,14 +348,14 @@ class LlamaBlock(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD, prefix, cache, mask_BxHxQxT, rope):
+    def __call__(self, x_BxQxD, prefix, cache, mask_BxHxQxM, rope):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         h, cache = LlamaAttention(cfg, self.deterministic, name="self_attn")(
-            norm("input_layernorm")(x_BxLxD), rope, mask_BxHxQxT, prefix, cache)
-        x_BxLxD = x_BxLxD + h
-        x_BxLxD = x_BxLxD + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x_BxLxD))
-        return x_BxLxD, cache
+            norm("input_layernorm")(x_BxQxD), rope, mask_BxHxQxM, prefix, cache)
+        x_BxQxD = x_BxQxD + h
+        x_BxQxD = x_BxQxD + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x_BxQxD))
+        return x_BxQxD, cache
 
 
 class LlamaStack(nn.Module):
@@ -365,16 +364,16 @@ class LlamaStack(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BxQxD: jax.Array, positions_BxQ: jax.Array, mask_BxHxQxT: jax.Array, prefix: KV | None,
+    def __call__(self, x_BxQxD: jax.Array, positions_BxQ: jax.Array, mask_BxHxQxM: jax.Array, prefix: KV | None,
                  cache: dict | None, deterministic: bool) -> tuple[jax.Array, dict | None]:
         cfg = self.config
         layers = common.stack_layers(LlamaBlock, cfg.num_hidden_layers, cfg.remat,
                                      in_axes=(0, 0, nn.broadcast, nn.broadcast))(cfg, deterministic, name="layers")
-        x, cache = layers(x_BxQxD, prefix, cache, mask_BxHxQxT, rope_tables(cfg, positions_BxQ))
+        x, cache = layers(x_BxQxD, prefix, cache, mask_BxHxQxM, rope_tables(cfg, positions_BxQ))
         return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x), cache
 
 
-class Model(nn.Module):
+class Model(common.DecoderCache, nn.Module):
     """`logits = Model(config).apply({'params': lm_params}, batch, prefix)` (batch and prefix as for GPT-2)."""
 
     config: Config
@@ -394,10 +393,10 @@ class Model(nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
 
-    def _logits(self, h_BxLxD: jax.Array) -> jax.Array:
+    def _logits(self, h_BxQxD: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(h_BxLxD).astype(jnp.float32)
-        return self.lm_head(h_BxLxD).astype(jnp.float32)
+            return self.embed_tokens.attend(h_BxQxD).astype(jnp.float32)
+        return self.lm_head(h_BxQxD).astype(jnp.float32)
 
     def _check_window(self, prefix_len: int, num_keys: int) -> None:
         window = self.config.sliding_window
@@ -411,22 +410,25 @@ class Model(nn.Module):
         cfg = self.config
         source_ids, source_mask = batch["source_ids"], batch["source_mask"]
         ids = jnp.concatenate([source_ids, masks.shift_right(batch["target_ids"], cfg.separator_token_id)], axis=1)
-        valid_BxL = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
-        x_BxLxD, valid_BxL = common.prepend_prompt(self.embed(ids), valid_BxL, prefix.prompt_embeds)
+        valid_BxQ = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
+        x_BxQxD, valid_BxQ = common.prepend_prompt(self.embed(ids), valid_BxQ, prefix.prompt_embeds)
         source_len = source_ids.shape[1] + (0 if prefix.prompt_embeds is None else prefix.prompt_embeds.shape[0])
 
         kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
-        length = valid_BxL.shape[1]
+        length = valid_BxQ.shape[1]
         self._check_window(prefix_len, length)
-        target_side_L = jnp.arange(length) >= source_len
+        # Each row's tokens come after all prefix_len slots (a bank's shorter rows included, unlike GPT-2).
+        where = cfg.text_positions(DECODER, length, prefix_len, infix=prefix.infix)
+        target_side_Q = jnp.arange(length) >= source_len
         if prefix.infix:
-            positions = masks.token_positions(valid_BxL) + prefix_len * target_side_L[None].astype(jnp.int32)
-            visible_BxL = jnp.broadcast_to(target_side_L[None], valid_BxL.shape)
+            positions = (masks.token_positions(valid_BxQ, where.source_offset)
+                         + where.target_offset * target_side_Q[None].astype(jnp.int32))
+            visible_BxQ = jnp.broadcast_to(target_side_Q[None], valid_BxQ.shape)
         else:
-            positions = masks.token_positions(valid_BxL, prefix_len if cfg.positions_after_prefix else 0)
-            visible_BxL = None
-        mask = masks.attention_mask(valid_BxL, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxL)
-        h, _ = self.model(x_BxLxD, positions, mask, kv, None, deterministic)
+            positions = masks.token_positions(valid_BxQ, where.source_offset)
+            visible_BxQ = None
+        mask = masks.attention_mask(valid_BxQ, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxQ)
+        h, _ = self.model(x_BxQxD, positions, mask, kv, None, deterministic)
         return h, source_len
 
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
@@ -449,13 +451,6 @@ class Model(nn.Module):
         h, self_cache = self.model(self.embed(ids_BxQ), positions_BxQ, mask, prefix.kv.get(DECODER), cache["self"],
                                     deterministic)
         return self._logits(h), {"self": self_cache}
-
-
-def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
-    """Empty self-attention cache for `max_len` tokens: post-rotation keys and values, `num_key_value_heads` wide."""
-    shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.num_hidden_layers,), jnp.int32)}}
 
 
 # --- HF checkpoints <-> our params ---

@@ -1,7 +1,7 @@
 """Positions and attention masks, derived from padding masks so results never depend on padding side.
 
-Every mask covers `P + S` keys: the `P` prefix slots first (always visible unless a query is told
-otherwise, as for an infix), then the `S` real key slots.
+Every mask covers `M = P + C` keys: the `P` prefix slots first (always visible unless a query is told
+otherwise, as for an infix), then the `C` real key slots (shape letters: `prefix_jax.shapes`).
 """
 
 from __future__ import annotations
@@ -10,41 +10,41 @@ import jax
 import jax.numpy as jnp
 
 
-def token_positions(mask_BxL: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+def token_positions(mask_BxQ: jax.Array, start: jax.Array | int = 0) -> jax.Array:
     """Position of each token counting real tokens only: `start + (#real tokens before it)`.
 
     Pads get the position of the next real token; they are masked as keys and ignored as queries.
     """
-    mask = mask_BxL.astype(jnp.int32)
+    mask = mask_BxQ.astype(jnp.int32)
     return jnp.asarray(start, jnp.int32)[..., None] + jnp.cumsum(mask, axis=-1) - mask
 
 
 def attention_mask(
-    key_valid_BxS: jax.Array,
+    key_valid_BxC: jax.Array,
     num_queries: int,
     prefix_len: int = 0,
     causal: bool = False,
     query_offset: jax.Array | int = 0,
     prefix_visible_BxQ: jax.Array | None = None,
 ) -> jax.Array:
-    """Boolean mask `[B, 1, Q, P + S]`.
+    """Boolean mask `[B, 1, Q, P + C]`.
 
     `causal` lets query `i` (in slot `query_offset + i` of the key sequence) see key slots `<=` its
     own. `prefix_visible_BxQ` hides the prefix from some queries (infix: source tokens cannot see it).
     """
-    batch, num_keys = key_valid_BxS.shape
-    keys_BxQxS = jnp.broadcast_to(key_valid_BxS[:, None, :].astype(bool), (batch, num_queries, num_keys))
+    batch, num_keys = key_valid_BxC.shape
+    keys_BxQxC = jnp.broadcast_to(key_valid_BxC[:, None, :].astype(bool), (batch, num_queries, num_keys))
     if causal:
         query_slot = jnp.asarray(query_offset, jnp.int32) + jnp.arange(num_queries)[:, None]
-        keys_BxQxS = keys_BxQxS & (jnp.arange(num_keys)[None, :] <= query_slot)[None]
+        keys_BxQxC = keys_BxQxC & (jnp.arange(num_keys)[None, :] <= query_slot)[None]
     if prefix_len:
         if prefix_visible_BxQ is None:
             prefix_BxQxP = jnp.ones((batch, num_queries, prefix_len), bool)
         else:
             prefix_BxQxP = jnp.broadcast_to(prefix_visible_BxQ[:, :, None].astype(bool),
                                             (batch, num_queries, prefix_len))
-        keys_BxQxS = jnp.concatenate([prefix_BxQxP, keys_BxQxS], axis=-1)
-    return keys_BxQxS[:, None]
+        keys_BxQxC = jnp.concatenate([prefix_BxQxP, keys_BxQxC], axis=-1)
+    return keys_BxQxC[:, None]
 
 
 def shift_right(ids_BxT: jax.Array, start_id: int) -> jax.Array:

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import KV, MultiHeadAttention
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
 from prefix_jax.models.hub import take
 
 Batch = Mapping[str, jax.Array]
@@ -89,6 +89,16 @@ class Config:
         dec = StackGeometry(self.num_decoder_layers, self.num_heads, self.d_kv)
         return {ENCODER: enc, DECODER: dec, CROSS: dec}
 
+    def text_positions(self, stack: str, text_len: int, prefix_len: int = 0, *,
+                       before_tokens: int | jax.Array | None = None, infix: bool = False,
+                       prompt_len: int = 0) -> TextPositions:
+        """As `bart.Config.text_positions`; T5's positions are relative, so a K/V prefix moves no token.
+
+        A prompt of `prompt_len` virtual tokens in front of the encoder input takes the first positions.
+        """
+        prompt = prompt_len if stack == ENCODER else 0
+        return TextPositions(prompt, prompt, prompt + text_len)
+
     @property
     def max_positions(self) -> int | None:
         return None  # relative positions: no table to overflow
@@ -136,14 +146,14 @@ class FeedForward(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxQxD: jax.Array) -> jax.Array:
         cfg = self.config
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
         act = common.activation(cfg.dense_act_fn, "dense_act_fn")
         if cfg.is_gated_act:
-            h = act(dense(cfg.d_ff, "wi_0")(x_BxLxD)) * dense(cfg.d_ff, "wi_1")(x_BxLxD)
+            h = act(dense(cfg.d_ff, "wi_0")(x_BxQxD)) * dense(cfg.d_ff, "wi_1")(x_BxQxD)
         else:
-            h = act(dense(cfg.d_ff, "wi")(x_BxLxD))
+            h = act(dense(cfg.d_ff, "wi")(x_BxQxD))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         return dense(cfg.d_model, "wo")(h)
 
@@ -156,7 +166,7 @@ class T5Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxLxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
+    def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
         cfg = self.config
         det = self.deterministic
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name=name)
@@ -166,9 +176,9 @@ class T5Block(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate)
 
         h, self_cache = attention("self_attention")(
-            norm("self_attention_norm")(x_BxLxD), None, self_mask, self_bias, prefix_self,
+            norm("self_attention_norm")(x_BxQxD), None, self_mask, self_bias, prefix_self,
             None if cache is None else cache["self"], det)
-        x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
+        x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
         new_cache = None if cache is None else {"self": self_cache}
         if self.is_decoder:
             cross = attention("cross_attention")
@@ -177,11 +187,11 @@ class T5Block(nn.Module):
                     cache = {**cache, "cross": cross.project_kv(memory)}
                 memory = cache["cross"]
                 new_cache["cross"] = memory
-            h, _ = cross(norm("cross_attention_norm")(x_BxLxD), memory, cross_mask, None, prefix_cross, None, det)
-            x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
-        h = FeedForward(cfg, det, name="ffn")(checkpoint_name(norm("ffn_norm")(x_BxLxD), "mlp_input"))
-        x_BxLxD = x_BxLxD + dropout(h, deterministic=det)
-        return x_BxLxD, new_cache
+            h, _ = cross(norm("cross_attention_norm")(x_BxQxD), memory, cross_mask, None, prefix_cross, None, det)
+            x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
+        h = FeedForward(cfg, det, name="ffn")(checkpoint_name(norm("ffn_norm")(x_BxQxD), "mlp_input"))
+        x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
+        return x_BxQxD, new_cache
 
 
 class T5Stack(nn.Module):
@@ -195,8 +205,8 @@ class T5Stack(nn.Module):
         self,
         x_BxQxD: jax.Array,
         query_positions_BxQ: jax.Array,
-        key_positions_BxS: jax.Array,
-        key_valid_BxS: jax.Array,
+        key_positions_BxC: jax.Array,
+        key_valid_BxC: jax.Array,
         prefix: KV | None,
         deterministic: bool,
         query_offset: jax.Array | int = 0,
@@ -210,14 +220,14 @@ class T5Stack(nn.Module):
         prefix_len = 0 if prefix is None else prefix.key.shape[-2]
         # Prefix slots at positions 0..P-1, real tokens from P (see module docstring).
         prefix_positions = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (batch, prefix_len))
-        key_positions = jnp.concatenate([prefix_positions, prefix_len + key_positions_BxS], axis=1)
+        key_positions = jnp.concatenate([prefix_positions, prefix_len + key_positions_BxC], axis=1)
         relative = key_positions[:, None, :] - (prefix_len + query_positions_BxQ)[:, :, None]
         buckets = relative_position_bucket(relative, not self.is_decoder, cfg.relative_attention_num_buckets,
                                            cfg.relative_attention_max_distance)
         table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=cfg.param_dtype,
                          name="relative_attention_bias")
-        bias_BxHxQxT = jnp.transpose(table(buckets), (0, 3, 1, 2))
-        self_mask = masks.attention_mask(key_valid_BxS, num_queries, prefix_len, causal=self.is_decoder,
+        bias_BxHxQxM = jnp.transpose(table(buckets), (0, 3, 1, 2))
+        self_mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=self.is_decoder,
                                          query_offset=query_offset)
         cross_mask = None
         if self.is_decoder:
@@ -229,12 +239,12 @@ class T5Stack(nn.Module):
             in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         )(cfg, self.is_decoder, deterministic, name="layers")
         x = nn.Dropout(cfg.dropout_rate)(x_BxQxD, deterministic=deterministic)
-        x, cache = layers(x, prefix, cross_prefix, cache, self_mask, bias_BxHxQxT, memory, cross_mask)
+        x, cache = layers(x, prefix, cross_prefix, cache, self_mask, bias_BxHxQxM, memory, cross_mask)
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic), cache
 
 
-class Model(nn.Module):
+class Model(common.DecoderCache, nn.Module):
     """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
 
     `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
@@ -260,7 +270,8 @@ class Model(nn.Module):
     def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
         """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
         x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
-        positions = masks.token_positions(source_mask)
+        # The prompt, if any, is in source_mask already; relative positions need no prefix shift.
+        positions = masks.token_positions(source_mask, self.config.text_positions(ENCODER, x.shape[1]).source_offset)
         encoded, _ = self.encoder(x, positions, positions, source_mask, prefix.kv.get(ENCODER), deterministic)
         return encoded, source_mask
 
@@ -288,13 +299,6 @@ class Model(nn.Module):
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
         """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
         return common.teacher_forced_logits(self, batch, prefix, deterministic)
-
-
-def init_cache(cfg: Config, batch_size: int, max_len: int) -> dict:
-    """Empty decoder self-attention cache for `max_len` decoder tokens (cross K/V are added on first use)."""
-    shape = (cfg.num_decoder_layers, batch_size, max_len, cfg.num_heads, cfg.d_kv)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return {"self": {"key": zeros, "value": zeros, "index": jnp.zeros((cfg.num_decoder_layers,), jnp.int32)}}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
