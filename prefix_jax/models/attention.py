@@ -67,6 +67,15 @@ def mask_empty_prefix_slots(prefix: KV | BankKV | None, mask_BxHxQxM: jax.Array)
     return jnp.concatenate([slots, mask_BxHxQxM[..., num_slots:]], axis=-1)
 
 
+def write_cache(cache: dict, k_BxQxHxK: jax.Array, v_BxQxHxK: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
+    """Incremental decoding: this call's keys/values written at `cache["index"]`; returns every cached key/value
+    so far (`[B, C, H, K]`, C the cache size) and the updated cache."""
+    index = cache["index"]
+    k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k_BxQxHxK.astype(cache["key"].dtype), index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v_BxQxHxK.astype(cache["value"].dtype), index, axis=1)
+    return k, v, {"key": k, "value": v, "index": index + k_BxQxHxK.shape[1]}
+
+
 def prepend_prefix(prefix: KV | BankKV | None, k_BxCxHxK: jax.Array,
                    v_BxCxHxK: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Concatenates an unbatched prefix `[H, P, K]` (or each row's prefix of a bank) in front of keys and values."""
@@ -182,10 +191,7 @@ class MultiHeadAttention(nn.Module):
         # Real-token keys/values, for callers that read them (`mutable=["intermediates"]`): prefix init from text.
         self.sow("intermediates", "key_value", KV(k, v))
         if cache is not None:
-            index = cache["index"]
-            k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), index, axis=1)
-            cache = {"key": k, "value": v, "index": index + x_BxQxD.shape[1]}
+            k, v, cache = write_cache(cache, k, v)
         k, v = prepend_prefix(prefix, k, v)
         mask_BxHxQxM = mask_empty_prefix_slots(prefix, mask_BxHxQxM)
         y = attend(q, k, v, mask_BxHxQxM, bias_BxHxQxM, self.query_scale, self.dropout, deterministic)

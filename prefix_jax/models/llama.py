@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, prepend_prefix
+from prefix_jax.models.attention import KV, prepend_prefix, write_cache
 from prefix_jax.models.hub import take
 from prefix_jax.models.interface import DECODER, NO_PREFIX, DecoderOnlyPositions, Prefix, StackGeometry
 
@@ -313,10 +313,7 @@ class LlamaAttention(nn.Module):
         # Post-rotation keys/values of real tokens, for `mutable=["intermediates"]` (prefix init from text).
         self.sow("intermediates", "key_value", KV(k, v))
         if cache is not None:
-            index = cache["index"]
-            k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), index, axis=1)
-            cache = {"key": k, "value": v, "index": index + x_BxQxD.shape[1]}
+            k, v, cache = write_cache(cache, k, v)
         k, v = prepend_prefix(prefix, k, v)
         dropout = nn.Dropout(cfg.attention_dropout) if cfg.attention_dropout > 0 else None
         y = grouped_attend(q, k, v, mask_BxHxQxM, cfg.head_dim**-0.5, dropout, self.deterministic)
