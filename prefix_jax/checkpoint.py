@@ -49,11 +49,16 @@ def manager(directory: str | epath.PathLike, max_to_keep: int | None = 3, read_o
     return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=("state", "meta"))
 
 
+def _host(leaf: Any) -> np.ndarray:
+    """A leaf as a host array: this process's copy of a (replicated) jax.Array, or the array itself."""
+    return np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+
+
 def state_digest(state: Any) -> str:
     """sha256 over the state's leaves (paths, dtypes, shapes, bytes): restores are verified against it."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        array = _host(leaf)
         if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
             array = np.asarray(jax.random.key_data(array))
         h.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
@@ -64,7 +69,7 @@ def state_digest(state: Any) -> str:
 def is_finite(state: Any) -> bool:
     """Every floating-point leaf of `state` is finite."""
     for leaf in jax.tree.leaves(state):
-        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        array = _host(leaf)
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             return False
     return True

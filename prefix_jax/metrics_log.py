@@ -27,8 +27,8 @@ class MetricsWriter:
         self._written: set[tuple[int, frozenset]] = set()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._written = {(row["step"], _keys(row)) for row in read_metrics(self.path.parent)}
             text = self.path.read_text() if self.path.exists() else ""
+            self._written = {(row["step"], _keys(row)) for row in _parse(text)}
             if text and not text.endswith("\n"):
                 append_line(self.path, "")  # end the line a killed run left half-written
             if "://" not in str(self.path):
@@ -72,8 +72,12 @@ def _scalar(v: Any) -> Any:
 def read_metrics(workdir: str | epath.PathLike) -> list[dict]:
     """All rows of a run's `metrics.jsonl` (a line a killed run left half-written is skipped)."""
     path = epath.Path(workdir) / METRICS_FILE
+    return _parse(path.read_text() if path.exists() else "")
+
+
+def _parse(text: str) -> list[dict]:
     rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
