@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from etils import epath
 
+from prefix_jax.metrics import METRICS
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field and the fix."""
@@ -105,6 +107,13 @@ def check(config: Any) -> None:
     if config.data.get("task_field") and config.data.format != "fields":
         raise ConfigError(f"data.task_field={config.data.task_field!r} needs data.format='fields' (a task column "
                           f"beside source and target); data.format is {config.data.format!r}.")
+    if config.prefix.init == "words" and not config.prefix.init_text:
+        raise ConfigError('prefix.init="words" needs prefix.init_text, e.g. "table-to-text:" or "summarize".')
+    if config.train.eval_only and not config.data.eval_split:
+        raise ConfigError("train.eval_only needs data.eval_split.")
+    for name in config.eval.metrics:
+        if name not in METRICS:
+            raise ConfigError(f"eval.metrics has {name!r}; choose from {METRICS}.")
     for pattern in config.optim.frozen:
         try:
             re.compile(pattern)
