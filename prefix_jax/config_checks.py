@@ -1,8 +1,9 @@
 """Every config value checked in one place, before anything is loaded or written.
 
 `check(config)` raises `ConfigError` with a one-line message that names the field, the value and what
-would be valid. Checks that need the model (placements, position tables) or the data (batch size vs
-examples) live where those are known, in `run_setup`; everything that the config alone decides is here.
+would be valid; `run_options.from_config` calls it before turning the config into typed options. Checks
+that need the model (placements, position tables) or the data (batch size vs examples) live where those
+are known, in `run_setup`; everything that the config alone decides is here.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 from prefix_jax import checkpoint, data, evaluation, optim, partitioning, preemption, prefetch, run_options
 from prefix_jax import run_setup, sharding, training
 from prefix_jax import workdir as workdir_lib
-from prefix_jax.config_checks import ConfigError  # noqa: F401 - raised by run(); callers catch trainer.ConfigError
+from prefix_jax.config_checks import ConfigError
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_init
 from prefix_jax.generate import make_generate_fn
@@ -134,22 +134,23 @@ def find_resume(plan: RunPlan, tx: Any, meta: dict) -> Resume | None:
     return Resume(step, state, corrupt, max(saved.steps))
 
 
-def fresh_state(plan: RunPlan, tx: Any, fit_to_words: bool = True) -> training.TrainState:
+def fresh_state(plan: RunPlan, tx: Any, *, fit_to_words: bool = True) -> training.TrainState:
     """A new train state from `train.seed`: random prefix (with `fit_to_words`, fitted to the LM's activations on
     `prefix.init_text` when `prefix.init="words"`), zero optimizer state, replicated on the mesh."""
-    spec, words = plan.spec, plan.options.prefix
+    spec, prefix_options = plan.spec, plan.options.prefix
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(plan.options.train.seed))
     params = prefix_lib.init_params(spec, init_rng)
     if fit_to_words and plan.init_ids:
         one = prefix_lib.single_task(spec)
         init = lambda p: prefix_init.init_from_text(one, p, plan.lm.model, plan.lm.params, plan.init_ids,
-                                                    words.init_fit_steps, words.init_fit_learning_rate)
+                                                    prefix_options.init_fit_steps,
+                                                    prefix_options.init_fit_learning_rate)
         if spec.tasks:
             fitted = {task: init(params[task]) for task in spec.tasks}
             params, report = {t: f[0] for t, f in fitted.items()}, {t: f[1] for t, f in fitted.items()}
         else:
             params, report = init(params)
-        log.info("prefix initialised from %r: %s", words.init_text, report)
+        log.info("prefix initialised from %r: %s", prefix_options.init_text, report)
     return sharding.replicate(training.init_state(params, tx, state_rng), plan.mesh)
 
 
@@ -167,7 +168,7 @@ def run(config: Any) -> dict:
     run_setup.start_processes(options.mesh)  # before anything touches a device, the tiny builder included
     run_setup.prepare_offline_demo(options.model)
     plan = run_setup.build(options)
-    c, spec = plan.options, plan.spec
+    c, spec = plan.options, plan.spec  # c: the config's groups, typed (run_options)
     is_main = jax.process_index() == 0
 
     # The optimizer needs only the tree's paths and shapes.
@@ -211,7 +212,7 @@ def run(config: Any) -> dict:
 def _loop(plan: RunPlan, state: training.TrainState, tx: Any, schedule: Any, meta: dict, mngr: Any,
           writer: MetricsWriter, lock: workdir_lib.WorkdirLock | None) -> dict:
     """Steps, logs, evaluations, checkpoints and the export of one run, from `state` on."""
-    c, spec, mesh = plan.options, plan.spec, plan.mesh
+    c, spec, mesh = plan.options, plan.spec, plan.mesh  # c: the config's groups, typed (run_options)
     is_main = jax.process_index() == 0
     # The LM is already on the mesh (sharded_load); the step takes it with its own shardings.
     lm_params = plan.lm.params
