@@ -25,12 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
+from prefix_jax.models import common, encoder_decoder
+from prefix_jax.models.attention import MultiHeadAttention
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
-
-Batch = Mapping[str, jax.Array]
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
 
 POSITION_OFFSET = 2  # HF/fairseq BART: position p is row p + 2 of the position table
 
@@ -165,7 +163,7 @@ class BartBlock(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, memory, cross_mask):
+    def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
         cfg = self.config
         det = self.deterministic
         heads = cfg.decoder_attention_heads if self.is_decoder else cfg.encoder_attention_heads
@@ -177,17 +175,14 @@ class BartBlock(nn.Module):
         dropout = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=det)
 
         h, self_cache = attention("self_attention")(
-            x_BxQxD, None, self_mask, None, prefix_self, None if cache is None else cache["self"], det)
+            x_BxQxD, None, self_mask, self_bias, prefix_self, None if cache is None else cache["self"], det)
         x_BxQxD = layer_norm(cfg, "self_attention_norm")(x_BxQxD + dropout(h))
         new_cache = None if cache is None else {"self": self_cache}
         if self.is_decoder:
-            cross = attention("cross_attention")
+            h, cross_kv = encoder_decoder.attend_to_encoder(attention("cross_attention"), x_BxQxD, memory, cross_mask,
+                                                            prefix_cross, cache, det)
             if cache is not None:
-                if "cross" not in cache:  # first decoding call: project the encoder output once
-                    cache = {**cache, "cross": cross.project_kv(memory)}
-                memory = cache["cross"]
-                new_cache["cross"] = memory
-            h, _ = cross(x_BxQxD, memory, cross_mask, None, prefix_cross, None, det)
+                new_cache["cross"] = cross_kv
             x_BxQxD = layer_norm(cfg, "cross_attention_norm")(x_BxQxD + dropout(h))
         act = common.activation(cfg.activation_function, "activation_function")
         mlp_input = checkpoint_name(x_BxQxD, "mlp_input")  # saved by remat policy "minimal"
@@ -198,54 +193,27 @@ class BartBlock(nn.Module):
         return x_BxQxD, new_cache
 
 
-class BartStack(nn.Module):
+class BartStack(encoder_decoder.Stack):
     """Encoder or decoder: learned positions, `layernorm_embedding`, scanned layers."""
 
-    config: Config
-    is_decoder: bool
+    block = BartBlock
 
-    @nn.compact
-    def __call__(
-        self,
-        x_BxQxD: jax.Array,
-        positions_BxQ: jax.Array,
-        key_valid_BxC: jax.Array,
-        prefix: KV | None,
-        deterministic: bool,
-        query_offset: jax.Array | int = 0,
-        memory: jax.Array | None = None,
-        memory_valid: jax.Array | None = None,
-        cross_prefix: KV | None = None,
-        cache: dict | None = None,
-    ) -> tuple[jax.Array, dict | None]:
+    @property
+    def num_layers(self) -> int:
+        return self.config.decoder_layers if self.is_decoder else self.config.encoder_layers
+
+    def embed_positions(self, x_BxQxD, query_positions_BxQ, key_positions_BxC, prefix_len, deterministic):
+        """Each token's learned position embedding added to it; no bias (absolute positions need no keys')."""
         cfg = self.config
-        num_queries = x_BxQxD.shape[1]
         table = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.d_model, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),
                          name="embed_positions")
-        x = layer_norm(cfg, "layernorm_embedding")(x_BxQxD + table(positions_BxQ + POSITION_OFFSET))
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-
-        prefix_len = 0 if prefix is None else prefix.key.shape[-2]
-        self_mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=self.is_decoder,
-                                         query_offset=query_offset)
-        cross_mask = None
-        if self.is_decoder:
-            cross_len = 0 if cross_prefix is None else cross_prefix.key.shape[-2]
-            cross_mask = masks.attention_mask(memory_valid, num_queries, cross_len)
-        layers = common.stack_layers(
-            BartBlock, cfg.decoder_layers if self.is_decoder else cfg.encoder_layers, cfg.remat,
-            in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
-        )(cfg, self.is_decoder, deterministic, name="layers")
-        return layers(x, prefix, cross_prefix, cache, self_mask, memory, cross_mask)
+        x = layer_norm(cfg, "layernorm_embedding")(x_BxQxD + table(query_positions_BxQ + POSITION_OFFSET))
+        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic), None
 
 
-class Model(common.DecoderCache, nn.Module):
-    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
-
-    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
-    `prefix`: a `Prefix` (K/V for any of ENCODER, DECODER, CROSS; or `prompt_embeds`).
-    """
+class Model(encoder_decoder.EncoderDecoder):
+    """BART in the encoder-decoder shell (`encoder_decoder.EncoderDecoder`: batch, prefix and methods)."""
 
     config: Config
 
@@ -262,46 +230,9 @@ class Model(common.DecoderCache, nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.shared(ids) * jnp.asarray(self.config.embed_scale, self.config.dtype)
 
-    def _text_positions(self, prefix: Prefix, stack: str, text_len: int) -> TextPositions:
-        """`Config.text_positions` for a stack's self-attention prefix; fails past the position table."""
-        kv = prefix.kv.get(stack)  # the prompt, if any, is already counted in text_len
-        where = self.config.text_positions(stack, text_len, prefix.length(stack), before_tokens=tokens_after_prefix(kv))
-        limit = self.config.max_position_embeddings
-        if where.needed > limit:
-            raise ValueError(f"the BART {stack} needs {where.needed} positions (prefix + text) but has {limit}: "
-                             "shorten the prefix or the text.")
-        return where
-
-    def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
-        """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
-        x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
-        kv = prefix.kv.get(ENCODER)
-        positions = masks.token_positions(source_mask, self._text_positions(prefix, ENCODER, x.shape[1]).source_offset)
-        encoded, _ = self.encoder(x, positions, source_mask, kv, deterministic)
-        return encoded, source_mask
-
-    def decode(self, encoded, encoded_mask, decoder_ids, decoder_mask, prefix: Prefix = NO_PREFIX,
-               deterministic=True, cache=None):
-        """Logits `[B, T, V]` for decoder inputs. With `cache`, `decoder_mask` covers the cache slots."""
-        x = self.embed(decoder_ids)
-        kv = prefix.kv.get(DECODER)
-        shift = self._text_positions(prefix, DECODER, decoder_mask.shape[1]).target_offset
-        if cache is None:
-            positions = masks.token_positions(decoder_mask, shift)
-            offset = 0
-        else:  # decoding: the decoder input has no padding; slot == position
-            offset = cache["self"]["index"][0]
-            batch, num_queries = decoder_ids.shape
-            slots = offset + jnp.arange(num_queries, dtype=jnp.int32)
-            positions = jnp.broadcast_to(jnp.asarray(shift)[..., None] + slots, (batch, num_queries))
-        h, cache = self.decoder(x, positions, decoder_mask, kv, deterministic, offset, encoded, encoded_mask,
-                                prefix.kv.get(CROSS), cache)
-        logits = self.shared.attend(h)  # the LM head is tied to the token embedding
-        return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32), cache
-
-    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
-        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
-        return common.teacher_forced_logits(self, batch, prefix, deterministic)
+    def head(self, h_BxQxD: jax.Array) -> jax.Array:
+        """Float32 logits of the head tied to the token embedding, plus `final_logits_bias`."""
+        return self.shared.attend(h_BxQxD).astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
 
 
 # Our sub-layer names -> HF's (attention, its layer norm). The FFN's norm is HF's `final_layer_norm`.
