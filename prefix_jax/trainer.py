@@ -398,8 +398,9 @@ def _loop(setup: Setup, state: training.TrainState, tx: Any, schedule: Any, meta
     step_fn = training.jit_train_step(setup.lm.model, spec, tx, schedule, c.train.label_smoothing,
                                       state_sharding=replicated, lm_sharding=lm_sharding,
                                       batch_sharding=batch_sharding, grad_accum_steps=c.train.grad_accum_steps,
-                                      shard_prefix=shard_prefix)
-    eval_fn = training.jit_eval_step(setup.lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix)
+                                      shard_prefix=shard_prefix, loss_chunk_tokens=c.train.loss_chunk_tokens)
+    eval_fn = training.jit_eval_step(setup.lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix,
+                                     loss_chunk_tokens=c.train.loss_chunk_tokens)
     generate_fn = None
     if c.eval.generate:
         generate_fn = make_generate_fn(setup.lm.model, GenerationConfig.from_config(c.generate))

@@ -84,23 +84,14 @@ class Config:
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
         """From a `transformers` BartConfig (the tensor names are not needed: BART's layout does not vary)."""
-        for field, bad, meaning in _UNSUPPORTED:
-            if getattr(hf, field, None) is bad:
-                raise ValueError(f"BART config has {field}={bad} ({meaning}), which is not supported.")
+        common.reject_unsupported(hf, _UNSUPPORTED, "BART")
         if getattr(hf, "extra_pos_embeddings", POSITION_OFFSET) != POSITION_OFFSET:
             raise ValueError(f"BART config has extra_pos_embeddings={hf.extra_pos_embeddings}; only "
                              f"{POSITION_OFFSET} (HF's position offset) is supported.")
         fields = dict(
-            vocab_size=hf.vocab_size,
-            d_model=hf.d_model,
-            encoder_layers=hf.encoder_layers,
-            decoder_layers=hf.decoder_layers,
-            encoder_attention_heads=hf.encoder_attention_heads,
-            decoder_attention_heads=hf.decoder_attention_heads,
-            encoder_ffn_dim=hf.encoder_ffn_dim,
-            decoder_ffn_dim=hf.decoder_ffn_dim,
-            max_position_embeddings=hf.max_position_embeddings,
-            activation_function=hf.activation_function,
+            **common.same_named(hf, "vocab_size", "d_model", "encoder_layers", "decoder_layers",
+                                "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim",
+                                "decoder_ffn_dim", "max_position_embeddings", "activation_function"),
             scale_embedding=bool(hf.scale_embedding),
             dropout=float(hf.dropout),
             attention_dropout=float(hf.attention_dropout),
@@ -155,12 +146,8 @@ def layer_norm(cfg: Config, name: str) -> nn.LayerNorm:
                         use_fast_variance=False, name=name)
 
 
-class BartBlock(nn.Module):
-    """One post-LN encoder or decoder layer; scanned over layers by `BartStack`."""
-
-    config: Config
-    is_decoder: bool
-    deterministic: bool
+class BartBlock(encoder_decoder.Block):
+    """One post-LN encoder or decoder layer."""
 
     @nn.compact
     def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
@@ -179,10 +166,8 @@ class BartBlock(nn.Module):
         x_BxQxD = layer_norm(cfg, "self_attention_norm")(x_BxQxD + dropout(h))
         new_cache = None if cache is None else {"self": self_cache}
         if self.is_decoder:
-            h, cross_kv = encoder_decoder.attend_to_encoder(attention("cross_attention"), x_BxQxD, memory, cross_mask,
-                                                            prefix_cross, cache, det)
-            if cache is not None:
-                new_cache["cross"] = cross_kv
+            h, new_cache = encoder_decoder.attend_to_encoder(attention("cross_attention"), x_BxQxD, memory, cross_mask,
+                                                             prefix_cross, cache, new_cache, det)
             x_BxQxD = layer_norm(cfg, "cross_attention_norm")(x_BxQxD + dropout(h))
         act = common.activation(cfg.activation_function, "activation_function")
         mlp_input = checkpoint_name(x_BxQxD, "mlp_input")  # saved by remat policy "minimal"
@@ -198,10 +183,6 @@ class BartStack(encoder_decoder.Stack):
 
     block = BartBlock
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.decoder_layers if self.is_decoder else self.config.encoder_layers
-
     def embed_positions(self, x_BxQxD, query_positions_BxQ, key_positions_BxC, prefix_len, deterministic):
         """Each token's learned position embedding added to it; no bias (absolute positions need no keys')."""
         cfg = self.config
@@ -216,14 +197,12 @@ class Model(encoder_decoder.EncoderDecoder):
     """BART in the encoder-decoder shell (`encoder_decoder.EncoderDecoder`: batch, prefix and methods)."""
 
     config: Config
+    stack_type = BartStack
+    embedding_std = 0.02  # HF's init_std
 
     def setup(self) -> None:
+        super().setup()
         cfg = self.config
-        # HF's init (std init_std=0.02): only used to build random tiny checkpoints; real weights are loaded.
-        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                               embedding_init=nn.initializers.normal(0.02), name="shared")
-        self.encoder = BartStack(cfg, is_decoder=False, name="encoder")
-        self.decoder = BartStack(cfg, is_decoder=True, name="decoder")
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (cfg.vocab_size,),
                                             cfg.param_dtype)
 

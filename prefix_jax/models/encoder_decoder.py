@@ -41,37 +41,48 @@ def stack_masks(key_valid_BxC: jax.Array, num_queries: int, prefix: KV | None, i
 
 
 def attend_to_encoder(cross: MultiHeadAttention, x_BxQxD: jax.Array, memory_BxSxD: jax.Array,
-                      cross_mask: jax.Array, prefix: KV | None, cache: dict | None,
-                      deterministic: bool) -> tuple[jax.Array, KV | None]:
-    """Cross-attention over the encoder output; returns the output and, when decoding, the encoder's K/V.
+                      cross_mask: jax.Array, prefix: KV | None, cache: dict | None, new_cache: dict | None,
+                      deterministic: bool) -> tuple[jax.Array, dict | None]:
+    """Cross-attention over the encoder output, and `new_cache` with the encoder's K/V when decoding.
 
     When decoding (`cache` given), the encoder output is projected to K/V on the first call only and
-    read from `cache["cross"]` afterwards; the caller stores the returned K/V there.
+    read from `cache["cross"]` afterwards.
     """
     if cache is None:
         h, _ = cross(x_BxQxD, memory_BxSxD, cross_mask, None, prefix, None, deterministic)
-        return h, None
+        return h, new_cache
     memory = cache["cross"] if "cross" in cache else cross.project_kv(memory_BxSxD)
     h, _ = cross(x_BxQxD, memory, cross_mask, None, prefix, None, deterministic)
-    return h, memory
+    return h, {**new_cache, "cross": memory}
+
+
+class Block(nn.Module):
+    """One encoder or decoder layer, scanned over layers by `Stack`.
+
+    `__call__(x_BxQxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask)` returns
+    `(x_BxQxD, cache)`; the prefixes and the cache are this layer's slices, the rest is shared by all layers.
+    """
+
+    config: Any
+    is_decoder: bool
+    deterministic: bool
 
 
 class Stack(nn.Module):
     """An encoder or decoder: embedded tokens in, final hidden states (and the decoding cache) out.
 
-    A subclass sets `block` (the layer; `__call__(x, prefix_self, prefix_cross, cache, self_mask, self_bias,
-    memory, cross_mask) -> (x, cache)`, scanned over layers as `layers`) and implements `num_layers`,
+    A subclass sets `block` (a `Block`, scanned over the stack's layers as `layers`) and implements
     `embed_positions` (positions into the input, or a position bias for every layer) and `output`.
     """
 
     config: Any
     is_decoder: bool
 
-    block: ClassVar[type[nn.Module]]
+    block: ClassVar[type[Block]]
 
     @property
     def num_layers(self) -> int:
-        raise NotImplementedError
+        return self.config.prefix_geometry()[DECODER if self.is_decoder else ENCODER].num_layers
 
     def embed_positions(self, x_BxQxD: jax.Array, query_positions_BxQ: jax.Array, key_positions_BxC: jax.Array,
                         prefix_len: int, deterministic: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -105,7 +116,18 @@ class EncoderDecoder(common.DecoderCache, nn.Module):
 
     `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
     `prefix`: a `Prefix` (K/V for any of ENCODER, DECODER, CROSS; or `prompt_embeds`).
+    A subclass sets `stack_type` and `embedding_std` and may add params (a head) in its own `setup`.
     """
+
+    stack_type: ClassVar[type[Stack]]
+    embedding_std: ClassVar[float]  # HF's init of the token embedding: only for random tiny checkpoints
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                               embedding_init=nn.initializers.normal(self.embedding_std), name="shared")
+        self.encoder = self.stack_type(cfg, is_decoder=False, name="encoder")
+        self.decoder = self.stack_type(cfg, is_decoder=True, name="decoder")
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """Token embeddings `[..., D]` as the stacks take them."""

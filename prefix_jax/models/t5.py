@@ -156,12 +156,8 @@ class FeedForward(nn.Module):
         return dense(cfg.d_model, "wo")(h)
 
 
-class T5Block(nn.Module):
-    """One encoder or decoder layer; scanned over layers by `T5Stack`."""
-
-    config: Config
-    is_decoder: bool
-    deterministic: bool
+class T5Block(encoder_decoder.Block):
+    """One pre-norm encoder or decoder layer."""
 
     @nn.compact
     def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
@@ -179,11 +175,9 @@ class T5Block(nn.Module):
         x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
         new_cache = None if cache is None else {"self": self_cache}
         if self.is_decoder:
-            h, cross_kv = encoder_decoder.attend_to_encoder(
+            h, new_cache = encoder_decoder.attend_to_encoder(
                 attention("cross_attention"), norm("cross_attention_norm")(x_BxQxD), memory, cross_mask, prefix_cross,
-                cache, det)
-            if cache is not None:
-                new_cache["cross"] = cross_kv
+                cache, new_cache, det)
             x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
         h = FeedForward(cfg, det, name="ffn")(checkpoint_name(norm("ffn_norm")(x_BxQxD), "mlp_input"))
         x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
@@ -194,10 +188,6 @@ class T5Stack(encoder_decoder.Stack):
     """Encoder or decoder: relative-position bias, scanned layers, final norm."""
 
     block = T5Block
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_decoder_layers if self.is_decoder else self.config.num_encoder_layers
 
     def embed_positions(self, x_BxQxD, query_positions_BxQ, key_positions_BxC, prefix_len, deterministic):
         """T5 adds no positions to the input: every layer adds the same relative-position bias."""
@@ -224,14 +214,12 @@ class Model(encoder_decoder.EncoderDecoder):
     """T5 in the encoder-decoder shell (`encoder_decoder.EncoderDecoder`: batch, prefix and methods)."""
 
     config: Config
+    stack_type = T5Stack
+    embedding_std = 1.0
 
     def setup(self) -> None:
+        super().setup()
         cfg = self.config
-        # HF's init (std 1): only used to build random tiny checkpoints; real weights are loaded.
-        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                               embedding_init=nn.initializers.normal(1.0), name="shared")
-        self.encoder = T5Stack(cfg, is_decoder=False, name="encoder")
-        self.decoder = T5Stack(cfg, is_decoder=True, name="decoder")
         if not cfg.tied_lm_head:
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     name="lm_head")
@@ -246,6 +234,12 @@ class Model(encoder_decoder.EncoderDecoder):
             h_BxQxD = h_BxQxD * (cfg.d_model**-0.5)
         logits = self.shared.attend(h_BxQxD) if cfg.tied_lm_head else self.lm_head(h_BxQxD)
         return logits.astype(jnp.float32)
+
+
+# Per stack, its blocks' sub-layers in HF's order (`{stack}.block.{i}.layer.{j}`): (our name, HF's module).
+_SUBLAYERS = {"encoder": (("self_attention", "SelfAttention"), ("ffn", "DenseReluDense")),
+              "decoder": (("self_attention", "SelfAttention"), ("cross_attention", "EncDecAttention"),
+                          ("ffn", "DenseReluDense"))}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
@@ -265,38 +259,26 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
         names = ("wi_0", "wi_1", "wo") if cfg.is_gated_act else ("wi", "wo")
         return {n: {"kernel": common.dense_kernel(t(f"{prefix}.DenseReluDense.{n}.weight"))} for n in names}
 
-    def encoder_layer(i: int) -> dict:
-        p = f"encoder.block.{i}.layer"
-        return {
-            "self_attention": attention(f"{p}.0.SelfAttention"),
-            "self_attention_norm": {"scale": t(f"{p}.0.layer_norm.weight")},
-            "ffn": ffn(f"{p}.1"),
-            "ffn_norm": {"scale": t(f"{p}.1.layer_norm.weight")},
-        }
-
-    def decoder_layer(i: int) -> dict:
-        p = f"decoder.block.{i}.layer"
-        return {
-            "self_attention": attention(f"{p}.0.SelfAttention"),
-            "self_attention_norm": {"scale": t(f"{p}.0.layer_norm.weight")},
-            "cross_attention": attention(f"{p}.1.EncDecAttention"),
-            "cross_attention_norm": {"scale": t(f"{p}.1.layer_norm.weight")},
-            "ffn": ffn(f"{p}.2"),
-            "ffn_norm": {"scale": t(f"{p}.2.layer_norm.weight")},
-        }
+    def layer(stack: str, i: int) -> dict:
+        out = {}
+        for j, (ours, module) in enumerate(_SUBLAYERS[stack]):
+            p = f"{stack}.block.{i}.layer.{j}"
+            out[ours] = ffn(p) if ours == "ffn" else attention(f"{p}.{module}")
+            out[f"{ours}_norm"] = {"scale": t(f"{p}.layer_norm.weight")}
+        return out
 
     params = {
         "shared": {"embedding": t("shared.weight")},
         "encoder": {
             "relative_attention_bias": {
                 "embedding": t("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
-            "layers": common.stacked(cfg.num_encoder_layers, encoder_layer),
+            "layers": common.stacked(cfg.num_encoder_layers, lambda i: layer("encoder", i)),
             "final_norm": {"scale": t("encoder.final_layer_norm.weight")},
         },
         "decoder": {
             "relative_attention_bias": {
                 "embedding": t("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
-            "layers": common.stacked(cfg.num_decoder_layers, decoder_layer),
+            "layers": common.stacked(cfg.num_decoder_layers, lambda i: layer("decoder", i)),
             "final_norm": {"scale": t("decoder.final_layer_norm.weight")},
         },
     }
@@ -311,10 +293,10 @@ def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
 
     H, K, D = cfg.num_heads, cfg.d_kv, cfg.d_model
 
-    def stack(name: str, num_layers: int, sublayers: tuple[tuple[str, str], ...]) -> dict:
+    def stack(name: str, num_layers: int) -> dict:
         layer = f"{name}.block.{{i}}.layer"
         out: dict = {}
-        for j, (ours, module) in enumerate(sublayers):
+        for j, (ours, module) in enumerate(_SUBLAYERS[name]):
             if ours == "ffn":
                 wis = ("wi_0", "wi_1") if cfg.is_gated_act else ("wi",)
                 out["ffn"] = {w: {"kernel": sl.layers(num_layers, f"{layer}.{j}.DenseReluDense.{w}.weight", (D,),
@@ -333,9 +315,8 @@ def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
 
     params = {
         "shared": {"embedding": sl.tensor("shared.weight", (cfg.vocab_size,), (D,))},
-        "encoder": stack("encoder", cfg.num_encoder_layers, (("self_attention", "SelfAttention"), ("ffn", ""))),
-        "decoder": stack("decoder", cfg.num_decoder_layers, (("self_attention", "SelfAttention"),
-                                                              ("cross_attention", "EncDecAttention"), ("ffn", ""))),
+        "encoder": stack("encoder", cfg.num_encoder_layers),
+        "decoder": stack("decoder", cfg.num_decoder_layers),
     }
     if not cfg.tied_lm_head:
         params["lm_head"] = {"kernel": sl.tensor("lm_head.weight", (D,), (cfg.vocab_size,), transpose=True)}
@@ -355,15 +336,13 @@ def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray
 
     for stack, num_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
         layers = p[stack]["layers"]
-        names = ["self_attention", "cross_attention", "ffn"] if stack == "decoder" else ["self_attention", "ffn"]
         for i in range(num_layers):
-            for j, name in enumerate(names):
+            for j, (name, module) in enumerate(_SUBLAYERS[stack]):
                 base = f"{stack}.block.{i}.layer.{j}"
                 if name == "ffn":
                     for w, kernel in layers["ffn"].items():
                         out[f"{base}.DenseReluDense.{w}.weight"] = kernel["kernel"][i].T
                 else:
-                    module = "SelfAttention" if name == "self_attention" else "EncDecAttention"
                     attention(f"{base}.{module}", layers[name], i)
                 out[f"{base}.layer_norm.weight"] = layers[f"{name}_norm"]["scale"][i]
         out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
