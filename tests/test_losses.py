@@ -115,7 +115,9 @@ def _bart():
 
 
 def _gpt2():
-    hf = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=D, n_layer=1, n_head=4)
+    # Token ids inside the vocabulary: the separator (bos) starts the target side.
+    hf = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=D, n_layer=1, n_head=4, bos_token_id=1,
+                                 eos_token_id=2)
     return gpt2.Config.from_hf(hf, set()), gpt2.Model, "transformer"
 
 
@@ -162,6 +164,7 @@ def test_lm_head_for_reproduces_each_models_loss(name):
     ref_total, _ = training.token_cross_entropy(logits, batch["target_ids"], batch["target_mask"], 0.1)
     head = losses.lm_head_for(config, params)
     total, _ = losses.chunked_token_cross_entropy(h, head, batch["target_ids"], batch["target_mask"], 0.1, 3)
+    assert np.isfinite(float(ref_total))
     np.testing.assert_allclose(total, ref_total, rtol=1e-6)
 
 
