@@ -4,12 +4,11 @@ What differs between the two lives in their own modules: the blocks (pre-LN with
 stacks (T5's relative position bias and final norm; BART's learned positions and `layernorm_embedding`),
 `embed` (BART's `scale_embedding`) and `head` (T5's output scale and untied head; BART's `final_logits_bias`).
 
-A model subclasses `EncoderDecoder`, declares `config`, builds `shared`, `encoder` and `decoder` in `setup`
-(the names are part of the param tree), and implements `embed` and `head`. Its stacks take
-`(x_BxQxD, query_positions_BxQ, key_positions_BxC, key_valid_BxC, prefix, deterministic, query_offset,
-memory, memory_valid, cross_prefix, cache)` and return `(hidden states after the final norm, cache)`.
-Positions come from `Config.text_positions` (the one owner of where text sits after a prefix): a stack with
-absolute positions reads the queries' positions, one with relative positions both.
+A model subclasses `EncoderDecoder` (declaring `config`, `stack_type`, `embedding_std`; `embed`, `head`),
+its stacks subclass `Stack` (`block`, `embed_positions`, `output`) and its layers `Block`. The shell builds
+`shared`, `encoder` and `decoder` (names that are part of the param tree); the model's own `setup` adds its
+head's params. Positions come from `Config.text_positions` (the one owner of where text sits after a
+prefix): a stack with absolute positions reads the queries' positions, one with relative positions both.
 """
 
 from __future__ import annotations
