@@ -228,7 +228,8 @@ def _f32_logits_buffers(hlo_text: str, rows: int, length: int, vocab: int) -> in
 def test_chunked_train_step_holds_no_full_logits():
     """The jitted step's compiled HLO: the logits path names f32[B, T, V]; the chunked path only [chunk, V]."""
     vocab, rows, target_len, chunk = 4099, 4, 6, 8  # a vocabulary size no other dimension has
-    hf = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=D, n_layer=1, n_head=4)
+    hf = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=D, n_layer=1, n_head=4, bos_token_id=1,
+                                 eos_token_id=2)
     model = gpt2.Model(gpt2.Config.from_hf(hf, set()))
     rng = np.random.default_rng(0)
     batch = {"source_ids": jnp.asarray(rng.integers(3, vocab, (rows, 5)), jnp.int32),
