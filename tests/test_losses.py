@@ -252,3 +252,16 @@ def test_chunked_train_step_holds_no_full_logits():
     chunked = compiled_hlo(chunk)
     assert _f32_logits_buffers(chunked, rows, target_len, vocab) == 0
     assert re.search(rf"f32\[{chunk},{vocab}\]", chunked)  # one chunk's logits at a time
+
+
+@pytest.mark.parametrize("value", [-1, True])  # (ml_collections refuses a float for an int field itself)
+def test_loss_chunk_tokens_is_validated_with_a_one_line_error(value):
+    from configs import gpt2_e2e_offline
+    from prefix_jax import config_checks
+
+    config = gpt2_e2e_offline.get_config()
+    config.train.loss_chunk_tokens = 0
+    config_checks.check(config)  # the default (off) is valid
+    config.train.loss_chunk_tokens = value
+    with pytest.raises(config_checks.ConfigError, match=r"^train\.loss_chunk_tokens=[^\n]+$"):
+        config_checks.check(config)
