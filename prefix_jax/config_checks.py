@@ -57,6 +57,8 @@ _RULES: tuple[Rule, ...] = (
     ("train.stop_at", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: run every step)"),
     ("train.seed", lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     ("train.label_smoothing", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("train.loss_chunk_tokens", lambda v: _is_int(v) and v >= 0,
+     "an integer >= 0 (target tokens per chunk of the loss; 0: off)"),
     ("train.log_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("train.eval_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
     ("train.save_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),

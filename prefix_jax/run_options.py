@@ -79,6 +79,7 @@ class TrainOptions:
     stop_at: int  # 0: run every step
     seed: int
     label_smoothing: float
+    loss_chunk_tokens: int  # 0: full logits
     log_every: int
     eval_every: int  # 0: only at the end
     save_every: int

@@ -222,8 +222,9 @@ def _loop(plan: RunPlan, state: training.TrainState, tx: Any, schedule: Any, met
     step_fn = training.jit_train_step(plan.lm.model, spec, tx, schedule, c.train.label_smoothing,
                                       state_sharding=replicated, lm_sharding=lm_sharding,
                                       batch_sharding=batch_sharding, grad_accum_steps=c.train.grad_accum_steps,
-                                      shard_prefix=shard_prefix)
-    eval_fn = training.jit_eval_step(plan.lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix)
+                                      shard_prefix=shard_prefix, loss_chunk_tokens=c.train.loss_chunk_tokens)
+    eval_fn = training.jit_eval_step(plan.lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix,
+                                     loss_chunk_tokens=c.train.loss_chunk_tokens)
     generate_fn = make_generate_fn(plan.lm.model, c.generate) if c.eval.generate else None
     if is_main:
         log.info("trainable parameters: %d (LM: %d, frozen)", prefix_lib.num_params(state.params),
