@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from prefix_jax.models import masks
-from prefix_jax.models.attention import KV, attend, prepend_prefix
-from prefix_jax.models.split_attention import attend_with_prefix
+from prefix_jax.models.attention import KV, attend
 
 B, Q, S, P, H, K = 3, 5, 6, 4, 2, 8
 
@@ -27,13 +26,16 @@ def case(seed: int = 0, per_row_prefix: bool = False):
     return q, k, v, prefix, mask, bias
 
 
+def attend_with_prefix(q, k, v, prefix, mask, bias, scale):
+    """The models' path: the prefix as its own block of keys."""
+    return attend(q, k, v, mask, bias, scale, prefix=prefix)
+
+
 def concatenating(q, k, v, prefix, mask, bias, scale):
-    """The models' path; a per-row prefix is concatenated row by row."""
-    if prefix is not None and prefix.key.ndim == 4:
-        swap = lambda x: jnp.swapaxes(x, 1, 2)
-        k, v = jnp.concatenate([swap(prefix.key), k], 1), jnp.concatenate([swap(prefix.value), v], 1)
-    else:
-        k, v = prepend_prefix(prefix, k, v)
+    """The reference: the prefix broadcast to every row (a per-row prefix row by row) and concatenated in front."""
+    if prefix is not None:
+        rows = lambda p: jnp.swapaxes(jnp.broadcast_to(p, (B, *p.shape[-3:])), 1, 2)
+        k, v = jnp.concatenate([rows(prefix.key), k], 1), jnp.concatenate([rows(prefix.value), v], 1)
     return attend(q, k, v, mask, bias, scale)
 
 
