@@ -1,0 +1,201 @@
+"""The trainer loop's overhead: steps/s of `trainer.run` vs the same jitted step called back-to-back.
+
+  python benchmarks/loop_overhead.py                 # tiny GPT-2 and T5 (prefix_jax.tiny: d64, 2 layers)
+  python benchmarks/loop_overhead.py --shapes small  # GPT-2 d256 x 4 layers and T5 d256 2+2 (random, 50k vocab)
+
+Both sides run the offline demo configs (configs/gpt2_e2e_offline.py, configs/t5_offline.py: bundled E2E
+data; by default batch 8, 32 + 32 tokens) on a random checkpoint built in a temporary directory (never in the repo's
+artifacts/). Per repetition, alternating:
+- loop: `trainer.run` for `--steps` steps with logging every `--log-every` and an Orbax save every
+  `--save-every` steps (no evaluation, no export). Its steps/s is what the loop itself logs (`steps_per_sec`
+  in metrics.jsonl: wall time between two logs, saves included) over every log window but the first (which
+  holds the compile).
+- raw: the same jitted step (same model, prefix, optimizer, shardings, donation) called back-to-back on the
+  same batches, already on the device, blocking once at the end; the first call (compile) is not timed.
+The table gives the medians over repetitions and loop/raw; the target is the loop within 5% of the raw step.
+Writes benchmarks/results/loop_overhead.<shapes>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import _common as c
+
+SHAPES = {
+    "tiny": {"gpt2": None, "t5": None},  # prefix_jax.tiny's checkpoints as they are
+    # Only the model's dimensions are used (batch and lengths come from the arguments).
+    "small": {"gpt2": c.Shape("gpt2", layers=4, batch=0, source=0, target=0, prefix=5, d_model=256, vocab=50257),
+              "t5": c.Shape("t5", layers=2, batch=0, source=0, target=0, prefix=8, d_model=256, vocab=50258)},
+}
+CONFIGS = {"gpt2": "configs.gpt2_e2e_offline", "t5": "configs.t5_offline"}
+
+
+def make_checkpoint(arch: str, shape: c.Shape | None, root: Path) -> tuple[str, str]:
+    """(model directory, tokenizer directory) of a random checkpoint built under `root`."""
+    from prefix_jax import tiny
+
+    tiny_dir = tiny.build_tiny_checkpoint(root / f"tiny-{arch}", arch)
+    if shape is None:
+        return str(tiny_dir), str(tiny_dir)
+    model_dir = root / f"{arch}-{shape.d_model}x{shape.layers}"
+    c.save_random_checkpoint(shape, str(model_dir))
+    return str(model_dir), str(tiny_dir)  # the tiny directory holds the bundled tokenizer (vocab sizes match)
+
+
+def run_config(arch: str, model_dir: str, tokenizer_dir: str, workdir: str, args: argparse.Namespace):
+    import importlib
+
+    config = importlib.import_module(CONFIGS[arch]).get_config()
+    config.model.name_or_path = model_dir
+    config.model.tokenizer = tokenizer_dir
+    config.model.create_tiny = ""
+    config.train.workdir = workdir
+    config.train.steps = args.steps
+    config.train.batch_size = args.batch
+    config.data.max_source_length = config.data.max_target_length = args.length
+    config.train.log_every = args.log_every
+    config.train.save_every = args.save_every
+    config.train.export = False
+    config.data.eval_split = ""
+    config.eval.generate = False
+    return config
+
+
+class RawStep:
+    """The trainer's jitted step, built as `trainer._loop` builds it, fed pre-placed batches back-to-back."""
+
+    def __init__(self, config, steps: int):
+        import jax
+
+        from prefix_jax import optim, partitioning, sharding, trainer, training
+        from prefix_jax import prefix as prefix_lib
+        from prefix_jax.models import sharded_load
+
+        setup = trainer.build(config)
+        cfg, spec, mesh = setup.config, setup.spec, setup.mesh
+        shapes = jax.eval_shape(lambda key: prefix_lib.init_params(spec, key), jax.random.PRNGKey(0))
+        tx, schedule = optim.make_optimizer(
+            shapes, learning_rate=cfg.optim.learning_rate, total_steps=setup.total_steps,
+            warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1,
+            b2=cfg.optim.b2, eps=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm or None,
+            frozen=tuple(cfg.optim.frozen))
+        self.lm_params = setup.lm.params
+        self.step = training.jit_train_step(
+            setup.lm.model, spec, tx, schedule, cfg.train.label_smoothing,
+            state_sharding=sharding.replicated(mesh), lm_sharding=sharded_load.shardings_of(self.lm_params),
+            batch_sharding=sharding.batch_sharding(mesh), grad_accum_steps=cfg.train.grad_accum_steps,
+            shard_prefix=lambda prefix: partitioning.constrain_prefix(prefix, mesh))
+        self.state = trainer.fresh_state(setup, tx)
+        self.batches = [sharding.shard_batch(setup.train.train_batch(s), mesh) for s in range(steps)]
+        self.tokens_per_step = int(setup.train.train_batch(0)["target_mask"].sum())
+        self._run(self.batches[:1])  # compile
+
+    def _run(self, batches) -> None:
+        import jax
+
+        metrics = None
+        for batch in batches:
+            self.state, metrics = self.step(self.state, self.lm_params, batch)
+        jax.block_until_ready((self.state, metrics))
+
+    def save_seconds(self, directory: Path, reps: int = 3) -> tuple[float, float]:
+        """Medians of how long `checkpoint.save` of this state blocks the caller, and how long its write then
+        takes in the background (`wait_until_finished`)."""
+        from prefix_jax import checkpoint
+
+        mngr = checkpoint.manager(directory)
+        calls, waits = [], []
+        try:
+            for step in range(1, reps + 1):
+                start = time.perf_counter()
+                checkpoint.save(mngr, step, self.state, {"benchmark": True})
+                calls.append(time.perf_counter() - start)
+                mngr.wait_until_finished()
+                waits.append(time.perf_counter() - start - calls[-1])
+        finally:
+            mngr.close()
+        return statistics.median(calls), statistics.median(waits)
+
+    def steps_per_sec(self) -> float:
+        """Every batch but the first (the compile's), dispatched back-to-back, blocking once at the end."""
+        start = time.perf_counter()
+        self._run(self.batches[1:])
+        return (len(self.batches) - 1) / (time.perf_counter() - start)
+
+
+def loop_steps_per_sec(config) -> tuple[float, list[dict]]:
+    """`trainer.run(config)`; steps/s over its log windows after the first (sum of steps / sum of seconds)."""
+    from prefix_jax import trainer
+    from prefix_jax.metrics_log import read_metrics
+
+    trainer.run(config)
+    windows = [r for r in read_metrics(config.train.workdir) if "steps_per_sec" in r][1:]
+    if not windows:
+        raise SystemExit("--steps must exceed 2 x --log-every (the first log window holds the compile).")
+    seconds = sum(r["steps"] / r["steps_per_sec"] for r in windows)
+    return sum(r["steps"] for r in windows) / seconds, [{"steps": r["steps"], "steps_per_sec": r["steps_per_sec"]}
+                                                         for r in windows]
+
+
+def measure(arch: str, shape: c.Shape | None, root: Path, args: argparse.Namespace) -> dict:
+    model_dir, tokenizer_dir = make_checkpoint(arch, shape, root)
+    raw = RawStep(run_config(arch, model_dir, tokenizer_dir, str(root / f"{arch}-raw"), args), args.steps)
+    loop, fast, windows = [], [], []
+    for rep in range(args.reps):  # interleaved: loop, raw, loop, raw, ...
+        sps, rows = loop_steps_per_sec(run_config(arch, model_dir, tokenizer_dir, str(root / f"{arch}-run{rep}"),
+                                                  args))
+        loop.append(sps)
+        windows.append(rows)
+        fast.append(raw.steps_per_sec())
+        print(f"  {arch} rep {rep}: loop {sps:.1f} steps/s, raw {fast[-1]:.1f} steps/s", flush=True)
+    dims = f"d{shape.d_model} x {shape.layers} layers" if shape else "prefix_jax.tiny d64 x 2 layers"
+    describe = f"{arch} {dims}, batch {args.batch}, {args.length} src + {args.length} tgt"
+    save_call, save_wait = raw.save_seconds(root / f"{arch}-save")
+    return {"model": describe, "loop_steps_per_sec": loop, "raw_steps_per_sec": fast, "loop_windows": windows,
+            "loop_median": statistics.median(loop), "raw_median": statistics.median(fast),
+            "ratio": statistics.median(loop) / statistics.median(fast),
+            "ratios_per_rep": [a / b for a, b in zip(loop, fast)], "tokens_per_step": raw.tokens_per_step,
+            "overhead_ms_per_step": 1e3 / statistics.median(loop) - 1e3 / statistics.median(fast),
+            "save_call_s": save_call, "save_background_s": save_wait}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--models", default="gpt2,t5", help="comma-separated: gpt2, t5")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=32, help="data.max_source_length = max_target_length")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    threads = c.pin_threads(args.threads)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="loop_overhead-") as tmp:
+        for arch in args.models.split(","):
+            results.append(measure(arch, SHAPES[args.shapes][arch], Path(tmp), args))
+    rows = [[r["model"], f"{r['raw_median']:.2f}", f"{r['loop_median']:.2f}", f"{r['ratio']:.3f}",
+             " ".join(f"{x:.2f}" for x in r["ratios_per_rep"]), f"{r['overhead_ms_per_step']:.1f}",
+             f"{r['save_call_s'] * 1e3:.0f} / {r['save_background_s'] * 1e3:.0f}"] for r in results]
+    print(f"{args.steps} steps, log every {args.log_every}, save every {args.save_every}, {args.reps} reps; "
+          f"threads {threads}")
+    table = c.print_table(["model", "raw step steps/s", "trainer loop steps/s", "loop / raw (median)",
+                           "loop / raw per rep", "loop overhead ms/step", "one save: blocking / background ms"],
+                          rows)
+    c.write_json(args.json, f"loop_overhead.{args.shapes}", {"machine": c.machine(threads), "args": vars(args),
+                                                             "results": results, "table": table})
+
+
+if __name__ == "__main__":
+    main()
