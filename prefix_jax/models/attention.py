@@ -89,8 +89,10 @@ def prepend_prefix(prefix: KV | BankKV | None, k_BxCxHxK: jax.Array,
                 jnp.concatenate([row(value_BxHxPxK, v_BxCxHxK), v_BxCxHxK], axis=1))
 
     def expand(p_HxPxK: jax.Array, like: jax.Array) -> jax.Array:
-        p_PxHxK = jnp.swapaxes(p_HxPxK, 0, 1).astype(like.dtype)
-        return jnp.broadcast_to(p_PxHxK[None], (batch, *p_PxHxK.shape))
+        # Broadcast, then cast: the gradient's sum over the batch then runs in the prefix's float32, not in a
+        # bfloat16 compute dtype (XLA fuses both; no float32 [B, P, H, K] buffer is kept).
+        p_PxHxK = jnp.swapaxes(p_HxPxK, 0, 1)
+        return jnp.broadcast_to(p_PxHxK[None], (batch, *p_PxHxK.shape)).astype(like.dtype)
 
     k = jnp.concatenate([expand(prefix.key, k_BxCxHxK), k_BxCxHxK], axis=1)
     v = jnp.concatenate([expand(prefix.value, v_BxCxHxK), v_BxCxHxK], axis=1)
