@@ -225,7 +225,8 @@ def run_peft(row: Row, steps: int, allow_cpu: bool) -> dict:
     cls = {"gpt2": transformers.GPT2LMHeadModel, "t5": transformers.T5ForConditionalGeneration,
            "llama": transformers.LlamaForCausalLM}[row.arch]
     task = "SEQ_2_SEQ_LM" if row.arch == "t5" else "CAUSAL_LM"
-    model = cls(hf).to(device=device, dtype=torch.bfloat16)
+    with torch.device(device):  # random init straight on the GPU (a 1B model's CPU init alone takes long)
+        model = cls(hf).to(dtype=torch.bfloat16)
     model = get_peft_model(model, PrefixTuningConfig(task_type=task, num_virtual_tokens=row.prefix,
                                                      prefix_projection=True, encoder_hidden_size=row.mlp))
     model.train()
