@@ -4,19 +4,18 @@
   python benchmarks/loop_overhead.py --shapes small  # GPT-2 d256 x 4 layers and T5 d256 2+2 (random, 50k vocab)
 
 Both sides run the offline demo configs (configs/gpt2_e2e_offline.py, configs/t5_offline.py: bundled E2E
-data; by default batch 4, 16 + 16 tokens: a short step, where overhead shows) on a random checkpoint built in a temporary directory (never in the repo's
-artifacts/). Per repetition, alternating:
+data; by default batch 4, 16 + 16 tokens: a short step, where overhead shows) on a random checkpoint built
+in a temporary directory (never in the repo's artifacts/). Per repetition, alternating:
 - loop: `trainer.run` for `--steps` steps with logging every `--log-every` and an Orbax save every
-  `--save-every` steps (no evaluation, no export). Its steps/s is what the loop itself logs (`steps_per_sec`
-  in metrics.jsonl: wall time between two logs, saves included) over every log window but the first (which
-  holds the compile).
+  `--save-every` steps (no evaluation, no export). Timed between its log writes (right after the loop's
+  metrics sync), over every log window but the first (which holds the compile); saves fall inside windows.
 - raw: the same jitted step (same model, prefix, optimizer, shardings, donation) called back-to-back on the
-  same batches, already on the device, blocking once at the end; the first call (compile) is not timed.
-The table gives the medians over repetitions and loop/raw (wall clock), and the same ratio by this process's
-CPU time per step (XLA's threads, the prefetch thread, Orbax's writer and Python together), which other jobs
-on a shared machine disturb far less than wall time: both sides are timed over the same log windows (the raw
-step blocks every `--log-every` steps, as the loop does when it logs). The target: the loop within 5% of the
-raw step.
+  same batches, already on the device, blocking every `--log-every` steps as the loop does when it logs;
+  the first call (compile) is not timed.
+The table gives the medians over repetitions of steps/s and loop/raw (wall clock), and the same ratio by
+this process's CPU time per step (XLA's threads, the prefetch thread, Orbax's writer and Python together),
+which other jobs on a shared machine disturb far less than wall time. One save's blocking and background
+times are measured apart. The target: the loop within 5% of the raw step.
 Writes benchmarks/results/loop_overhead.<shapes>.json.
 """
 
