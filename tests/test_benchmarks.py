@@ -38,4 +38,4 @@ def test_loop_overhead_measures_both_sides(tmp_path):
     result = json.loads(out.read_text())["results"][0]
     assert result["loop_median"] > 0 and result["raw_median"] > 0
     assert len(result["loop_windows"][0]) == 2  # windows 11-20 and 21-30; the first (compile) is left out
-    assert result["save_call_s"] > 0
+    assert result["save_call_s"] > 0 and result["loop_cpu_ms_per_step"] > 0 and result["raw_cpu_ms_per_step"] > 0
