@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, prepend_prefix, write_cache
+from prefix_jax.models import common, decoder_only
+from prefix_jax.models.attention import KV, BankKV, attend, write_cache
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import DECODER, NO_PREFIX, DecoderOnlyPositions, Prefix, StackGeometry
+from prefix_jax.models.interface import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
 
-Batch = Mapping[str, jax.Array]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -44,7 +43,6 @@ _ROPE_KEYS = {
     "llama3": {"rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
                "original_max_position_embeddings"},
 }
-_MASKED_SCORE = -1e30  # finite: an all-masked (pad) query row softmaxes to uniform, not NaN
 
 # Logical axes of every param (regex fullmatched against the "/"-joined path): the sharding table's input.
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
@@ -275,30 +273,12 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def grouped_attend(q_BxQxHxK: jax.Array, k_BxMxNxK: jax.Array, v_BxMxNxK: jax.Array, mask_BxHxQxM: jax.Array,
-                   scale: float, dropout: nn.Dropout | None = None, deterministic: bool = True) -> jax.Array:
-    """Grouped-query attention: query head `h` reads K/V head `h // G`, without repeating K/V in memory.
-
-    Scores and softmax in float32. The mask's head axis has size one.
-    """
-    batch, num_queries, num_heads, head_dim = q_BxQxHxK.shape
-    num_kv = k_BxMxNxK.shape[2]
-    q_BxQxNxGxK = q_BxQxHxK.reshape(batch, num_queries, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("bqngk,bmnk->bngqm", q_BxQxNxGxK, k_BxMxNxK, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask_BxHxQxM[:, :, None], scores, _MASKED_SCORE)
-    weights_BxNxGxQxM = jax.nn.softmax(scores, axis=-1)
-    if dropout is not None:
-        weights_BxNxGxQxM = dropout(weights_BxNxGxQxM, deterministic=deterministic)
-    y = jnp.einsum("bngqm,bmnk->bqngk", weights_BxNxGxQxM.astype(v_BxMxNxK.dtype), v_BxMxNxK)
-    return y.reshape(batch, num_queries, num_heads, head_dim)
-
-
 class LlamaAttention(nn.Module):
     config: Config
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxQxD, rope, mask_BxHxQxM, prefix: KV | None, cache: dict | None):
+    def __call__(self, x_BxQxD, rope, mask_BxHxQxM, prefix: KV | BankKV | None, cache: dict | None):
         cfg = self.config
         heads = lambda n, bias, name: nn.DenseGeneral((n, cfg.head_dim), use_bias=bias, dtype=cfg.dtype,
                                                       param_dtype=cfg.param_dtype, name=name)
@@ -314,9 +294,8 @@ class LlamaAttention(nn.Module):
         self.sow("intermediates", "key_value", KV(k, v))
         if cache is not None:
             k, v, cache = write_cache(cache, k, v)
-        k, v = prepend_prefix(prefix, k, v)
         dropout = nn.Dropout(cfg.attention_dropout) if cfg.attention_dropout > 0 else None
-        y = grouped_attend(q, k, v, mask_BxHxQxM, cfg.head_dim**-0.5, dropout, self.deterministic)
+        y = attend(q, k, v, mask_BxHxQxM, None, cfg.head_dim**-0.5, dropout, self.deterministic, prefix)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, name="o_proj")
         return out(y), cache
@@ -370,8 +349,8 @@ class LlamaStack(nn.Module):
         return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x), cache
 
 
-class Model(common.DecoderCache, nn.Module):
-    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)` (batch and prefix as for GPT-2)."""
+class Model(decoder_only.DecoderOnly):
+    """A Llama-family LM in the decoder-only shell (`decoder_only.DecoderOnly`: batch, prefix and methods)."""
 
     config: Config
 
@@ -390,64 +369,25 @@ class Model(common.DecoderCache, nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
 
-    def _logits(self, h_BxQxD: jax.Array) -> jax.Array:
+    def head(self, h_BxQxD: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
             return self.embed_tokens.attend(h_BxQxD).astype(jnp.float32)
         return self.lm_head(h_BxQxD).astype(jnp.float32)
 
-    def _check_window(self, prefix_len: int, num_keys: int) -> None:
+    def stack(self) -> nn.Module:
+        return self.model
+
+    def before_tokens(self, prefix: KV | BankKV | None) -> None:
+        """Each row's tokens come after all prefix slots (a bank's shorter rows included, unlike GPT-2)."""
+        return None
+
+    def check_lengths(self, where: TextPositions | None, prefix_len: int, num_keys: int) -> None:
+        """A sliding window is not implemented: prefix and tokens must fit in it."""
         window = self.config.sliding_window
         if window is not None and prefix_len + num_keys > window:
             raise ValueError(f"prefix ({prefix_len}) + tokens ({num_keys}) = {prefix_len + num_keys} exceed the "
                              f"model's sliding_window={window}, which is not implemented; shorten the prefix, the "
                              "source or the target (data.max_source_length, data.max_target_length).")
-
-    def hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> tuple[jax.Array, int]:
-        """Final hidden states `[B, S' + T, D]` of the whole sequence and `S'`, where the target side starts."""
-        cfg = self.config
-        source_ids, source_mask = batch["source_ids"], batch["source_mask"]
-        ids = jnp.concatenate([source_ids, masks.shift_right(batch["target_ids"], cfg.separator_token_id)], axis=1)
-        valid_BxQ = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
-        x_BxQxD, valid_BxQ = common.prepend_prompt(self.embed(ids), valid_BxQ, prefix.prompt_embeds)
-        source_len = source_ids.shape[1] + (0 if prefix.prompt_embeds is None else prefix.prompt_embeds.shape[0])
-
-        kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
-        length = valid_BxQ.shape[1]
-        self._check_window(prefix_len, length)
-        # Each row's tokens come after all prefix_len slots (a bank's shorter rows included, unlike GPT-2).
-        where = cfg.text_positions(DECODER, length, prefix_len, infix=prefix.infix)
-        target_side_Q = jnp.arange(length) >= source_len
-        if prefix.infix:
-            positions = (masks.token_positions(valid_BxQ, where.source_offset)
-                         + where.target_offset * target_side_Q[None].astype(jnp.int32))
-            visible_BxQ = jnp.broadcast_to(target_side_Q[None], valid_BxQ.shape)
-        else:
-            positions = masks.token_positions(valid_BxQ, where.source_offset)
-            visible_BxQ = None
-        mask = masks.attention_mask(valid_BxQ, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxQ)
-        h, _ = self.model(x_BxQxD, positions, mask, kv, None, deterministic)
-        return h, source_len
-
-    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
-        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
-        h, source_len = self.hidden_states(batch, prefix, deterministic)
-        return self._logits(h[:, source_len:])
-
-    def decode(self, ids_BxQ: jax.Array, positions_BxQ: jax.Array, key_valid_BxC: jax.Array,
-               prefix: Prefix, cache: dict, deterministic=True, prefix_visible=True) -> tuple[jax.Array, dict]:
-        """Logits `[B, Q, V]` for `Q` new tokens written at the cache index (as `gpt2.Model.decode`)."""
-        if prefix.prompt_embeds is not None:
-            raise ValueError(f"{self.config.model_type} decode does not take prompt_embeds (embedding-only prompts); "
-                             "use __call__ / hidden_states, or a K/V prefix.")
-        batch_size, num_queries = ids_BxQ.shape
-        prefix_len = prefix.length(DECODER)
-        self._check_window(prefix_len, key_valid_BxC.shape[1])
-        visible = None if prefix_visible else jnp.zeros((batch_size, num_queries), bool)
-        mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=True,
-                                    query_offset=cache["self"]["index"][0], prefix_visible_BxQ=visible)
-        h, self_cache = self.model(self.embed(ids_BxQ), positions_BxQ, mask, prefix.kv.get(DECODER), cache["self"],
-                                    deterministic)
-        return self._logits(h), {"self": self_cache}
 
 
 # --- HF checkpoints <-> our params ---
