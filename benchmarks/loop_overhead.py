@@ -76,27 +76,28 @@ class RawStep:
     def __init__(self, config, steps: int):
         import jax
 
-        from prefix_jax import optim, partitioning, sharding, trainer, training
+        from prefix_jax import optim, partitioning, run_options, run_setup, sharding, trainer, training
         from prefix_jax import prefix as prefix_lib
         from prefix_jax.models import sharded_load
 
-        setup = trainer.build(config)
-        cfg, spec, mesh = setup.config, setup.spec, setup.mesh
+        plan = run_setup.build(run_options.from_config(config))
+        cfg, spec, mesh = plan.options, plan.spec, plan.mesh
         shapes = jax.eval_shape(lambda key: prefix_lib.init_params(spec, key), jax.random.PRNGKey(0))
         tx, schedule = optim.make_optimizer(
-            shapes, learning_rate=cfg.optim.learning_rate, total_steps=setup.total_steps,
+            shapes, learning_rate=cfg.optim.learning_rate, total_steps=plan.total_steps,
             warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1,
             b2=cfg.optim.b2, eps=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm or None,
-            frozen=tuple(cfg.optim.frozen))
-        self.lm_params = setup.lm.params
+            frozen=cfg.optim.frozen)
+        self.lm_params = plan.lm.params
         self.step = training.jit_train_step(
-            setup.lm.model, spec, tx, schedule, cfg.train.label_smoothing,
+            plan.lm.model, spec, tx, schedule, cfg.train.label_smoothing,
             state_sharding=sharding.replicated(mesh), lm_sharding=sharded_load.shardings_of(self.lm_params),
             batch_sharding=sharding.batch_sharding(mesh), grad_accum_steps=cfg.train.grad_accum_steps,
-            shard_prefix=lambda prefix: partitioning.constrain_prefix(prefix, mesh))
-        self.state = trainer.fresh_state(setup, tx)
-        self.batches = [sharding.shard_batch(setup.train.train_batch(s), mesh) for s in range(steps)]
-        self.tokens_per_step = int(setup.train.train_batch(0)["target_mask"].sum())
+            shard_prefix=lambda prefix: partitioning.constrain_prefix(prefix, mesh),
+            loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+        self.state = trainer.fresh_state(plan, tx)
+        self.batches = [sharding.shard_batch(plan.train.train_batch(s), mesh) for s in range(steps)]
+        self.tokens_per_step = int(plan.train.train_batch(0)["target_mask"].sum())
         self._run(self.batches[:1])  # compile
 
     def _run(self, batches) -> None:
