@@ -93,16 +93,19 @@ def bf16_precision_ops(jaxpr) -> list[str]:
     return found
 
 
-def _train_step(model, spec, params):
+def _train_step(model, spec, params, loss_chunk_tokens: int = 0):
     tx, schedule = optim.make_optimizer(params, learning_rate=1e-3, total_steps=10)
-    step = functools.partial(training.train_step, model=model, spec=spec, tx=tx, schedule=schedule)
+    step = functools.partial(training.train_step, model=model, spec=spec, tx=tx, schedule=schedule,
+                             loss_chunk_tokens=loss_chunk_tokens)
     return step, training.init_state(params, tx, jax.random.PRNGKey(2))
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "t5", "bart", "llama"])
-def test_bf16_step_keeps_softmax_norms_loss_and_prefix_gradient_in_float32(architecture):
+@pytest.mark.parametrize("architecture, loss_chunk_tokens",
+                         [("gpt2", 0), ("t5", 0), ("bart", 0), ("llama", 0), ("gpt2", 8), ("t5", 8)])
+def test_bf16_step_keeps_softmax_norms_loss_and_prefix_gradient_in_float32(architecture, loss_chunk_tokens):
+    """Logits loss and chunked loss (`train.loss_chunk_tokens`)."""
     model, spec, params, lm_params, batch = _setup(architecture, "bfloat16", _placements(architecture))
-    step, state = _train_step(model, spec, params)
+    step, state = _train_step(model, spec, params, loss_chunk_tokens)
     lm_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), lm_params)  # param_dtype bfloat16 too
     jaxpr = jax.make_jaxpr(step)(state, lm_bf16, batch).jaxpr
     assert bf16_precision_ops(jaxpr) == []
