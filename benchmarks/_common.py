@@ -170,54 +170,26 @@ class OursStep:
         return float(jax.block_until_ready(metrics["loss"]))
 
 
-def ours_step_fn(shape: Shape, directory: str, loss: str = "logits") -> OursStep:
-    """Our prefix-tuning step (decoder placement, as PEFT). `loss='chunked'`: GPT-2 with the chunked loss."""
+def ours_step_fn(shape: Shape, directory: str, loss: str = "logits", remat: str = "none") -> OursStep:
+    """Our prefix-tuning step (decoder placement, as PEFT). `loss='chunked'`: the chunked cross-entropy
+    (`train.loss_chunk_tokens`, chunks of ~64 MiB of logits); `remat`: `model.remat` (none | minimal | full)."""
     import jax
     import jax.numpy as jnp
 
-    from prefix_jax import optim, training
+    from prefix_jax import losses, optim, training
     from prefix_jax import prefix as prefix_lib
-    from prefix_jax.models import load_pretrained
+    from prefix_jax.models import common, load_pretrained
 
-    lm = load_pretrained(directory)
+    lm = load_pretrained(directory, remat=common.remat_policy(remat))
     spec = prefix_lib.PrefixSpec(length=shape.prefix, placements=("decoder",), geometry=lm.config.prefix_geometry(),
                                  hidden_size=lm.config.hidden_size, mlp_hidden=512)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000, max_grad_norm=None)
-    if loss == "chunked":
-        step = jax.jit(chunked_loss_train_step(lm.model, spec, tx), donate_argnums=(0,))
-    else:
-        step = training.jit_train_step(lm.model, spec, tx, schedule)
+    chunk = max(1, losses.CHUNK_LOGITS // lm.config.vocab_size) if loss == "chunked" else 0
+    step = training.jit_train_step(lm.model, spec, tx, schedule, loss_chunk_tokens=chunk)
     state = training.init_state(params, tx, jax.random.PRNGKey(1))
     batch = {k: jnp.asarray(v) for k, v in host_batch(shape, lm.config.vocab_size).items()}
     return OursStep(step, state, jax.device_put(lm.params), batch, lm, spec)
-
-
-def chunked_loss_train_step(model: Any, spec: Any, tx: Any, chunk_size: int | None = None) -> Callable:
-    """A decoder-only (GPT-2/Llama) training step whose loss never forms `[B, T, V]` logits: the wiring the
-    lead would put into `training.batch_loss` (hidden states -> `losses.chunked_token_cross_entropy`)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from prefix_jax import losses
-    from prefix_jax import prefix as prefix_lib
-
-    def step(state, lm_params, batch):
-        def loss_fn(params):
-            prefix = prefix_lib.materialize(params, spec, None, True)
-            h, source_len = model.apply({"params": lm_params}, batch, prefix, method="hidden_states")
-            head = losses.lm_head_for(model.config, lm_params)
-            total, count = losses.chunked_token_cross_entropy(h[:, source_len:], head, batch["target_ids"],
-                                                              batch["target_mask"], 0.0, chunk_size)
-            return total / jnp.maximum(count, 1.0)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), {"loss": loss}
-
-    return step
 
 
 # --- Timing ---

@@ -119,7 +119,7 @@ def vocab_256k_rows() -> list[dict]:
     logits_bytes = batch_size * target * vocab * 4
     rows = []
     for name, step in (("logits loss", training.jit_train_step(model, spec, tx, schedule)),
-                       ("chunked loss", jax.jit(c.chunked_loss_train_step(model, spec, tx), donate_argnums=(0,)))):
+                       ("chunked loss", training.jit_train_step(model, spec, tx, schedule, loss_chunk_tokens=64))):
         rows.append({"loss": name, "logits_f32_bytes": logits_bytes, **compiled_memory(step, state, lm_params, batch)})
     return rows
 
@@ -148,6 +148,8 @@ def main() -> None:
         chunked = c.ours_step_fn(shape, directory, loss="chunked")
         results["ours_chunked_compiled"] = compiled_memory(chunked.step, chunked.state, chunked.lm_params,
                                                            chunked.batch)
+        lean = c.ours_step_fn(shape, directory, loss="chunked", remat="minimal")
+        results["ours_chunked_remat_compiled"] = compiled_memory(lean.step, lean.state, lean.lm_params, lean.batch)
         tx, full = full_fine_tuning_step(ours.lm.model)
         opt_state = tx.init(ours.lm_params)
         results["full_ft_compiled"] = compiled_memory(full, ours.lm_params, opt_state, ours.batch)
@@ -155,11 +157,14 @@ def main() -> None:
 
     mib = lambda b: f"{b / MIB:.0f}"
     oc, cc, fc = results["ours_compiled"], results["ours_chunked_compiled"], results["full_ft_compiled"]
+    rc = results["ours_chunked_remat_compiled"]
     peft_rss = results["peft_rss_step"]
     rows = [["PEFT prefix tuning (torch)", f"{mib(peft_rss)} (RSS rise)", "1.00", "–"],
             ["ours prefix tuning", f"{mib(oc['temp'])} (temp)", f"{oc['temp'] / peft_rss:.2f}", mib(oc["peak"])],
             ["ours prefix tuning, chunked loss", f"{mib(cc['temp'])} (temp)", f"{cc['temp'] / peft_rss:.2f}",
              mib(cc["peak"])],
+            ["ours, chunked loss + model.remat=minimal", f"{mib(rc['temp'])} (temp)", f"{rc['temp'] / peft_rss:.2f}",
+             mib(rc["peak"])],
             ["ours full fine-tuning (AdamW)", f"{mib(fc['temp'])} (temp)", f"{fc['temp'] / peft_rss:.2f}",
              mib(fc["peak"])]]
     print(f"{shape.describe()}; threads {threads}")
