@@ -297,7 +297,7 @@ class Model(common.DecoderCache, nn.Module):
         h, cache = self.decoder(x, positions, decoder_mask, kv, deterministic, offset, encoded, encoded_mask,
                                 prefix.kv.get(CROSS), cache)
         logits = self.shared.attend(h)  # the LM head is tied to the token embedding
-        return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32), cache
+        return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)[None, None], cache
 
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
         """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""

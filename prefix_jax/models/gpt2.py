@@ -212,7 +212,7 @@ class Model(common.DecoderCache, nn.Module):
         target_side_Q = jnp.arange(length) >= source_len
         if prefix.infix:
             positions = (masks.token_positions(valid_BxQ, where.source_offset)
-                         + jnp.asarray(where.target_offset)[..., None] * target_side_Q[None])
+                         + jnp.asarray(where.target_offset).reshape(-1, 1) * target_side_Q[None])
             visible_BxQ = jnp.broadcast_to(target_side_Q[None], valid_BxQ.shape)
         else:
             positions = masks.token_positions(valid_BxQ, where.source_offset)
