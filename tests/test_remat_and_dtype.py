@@ -16,6 +16,8 @@ from prefix_jax.models import common
 from prefix_jax.tiny import TINY_ARCHITECTURES, _tiny_hf_config, bundled_gpt2_tokenizer
 
 VOCAB, B, S, T = 64, 4, 10, 6
+# An encoder-decoder and a decoder-only model by default; the other two architectures in the slow set.
+ARCHITECTURES = [pytest.param(a, marks=() if a in ("t5", "llama") else pytest.mark.slow) for a in TINY_ARCHITECTURES]
 
 
 def small_lm(architecture: str, **config_overrides):
@@ -52,7 +54,7 @@ def loss_and_grads(model, spec, params, lm_params, data):
     return jax.jit(jax.value_and_grad(mean_loss))(params)
 
 
-@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_remat_policies_give_the_same_loss_and_gradients(architecture):
     """Rematerialization only trades memory for recomputation: full and minimal equal none (float32 rounding)."""
     results = {}
@@ -94,7 +96,7 @@ def primitives_by_dtype(jaxpr, out: dict | None = None) -> dict[str, set[str]]:
     return out
 
 
-@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_bfloat16_compute_keeps_softmax_norms_and_loss_in_float32(architecture):
     _, model32, lm_params, spec = small_lm(architecture)
     _, model16, _, _ = small_lm(architecture, dtype="bfloat16")
