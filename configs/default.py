@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.stop_at = 0  # stop (with a checkpoint) after this step, keeping the schedule of train.steps; 0: run all
     c.train.seed = 0
     c.train.label_smoothing = 0.0
+    # > 0: the loss runs the LM head over this many target tokens at a time and never holds the float32
+    # [batch, target length, vocab] logits (same loss and gradient; for large vocabularies); 0: off.
+    c.train.loss_chunk_tokens = 0
     c.train.log_every = 50
     c.train.eval_every = 0  # 0: only at the end
     c.train.save_every = 1000

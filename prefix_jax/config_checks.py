@@ -1,8 +1,9 @@
 """Every config value checked in one place, before anything is loaded or written.
 
 `check(config)` raises `ConfigError` with a one-line message that names the field, the value and what
-would be valid. Checks that need the model (placements, position tables) or the data (batch size vs
-examples) live where those are known, in `run_setup`; everything that the config alone decides is here.
+would be valid; `run_options.from_config` calls it before turning the config into typed options. Checks
+that need the model (placements, position tables) or the data (batch size vs examples) live where those
+are known, in `run_setup`; everything that the config alone decides is here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from etils import epath
+
+from prefix_jax.metrics import METRICS
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,8 @@ _RULES: tuple[Rule, ...] = (
     ("train.stop_at", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: run every step)"),
     ("train.seed", lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     ("train.label_smoothing", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("train.loss_chunk_tokens", lambda v: _is_int(v) and v >= 0,
+     "an integer >= 0 (target tokens per chunk of the loss; 0: off)"),
     ("train.log_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("train.eval_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
     ("train.save_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -105,6 +110,13 @@ def check(config: Any) -> None:
     if config.data.get("task_field") and config.data.format != "fields":
         raise ConfigError(f"data.task_field={config.data.task_field!r} needs data.format='fields' (a task column "
                           f"beside source and target); data.format is {config.data.format!r}.")
+    if config.prefix.init == "words" and not config.prefix.init_text:
+        raise ConfigError('prefix.init="words" needs prefix.init_text, e.g. "table-to-text:" or "summarize".')
+    if config.train.eval_only and not config.data.eval_split:
+        raise ConfigError("train.eval_only needs data.eval_split.")
+    for name in config.eval.metrics:
+        if name not in METRICS:
+            raise ConfigError(f"eval.metrics has {name!r}; choose from {METRICS}.")
     for pattern in config.optim.frozen:
         try:
             re.compile(pattern)

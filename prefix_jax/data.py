@@ -426,7 +426,7 @@ def _as_table(dataset: Any, origin: str) -> Table:
 
 
 def read_examples(data: Any, split: str) -> list[Example]:
-    """The examples of one split as the data config describes them (see configs/*.py `data`)."""
+    """The examples of one split as the data config (or `run_options.DataOptions`) describes them."""
     fmt = data.format
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r} is not one of {FORMATS}.")
@@ -457,7 +457,7 @@ def _examples_of(fmt: str, table: Table, data: Any) -> list[Example]:
     if missing:
         raise DataError(f"{table.origin}: has no column {', '.join(missing)}; it has {table.columns}. Set "
                         "data.source_field / data.target_field.")
-    task_field = data.get("task_field", "")
+    task_field = getattr(data, "task_field", "")  # a ConfigDict or run_options.DataOptions
     if task_field and task_field not in table.columns:
         raise DataError(f"{table.origin}: has no column {task_field!r} (data.task_field); it has {table.columns}.")
     rows = list(table.rows)

@@ -117,9 +117,8 @@ def chunked_token_cross_entropy(h_BxTxD: jax.Array, head: LMHead, targets_BxT: j
 def lm_head_for(config: Any, lm_params: Any) -> LMHead:
     """The LM head of one of our models (T5, BART, GPT-2, Llama family), from its config and params.
 
-    Feed `chunked_token_cross_entropy` the output of the model's final decoder stack at the target
-    positions (after its final norm): T5 `decoder`, BART `decoder`, GPT-2 `transformer` and Llama `model`
-    (the last two over `[source; target]`: take `h[:, source_len:]`, see their `hidden_states`).
+    Feed `chunked_token_cross_entropy` the model's `target_hidden_states` (the output of its final decoder
+    stack at the target positions, after the final norm): `training.batch_loss` does with `loss_chunk_tokens`.
     """
     kind = type(config).__module__.rsplit(".", 1)[-1]
     dtype = jnp.dtype(config.dtype)

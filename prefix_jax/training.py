@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from prefix_jax import losses, prefix_bank
 from prefix_jax import prefix as prefix_lib
-from prefix_jax import prefix_bank
 
 
 @flax.struct.dataclass
@@ -56,10 +56,14 @@ def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_Bx
 
 def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: Any, batch: dict,
                rng: jax.Array | None, label_smoothing: float = 0.0,
-               shard_prefix: Callable[[Any], Any] | None = None) -> tuple[jax.Array, jax.Array]:
+               shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0
+               ) -> tuple[jax.Array, jax.Array]:
     """(summed loss, token count) of a batch; dropout (LM and prefix) on when `rng` is given.
 
     `shard_prefix` lays out the materialized prefix on the mesh (`partitioning.constrain_prefix`).
+    `loss_chunk_tokens` > 0: the loss comes from the final hidden states at the target positions, through
+    the LM head `loss_chunk_tokens` tokens at a time (`losses.chunked_token_cross_entropy`), so the float32
+    `[B, T, V]` logits are never formed; 0: from the model's logits. Both give the same loss and gradient.
     """
     deterministic = rng is None
     prefix_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
@@ -68,9 +72,14 @@ def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: 
         prefix = prefix_bank.for_rows(prefix, batch["task_ids"])
     if shard_prefix is not None:
         prefix = shard_prefix(prefix)
-    logits = model.apply({"params": lm_params}, batch, prefix, deterministic=deterministic,
-                         rngs=None if deterministic else {"dropout": dropout_rng})
-    return token_cross_entropy(logits, batch["target_ids"], batch["target_mask"], label_smoothing)
+    apply = functools.partial(model.apply, {"params": lm_params}, batch, prefix, deterministic=deterministic,
+                              rngs=None if deterministic else {"dropout": dropout_rng})
+    targets, mask = batch["target_ids"], batch["target_mask"]
+    if loss_chunk_tokens > 0:
+        h_BxTxD = apply(method=model.target_hidden_states)
+        return losses.chunked_token_cross_entropy(h_BxTxD, losses.lm_head_for(model.config, lm_params), targets, mask,
+                                                  label_smoothing, loss_chunk_tokens)
+    return token_cross_entropy(apply(), targets, mask, label_smoothing)
 
 
 def micro_batches(batch: dict, steps: int) -> dict:
@@ -108,9 +117,11 @@ def summed_loss_and_grads(loss_sum_fn: Callable, params: Any, batch: dict, rng: 
 def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float = 0.0, grad_accum_steps: int = 1,
-               shard_prefix: Callable[[Any], Any] | None = None) -> tuple[TrainState, dict]:
+               shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0
+               ) -> tuple[TrainState, dict]:
     """One optimizer step on the prefix tree; returns the new state and scalar metrics.
 
+    `loss_chunk_tokens` > 0 computes the loss without the `[B, T, V]` logits (see `batch_loss`).
     With `grad_accum_steps` > 1 the batch is processed in that many micro-batches (less activation
     memory), and the step equals one step on the whole batch. A step whose loss, gradient or updated
     parameters are not finite changes nothing but the step counter (the batch is skipped) and counts in
@@ -120,14 +131,15 @@ def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, sp
 
     if grad_accum_steps == 1:
         def loss_fn(params):
-            total, count = batch_loss(model, spec, params, lm_params, batch, rng, label_smoothing, shard_prefix)
+            total, count = batch_loss(model, spec, params, lm_params, batch, rng, label_smoothing, shard_prefix,
+                                      loss_chunk_tokens)
             return total / jnp.maximum(count, 1.0), count
 
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     else:
         def loss_sum_fn(params, micro, micro_rng):
-            total, count = batch_loss(model, spec, params, lm_params, micro, micro_rng, label_smoothing, shard_prefix)
-            return total, count
+            return batch_loss(model, spec, params, lm_params, micro, micro_rng, label_smoothing, shard_prefix,
+                              loss_chunk_tokens)
 
         total, count, grads = summed_loss_and_grads(loss_sum_fn, state.params, batch, rng, grad_accum_steps)
         denominator = jnp.maximum(count, 1.0)
@@ -146,16 +158,17 @@ def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, sp
 
 
 def eval_step(params: Any, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec,
-              shard_prefix: Callable[[Any], Any] | None = None) -> dict:
+              shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0) -> dict:
     """Summed loss and token count of a batch, deterministic (sum across batches, then divide)."""
-    total, count = batch_loss(model, spec, params, lm_params, batch, None, shard_prefix=shard_prefix)
+    total, count = batch_loss(model, spec, params, lm_params, batch, None, shard_prefix=shard_prefix,
+                              loss_chunk_tokens=loss_chunk_tokens)
     return {"loss_sum": total, "tokens": count}
 
 
 def jit_train_step(model: Any, spec: prefix_lib.PrefixSpec, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, label_smoothing: float = 0.0, state_sharding: Any = None,
                    lm_sharding: Any = None, batch_sharding: Any = None, grad_accum_steps: int = 1,
-                   shard_prefix: Callable[[Any], Any] | None = None) -> Callable:
+                   shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0) -> Callable:
     """`train_step` compiled with the train state donated and the LM as a non-donated, sharded argument.
 
     Shardings (a sharding or a tree of them each): state (replicated), LM (`partitioning.lm_shardings`),
@@ -163,7 +176,7 @@ def jit_train_step(model: Any, spec: prefix_lib.PrefixSpec, tx: optax.GradientTr
     """
     step = functools.partial(train_step, model=model, spec=spec, tx=tx, schedule=schedule,
                              label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
-                             shard_prefix=shard_prefix)
+                             shard_prefix=shard_prefix, loss_chunk_tokens=loss_chunk_tokens)
     shardings = {}
     if state_sharding is not None:
         shardings = dict(in_shardings=(state_sharding, lm_sharding, batch_sharding),
@@ -172,9 +185,11 @@ def jit_train_step(model: Any, spec: prefix_lib.PrefixSpec, tx: optax.GradientTr
 
 
 def jit_eval_step(model: Any, spec: prefix_lib.PrefixSpec, params_sharding: Any = None, lm_sharding: Any = None,
-                  batch_sharding: Any = None, shard_prefix: Callable[[Any], Any] | None = None) -> Callable:
+                  batch_sharding: Any = None, shard_prefix: Callable[[Any], Any] | None = None,
+                  loss_chunk_tokens: int = 0) -> Callable:
     """`eval_step` compiled; with shardings given, on the same layout as the train step."""
-    step = functools.partial(eval_step, model=model, spec=spec, shard_prefix=shard_prefix)
+    step = functools.partial(eval_step, model=model, spec=spec, shard_prefix=shard_prefix,
+                             loss_chunk_tokens=loss_chunk_tokens)
     shardings = {}
     if params_sharding is not None:
         shardings = dict(in_shardings=(params_sharding, lm_sharding, batch_sharding), out_shardings=None)

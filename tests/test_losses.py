@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import transformers
 
 from prefix_jax import losses, training
+from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import bart, gpt2, llama, t5
 
 B, T, D, V = 3, 7, 16, 50
@@ -110,7 +115,9 @@ def _bart():
 
 
 def _gpt2():
-    hf = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=D, n_layer=1, n_head=4)
+    # Token ids inside the vocabulary: the separator (bos) starts the target side.
+    hf = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=D, n_layer=1, n_head=4, bos_token_id=1,
+                                 eos_token_id=2)
     return gpt2.Config.from_hf(hf, set()), gpt2.Model, "transformer"
 
 
@@ -157,4 +164,104 @@ def test_lm_head_for_reproduces_each_models_loss(name):
     ref_total, _ = training.token_cross_entropy(logits, batch["target_ids"], batch["target_mask"], 0.1)
     head = losses.lm_head_for(config, params)
     total, _ = losses.chunked_token_cross_entropy(h, head, batch["target_ids"], batch["target_mask"], 0.1, 3)
+    assert np.isfinite(float(ref_total))
     np.testing.assert_allclose(total, ref_total, rtol=1e-6)
+
+
+# --- Training with `loss_chunk_tokens`: the same step as the logits path, without [B, T, V] logits ---
+
+
+def _step_inputs(name: str, tasks: tuple[str, ...] = ()):
+    config, model_cls, _ = MODELS[name]()
+    model = model_cls(config)
+    rng = np.random.default_rng(2)
+    rows, source_len, target_len = 4, 5, 6
+    batch = {"source_ids": jnp.asarray(rng.integers(3, V, (rows, source_len)), jnp.int32),
+             "source_mask": jnp.asarray(np.arange(source_len)[None] >= np.array([[0], [2], [0], [1]]), jnp.int32),
+             "target_ids": jnp.asarray(rng.integers(3, V, (rows, target_len)), jnp.int32),
+             "target_mask": jnp.asarray(np.arange(target_len)[None] < np.array([[6], [3], [1], [5]]), jnp.int32)}
+    lm_params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+    if "final_logits_bias" in lm_params:
+        lm_params = {**lm_params, "final_logits_bias": jnp.asarray(rng.normal(size=(V,)), jnp.float32)}
+    if tasks:
+        batch["task_ids"] = jnp.asarray([1, 0, 1, 0], jnp.int32)
+    geometry = config.prefix_geometry()
+    spec = prefix_lib.PrefixSpec(length=3, placements=tuple(geometry), geometry=geometry,
+                                 hidden_size=config.hidden_size, mlp_hidden=8, dropout=0.1, tasks=tasks)
+    return model, spec, lm_params, batch
+
+
+def _train_step(model, spec, lm_params, batch, **kwargs):
+    """One step with SGD at learning rate 1: the params move by exactly minus the gradient."""
+    tx = optax.sgd(1.0)
+    state = training.init_state(prefix_lib.init_params(spec, jax.random.PRNGKey(1)), tx, jax.random.PRNGKey(2))
+    step = jax.jit(functools.partial(training.train_step, model=model, spec=spec, tx=tx,
+                                     schedule=optax.constant_schedule(1.0), **kwargs))
+    new_state, metrics = step(state, lm_params, batch)
+    return metrics, jax.tree.map(jnp.subtract, state.params, new_state.params)
+
+
+STEP_CASES = [  # (label_smoothing, grad_accum_steps, loss_chunk_tokens, tasks): all at once, then simpler cases
+    (0.1, 2, 3, ("a", "b")),
+    pytest.param(0.0, 1, 5, (), marks=pytest.mark.slow), pytest.param(0.1, 1, 64, (), marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", ["t5-v1.0-tied-scaled", "bart", "gpt2", "llama-untied"])
+@pytest.mark.parametrize("label_smoothing,grad_accum_steps,chunk,tasks", STEP_CASES)
+def test_chunked_train_step_equals_the_logits_step(name, label_smoothing, grad_accum_steps, chunk, tasks):
+    model, spec, lm_params, batch = _step_inputs(name, tasks)
+    kwargs = dict(label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps)
+    ref_metrics, ref_grads = _train_step(model, spec, lm_params, batch, **kwargs)
+    metrics, grads = _train_step(model, spec, lm_params, batch, loss_chunk_tokens=chunk, **kwargs)
+    assert float(metrics["tokens"]) == float(ref_metrics["tokens"]) == float(batch["target_mask"].sum())
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+    assert float(ref_metrics["grad_norm"]) > 1e-3  # the prefix gets a real gradient
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+def _f32_logits_buffers(hlo_text: str, rows: int, length: int, vocab: int) -> int:
+    """How many times the HLO names a float32 `[rows, length, vocab]` (or flattened `[rows*length, vocab]`) array."""
+    return len(re.findall(rf"f32\[(?:{rows},{length}|{rows * length}),{vocab}\]", hlo_text))
+
+
+def test_chunked_train_step_holds_no_full_logits():
+    """The jitted step's compiled HLO: the logits path names f32[B, T, V]; the chunked path only [chunk, V]."""
+    vocab, rows, target_len, chunk = 4099, 4, 6, 8  # a vocabulary size no other dimension has
+    hf = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=D, n_layer=1, n_head=4, bos_token_id=1,
+                                 eos_token_id=2)
+    model = gpt2.Model(gpt2.Config.from_hf(hf, set()))
+    rng = np.random.default_rng(0)
+    batch = {"source_ids": jnp.asarray(rng.integers(3, vocab, (rows, 5)), jnp.int32),
+             "source_mask": jnp.ones((rows, 5), jnp.int32),
+             "target_ids": jnp.asarray(rng.integers(3, vocab, (rows, target_len)), jnp.int32),
+             "target_mask": jnp.ones((rows, target_len), jnp.int32)}
+    lm_params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+    geometry = model.config.prefix_geometry()
+    spec = prefix_lib.PrefixSpec(length=3, placements=tuple(geometry), geometry=geometry, hidden_size=D, mlp_hidden=8)
+    tx = optax.sgd(1.0)
+    state = training.init_state(prefix_lib.init_params(spec, jax.random.PRNGKey(1)), tx, jax.random.PRNGKey(2))
+
+    def compiled_hlo(loss_chunk_tokens: int) -> str:
+        step = training.jit_train_step(model, spec, tx, optax.constant_schedule(1.0),
+                                       loss_chunk_tokens=loss_chunk_tokens)
+        return step.lower(state, lm_params, batch).compile().as_text()
+
+    assert _f32_logits_buffers(compiled_hlo(0), rows, target_len, vocab) > 0  # the check can see the logits
+    chunked = compiled_hlo(chunk)
+    assert _f32_logits_buffers(chunked, rows, target_len, vocab) == 0
+    assert re.search(rf"f32\[{chunk},{vocab}\]", chunked)  # one chunk's logits at a time
+
+
+@pytest.mark.parametrize("value", [-1, True])  # (ml_collections refuses a float for an int field itself)
+def test_loss_chunk_tokens_is_validated_with_a_one_line_error(value):
+    from configs import gpt2_e2e_offline
+    from prefix_jax import config_checks
+
+    config = gpt2_e2e_offline.get_config()
+    config.train.loss_chunk_tokens = 0
+    config_checks.check(config)  # the default (off) is valid
+    config.train.loss_chunk_tokens = value
+    with pytest.raises(config_checks.ConfigError, match=r"^train\.loss_chunk_tokens=[^\n]+$"):
+        config_checks.check(config)

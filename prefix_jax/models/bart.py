@@ -25,12 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
+from prefix_jax.models import common, encoder_decoder
+from prefix_jax.models.attention import MultiHeadAttention
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
-
-Batch = Mapping[str, jax.Array]
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
 
 POSITION_OFFSET = 2  # HF/fairseq BART: position p is row p + 2 of the position table
 
@@ -86,23 +84,14 @@ class Config:
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
         """From a `transformers` BartConfig (the tensor names are not needed: BART's layout does not vary)."""
-        for field, bad, meaning in _UNSUPPORTED:
-            if getattr(hf, field, None) is bad:
-                raise ValueError(f"BART config has {field}={bad} ({meaning}), which is not supported.")
+        common.reject_unsupported(hf, _UNSUPPORTED, "BART")
         if getattr(hf, "extra_pos_embeddings", POSITION_OFFSET) != POSITION_OFFSET:
             raise ValueError(f"BART config has extra_pos_embeddings={hf.extra_pos_embeddings}; only "
                              f"{POSITION_OFFSET} (HF's position offset) is supported.")
         fields = dict(
-            vocab_size=hf.vocab_size,
-            d_model=hf.d_model,
-            encoder_layers=hf.encoder_layers,
-            decoder_layers=hf.decoder_layers,
-            encoder_attention_heads=hf.encoder_attention_heads,
-            decoder_attention_heads=hf.decoder_attention_heads,
-            encoder_ffn_dim=hf.encoder_ffn_dim,
-            decoder_ffn_dim=hf.decoder_ffn_dim,
-            max_position_embeddings=hf.max_position_embeddings,
-            activation_function=hf.activation_function,
+            **common.same_named(hf, "vocab_size", "d_model", "encoder_layers", "decoder_layers",
+                                "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim",
+                                "decoder_ffn_dim", "max_position_embeddings", "activation_function"),
             scale_embedding=bool(hf.scale_embedding),
             dropout=float(hf.dropout),
             attention_dropout=float(hf.attention_dropout),
@@ -157,15 +146,11 @@ def layer_norm(cfg: Config, name: str) -> nn.LayerNorm:
                         use_fast_variance=False, name=name)
 
 
-class BartBlock(nn.Module):
-    """One post-LN encoder or decoder layer; scanned over layers by `BartStack`."""
-
-    config: Config
-    is_decoder: bool
-    deterministic: bool
+class BartBlock(encoder_decoder.Block):
+    """One post-LN encoder or decoder layer."""
 
     @nn.compact
-    def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, memory, cross_mask):
+    def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
         cfg = self.config
         det = self.deterministic
         heads = cfg.decoder_attention_heads if self.is_decoder else cfg.encoder_attention_heads
@@ -177,17 +162,12 @@ class BartBlock(nn.Module):
         dropout = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=det)
 
         h, self_cache = attention("self_attention")(
-            x_BxQxD, None, self_mask, None, prefix_self, None if cache is None else cache["self"], det)
+            x_BxQxD, None, self_mask, self_bias, prefix_self, None if cache is None else cache["self"], det)
         x_BxQxD = layer_norm(cfg, "self_attention_norm")(x_BxQxD + dropout(h))
         new_cache = None if cache is None else {"self": self_cache}
         if self.is_decoder:
-            cross = attention("cross_attention")
-            if cache is not None:
-                if "cross" not in cache:  # first decoding call: project the encoder output once
-                    cache = {**cache, "cross": cross.project_kv(memory)}
-                memory = cache["cross"]
-                new_cache["cross"] = memory
-            h, _ = cross(x_BxQxD, memory, cross_mask, None, prefix_cross, None, det)
+            h, new_cache = encoder_decoder.attend_to_encoder(attention("cross_attention"), x_BxQxD, memory, cross_mask,
+                                                             prefix_cross, cache, new_cache, det)
             x_BxQxD = layer_norm(cfg, "cross_attention_norm")(x_BxQxD + dropout(h))
         act = common.activation(cfg.activation_function, "activation_function")
         mlp_input = checkpoint_name(x_BxQxD, "mlp_input")  # saved by remat policy "minimal"
@@ -198,110 +178,40 @@ class BartBlock(nn.Module):
         return x_BxQxD, new_cache
 
 
-class BartStack(nn.Module):
+class BartStack(encoder_decoder.Stack):
     """Encoder or decoder: learned positions, `layernorm_embedding`, scanned layers."""
 
-    config: Config
-    is_decoder: bool
+    block = BartBlock
 
-    @nn.compact
-    def __call__(
-        self,
-        x_BxQxD: jax.Array,
-        positions_BxQ: jax.Array,
-        key_valid_BxC: jax.Array,
-        prefix: KV | None,
-        deterministic: bool,
-        query_offset: jax.Array | int = 0,
-        memory: jax.Array | None = None,
-        memory_valid: jax.Array | None = None,
-        cross_prefix: KV | None = None,
-        cache: dict | None = None,
-    ) -> tuple[jax.Array, dict | None]:
+    def embed_positions(self, x_BxQxD, query_positions_BxQ, key_positions_BxC, prefix_len, deterministic):
+        """Each token's learned position embedding added to it; no bias (absolute positions need no keys')."""
         cfg = self.config
-        num_queries = x_BxQxD.shape[1]
         table = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.d_model, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),
                          name="embed_positions")
-        x = layer_norm(cfg, "layernorm_embedding")(x_BxQxD + table(positions_BxQ + POSITION_OFFSET))
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-
-        prefix_len = 0 if prefix is None else prefix.key.shape[-2]
-        self_mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=self.is_decoder,
-                                         query_offset=query_offset)
-        cross_mask = None
-        if self.is_decoder:
-            cross_len = 0 if cross_prefix is None else cross_prefix.key.shape[-2]
-            cross_mask = masks.attention_mask(memory_valid, num_queries, cross_len)
-        layers = common.stack_layers(
-            BartBlock, cfg.decoder_layers if self.is_decoder else cfg.encoder_layers, cfg.remat,
-            in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
-        )(cfg, self.is_decoder, deterministic, name="layers")
-        return layers(x, prefix, cross_prefix, cache, self_mask, memory, cross_mask)
+        x = layer_norm(cfg, "layernorm_embedding")(x_BxQxD + table(query_positions_BxQ + POSITION_OFFSET))
+        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic), None
 
 
-class Model(common.DecoderCache, nn.Module):
-    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
-
-    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
-    `prefix`: a `Prefix` (K/V for any of ENCODER, DECODER, CROSS; or `prompt_embeds`).
-    """
+class Model(encoder_decoder.EncoderDecoder):
+    """BART in the encoder-decoder shell (`encoder_decoder.EncoderDecoder`: batch, prefix and methods)."""
 
     config: Config
+    stack_type = BartStack
+    embedding_std = 0.02  # HF's init_std
 
     def setup(self) -> None:
+        super().setup()
         cfg = self.config
-        # HF's init (std init_std=0.02): only used to build random tiny checkpoints; real weights are loaded.
-        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                               embedding_init=nn.initializers.normal(0.02), name="shared")
-        self.encoder = BartStack(cfg, is_decoder=False, name="encoder")
-        self.decoder = BartStack(cfg, is_decoder=True, name="decoder")
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (cfg.vocab_size,),
                                             cfg.param_dtype)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.shared(ids) * jnp.asarray(self.config.embed_scale, self.config.dtype)
 
-    def _text_positions(self, prefix: Prefix, stack: str, text_len: int) -> TextPositions:
-        """`Config.text_positions` for a stack's self-attention prefix; fails past the position table."""
-        kv = prefix.kv.get(stack)  # the prompt, if any, is already counted in text_len
-        where = self.config.text_positions(stack, text_len, prefix.length(stack), before_tokens=tokens_after_prefix(kv))
-        limit = self.config.max_position_embeddings
-        if where.needed > limit:
-            raise ValueError(f"the BART {stack} needs {where.needed} positions (prefix + text) but has {limit}: "
-                             "shorten the prefix or the text.")
-        return where
-
-    def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
-        """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
-        x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
-        kv = prefix.kv.get(ENCODER)
-        positions = masks.token_positions(source_mask, self._text_positions(prefix, ENCODER, x.shape[1]).source_offset)
-        encoded, _ = self.encoder(x, positions, source_mask, kv, deterministic)
-        return encoded, source_mask
-
-    def decode(self, encoded, encoded_mask, decoder_ids, decoder_mask, prefix: Prefix = NO_PREFIX,
-               deterministic=True, cache=None):
-        """Logits `[B, T, V]` for decoder inputs. With `cache`, `decoder_mask` covers the cache slots."""
-        x = self.embed(decoder_ids)
-        kv = prefix.kv.get(DECODER)
-        shift = self._text_positions(prefix, DECODER, decoder_mask.shape[1]).target_offset
-        if cache is None:
-            positions = masks.token_positions(decoder_mask, shift)
-            offset = 0
-        else:  # decoding: the decoder input has no padding; slot == position
-            offset = cache["self"]["index"][0]
-            batch, num_queries = decoder_ids.shape
-            slots = offset + jnp.arange(num_queries, dtype=jnp.int32)
-            positions = jnp.broadcast_to(jnp.asarray(shift)[..., None] + slots, (batch, num_queries))
-        h, cache = self.decoder(x, positions, decoder_mask, kv, deterministic, offset, encoded, encoded_mask,
-                                prefix.kv.get(CROSS), cache)
-        logits = self.shared.attend(h)  # the LM head is tied to the token embedding
-        return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)[None, None], cache
-
-    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
-        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
-        return common.teacher_forced_logits(self, batch, prefix, deterministic)
+    def head(self, h_BxQxD: jax.Array) -> jax.Array:
+        """Float32 logits of the head tied to the token embedding, plus `final_logits_bias`."""
+        return self.shared.attend(h_BxQxD).astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)[None, None]
 
 
 # Our sub-layer names -> HF's (attention, its layer norm). The FFN's norm is HF's `final_layer_norm`.

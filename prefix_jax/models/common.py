@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -31,6 +31,18 @@ def activation(name: str, field: str = "activation") -> Callable[[jax.Array], ja
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"{field}={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.") from None
+
+
+def reject_unsupported(hf: Any, unsupported: tuple[tuple[str, Any, str], ...], model: str) -> None:
+    """Raises for a field of a `transformers` config set to a value we do not implement: `(field, value, meaning)` rows."""
+    for field, bad, meaning in unsupported:
+        if getattr(hf, field, None) is bad:
+            raise ValueError(f"{model} config has {field}={bad} ({meaning}), which is not supported.")
+
+
+def same_named(hf: Any, *names: str) -> dict[str, Any]:
+    """The fields of a `transformers` config that our `Config` takes under the same name, as they are."""
+    return {name: getattr(hf, name) for name in names}
 
 
 # Rematerialization policies (`model.remat`): what the backward pass keeps of each layer's forward.

@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
+from prefix_jax.models import common, decoder_only
+from prefix_jax.models.attention import KV, MultiHeadAttention
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import DECODER, NO_PREFIX, DecoderOnlyPositions, Prefix, StackGeometry
+from prefix_jax.models.interface import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
 
-Batch = Mapping[str, jax.Array]
 
 # HF GPT2Config fields this module does not implement: (field, unsupported value, meaning).
 _UNSUPPORTED = (
@@ -80,25 +79,16 @@ class Config(DecoderOnlyPositions):
 
         `reorder_and_upcast_attn` is accepted: it only computes scores in float32, which we always do.
         """
-        for field, bad, meaning in _UNSUPPORTED:
-            if getattr(hf, field, None) is bad:
-                raise ValueError(f"GPT-2 config has {field}={bad} ({meaning}), which is not supported.")
+        common.reject_unsupported(hf, _UNSUPPORTED, "GPT-2")
         fields = dict(
-            vocab_size=hf.vocab_size,
-            n_positions=hf.n_positions,
-            n_embd=hf.n_embd,
-            n_layer=hf.n_layer,
-            n_head=hf.n_head,
-            n_inner=hf.n_inner,
-            activation_function=hf.activation_function,
-            layer_norm_epsilon=hf.layer_norm_epsilon,
+            **common.same_named(hf, "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+                                "activation_function", "layer_norm_epsilon", "pad_token_id"),
             embd_pdrop=float(hf.embd_pdrop),
             resid_pdrop=float(hf.resid_pdrop),
             attn_pdrop=float(hf.attn_pdrop),
             scale_attn_weights=bool(hf.scale_attn_weights),
             bos_token_id=hf.bos_token_id if hf.bos_token_id is not None else 50256,
             eos_token_id=hf.eos_token_id if isinstance(hf.eos_token_id, int) else 50256,
-            pad_token_id=hf.pad_token_id,
         )
         fields.update(overrides)
         return cls(**fields)
@@ -173,12 +163,8 @@ class GPT2Stack(nn.Module):
         return layer_norm(cfg, "ln_f")(x), cache
 
 
-class Model(common.DecoderCache, nn.Module):
-    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
-
-    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]` (targets
-    right-padded). `prefix`: a `Prefix` (DECODER K/V, possibly as an infix; or `prompt_embeds`).
-    """
+class Model(decoder_only.DecoderOnly):
+    """GPT-2 in the decoder-only shell (`decoder_only.DecoderOnly`: batch, prefix and methods)."""
 
     config: Config
 
@@ -192,61 +178,18 @@ class Model(common.DecoderCache, nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.wte(ids)
 
-    def hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> tuple[jax.Array, int]:
-        """Final hidden states `[B, S' + T, D]` of the whole sequence and `S'`, where the target side starts.
+    def head(self, h_BxQxD: jax.Array) -> jax.Array:
+        return self.wte.attend(h_BxQxD).astype(jnp.float32)  # the LM head is tied to `wte`
 
-        `S' = S`, or `P + S` with `prompt_embeds` (their hidden states come first).
-        """
-        cfg = self.config
-        source_ids, source_mask = batch["source_ids"], batch["source_mask"]
-        ids = jnp.concatenate([source_ids, masks.shift_right(batch["target_ids"], cfg.separator_token_id)], axis=1)
-        valid_BxQ = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
-        x_BxQxD, valid_BxQ = common.prepend_prompt(self.embed(ids), valid_BxQ, prefix.prompt_embeds)
-        source_len = source_ids.shape[1] + (0 if prefix.prompt_embeds is None else prefix.prompt_embeds.shape[0])
+    def stack(self) -> nn.Module:
+        return self.transformer
 
-        kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
-        length = valid_BxQ.shape[1]
-        # before_tokens == prefix_len, except per row for a prefix bank; the prompt is counted in `length`.
-        where = cfg.text_positions(DECODER, length, prefix_len, before_tokens=tokens_after_prefix(kv),
-                                   infix=prefix.infix)
-        target_side_Q = jnp.arange(length) >= source_len
-        if prefix.infix:
-            positions = (masks.token_positions(valid_BxQ, where.source_offset)
-                         + jnp.asarray(where.target_offset).reshape(-1, 1) * target_side_Q[None])
-            visible_BxQ = jnp.broadcast_to(target_side_Q[None], valid_BxQ.shape)
-        else:
-            positions = masks.token_positions(valid_BxQ, where.source_offset)
-            visible_BxQ = None
-        if where.needed > cfg.n_positions:
+    def check_lengths(self, where: TextPositions | None, prefix_len: int, num_keys: int) -> None:
+        """Teacher forcing: prefix + source + target within the position table (`generate` checks decoding)."""
+        limit = self.config.n_positions
+        if where is not None and where.needed > limit:
             raise ValueError(f"GPT-2 needs {where.needed} positions (prefix + source + target) but has "
-                             f"{cfg.n_positions}: shorten the prefix, the source or the target.")
-        mask = masks.attention_mask(valid_BxQ, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxQ)
-        h, _ = self.transformer(x_BxQxD, positions, mask, kv, None, deterministic)
-        return h, source_len
-
-    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
-        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
-        h, source_len = self.hidden_states(batch, prefix, deterministic)
-        return self.wte.attend(h[:, source_len:]).astype(jnp.float32)  # the LM head is tied to `wte`
-
-    def decode(self, ids_BxQ: jax.Array, positions_BxQ: jax.Array, key_valid_BxC: jax.Array,
-               prefix: Prefix, cache: dict, deterministic=True, prefix_visible=True) -> tuple[jax.Array, dict]:
-        """Logits `[B, Q, V]` for `Q` new tokens written at the cache index; query i sits in slot index + i.
-
-        The caller gives positions (prefix shift included) and which cache slots hold real tokens.
-        `prefix_visible=False` hides the prefix from these queries (the source of an infix model).
-        """
-        if prefix.prompt_embeds is not None:
-            raise ValueError("GPT-2 decode does not take prompt_embeds (embedding-only prompts); "
-                             "use __call__ / hidden_states, or a K/V prefix.")
-        batch_size, num_queries = ids_BxQ.shape
-        prefix_len = prefix.length(DECODER)
-        visible = None if prefix_visible else jnp.zeros((batch_size, num_queries), bool)
-        mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=True,
-                                    query_offset=cache["self"]["index"][0], prefix_visible_BxQ=visible)
-        h, self_cache = self.transformer(self.embed(ids_BxQ), positions_BxQ, mask, prefix.kv.get(DECODER),
-                                         cache["self"], deterministic)
-        return self.wte.attend(h).astype(jnp.float32), {"self": self_cache}
+                             f"{limit}: shorten the prefix, the source or the target.")
 
 
 _PROJECTIONS = ("query", "key", "value")  # the thirds of HF's fused `c_attn`, in order

@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, prepend_prefix, write_cache
+from prefix_jax.models import common, decoder_only
+from prefix_jax.models.attention import KV, BankKV, prepend_prefix, write_cache
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import DECODER, NO_PREFIX, DecoderOnlyPositions, Prefix, StackGeometry
+from prefix_jax.models.interface import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
 
-Batch = Mapping[str, jax.Array]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -371,8 +370,8 @@ class LlamaStack(nn.Module):
         return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x), cache
 
 
-class Model(common.DecoderCache, nn.Module):
-    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)` (batch and prefix as for GPT-2)."""
+class Model(decoder_only.DecoderOnly):
+    """A Llama-family LM in the decoder-only shell (`decoder_only.DecoderOnly`: batch, prefix and methods)."""
 
     config: Config
 
@@ -391,64 +390,25 @@ class Model(common.DecoderCache, nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
 
-    def _logits(self, h_BxQxD: jax.Array) -> jax.Array:
+    def head(self, h_BxQxD: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
             return self.embed_tokens.attend(h_BxQxD).astype(jnp.float32)
         return self.lm_head(h_BxQxD).astype(jnp.float32)
 
-    def _check_window(self, prefix_len: int, num_keys: int) -> None:
+    def stack(self) -> nn.Module:
+        return self.model
+
+    def before_tokens(self, prefix: KV | BankKV | None) -> None:
+        """Each row's tokens come after all prefix slots (a bank's shorter rows included, unlike GPT-2)."""
+        return None
+
+    def check_lengths(self, where: TextPositions | None, prefix_len: int, num_keys: int) -> None:
+        """A sliding window is not implemented: prefix and tokens must fit in it."""
         window = self.config.sliding_window
         if window is not None and prefix_len + num_keys > window:
             raise ValueError(f"prefix ({prefix_len}) + tokens ({num_keys}) = {prefix_len + num_keys} exceed the "
                              f"model's sliding_window={window}, which is not implemented; shorten the prefix, the "
                              "source or the target (data.max_source_length, data.max_target_length).")
-
-    def hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> tuple[jax.Array, int]:
-        """Final hidden states `[B, S' + T, D]` of the whole sequence and `S'`, where the target side starts."""
-        cfg = self.config
-        source_ids, source_mask = batch["source_ids"], batch["source_mask"]
-        ids = jnp.concatenate([source_ids, masks.shift_right(batch["target_ids"], cfg.separator_token_id)], axis=1)
-        valid_BxQ = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
-        x_BxQxD, valid_BxQ = common.prepend_prompt(self.embed(ids), valid_BxQ, prefix.prompt_embeds)
-        source_len = source_ids.shape[1] + (0 if prefix.prompt_embeds is None else prefix.prompt_embeds.shape[0])
-
-        kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
-        length = valid_BxQ.shape[1]
-        self._check_window(prefix_len, length)
-        # Each row's tokens come after all prefix_len slots (a bank's shorter rows included, unlike GPT-2).
-        where = cfg.text_positions(DECODER, length, prefix_len, infix=prefix.infix)
-        target_side_Q = jnp.arange(length) >= source_len
-        if prefix.infix:
-            positions = (masks.token_positions(valid_BxQ, where.source_offset)
-                         + where.target_offset * target_side_Q[None].astype(jnp.int32))
-            visible_BxQ = jnp.broadcast_to(target_side_Q[None], valid_BxQ.shape)
-        else:
-            positions = masks.token_positions(valid_BxQ, where.source_offset)
-            visible_BxQ = None
-        mask = masks.attention_mask(valid_BxQ, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxQ)
-        h, _ = self.model(x_BxQxD, positions, mask, kv, None, deterministic)
-        return h, source_len
-
-    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
-        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
-        h, source_len = self.hidden_states(batch, prefix, deterministic)
-        return self._logits(h[:, source_len:])
-
-    def decode(self, ids_BxQ: jax.Array, positions_BxQ: jax.Array, key_valid_BxC: jax.Array,
-               prefix: Prefix, cache: dict, deterministic=True, prefix_visible=True) -> tuple[jax.Array, dict]:
-        """Logits `[B, Q, V]` for `Q` new tokens written at the cache index (as `gpt2.Model.decode`)."""
-        if prefix.prompt_embeds is not None:
-            raise ValueError(f"{self.config.model_type} decode does not take prompt_embeds (embedding-only prompts); "
-                             "use __call__ / hidden_states, or a K/V prefix.")
-        batch_size, num_queries = ids_BxQ.shape
-        prefix_len = prefix.length(DECODER)
-        self._check_window(prefix_len, key_valid_BxC.shape[1])
-        visible = None if prefix_visible else jnp.zeros((batch_size, num_queries), bool)
-        mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=True,
-                                    query_offset=cache["self"]["index"][0], prefix_visible_BxQ=visible)
-        h, self_cache = self.model(self.embed(ids_BxQ), positions_BxQ, mask, prefix.kv.get(DECODER), cache["self"],
-                                    deterministic)
-        return self._logits(h), {"self": self_cache}
 
 
 # --- HF checkpoints <-> our params ---

@@ -19,12 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, StackGeometry, TextPositions
+from prefix_jax.models import common, encoder_decoder
+from prefix_jax.models.attention import MultiHeadAttention
+from prefix_jax.models.interface import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
 from prefix_jax.models.hub import take
-
-Batch = Mapping[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +157,8 @@ class FeedForward(nn.Module):
         return dense(cfg.d_model, "wo")(h)
 
 
-class T5Block(nn.Module):
-    """One encoder or decoder layer; scanned over layers by `T5Stack`."""
-
-    config: Config
-    is_decoder: bool
-    deterministic: bool
+class T5Block(encoder_decoder.Block):
+    """One pre-norm encoder or decoder layer."""
 
     @nn.compact
     def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
@@ -182,43 +176,24 @@ class T5Block(nn.Module):
         x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
         new_cache = None if cache is None else {"self": self_cache}
         if self.is_decoder:
-            cross = attention("cross_attention")
-            if cache is not None:
-                if "cross" not in cache:  # first decoding call: project the encoder output once
-                    cache = {**cache, "cross": cross.project_kv(memory)}
-                memory = cache["cross"]
-                new_cache["cross"] = memory
-            h, _ = cross(norm("cross_attention_norm")(x_BxQxD), memory, cross_mask, None, prefix_cross, None, det)
+            h, new_cache = encoder_decoder.attend_to_encoder(
+                attention("cross_attention"), norm("cross_attention_norm")(x_BxQxD), memory, cross_mask, prefix_cross,
+                cache, new_cache, det)
             x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
         h = FeedForward(cfg, det, name="ffn")(checkpoint_name(norm("ffn_norm")(x_BxQxD), "mlp_input"))
         x_BxQxD = x_BxQxD + dropout(h, deterministic=det)
         return x_BxQxD, new_cache
 
 
-class T5Stack(nn.Module):
+class T5Stack(encoder_decoder.Stack):
     """Encoder or decoder: relative-position bias, scanned layers, final norm."""
 
-    config: Config
-    is_decoder: bool
+    block = T5Block
 
-    @nn.compact
-    def __call__(
-        self,
-        x_BxQxD: jax.Array,
-        query_positions_BxQ: jax.Array,
-        key_positions_BxC: jax.Array,
-        key_valid_BxC: jax.Array,
-        prefix: KV | None,
-        deterministic: bool,
-        query_offset: jax.Array | int = 0,
-        memory: jax.Array | None = None,
-        memory_valid: jax.Array | None = None,
-        cross_prefix: KV | None = None,
-        cache: dict | None = None,
-    ) -> tuple[jax.Array, dict | None]:
+    def embed_positions(self, x_BxQxD, query_positions_BxQ, key_positions_BxC, prefix_len, deterministic):
+        """T5 adds no positions to the input: every layer adds the same relative-position bias."""
         cfg = self.config
-        batch, num_queries = x_BxQxD.shape[:2]
-        prefix_len = 0 if prefix is None else prefix.key.shape[-2]
+        batch = x_BxQxD.shape[0]
         # Prefix slots at positions 0..P-1, real tokens from P (see module docstring).
         prefix_positions = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (batch, prefix_len))
         key_positions = jnp.concatenate([prefix_positions, prefix_len + key_positions_BxC], axis=1)
@@ -228,39 +203,24 @@ class T5Stack(nn.Module):
         table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=cfg.param_dtype,
                          name="relative_attention_bias")
         bias_BxHxQxM = jnp.transpose(table(buckets), (0, 3, 1, 2))
-        self_mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=self.is_decoder,
-                                         query_offset=query_offset)
-        cross_mask = None
-        if self.is_decoder:
-            cross_len = 0 if cross_prefix is None else cross_prefix.key.shape[-2]
-            cross_mask = masks.attention_mask(memory_valid, num_queries, cross_len)
+        return nn.Dropout(cfg.dropout_rate)(x_BxQxD, deterministic=deterministic), bias_BxHxQxM
 
-        layers = common.stack_layers(
-            T5Block, cfg.num_decoder_layers if self.is_decoder else cfg.num_encoder_layers, cfg.remat,
-            in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        )(cfg, self.is_decoder, deterministic, name="layers")
-        x = nn.Dropout(cfg.dropout_rate)(x_BxQxD, deterministic=deterministic)
-        x, cache = layers(x, prefix, cross_prefix, cache, self_mask, bias_BxHxQxM, memory, cross_mask)
-        x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic), cache
+    def output(self, x_BxQxD, deterministic):
+        cfg = self.config
+        x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxQxD)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
-class Model(common.DecoderCache, nn.Module):
-    """`logits = Model(config).apply({'params': lm_params}, batch, prefix)`.
-
-    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
-    `prefix`: a `Prefix` (K/V for any of ENCODER, DECODER, CROSS; or `prompt_embeds`).
-    """
+class Model(encoder_decoder.EncoderDecoder):
+    """T5 in the encoder-decoder shell (`encoder_decoder.EncoderDecoder`: batch, prefix and methods)."""
 
     config: Config
+    stack_type = T5Stack
+    embedding_std = 1.0
 
     def setup(self) -> None:
+        super().setup()
         cfg = self.config
-        # HF's init (std 1): only used to build random tiny checkpoints; real weights are loaded.
-        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                               embedding_init=nn.initializers.normal(1.0), name="shared")
-        self.encoder = T5Stack(cfg, is_decoder=False, name="encoder")
-        self.decoder = T5Stack(cfg, is_decoder=True, name="decoder")
         if not cfg.tied_lm_head:
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     name="lm_head")
@@ -268,38 +228,19 @@ class Model(common.DecoderCache, nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.shared(ids)
 
-    def encode(self, source_ids, source_mask, prefix: Prefix = NO_PREFIX, deterministic=True):
-        """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
-        x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
-        # The prompt, if any, is in source_mask already; relative positions need no prefix shift.
-        positions = masks.token_positions(source_mask, self.config.text_positions(ENCODER, x.shape[1]).source_offset)
-        encoded, _ = self.encoder(x, positions, positions, source_mask, prefix.kv.get(ENCODER), deterministic)
-        return encoded, source_mask
-
-    def decode(self, encoded, encoded_mask, decoder_ids, decoder_mask, prefix: Prefix = NO_PREFIX,
-               deterministic=True, cache=None):
-        """Logits `[B, T, V]` for decoder inputs. With `cache`, `decoder_mask` covers the cache slots."""
+    def head(self, h_BxQxD: jax.Array) -> jax.Array:
+        """Float32 logits; v1.0's tied head first scales the hidden states by `d_model**-0.5`."""
         cfg = self.config
-        x = self.embed(decoder_ids)
-        if cache is None:
-            query_positions = key_positions = masks.token_positions(decoder_mask)
-            offset = 0
-        else:  # decoding: the decoder input has no padding; slot == position
-            offset = cache["self"]["index"][0]
-            batch, num_queries = decoder_ids.shape
-            query_positions = jnp.broadcast_to(offset + jnp.arange(num_queries, dtype=jnp.int32),
-                                               (batch, num_queries))
-            key_positions = jnp.broadcast_to(jnp.arange(decoder_mask.shape[1], dtype=jnp.int32), decoder_mask.shape)
-        h, cache = self.decoder(x, query_positions, key_positions, decoder_mask, prefix.kv.get(DECODER),
-                                deterministic, offset, encoded, encoded_mask, prefix.kv.get(CROSS), cache)
         if cfg.scale_decoder_outputs:
-            h = h * (cfg.d_model**-0.5)
-        logits = self.shared.attend(h) if cfg.tied_lm_head else self.lm_head(h)
-        return logits.astype(jnp.float32), cache
+            h_BxQxD = h_BxQxD * (cfg.d_model**-0.5)
+        logits = self.shared.attend(h_BxQxD) if cfg.tied_lm_head else self.lm_head(h_BxQxD)
+        return logits.astype(jnp.float32)
 
-    def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
-        """Teacher-forced logits `[B, T, V]`: position t predicts `target_ids[:, t]`."""
-        return common.teacher_forced_logits(self, batch, prefix, deterministic)
+
+# Per stack, its blocks' sub-layers in HF's order (`{stack}.block.{i}.layer.{j}`): (our name, HF's module).
+_SUBLAYERS = {"encoder": (("self_attention", "SelfAttention"), ("ffn", "DenseReluDense")),
+              "decoder": (("self_attention", "SelfAttention"), ("cross_attention", "EncDecAttention"),
+                          ("ffn", "DenseReluDense"))}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
@@ -319,38 +260,26 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
         names = ("wi_0", "wi_1", "wo") if cfg.is_gated_act else ("wi", "wo")
         return {n: {"kernel": common.dense_kernel(t(f"{prefix}.DenseReluDense.{n}.weight"))} for n in names}
 
-    def encoder_layer(i: int) -> dict:
-        p = f"encoder.block.{i}.layer"
-        return {
-            "self_attention": attention(f"{p}.0.SelfAttention"),
-            "self_attention_norm": {"scale": t(f"{p}.0.layer_norm.weight")},
-            "ffn": ffn(f"{p}.1"),
-            "ffn_norm": {"scale": t(f"{p}.1.layer_norm.weight")},
-        }
-
-    def decoder_layer(i: int) -> dict:
-        p = f"decoder.block.{i}.layer"
-        return {
-            "self_attention": attention(f"{p}.0.SelfAttention"),
-            "self_attention_norm": {"scale": t(f"{p}.0.layer_norm.weight")},
-            "cross_attention": attention(f"{p}.1.EncDecAttention"),
-            "cross_attention_norm": {"scale": t(f"{p}.1.layer_norm.weight")},
-            "ffn": ffn(f"{p}.2"),
-            "ffn_norm": {"scale": t(f"{p}.2.layer_norm.weight")},
-        }
+    def layer(stack: str, i: int) -> dict:
+        out = {}
+        for j, (ours, module) in enumerate(_SUBLAYERS[stack]):
+            p = f"{stack}.block.{i}.layer.{j}"
+            out[ours] = ffn(p) if ours == "ffn" else attention(f"{p}.{module}")
+            out[f"{ours}_norm"] = {"scale": t(f"{p}.layer_norm.weight")}
+        return out
 
     params = {
         "shared": {"embedding": t("shared.weight")},
         "encoder": {
             "relative_attention_bias": {
                 "embedding": t("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
-            "layers": common.stacked(cfg.num_encoder_layers, encoder_layer),
+            "layers": common.stacked(cfg.num_encoder_layers, lambda i: layer("encoder", i)),
             "final_norm": {"scale": t("encoder.final_layer_norm.weight")},
         },
         "decoder": {
             "relative_attention_bias": {
                 "embedding": t("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
-            "layers": common.stacked(cfg.num_decoder_layers, decoder_layer),
+            "layers": common.stacked(cfg.num_decoder_layers, lambda i: layer("decoder", i)),
             "final_norm": {"scale": t("decoder.final_layer_norm.weight")},
         },
     }
@@ -365,10 +294,10 @@ def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
 
     H, K, D = cfg.num_heads, cfg.d_kv, cfg.d_model
 
-    def stack(name: str, num_layers: int, sublayers: tuple[tuple[str, str], ...]) -> dict:
+    def stack(name: str, num_layers: int) -> dict:
         layer = f"{name}.block.{{i}}.layer"
         out: dict = {}
-        for j, (ours, module) in enumerate(sublayers):
+        for j, (ours, module) in enumerate(_SUBLAYERS[name]):
             if ours == "ffn":
                 wis = ("wi_0", "wi_1") if cfg.is_gated_act else ("wi",)
                 out["ffn"] = {w: {"kernel": sl.layers(num_layers, f"{layer}.{j}.DenseReluDense.{w}.weight", (D,),
@@ -387,9 +316,8 @@ def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
 
     params = {
         "shared": {"embedding": sl.tensor("shared.weight", (cfg.vocab_size,), (D,))},
-        "encoder": stack("encoder", cfg.num_encoder_layers, (("self_attention", "SelfAttention"), ("ffn", ""))),
-        "decoder": stack("decoder", cfg.num_decoder_layers, (("self_attention", "SelfAttention"),
-                                                              ("cross_attention", "EncDecAttention"), ("ffn", ""))),
+        "encoder": stack("encoder", cfg.num_encoder_layers),
+        "decoder": stack("decoder", cfg.num_decoder_layers),
     }
     if not cfg.tied_lm_head:
         params["lm_head"] = {"kernel": sl.tensor("lm_head.weight", (D,), (cfg.vocab_size,), transpose=True)}
@@ -409,15 +337,13 @@ def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray
 
     for stack, num_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
         layers = p[stack]["layers"]
-        names = ["self_attention", "cross_attention", "ffn"] if stack == "decoder" else ["self_attention", "ffn"]
         for i in range(num_layers):
-            for j, name in enumerate(names):
+            for j, (name, module) in enumerate(_SUBLAYERS[stack]):
                 base = f"{stack}.block.{i}.layer.{j}"
                 if name == "ffn":
                     for w, kernel in layers["ffn"].items():
                         out[f"{base}.DenseReluDense.{w}.weight"] = kernel["kernel"][i].T
                 else:
-                    module = "SelfAttention" if name == "self_attention" else "EncDecAttention"
                     attention(f"{base}.{module}", layers[name], i)
                 out[f"{base}.layer_norm.weight"] = layers[f"{name}_norm"]["scale"][i]
         out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
