@@ -87,9 +87,9 @@ StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 Start = tuple[jax.Array, Any, StepFn, jax.Array]
 
 
-def _repeat(x: jax.Array, times: int) -> jax.Array:
-    """[B, ...] -> [B * times, ...], each row repeated `times` times in a row (beam layout)."""
-    return jnp.repeat(x, times, axis=0) if times > 1 else x
+def _repeat(x: jax.Array, times: int, axis: int = 0) -> jax.Array:
+    """[B, ...] -> [B * times, ...] (B on `axis`), each row repeated `times` times in a row (beam layout)."""
+    return jnp.repeat(x, times, axis=axis) if times > 1 else x
 
 
 def _encoder_decoder_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
@@ -130,11 +130,8 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
     prompt = prefix.prompt_embeds is not None  # virtual tokens always take positions 0..P-1
     if prompt:
         prefix = _prompt_as_kv(model, params, prefix.prompt_embeds)
-    source_ids, source_mask = _repeat(source_ids, cfg.num_beams), _repeat(source_mask, cfg.num_beams)
-    prefix = prefix_bank.repeat_rows(prefix, cfg.num_beams)
-    rows, source_len = source_ids.shape
+    batch, source_len = source_ids.shape
     capacity = source_len + cfg.max_new_tokens
-    cache = model.init_cache(rows, capacity)
     prefix_len = prefix.length(DECODER)  # the longest of a bank's prefixes
     if prompt:  # the prompt's K/V: P virtual tokens in front, at positions 0..P-1
         where = config.text_positions(DECODER, source_len + cfg.max_new_tokens, prompt_len=prefix_len)
@@ -146,11 +143,17 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
                          f"({source_len}) + generate.max_new_tokens ({cfg.max_new_tokens}) exceed the model's "
                          f"{config.max_positions} positions; shorten one.")
     source_positions = masks.token_positions(source_mask, where.source_offset)
-    valid = jnp.concatenate([source_mask.astype(bool), jnp.zeros((rows, cfg.max_new_tokens), bool)], axis=1)
+    valid = jnp.concatenate([source_mask.astype(bool), jnp.zeros((batch, cfg.max_new_tokens), bool)], axis=1)
+    # The source is prefilled once per example, then its cache copied to the example's beams.
     _, cache = model.apply(params, ids_BxQ=source_ids, positions_BxQ=source_positions, key_valid_BxC=valid,
-                           prefix=prefix, cache=cache, deterministic=True, prefix_visible=not prefix.infix,
-                           method=model.decode)
-    first_target_position = jnp.sum(source_mask, axis=1).astype(jnp.int32) + where.target_offset
+                           prefix=prefix, cache=model.init_cache(batch, capacity), deterministic=True,
+                           prefix_visible=not prefix.infix, method=model.decode)
+    cache = jax.tree.map(lambda x: x if x.ndim < 2 else _repeat(x, cfg.num_beams, axis=1), cache)  # [L, B..]->[L, R..]
+    first_target_position = _repeat(jnp.sum(source_mask, axis=1).astype(jnp.int32) + where.target_offset,
+                                    cfg.num_beams)
+    source_ids, source_mask, valid = (_repeat(x, cfg.num_beams) for x in (source_ids, source_mask, valid))
+    prefix = prefix_bank.repeat_rows(prefix, cfg.num_beams)
+    rows = source_ids.shape[0]
 
     def step(tokens_R: jax.Array, cache: Any, t: jax.Array) -> tuple[jax.Array, Any]:
         slots = source_len + t
@@ -169,9 +172,18 @@ def _decoder_only_start(model: Any, lm_params: Any, prefix: Prefix, source_ids: 
     return start, cache, step, jnp.concatenate([aligned.astype(jnp.int32), start[:, None]], axis=1)
 
 
+# Cache entries that are the same for every beam of an example: the cross-attention K/V of an encoder-decoder,
+# projected once from the encoder output. Beams only move within their example, so these need no gather.
+_SAME_FOR_EVERY_BEAM = ("cross",)
+
+
 def _reorder(cache: Any, rows_R: jax.Array) -> Any:
-    """Gathers the batch axis (axis 1, after the layer axis) of every cache array; layer indices stay."""
-    return jax.tree.map(lambda x: x if x.ndim < 2 else jnp.take(x, rows_R, axis=1), cache)
+    """Gathers the batch axis (axis 1, after the layer axis) of every cache array but those the same for every
+    beam of an example; layer indices stay. `rows_R` must only move rows within their example."""
+    gather = lambda entry: jax.tree.map(lambda x: x if x.ndim < 2 else jnp.take(x, rows_R, axis=1), entry)
+    if not isinstance(cache, dict):
+        return gather(cache)
+    return {name: entry if name in _SAME_FOR_EVERY_BEAM else gather(entry) for name, entry in cache.items()}
 
 
 def _greedy(start: jax.Array, cache: Any, step: StepFn, prompt: jax.Array, cfg: GenerationConfig, eos: int,

@@ -9,8 +9,7 @@ import pytest
 from tolerances import F32_ATOL
 
 from prefix_jax.models import masks
-from prefix_jax.models.attention import KV, attend, prepend_prefix
-from prefix_jax.models.split_attention import attend_with_prefix
+from prefix_jax.models.attention import KV, BankKV, attend
 
 B, Q, S, P, H, K = 3, 5, 6, 4, 2, 8
 
@@ -28,13 +27,16 @@ def case(seed: int = 0, per_row_prefix: bool = False):
     return q, k, v, prefix, mask, bias
 
 
+def attend_with_prefix(q, k, v, prefix, mask, bias, scale):
+    """The models' path: the prefix as its own block of keys."""
+    return attend(q, k, v, mask, bias, scale, prefix=prefix)
+
+
 def concatenating(q, k, v, prefix, mask, bias, scale):
-    """The models' path; a per-row prefix is concatenated row by row."""
-    if prefix is not None and prefix.key.ndim == 4:
-        swap = lambda x: jnp.swapaxes(x, 1, 2)
-        k, v = jnp.concatenate([swap(prefix.key), k], 1), jnp.concatenate([swap(prefix.value), v], 1)
-    else:
-        k, v = prepend_prefix(prefix, k, v)
+    """The reference: the prefix broadcast to every row (a per-row prefix row by row) and concatenated in front."""
+    if prefix is not None:
+        rows = lambda p: jnp.swapaxes(jnp.broadcast_to(p, (B, *p.shape[-3:])), 1, 2)
+        k, v = jnp.concatenate([rows(prefix.key), k], 1), jnp.concatenate([rows(prefix.value), v], 1)
     return attend(q, k, v, mask, bias, scale)
 
 
@@ -75,3 +77,43 @@ def test_the_prefix_is_never_broadcast_to_the_batch():
     assert f"tensor<{B}x{P + S}x{H}x{K}x" not in hlo  # no [B, P + S, H, K] keys or values
     ref_hlo = jax.jit(concatenating, static_argnums=(6,)).lower(q, k, v, prefix, mask, bias, 1.0).as_text()
     assert f"tensor<{B}x{P + S}x{H}x{K}x" in ref_hlo  # (the check can see the copy where there is one)
+
+
+def test_bank_rows_attend_to_their_own_prefix_and_never_to_empty_slots():
+    """A bank's prefixes are right-aligned in P slots; a row sees only its prefix's real slots, as if that
+    prefix (and no padding) were concatenated in front of its keys."""
+    q, k, v, _, mask, bias = case(4)
+    rng = np.random.default_rng(4)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    lengths = [P, 2]  # prefix 1 leaves its first P - 2 slots empty
+    valid = jnp.asarray([[s >= P - n for s in range(P)] for n in lengths])
+    bank = BankKV(3.0 * normal(2, H, P, K), normal(2, H, P, K), valid, jnp.asarray([1, 0, 1]))
+    ours = attend(q, k, v, mask, bias, K**-0.5, prefix=bank)
+    for b in range(B):
+        j = int(bank.rows[b])
+        start = P - lengths[j]
+        own = KV(bank.key[j, :, start:][None], bank.value[j, :, start:][None])  # [1, H, P_j, K]
+        row = lambda x: x[b:b + 1]
+        ref = attend(row(q), *(jnp.concatenate([jnp.swapaxes(p, 1, 2), row(x)], 1) for p, x in zip(own, (k, v))),
+                     row(mask)[..., start:], bias[..., start:], K**-0.5)
+        np.testing.assert_allclose(ours[b:b + 1], ref, atol=2e-6)
+
+
+def test_grouped_query_heads_read_their_key_value_head_and_prefix():
+    """N < H key/value heads (and an N-head prefix): equal to plain attention with each K/V head repeated for its
+    G = H / N query heads; a per-head mask and bias are grouped the same way."""
+    q, _, _, _, _, _ = case(5)
+    rng = np.random.default_rng(5)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    num_kv = 2  # G = 2 query heads per K/V head
+    q = normal(B, Q, 4, K)  # H = 4 query heads
+    k, v = normal(B, S, num_kv, K), normal(B, S, num_kv, K)
+    prefix = KV(3.0 * normal(num_kv, P, K), normal(num_kv, P, K))
+    valid = jnp.asarray(np.arange(S)[None] < np.array([S, 3, 1])[:, None])
+    mask = masks.attention_mask(valid, Q, P, causal=True, query_offset=1)
+    mask = mask & jnp.asarray(rng.random((B, 4, Q, P + S)) < 0.8)  # a different mask per query head
+    bias = normal(1, 4, Q, P + S)
+    repeat = lambda x, axis: jnp.repeat(x, 4 // num_kv, axis=axis)
+    ref = concatenating(q, repeat(k, 2), repeat(v, 2), KV(repeat(prefix.key, 0), repeat(prefix.value, 0)), mask,
+                        bias, K**-0.5)
+    np.testing.assert_allclose(attend(q, k, v, mask, bias, K**-0.5, prefix=prefix), ref, atol=2e-6)

@@ -3,7 +3,8 @@
 Shape letters as in `prefix_jax.shapes` (Q queries, C real-token key slots, M = P + C keys).
 
 A prefix is never batched: one `[H, P, K]` key/value pair per layer serves every example, beam and
-padding layout, so batch size and beam expansion cannot change it.
+padding layout, so batch size and beam expansion cannot change it. Nor is it copied in front of the keys:
+`attend` reads it as its own block of keys (see there), so a decoding cache holds real tokens only.
 """
 
 from __future__ import annotations
@@ -56,17 +57,6 @@ def tokens_after_prefix(prefix: KV | BankKV | None) -> int | jax.Array:
     return prefix.key.shape[-2]
 
 
-def mask_empty_prefix_slots(prefix: KV | BankKV | None, mask_BxHxQxM: jax.Array) -> jax.Array:
-    """Hides a bank's empty slots (the first P mask columns) from every query; other prefixes unchanged."""
-    if not isinstance(prefix, BankKV):
-        return mask_BxHxQxM
-    num_slots = prefix.key.shape[-2]
-    valid_BxP = _rows_of(prefix)[2]
-    mask_BxHxQxM = jnp.broadcast_to(mask_BxHxQxM, (valid_BxP.shape[0], *mask_BxHxQxM.shape[1:]))
-    slots = mask_BxHxQxM[..., :num_slots] & valid_BxP[:, None, None, :]
-    return jnp.concatenate([slots, mask_BxHxQxM[..., num_slots:]], axis=-1)
-
-
 def write_cache(cache: dict, k_BxQxHxK: jax.Array, v_BxQxHxK: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
     """Incremental decoding: this call's keys/values written at `cache["index"]`; returns every cached key/value
     so far (`[B, C, H, K]`, C the cache size) and the updated cache."""
@@ -76,57 +66,93 @@ def write_cache(cache: dict, k_BxQxHxK: jax.Array, v_BxQxHxK: jax.Array) -> tupl
     return k, v, {"key": k, "value": v, "index": index + k_BxQxHxK.shape[1]}
 
 
-def prepend_prefix(prefix: KV | BankKV | None, k_BxCxHxK: jax.Array,
-                   v_BxCxHxK: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Concatenates an unbatched prefix `[H, P, K]` (or each row's prefix of a bank) in front of keys and values."""
-    if prefix is None:
-        return k_BxCxHxK, v_BxCxHxK
-    batch = k_BxCxHxK.shape[0]
-    if isinstance(prefix, BankKV):
-        key_BxHxPxK, value_BxHxPxK, _ = _rows_of(prefix)
-        row = lambda p, like: jnp.swapaxes(p, 1, 2).astype(like.dtype)
-        return (jnp.concatenate([row(key_BxHxPxK, k_BxCxHxK), k_BxCxHxK], axis=1),
-                jnp.concatenate([row(value_BxHxPxK, v_BxCxHxK), v_BxCxHxK], axis=1))
-
-    def expand(p_HxPxK: jax.Array, like: jax.Array) -> jax.Array:
-        p_PxHxK = jnp.swapaxes(p_HxPxK, 0, 1).astype(like.dtype)
-        return jnp.broadcast_to(p_PxHxK[None], (batch, *p_PxHxK.shape))
-
-    k = jnp.concatenate([expand(prefix.key, k_BxCxHxK), k_BxCxHxK], axis=1)
-    v = jnp.concatenate([expand(prefix.value, v_BxCxHxK), v_BxCxHxK], axis=1)
-    return k, v
-
-
 def empty_cache(num_layers: int, num_heads: int, head_dim: int, batch_size: int, capacity: int, dtype: str) -> dict:
     """A layer-stacked `MultiHeadAttention` cache with nothing written: keys/values `[L, B, C, H, K]`, index `[L]`."""
     zeros = jnp.zeros((num_layers, batch_size, capacity, num_heads, head_dim), dtype)
     return {"key": zeros, "value": zeros, "index": jnp.zeros((num_layers,), jnp.int32)}
 
 
+def _by_kv_head(x_BxHxQxM: jax.Array | None, num_kv_heads: int) -> jax.Array | None:
+    """A mask or bias `[B, H or 1, Q, M]` as `[B, N, G, Q, M]` (or `[B, 1, 1, Q, M]`), to match grouped queries."""
+    if x_BxHxQxM is None or x_BxHxQxM.shape[1] == 1:
+        return None if x_BxHxQxM is None else x_BxHxQxM[:, :, None]
+    batch, num_heads, *rest = x_BxHxQxM.shape
+    return x_BxHxQxM.reshape(batch, num_kv_heads, num_heads // num_kv_heads, *rest)
+
+
+def _prefix_block(prefix: KV | BankKV, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The prefix as attention reads it: key, value `[N, P, K]` (shared) or `[B, N, P, K]` (a bank's rows, each
+    its own prefix), and for a bank which slots are real `[B, P]` (None: all)."""
+    if isinstance(prefix, BankKV):
+        key, value, valid_BxP = _rows_of(prefix)
+    else:
+        key, value, valid_BxP = prefix.key, prefix.value, None
+    return key.astype(dtype), value.astype(dtype), valid_BxP
+
+
 def attend(
     q_BxQxHxK: jax.Array,
-    k_BxMxHxK: jax.Array,
-    v_BxMxHxK: jax.Array,
+    k_BxCxNxK: jax.Array,
+    v_BxCxNxK: jax.Array,
     mask_BxHxQxM: jax.Array,
     bias_BxHxQxM: jax.Array | None,
     scale: float,
     dropout: nn.Dropout | None = None,
     deterministic: bool = True,
+    prefix: KV | BankKV | None = None,
 ) -> jax.Array:
-    """Scaled dot-product attention with a boolean mask and an optional additive bias.
+    """Scaled dot-product attention over an optional prefix and the keys, with a boolean mask and an additive bias.
 
-    Scores and softmax run in float32 whatever the compute dtype. `M` = P + C keys. Mask and bias
-    broadcast over any axis of size one.
+    `M = P + C`: mask and bias cover the P prefix slots first, then the C keys (as `masks.attention_mask`
+    makes them); they broadcast over any axis of size one, and their head axis is H or 1. Grouped-query
+    attention when the keys have N < H heads: query head `h` reads key/value head `h // G`, nothing repeated.
+
+    The prefix (`[N, P, K]` for every row, or a bank's per-row prefixes, whose empty slots are masked) is
+    never copied in front of the keys: its scores and the tokens' are two blocks sharing one float32
+    softmax, `softmax([s_p; s_c]) @ [v_p; v_c] = (exp(s_p - m) @ v_p + exp(s_c - m) @ v_c) / z`, with `m` the
+    maximum and `z` the sum over both blocks. So no `[B, P + C, N, K]` copy exists per layer and step, in
+    training or when decoding. With attention dropout on, each block draws its own dropout mask: the same
+    distribution as dropout on the concatenated weights, other random numbers.
     """
-    scores = jnp.einsum("bqhk,bmhk->bhqm", q_BxQxHxK, k_BxMxHxK, preferred_element_type=jnp.float32)
-    scores = scores * scale
-    if bias_BxHxQxM is not None:
-        scores = scores + bias_BxHxQxM.astype(jnp.float32)
-    scores = jnp.where(mask_BxHxQxM, scores, _MASKED_SCORE)
-    weights = jax.nn.softmax(scores, axis=-1)
+    batch, num_queries, num_heads, head_dim = q_BxQxHxK.shape
+    num_kv_heads = k_BxCxNxK.shape[2]
+    q = q_BxQxHxK.reshape(batch, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    mask, bias = _by_kv_head(mask_BxHxQxM, num_kv_heads), _by_kv_head(bias_BxHxQxM, num_kv_heads)
+    prefix_len = 0 if prefix is None else prefix.key.shape[-2]
+
+    def scores(raw_BxNxGxQxX: jax.Array, slots: slice, valid_BxX: jax.Array | None = None) -> jax.Array:
+        raw_BxNxGxQxX = raw_BxNxGxQxX * scale
+        if bias is not None:
+            raw_BxNxGxQxX = raw_BxNxGxQxX + bias[..., slots].astype(jnp.float32)
+        visible = mask[..., slots]
+        if valid_BxX is not None:
+            visible = visible & valid_BxX[:, None, None, None, :]
+        return jnp.where(visible, raw_BxNxGxQxX, _MASKED_SCORE)
+
+    token_scores = scores(jnp.einsum("bqngk,bcnk->bngqc", q, k_BxCxNxK, preferred_element_type=jnp.float32),
+                          slice(prefix_len, None))
+    mix = lambda weights, pattern, value: jnp.einsum(pattern, weights.astype(value.dtype), value)
+    if prefix is None:
+        token_weights = jax.nn.softmax(token_scores, axis=-1)
+        if dropout is not None:
+            token_weights = dropout(token_weights, deterministic=deterministic)
+        y = mix(token_weights, "bngqc,bcnk->bqngk", v_BxCxNxK)
+        return y.reshape(batch, num_queries, num_heads, head_dim)
+
+    key, value, valid_BxP = _prefix_block(prefix, k_BxCxNxK.dtype)
+    shared = key.ndim == 3  # else one prefix per row (a bank)
+    prefix_scores = scores(jnp.einsum("bqngk,npk->bngqp" if shared else "bqngk,bnpk->bngqp", q, key,
+                                      preferred_element_type=jnp.float32), slice(None, prefix_len), valid_BxP)
+    top = jax.lax.stop_gradient(jnp.maximum(prefix_scores.max(-1, keepdims=True), token_scores.max(-1, keepdims=True)))
+    prefix_exp, token_exp = jnp.exp(prefix_scores - top), jnp.exp(token_scores - top)
+    total = prefix_exp.sum(-1, keepdims=True) + token_exp.sum(-1, keepdims=True)
+    prefix_weights, token_weights = prefix_exp / total, token_exp / total
     if dropout is not None:
-        weights = dropout(weights, deterministic=deterministic)
-    return jnp.einsum("bhqm,bmhk->bqhk", weights.astype(v_BxMxHxK.dtype), v_BxMxHxK)
+        prefix_weights = dropout(prefix_weights, deterministic=deterministic)
+        token_weights = dropout(token_weights, deterministic=deterministic)
+    y = (mix(prefix_weights, "bngqp,npk->bqngk" if shared else "bngqp,bnpk->bqngk", value)
+         + mix(token_weights, "bngqc,bcnk->bqngk", v_BxCxNxK))
+    return y.reshape(batch, num_queries, num_heads, head_dim)
 
 
 class MultiHeadAttention(nn.Module):
@@ -192,9 +218,7 @@ class MultiHeadAttention(nn.Module):
         self.sow("intermediates", "key_value", KV(k, v))
         if cache is not None:
             k, v, cache = write_cache(cache, k, v)
-        k, v = prepend_prefix(prefix, k, v)
-        mask_BxHxQxM = mask_empty_prefix_slots(prefix, mask_BxHxQxM)
-        y = attend(q, k, v, mask_BxHxQxM, bias_BxHxQxM, self.query_scale, self.dropout, deterministic)
+        y = attend(q, k, v, mask_BxHxQxM, bias_BxHxQxM, self.query_scale, self.dropout, deterministic, prefix)
         return self.out(y), cache
 
 

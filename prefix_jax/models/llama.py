@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefix_jax.models import common, decoder_only
-from prefix_jax.models.attention import KV, BankKV, prepend_prefix, write_cache
+from prefix_jax.models.attention import KV, BankKV, attend, write_cache
 from prefix_jax.models.hub import take
 from prefix_jax.models.interface import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
 
@@ -43,7 +43,6 @@ _ROPE_KEYS = {
     "llama3": {"rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
                "original_max_position_embeddings"},
 }
-_MASKED_SCORE = -1e30  # finite: an all-masked (pad) query row softmaxes to uniform, not NaN
 
 # Logical axes of every param (regex fullmatched against the "/"-joined path): the sharding table's input.
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
@@ -275,30 +274,12 @@ class RMSNorm(nn.Module):
         return scale * normed.astype(self.dtype)
 
 
-def grouped_attend(q_BxQxHxK: jax.Array, k_BxMxNxK: jax.Array, v_BxMxNxK: jax.Array, mask_BxHxQxM: jax.Array,
-                   scale: float, dropout: nn.Dropout | None = None, deterministic: bool = True) -> jax.Array:
-    """Grouped-query attention: query head `h` reads K/V head `h // G`, without repeating K/V in memory.
-
-    Scores and softmax in float32. The mask's head axis has size one.
-    """
-    batch, num_queries, num_heads, head_dim = q_BxQxHxK.shape
-    num_kv = k_BxMxNxK.shape[2]
-    q_BxQxNxGxK = q_BxQxHxK.reshape(batch, num_queries, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("bqngk,bmnk->bngqm", q_BxQxNxGxK, k_BxMxNxK, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask_BxHxQxM[:, :, None], scores, _MASKED_SCORE)
-    weights_BxNxGxQxM = jax.nn.softmax(scores, axis=-1)
-    if dropout is not None:
-        weights_BxNxGxQxM = dropout(weights_BxNxGxQxM, deterministic=deterministic)
-    y = jnp.einsum("bngqm,bmnk->bqngk", weights_BxNxGxQxM.astype(v_BxMxNxK.dtype), v_BxMxNxK)
-    return y.reshape(batch, num_queries, num_heads, head_dim)
-
-
 class LlamaAttention(nn.Module):
     config: Config
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxQxD, rope, mask_BxHxQxM, prefix: KV | None, cache: dict | None):
+    def __call__(self, x_BxQxD, rope, mask_BxHxQxM, prefix: KV | BankKV | None, cache: dict | None):
         cfg = self.config
         heads = lambda n, bias, name: nn.DenseGeneral((n, cfg.head_dim), use_bias=bias, dtype=cfg.dtype,
                                                       param_dtype=cfg.param_dtype, name=name)
@@ -314,9 +295,8 @@ class LlamaAttention(nn.Module):
         self.sow("intermediates", "key_value", KV(k, v))
         if cache is not None:
             k, v, cache = write_cache(cache, k, v)
-        k, v = prepend_prefix(prefix, k, v)
         dropout = nn.Dropout(cfg.attention_dropout) if cfg.attention_dropout > 0 else None
-        y = grouped_attend(q, k, v, mask_BxHxQxM, cfg.head_dim**-0.5, dropout, self.deterministic)
+        y = attend(q, k, v, mask_BxHxQxM, None, cfg.head_dim**-0.5, dropout, self.deterministic, prefix)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, name="o_proj")
         return out(y), cache
