@@ -8,4 +8,5 @@ F32_ATOL = 1e-5
 # meshes, processes): the summation order changes, nothing else.
 F32_REORDERED_RTOL = 2e-5
 # bfloat16 compute with float32 weights: logits within this fraction of the largest float32 logit.
-BF16_LOGITS_RTOL = 0.05
+# Measured on the 2-layer tiny models: 1.1% (T5), 0.6% (BART), 1.1% (GPT-2), 1.3% (Llama).
+BF16_LOGITS_RTOL = 0.03
