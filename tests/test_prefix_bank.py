@@ -1,4 +1,4 @@
-"""A batch mixing rows of 3 prefixes of different lengths == 3 separate single-prefix runs (T5, BART, GPT-2),
+"""A batch mixing rows of 3 prefixes of different lengths == 3 separate single-prefix runs (T5, BART, GPT-2, Llama),
 teacher-forced and decoded (greedy and beam); each prefix of a bank gets gradients from its own rows only."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from hf_fixtures import random_kv, save_tiny
-from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, T5Config, \
-    T5ForConditionalGeneration
 from tolerances import F32_ATOL
+from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig, \
+    LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from prefix_jax import prefix_bank
 from prefix_jax.generate import GenerationConfig, make_generate_fn
@@ -35,6 +35,10 @@ def _hf(which):
     if which == "gpt2":
         return _noisy(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                                  bos_token_id=1, eos_token_id=2)))
+    if which == "llama":
+        return _noisy(LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=2)), scale=0.1)
     if which.startswith("bart"):
         return _noisy(BartForConditionalGeneration(BartConfig(
             vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
@@ -44,7 +48,7 @@ def _hf(which):
         decoder_start_token_id=0)), scale=0.1)
 
 
-@pytest.fixture(scope="module", params=["t5", "bart", "bart_hf_positions", "gpt2"])
+@pytest.fixture(scope="module", params=["t5", "bart", "bart_hf_positions", "gpt2", "llama"])
 def lm(request, tmp_path_factory):
     which = request.param  # also set by tests that parametrize `lm` indirectly
     overrides = {"positions_after_prefix": True} if which == "bart_hf_positions" else {}
@@ -102,8 +106,8 @@ def test_bank_round_trips_its_prefixes(lm):
 @pytest.mark.parametrize("beams", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_mixed_decoding_equals_separate_runs(lm, beams):
     which, lm = lm
-    if beams == 1 and which in ("bart", "t5"):
-        pytest.skip("slow-only: greedy runs by default on GPT-2 and BART (HF positions); beam on all four")
+    if beams == 1 and which in ("bart", "t5", "llama"):
+        pytest.skip("slow-only: greedy runs by default on GPT-2 and BART (HF positions); beam on all five")
     prefixes = _prefixes(lm)
     bank = prefix_bank.for_rows(prefix_bank.stack(prefixes), ROWS)
     batch = _batch(1)

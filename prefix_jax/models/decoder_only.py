@@ -1,9 +1,9 @@
 """The decoder-only shell GPT-2 and Llama share: teacher forcing over `[source; target]`, decoding with a cache.
 
 What differs lives in their own modules: the stack (learned positions vs RoPE), `embed`, `head` (tied or
-not), what a prefix bank's shorter rows mean for positions (`before_tokens`) and which lengths fit
-(`check_lengths`: GPT-2's position table, a sliding window). Where text sits after a prefix is asked of
-`Config.text_positions` (see `models/gpt2.py`'s docstring for the placements).
+not) and which lengths fit (`check_lengths`: GPT-2's position table, a sliding window). Where text sits
+after a prefix (a bank's rows after their own prefix) is asked of `Config.text_positions` (see
+`models/gpt2.py`'s docstring for the placements).
 
 A model subclasses `DecoderOnly`, declares `config`, builds its embedding and stack in `setup`, and
 implements `embed`, `head` and `stack` (the stack module: `(x_BxQxD, positions_BxQ, mask_BxHxQxM, prefix,
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, BankKV, tokens_after_prefix
+from prefix_jax.models.attention import tokens_after_prefix
 from prefix_jax.models.interface import DECODER, NO_PREFIX, Prefix, TextPositions
 
 Batch = Mapping[str, jax.Array]
@@ -44,10 +44,6 @@ class DecoderOnly(common.DecoderCache, nn.Module):
         """The module that turns input embeddings into final hidden states."""
         raise NotImplementedError
 
-    def before_tokens(self, prefix: KV | BankKV | None) -> int | jax.Array | None:
-        """Prefix slots before each row's tokens (`Config.text_positions`): a bank's rows their own prefix's."""
-        return tokens_after_prefix(prefix)
-
     def check_lengths(self, where: TextPositions | None, prefix_len: int, num_keys: int) -> None:
         """Raises when a prefix and `num_keys` token slots do not fit the model (`where`: teacher forcing only)."""
 
@@ -65,7 +61,7 @@ class DecoderOnly(common.DecoderCache, nn.Module):
 
         kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
         length = valid_BxQ.shape[1]  # the prompt, if any, is counted here
-        where = cfg.text_positions(DECODER, length, prefix_len, before_tokens=self.before_tokens(kv),
+        where = cfg.text_positions(DECODER, length, prefix_len, before_tokens=tokens_after_prefix(kv),
                                    infix=prefix.infix)
         self.check_lengths(where, prefix_len, length)
         positions = masks.token_positions(valid_BxQ, where.source_offset)

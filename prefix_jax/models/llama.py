@@ -378,10 +378,6 @@ class Model(decoder_only.DecoderOnly):
     def stack(self) -> nn.Module:
         return self.model
 
-    def before_tokens(self, prefix: KV | BankKV | None) -> None:
-        """Each row's tokens come after all prefix slots (a bank's shorter rows included, unlike GPT-2)."""
-        return None
-
     def check_lengths(self, where: TextPositions | None, prefix_len: int, num_keys: int) -> None:
         """A sliding window is not implemented: prefix and tokens must fit in it."""
         window = self.config.sliding_window
