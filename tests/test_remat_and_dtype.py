@@ -68,7 +68,8 @@ def test_remat_policies_give_the_same_loss_and_gradients(architecture):
     for policy in ("full", "minimal"):
         np.testing.assert_allclose(results[policy][0], loss, rtol=F32_REORDERED_RTOL)
         for (path, ref), g in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(results[policy][1])):
-            np.testing.assert_allclose(g, ref, rtol=F32_REORDERED_RTOL, atol=F32_REORDERED_RTOL * float(jnp.abs(ref).max()),
+            scale = float(jnp.abs(ref).max())
+            np.testing.assert_allclose(g, ref, rtol=F32_REORDERED_RTOL, atol=F32_REORDERED_RTOL * scale,
                                        err_msg=f"{policy} {jax.tree_util.keystr(path)}")
 
 
