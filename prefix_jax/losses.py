@@ -60,7 +60,9 @@ class LMHead:
         h, w = h_NxD.astype(dtype), self.weight.astype(dtype)
         contract = ((h.ndim - 1,), (1 - self.vocab_axis,))
         out = jax.lax.dot_general(h, w, (contract, ((), ()))).astype(jnp.float32)
-        return out if self.bias is None else out + self.bias.astype(jnp.float32)
+        if self.bias is None:
+            return out
+        return out + self.bias.astype(jnp.float32).reshape((1,) * (out.ndim - 1) + (-1,))
 
 
 jax.tree_util.register_dataclass(LMHead, data_fields=["weight", "bias"], meta_fields=["vocab_axis", "scale", "dtype"])

@@ -178,9 +178,9 @@ def init_params(spec: PrefixSpec, rng: jax.Array) -> dict:
 
 def mlp(group: Mapping[str, Any], activation: str) -> jax.Array:
     """The reparameterization `P = MLP(P')`: `[P, D] -> [P, E]`."""
-    h = group["embedding"] @ group["mlp_in"]["kernel"] + group["mlp_in"]["bias"]
+    h = group["embedding"] @ group["mlp_in"]["kernel"] + group["mlp_in"]["bias"][None]
     h = common.activation(activation, "prefix.mlp_activation")(h)
-    return h @ group["mlp_out"]["kernel"] + group["mlp_out"]["bias"]
+    return h @ group["mlp_out"]["kernel"] + group["mlp_out"]["bias"][None]
 
 
 def unflatten(flat_PxE: jax.Array, geometry: StackGeometry) -> KV:

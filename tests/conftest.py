@@ -1,6 +1,10 @@
-"""Shared test set-up: CPU only, quiet logs, and markers for the slow/benchmark checks the default run skips."""
+"""Shared test set-up: CPU only, quiet logs, one compilation cache per session, strict broadcasting, markers
+for the slow checks the default run skips, and the tiny checkpoints and trained run several files share."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Many tests compile the same program (each trainer.run, train.py subprocess or fresh jit of an equal step):
+# XLA's persistent cache, empty at the start of each session, compiles each once. Subprocesses inherit it.
+_XLA_CACHE = tempfile.mkdtemp(prefix="prefix_jax_tests_xla_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402  (after the environment above)
+
+# Broadcasting must be written out ([None], reshape): an implicit rank promotion is an error in tests.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def pytest_configure(config):
@@ -17,16 +33,52 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def tiny_t5_dir(tmp_path_factory) -> Path:
-    """A random tiny T5 checkpoint (HF layout, bundled GPT-2 tokenizer), built once per test session."""
+def tiny_checkpoint(tmp_path_factory):
+    """`tiny_checkpoint(architecture)`: the random tiny checkpoint of `prefix_jax.tiny` (HF layout, bundled GPT-2
+    tokenizer), built at most once per test session. Shared: tests read it and never write into it."""
     from prefix_jax.tiny import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-t5", "t5")
+    built: dict[str, Path] = {}
+
+    def get(architecture: str) -> Path:
+        if architecture not in built:
+            built[architecture] = build_tiny_checkpoint(tmp_path_factory.mktemp("models") / f"tiny-{architecture}",
+                                                        architecture)
+        return built[architecture]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory) -> Path:
-    """A random tiny GPT-2 checkpoint, built once per test session."""
-    from prefix_jax.tiny import build_tiny_checkpoint
+def tiny_t5_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("t5")
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2")
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="session")
+def trained_t5_run(tiny_t5_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """A finished 2-step run of the tiny T5 (checkpoint and export at step 2) and its summary, trained once.
+
+    Shared read-only by the tests that inspect a run's files or must leave a user's run untouched: a test
+    that writes into a run copies it first.
+    """
+    from prefix_jax import trainer
+    from test_pipeline import small_config
+
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    return workdir, trainer.run(small_config(tiny_t5_dir, workdir, steps=2, save_every=2))
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(trained_t5_run) -> Path:
+    """The workdir of `trained_t5_run`: the 'pre-existing' user data every bad input must leave untouched."""
+    return trained_t5_run[0]

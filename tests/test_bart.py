@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from hf_fixtures import hf_decoder_cache as _hf_decoder_cache, left_pad, max_abs_diff, random_kv as _random_kv, save_state_dict, save_tiny
+from tolerances import F32_ATOL
 from transformers import BartConfig, BartForConditionalGeneration
 
 from prefix_jax.models import CROSS, DECODER, ENCODER, KV, Prefix, bart, load_pretrained
 from prefix_jax.models.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
-TOL = 1e-4
 B, S, T, P = 3, 11, 7, 5
 random_kv = functools.partial(_random_kv, length=P)
 hf_decoder_cache = functools.partial(_hf_decoder_cache, batch=B)
@@ -148,7 +148,7 @@ def test_logits_match_transformers_with_padding(variant, request):
     assert lm.config.scale_embedding == (variant == "scaled")
     assert lm.config.decoder_layers == (3 if variant == "scaled" else 2)
     np.testing.assert_array_equal(lm.params["final_logits_bias"], hf.final_logits_bias[0].numpy())
-    assert max_abs_diff(ours, hf_logits(hf, **hf_in), valid) < TOL
+    assert max_abs_diff(ours, hf_logits(hf, **hf_in), valid) < F32_ATOL
 
 
 def test_decoder_prefix_matches_hf_past_key_values(scaled, monkeypatch):
@@ -160,14 +160,14 @@ def test_decoder_prefix_matches_hf_past_key_values(scaled, monkeypatch):
     mask = torch.cat([torch.ones(B, P, dtype=torch.long), hf_in["decoder_attention_mask"]], dim=1)
     ref = hf_logits(hf, **{**hf_in, "decoder_attention_mask": mask}, past_key_values=hf_decoder_cache(k, v))
     after = with_config(lm, positions_after_prefix=True).apply({"params": lm.params}, batch, prefix)
-    assert max_abs_diff(after, ref, valid) < TOL
+    assert max_abs_diff(after, ref, valid) < F32_ATOL
 
     # The paper's placement: decoder tokens from position 0 whatever the prefix. HF does it once told so.
     monkeypatch.setattr(hf.model.decoder, "embed_positions", FixedPositions(hf.model.decoder.embed_positions, 0))
     ref0 = hf_logits(hf, **{**hf_in, "decoder_attention_mask": mask}, past_key_values=hf_decoder_cache(k, v))
     from_zero = lm.model.apply({"params": lm.params}, batch, prefix)
     assert not lm.config.positions_after_prefix
-    assert max_abs_diff(from_zero, ref0, valid) < TOL
+    assert max_abs_diff(from_zero, ref0, valid) < F32_ATOL
     assert max_abs_diff(from_zero, after, valid) > 1e-2
     assert max_abs_diff(lm.model.apply({"params": lm.params}, batch), ref0, valid) > 1e-2  # the prefix acts
 
@@ -188,7 +188,7 @@ def test_matches_peft_seq2seq_prefix_tuning(num_layers, tmp_path):
         ref = peft_model(**hf_in).logits.numpy()
     prefix = prefix_from_peft(prompt_embeddings, lm.config.prefix_geometry()[DECODER], seq2seq=True)
     ours = lm.model.apply({"params": lm.params}, batch, prefix)
-    assert max_abs_diff(ours, ref, valid) < TOL
+    assert max_abs_diff(ours, ref, valid) < F32_ATOL
     assert max_abs_diff(lm.model.apply({"params": lm.params}, batch), ref, valid) > 1e-2
 
 
@@ -203,7 +203,7 @@ def test_all_placements_match_patched_hf(scaled, monkeypatch, after):
     ref = hf_logits(hf, **hf_in)
     prefix = Prefix(kv={p: kv for p, (kv, _) in placed.items()})
     ours = with_config(lm, positions_after_prefix=after).apply({"params": lm.params}, batch, prefix)
-    assert max_abs_diff(ours, ref, valid) < TOL
+    assert max_abs_diff(ours, ref, valid) < F32_ATOL
     only_decoder = lm.model.apply({"params": lm.params}, batch, Prefix(kv={DECODER: placed[DECODER][0]}))
     assert max_abs_diff(only_decoder, ref, valid) > 1e-2  # encoder and cross prefixes really act
 
@@ -217,9 +217,9 @@ def test_encoder_positions_follow_the_flag(plain, monkeypatch):
     outs = {after: with_config(lm, positions_after_prefix=after).apply({"params": lm.params}, batch, prefix)
             for after in (False, True)}
     patch_hf(monkeypatch, hf, {ENCODER: kv_t})
-    assert max_abs_diff(outs[False], hf_logits(hf, **hf_in), valid) < TOL
+    assert max_abs_diff(outs[False], hf_logits(hf, **hf_in), valid) < F32_ATOL
     patch_hf(monkeypatch, hf, {}, encoder_start=P)
-    assert max_abs_diff(outs[True], hf_logits(hf, **hf_in), valid) < TOL
+    assert max_abs_diff(outs[True], hf_logits(hf, **hf_in), valid) < F32_ATOL
 
 
 @pytest.mark.parametrize("after", [False, True])
@@ -231,7 +231,7 @@ def test_padding_side_does_not_matter(scaled, after):
     left_ids, left_mask = map(jnp.asarray, left_pad(batch["source_ids"], batch["source_mask"]))
     a = model.apply({"params": lm.params}, batch, prefix)
     b = model.apply({"params": lm.params}, dict(batch, source_ids=left_ids, source_mask=left_mask), prefix)
-    assert max_abs_diff(a, b, valid) < TOL
+    assert max_abs_diff(a, b, valid) < F32_ATOL
 
 
 @pytest.mark.parametrize("after", [False, True])
@@ -253,7 +253,7 @@ def test_incremental_decoding_matches_teacher_forcing(scaled, after):
         written = jnp.broadcast_to(jnp.arange(T) <= t, (B, T))
         logits, cache = step(encoded, encoded_mask, decoder_ids[:, t:t + 1], written, cache)
         steps.append(logits)
-    assert max_abs_diff(jnp.concatenate(steps, axis=1), full, valid) < TOL
+    assert max_abs_diff(jnp.concatenate(steps, axis=1), full, valid) < F32_ATOL
 
 
 def test_embedding_only_prompt_matches_hf_inputs_embeds(scaled):
@@ -268,7 +268,7 @@ def test_embedding_only_prompt_matches_hf_inputs_embeds(scaled):
     mask = torch.cat([torch.ones(B, P, dtype=torch.long), hf_in.pop("attention_mask")], dim=1)
     ref = hf_logits(hf, inputs_embeds=embeds, attention_mask=mask, **hf_in)
     ours = lm.model.apply({"params": lm.params}, batch, Prefix(prompt_embeds=jnp.asarray(prompt.numpy())))
-    assert max_abs_diff(ours, ref, valid) < TOL
+    assert max_abs_diff(ours, ref, valid) < F32_ATOL
 
 
 def test_params_round_trip_to_hf_names(plain):

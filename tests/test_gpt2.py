@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from hf_fixtures import left_pad, max_abs_diff, random_kv as _random_kv, save_state_dict, save_tiny
+from tolerances import F32_ATOL
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache
 
@@ -19,7 +20,6 @@ from prefix_jax.models import DECODER, NO_PREFIX, Prefix, gpt2, load_pretrained,
 from prefix_jax.models.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
-TOL = 1e-4
 B, S, T, P = 3, 9, 6, 4
 random_kv = functools.partial(_random_kv, length=P)
 VOCAB, SEP = 101, 1
@@ -120,7 +120,7 @@ def test_logits_match_transformers_with_padding(which, left, request):
         ref = target_logits(hf(input_ids=ids, attention_mask=mask).logits, starts)
     ours = run(lm, left_padded(batch) if left else batch)
     assert ours.shape == (B, T, VOCAB) and ours.dtype == jnp.float32
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < TOL
+    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
     assert np.abs(ref).max() > 1.0  # weights large enough for the comparison to mean something
 
 
@@ -134,7 +134,7 @@ def test_prefix_matches_hf_past_key_values(base, left):
         ref = target_logits(hf(input_ids=ids, attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), mask], 1),
                                past_key_values=hf_prefix_cache(k, v)).logits, starts)
     ours = run(lm, left_padded(batch) if left else batch, Prefix(kv={DECODER: kv}))
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < TOL
+    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
     assert max_abs_diff(run(lm, batch), ref, batch["target_mask"]) > 1e-2  # the prefix really acts
 
 
@@ -151,7 +151,7 @@ def test_positions_after_prefix_false_matches_hf_positions_from_zero(base):
     unshifted = dataclasses.replace(lm.config, positions_after_prefix=False)
     prefix = Prefix(kv={DECODER: kv})
     ours = run(lm, left_padded(batch), prefix, unshifted)
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < TOL
+    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
     assert max_abs_diff(run(lm, batch, prefix), ref, batch["target_mask"]) > 1e-2  # the flag really acts
     # Without a prefix the flag changes nothing.
     assert max_abs_diff(run(lm, batch, Prefix(), unshifted), run(lm, batch), batch["target_mask"]) < 1e-6
@@ -172,7 +172,7 @@ def test_matches_peft_causal_lm_prefix_tuning(base):
         ref = target_logits(peft_model(input_ids=ids, attention_mask=mask).logits, starts)
     assert prompt_embeddings.shape == (P, 2 * 3 * 32)
     prefix = prefix_from_peft(prompt_embeddings, lm.config.prefix_geometry()[DECODER], seq2seq=False)
-    assert max_abs_diff(run(lm, left_padded(batch), prefix), ref, batch["target_mask"]) < TOL
+    assert max_abs_diff(run(lm, left_padded(batch), prefix), ref, batch["target_mask"]) < F32_ATOL
 
 
 def test_padding_side_does_not_matter(base):
@@ -183,7 +183,7 @@ def test_padding_side_does_not_matter(base):
     for prefix in (Prefix(), Prefix(kv={DECODER: kv}), Prefix(kv={DECODER: kv}, infix=True),
                    Prefix(prompt_embeds=prompt)):
         right, left = run(lm, batch, prefix), run(lm, left_padded(batch), prefix)
-        assert max_abs_diff(right, left, batch["target_mask"]) < TOL
+        assert max_abs_diff(right, left, batch["target_mask"]) < F32_ATOL
 
 
 @pytest.mark.parametrize("infix", [False, True])
@@ -210,7 +210,7 @@ def test_incremental_decoding_matches_teacher_forcing(base, infix):
         logits, cache = step(inputs[:, t:t + 1], (first_target_position + t)[:, None], valid, cache)
         steps.append(logits)
     assert int(cache["self"]["index"][0]) == capacity
-    assert max_abs_diff(jnp.concatenate(steps, axis=1), full, batch["target_mask"]) < TOL
+    assert max_abs_diff(jnp.concatenate(steps, axis=1), full, batch["target_mask"]) < F32_ATOL
 
 
 @pytest.mark.parametrize("kind", ["none", "prefix", "infix"])
@@ -249,7 +249,7 @@ def test_infix_hides_kv_from_source_and_shifts_target(base):
     assert start == S
     source_valid = batch["source_mask"]
     assert max_abs_diff(h_a[:, :S], h_b[:, :S], source_valid) < 1e-6
-    assert max_abs_diff(h_a[:, :S], h_none[:, :S], source_valid) < TOL  # the source is plain LM context
+    assert max_abs_diff(h_a[:, :S], h_none[:, :S], source_valid) < F32_ATOL  # the source is plain LM context
     assert max_abs_diff(h_a[:, S:], h_b[:, S:], batch["target_mask"]) > 1e-2
     as_infix = run(lm, batch, Prefix(kv={DECODER: kv_a}, infix=True))
     as_prefix = run(lm, batch, Prefix(kv={DECODER: kv_a}))
@@ -276,7 +276,7 @@ def test_infix_matches_hf_with_custom_mask_and_positions(base):
         ref = target_logits(hf(input_ids=ids, attention_mask=additive, position_ids=positions,
                                past_key_values=hf_prefix_cache(k, v)).logits, starts)
     ours = run(lm, left_padded(batch), Prefix(kv={DECODER: kv}, infix=True))
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < TOL
+    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
 
 
 def test_embedding_only_prompt_matches_hf_inputs_embeds(base):
@@ -289,7 +289,7 @@ def test_embedding_only_prompt_matches_hf_inputs_embeds(base):
         ref = target_logits(hf(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long),
                                                                                mask], 1)).logits, starts, offset=P)
     ours = run(lm, left_padded(batch), Prefix(prompt_embeds=jnp.asarray(prompt.numpy())))
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < TOL
+    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
     model = lm.model
     with pytest.raises(ValueError, match="prompt_embeds"):
         model.apply({"params": lm.params}, jnp.zeros((B, 1), jnp.int32), jnp.zeros((B, 1), jnp.int32),
@@ -323,8 +323,8 @@ def test_words_init_takes_gpt2s_own_keys_and_values(base):
                                            lm.params, text)
     kv = prefix_lib.materialize(params, spec).kv[DECODER]
     for layer in range(3):
-        np.testing.assert_allclose(kv.key[layer], cache.layers[layer].keys[0].numpy(), atol=TOL)
-        np.testing.assert_allclose(kv.value[layer], cache.layers[layer].values[0].numpy(), atol=TOL)
+        np.testing.assert_allclose(kv.key[layer], cache.layers[layer].keys[0].numpy(), atol=F32_ATOL)
+        np.testing.assert_allclose(kv.value[layer], cache.layers[layer].values[0].numpy(), atol=F32_ATOL)
 
 
 def test_checkpoint_layouts_and_round_trip(base, tmp_path):

@@ -35,7 +35,7 @@ def random_case(seed: int = 0, vocab_axis: int = 0, with_bias: bool = False, sca
 def reference_logits(h, head: losses.LMHead):
     w_VxD = head.weight if head.vocab_axis == 0 else head.weight.T
     logits = (h * head.scale) @ w_VxD.T
-    return logits if head.bias is None else logits + head.bias
+    return logits if head.bias is None else logits + head.bias.reshape((1,) * (logits.ndim - 1) + (-1,))
 
 
 def mean_loss(loss_fn):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,12 +62,11 @@ def test_resumed_run_replays_the_uninterrupted_one(tiny_t5_dir, tmp_path):
     assert straight["eval_loss"] == second["eval_loss"]
 
 
-def test_checkpoint_holds_only_the_trainable_state(tiny_t5_dir, tmp_path):
-    config = small_config(tiny_t5_dir, tmp_path / "run", steps=2, save_every=2)
-    trainer.run(config)
+def test_checkpoint_holds_only_the_trainable_state(tiny_t5_dir, trained_t5_run):
+    run, _ = trained_t5_run
     lm = load_pretrained(str(tiny_t5_dir))
     lm_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.params))
-    mngr = checkpoint.manager(tmp_path / "run" / "checkpoints")
+    mngr = checkpoint.manager(run / "checkpoints", read_only=True)
     meta = checkpoint.read_meta(mngr)
     assert meta["base_model"] == str(tiny_t5_dir) and meta["architecture"] == "t5"
     assert meta["data_position"] == {"epoch": 0, "batch": 2}
@@ -75,18 +75,17 @@ def test_checkpoint_holds_only_the_trainable_state(tiny_t5_dir, tmp_path):
     assert set(restored) == {"step", "params", "opt_state", "rng", "nonfinite_streak"}
     assert set(restored["params"]) == {"encoder", "decoder", "cross"}
     state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(restored))
-    disk_bytes = sum(p.stat().st_size for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file())
+    disk_bytes = sum(p.stat().st_size for p in (run / "checkpoints").rglob("*") if p.is_file())
     assert disk_bytes < 2 * state_bytes + 200_000  # the state plus Orbax's small metadata files
     assert disk_bytes < lm_bytes / 10
     mngr.close()
 
 
-def test_export_is_the_materialized_prefix_without_mlp(tiny_t5_dir, tmp_path):
-    config = small_config(tiny_t5_dir, tmp_path / "run", steps=2)
-    summary = trainer.run(config)
+def test_export_is_the_materialized_prefix_without_mlp(tiny_t5_dir, trained_t5_run):
+    run, summary = trained_t5_run
     exported, meta = prefix_lib.load_export(summary["export"])
     assert meta["base_model"] == str(tiny_t5_dir) and meta["step"] == 2
-    mngr = checkpoint.manager(tmp_path / "run" / "checkpoints")
+    mngr = checkpoint.manager(run / "checkpoints", read_only=True)
     params = checkpoint.read_state(mngr, 2)["params"]
     mngr.close()
     spec = prefix_lib.PrefixSpec.from_json(meta["spec"])
@@ -100,16 +99,15 @@ def test_export_is_the_materialized_prefix_without_mlp(tiny_t5_dir, tmp_path):
     assert Path(summary["export"], prefix_lib.EXPORT_WEIGHTS).stat().st_size < size + 10_000
 
 
-def test_mismatched_or_unresumable_checkpoint_is_left_untouched(tiny_t5_dir, tmp_path):
-    trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=2))
-    before = tree_digest(tmp_path / "run" / "checkpoints")
-    other = small_config(tiny_t5_dir, tmp_path / "run", steps=4)
+def test_mismatched_or_unresumable_checkpoint_is_left_untouched(tiny_t5_dir, trained_workdir):
+    before = tree_digest(trained_workdir)
+    other = small_config(tiny_t5_dir, trained_workdir, steps=4)
     other.prefix.length = 6
     with pytest.raises(checkpoint.CheckpointMismatchError, match="prefix_spec"):
         trainer.run(other)
     with pytest.raises(trainer.ConfigError, match="train.resume"):
-        trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=4, resume=False))
-    assert tree_digest(tmp_path / "run" / "checkpoints") == before
+        trainer.run(small_config(tiny_t5_dir, trained_workdir, steps=4, resume=False))
+    assert tree_digest(trained_workdir) == before
 
 
 def test_bad_values_are_clear_errors(tiny_t5_dir, tmp_path):
@@ -191,8 +189,9 @@ def test_prefix_plus_text_longer_than_the_position_table_fails_before_training(t
 
 
 @pytest.mark.slow
-def test_eval_only_scores_the_latest_checkpoint_on_another_split(tiny_t5_dir, tmp_path):
-    trained = trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=2))
+def test_eval_only_scores_the_latest_checkpoint_on_another_split(tiny_t5_dir, trained_t5_run, tmp_path):
+    shutil.copytree(trained_t5_run[0], tmp_path / "run")  # eval-only appends metrics rows
+    trained = trained_t5_run[1]
     c = small_config(tiny_t5_dir, tmp_path / "run", eval_only=True)
     c.data.eval_split = "test"
     c.data.data_files = {"test": str(REPO / "data/e2e/devset.csv")}  # no train file needed

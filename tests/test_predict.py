@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from prefix_jax import prefix as prefix_lib
-from prefix_jax import predict, tiny
+from prefix_jax import predict
 from prefix_jax.models import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,10 +23,10 @@ SOURCES = ["name : Alimentum | area : city centre", "name : Aromi | eatType : co
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_gpt2_dir, tmp_path_factory):
     """A tiny GPT-2 (bundled tokenizer) and two exported prefixes of different lengths trained on it."""
     root = tmp_path_factory.mktemp("predict")
-    model_dir = tiny.build_tiny_checkpoint(root / "gpt2", "gpt2")
+    model_dir = tiny_gpt2_dir
     lm = load_pretrained(str(model_dir))
     exports = {}
     for task, length, seed in (("e2e", 3, 0), ("dart", 6, 1)):
@@ -145,6 +145,7 @@ def test_bad_inputs_are_one_line_errors(setup, case, match, tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.slow  # a predict.py subprocess; the in-process tests above cover what it runs
 def test_command_line_reads_stdin_and_exits_2_on_errors(setup, tmp_path):
     model_dir, exports, _, _, _ = setup
     cmd = [sys.executable, str(ROOT / "predict.py"), "--config", str(ROOT / "configs" / "predict.py"),
@@ -186,9 +187,9 @@ def test_checkpoint_workdir_decodes_like_its_export(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_encoder_decoder_mixed_tasks_equal_separate_runs(tmp_path):
+def test_encoder_decoder_mixed_tasks_equal_separate_runs(tiny_t5_dir, tmp_path):
     """The same on the offline T5 (all three placements, prefixes of lengths 2 and 5)."""
-    model_dir = tiny.build_tiny_checkpoint(tmp_path / "t5", "t5")
+    model_dir = tiny_t5_dir
     lm = load_pretrained(str(model_dir))
     exports = {}
     for task, length, seed in (("a", 2, 0), ("b", 5, 1)):

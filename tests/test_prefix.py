@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from hf_fixtures import save_tiny
+from tolerances import F32_ATOL
 from transformers import T5Config, T5ForConditionalGeneration
 
-from prefix_jax import checkpoint, optim, prefix_init, training
+from prefix_jax import optim, prefix_init, training
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import CROSS, DECODER, ENCODER, load_pretrained
 from prefix_jax.models.interface import StackGeometry
@@ -119,12 +122,12 @@ def test_words_init_takes_the_lms_own_keys_and_values(t5_pair):
     prefix = prefix_lib.materialize(params, s)
     heads = lambda x: x.view(1, -1, 4, 8).transpose(1, 2)[0].numpy()  # [S, H*K] -> [H, S, K]
     for layer in range(2):
-        np.testing.assert_allclose(prefix.kv[ENCODER].key[layer], heads(captured[f"enc_k{layer}"]), atol=1e-5)
-        np.testing.assert_allclose(prefix.kv[ENCODER].value[layer], heads(captured[f"enc_v{layer}"]), atol=1e-5)
+        np.testing.assert_allclose(prefix.kv[ENCODER].key[layer], heads(captured[f"enc_k{layer}"]), atol=F32_ATOL)
+        np.testing.assert_allclose(prefix.kv[ENCODER].value[layer], heads(captured[f"enc_v{layer}"]), atol=F32_ATOL)
         self_k = cache.self_attention_cache.layers[layer].keys[0].numpy()
         cross_v = cache.cross_attention_cache.layers[layer].values[0].numpy()
-        np.testing.assert_allclose(prefix.kv[DECODER].key[layer], self_k, atol=1e-5)
-        np.testing.assert_allclose(prefix.kv[CROSS].value[layer], cross_v, atol=1e-5)
+        np.testing.assert_allclose(prefix.kv[DECODER].key[layer], self_k, atol=F32_ATOL)
+        np.testing.assert_allclose(prefix.kv[CROSS].value[layer], cross_v, atol=F32_ATOL)
 
 
 def test_words_init_prefits_the_mlp(t5_pair):
@@ -183,7 +186,7 @@ def test_gpt2_prefix_from_words_is_the_text_in_the_input(gpt2_lm):
     written = dict(batch, source_ids=jnp.asarray(with_text), source_mask=ones(with_text))
     a = lm.model.apply({"params": lm.params}, batch, prefix_lib.materialize(params, s))
     b = lm.model.apply({"params": lm.params}, written)
-    np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(a, b, atol=F32_ATOL)
 
 
 VARIANTS = {
@@ -201,11 +204,14 @@ GPT2_VARIANTS = {
     "embedding_only": dict(method="embedding_only"),
     "words_init_direct": dict(method="prefix_direct", init="words"),
 }
-CASES = [("t5", v) for v in sorted(VARIANTS)] + [("gpt2", v) for v in sorted(GPT2_VARIANTS)]
+# One variant per architecture by default; the rest of the matrix is slow (one train-step compile each).
+DEFAULT_CASES = {("t5", "prefix"), ("gpt2", "infix")}
+CASES = [pytest.param(arch, v, marks=() if (arch, v) in DEFAULT_CASES else pytest.mark.slow)
+         for arch, variants in (("t5", VARIANTS), ("gpt2", GPT2_VARIANTS)) for v in sorted(variants)]
 
 
 @pytest.mark.parametrize("arch,variant", CASES)
-def test_every_variant_trains_keeps_the_lm_frozen_and_checkpoints(arch, variant, request, tmp_path):
+def test_every_variant_trains_and_keeps_the_lm_frozen(arch, variant, request):
     lm = request.getfixturevalue("t5_pair")[1] if arch == "t5" else request.getfixturevalue("gpt2_lm")
     kwargs = (VARIANTS if arch == "t5" else GPT2_VARIANTS)[variant]
     placements = (ENCODER, DECODER, CROSS) if arch == "t5" else (DECODER,)
@@ -231,12 +237,6 @@ def test_every_variant_trains_keeps_the_lm_frozen_and_checkpoints(arch, variant,
     # An input-layer prompt steers a frozen LM much less than per-layer K/V (the paper's embedding-only ablation).
     assert losses[-1] < (0.9 if s.method == "embedding_only" else 0.8) * losses[0], losses
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), lm.params, lm_before)
-
-    mngr = checkpoint.manager(tmp_path / "ckpt")
-    checkpoint.save(mngr, 30, state, {"prefix_spec": s.to_json()})
-    mngr.wait_until_finished()
-    step_restored, restored, meta, corrupt = checkpoint.restore_latest_good(mngr, checkpoint.abstract(state))
-    mngr.close()
-    assert step_restored == 30 and not corrupt
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)
-    assert prefix_lib.PrefixSpec.from_json(meta["prefix_spec"]) == s
+    # What a checkpoint records of the variant reads back as the same spec (the Orbax round trip of a
+    # trained state is tested once, in test_pipeline and test_trust).
+    assert prefix_lib.PrefixSpec.from_json(json.loads(json.dumps(s.to_json()))) == s

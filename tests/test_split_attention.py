@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import F32_ATOL
 
 from prefix_jax.models import masks
 from prefix_jax.models.attention import KV, BankKV, attend
@@ -55,7 +56,7 @@ def test_gradients_equal_for_prefix_queries_and_keys():
     ref = jax.grad(loss(concatenating), argnums=(0, 1, 2, 3))(q, k, v, prefix)
     ours = jax.grad(loss(attend_with_prefix), argnums=(0, 1, 2, 3))(q, k, v, prefix)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, b, atol=F32_ATOL)
 
 
 def test_no_prefix_is_plain_attention_and_bfloat16_stays_close():

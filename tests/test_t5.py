@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hf_fixtures import hf_decoder_cache as _hf_decoder_cache, left_pad, max_abs_diff, random_kv as _random_kv, save_state_dict, save_tiny
+from tolerances import F32_ATOL
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.models.t5 import modeling_t5
 
@@ -17,7 +18,6 @@ from prefix_jax.models import CROSS, DECODER, ENCODER, Prefix, load_pretrained, 
 from prefix_jax.models.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
-TOL = 1e-4
 B, S, T, P = 3, 11, 7, 5
 random_kv = functools.partial(_random_kv, length=P)
 hf_decoder_cache = functools.partial(_hf_decoder_cache, batch=B)
@@ -71,7 +71,7 @@ def test_logits_match_transformers_with_padding(variant, request):
     ours = lm.model.apply({"params": lm.params}, batch)
     assert lm.config.tied_lm_head == (variant == "v10")
     assert lm.config.scale_decoder_outputs == (variant == "v10")
-    assert max_abs_diff(ours, ref, tmask.numpy()) < TOL
+    assert max_abs_diff(ours, ref, tmask.numpy()) < F32_ATOL
 
 
 def test_decoder_prefix_matches_hf_past_key_values(v10):
@@ -84,7 +84,7 @@ def test_decoder_prefix_matches_hf_past_key_values(v10):
                  past_key_values=hf_decoder_cache(k, v)).logits.numpy()
     ours = lm.model.apply({"params": lm.params}, batch, Prefix(kv={DECODER: kv}))
     plain = lm.model.apply({"params": lm.params}, batch)
-    assert max_abs_diff(ours, ref, tmask.numpy()) < TOL
+    assert max_abs_diff(ours, ref, tmask.numpy()) < F32_ATOL
     assert max_abs_diff(plain, ref, tmask.numpy()) > 1e-2  # the prefix really acts
 
 
@@ -107,7 +107,7 @@ def test_matches_peft_seq2seq_prefix_tuning(tmp_path):
     prefix = prefix_from_peft(prompt_embeddings, lm.config.prefix_geometry()[DECODER], seq2seq=True)
     assert set(prefix.kv) == {DECODER}
     ours = lm.model.apply({"params": lm.params}, batch, prefix)
-    assert max_abs_diff(ours, ref, tmask.numpy()) < TOL
+    assert max_abs_diff(ours, ref, tmask.numpy()) < F32_ATOL
 
 
 def _attention_with_prefix(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]]):
@@ -166,7 +166,7 @@ def test_encoder_and_cross_prefixes_match_patched_hf(v10, monkeypatch):
                  decoder_attention_mask=torch.ones(B, P + T, dtype=torch.long),
                  past_key_values=hf_decoder_cache(k, v)).logits.numpy()
     ours = lm.model.apply({"params": lm.params}, batch, Prefix(kv={p: kv for p, (kv, _) in placed.items()}))
-    assert max_abs_diff(ours, ref, tmask.numpy()) < TOL
+    assert max_abs_diff(ours, ref, tmask.numpy()) < F32_ATOL
     only_decoder = lm.model.apply({"params": lm.params}, batch, Prefix(kv={DECODER: placed[DECODER][0]}))
     assert max_abs_diff(only_decoder, ref, tmask.numpy()) > 1e-2  # encoder and cross prefixes really act
 
@@ -180,7 +180,7 @@ def test_padding_side_does_not_matter(v10):
     left = dict(batch, source_ids=left_ids, source_mask=left_mask)
     a = lm.model.apply({"params": lm.params}, batch, prefix)
     b = lm.model.apply({"params": lm.params}, left, prefix)
-    assert max_abs_diff(a, b, batch["target_mask"]) < TOL
+    assert max_abs_diff(a, b, batch["target_mask"]) < F32_ATOL
 
 
 def test_incremental_decoding_matches_teacher_forcing(v10):
@@ -200,7 +200,7 @@ def test_incremental_decoding_matches_teacher_forcing(v10):
         logits, cache = model.apply(params, encoded, encoded_mask, decoder_ids[:, t:t + 1], written, prefix, True,
                                     cache, method=model.decode)
         steps.append(logits)
-    assert max_abs_diff(jnp.concatenate(steps, axis=1), full, batch["target_mask"]) < TOL
+    assert max_abs_diff(jnp.concatenate(steps, axis=1), full, batch["target_mask"]) < F32_ATOL
 
 
 def test_embedding_only_prompt_matches_hf_inputs_embeds(v10):
@@ -212,7 +212,7 @@ def test_embedding_only_prompt_matches_hf_inputs_embeds(v10):
         mask = torch.cat([torch.ones(B, P, dtype=torch.long), smask], dim=1)
         ref = hf(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=hf._shift_right(tgt)).logits.numpy()
     ours = lm.model.apply({"params": lm.params}, batch, Prefix(prompt_embeds=jnp.asarray(prompt.numpy())))
-    assert max_abs_diff(ours, ref, tmask.numpy()) < TOL
+    assert max_abs_diff(ours, ref, tmask.numpy()) < F32_ATOL
 
 
 def test_relative_position_buckets_match_hf():

@@ -28,14 +28,6 @@ from prefix_jax.preemption import EXIT_PREEMPTED, Preempted
 from test_pipeline import REPO, losses, run_cli, small_config, tree_digest
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tiny_t5_dir, tmp_path_factory) -> Path:
-    """A workdir holding a finished 2-step run: the 'pre-existing' user data every bad input must not touch."""
-    workdir = tmp_path_factory.mktemp("existing") / "run"
-    trainer.run(small_config(tiny_t5_dir, workdir, steps=2, save_every=2))
-    return workdir
-
-
 def _set(config, dotted: str, value) -> None:
     group, field = dotted.split(".")
     config[group][field] = value
@@ -122,6 +114,7 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(case, overrides, named,
     assert not (user_dir / "empty").exists()
 
 
+@pytest.mark.slow  # a train.py subprocess; test_pipeline keeps one CLI run by default
 def test_cli_bad_inputs_exit_2_with_one_line(tiny_t5_dir, trained_workdir, tmp_path):
     before = tree_digest(trained_workdir)
     cases = [
@@ -359,6 +352,7 @@ def test_crash_then_resume_writes_no_duplicate_rows_and_keeps_the_first_config(t
     assert not list((run / "checkpoints").glob("*tmp*"))
 
 
+@pytest.mark.slow  # a train.py subprocess; test_pipeline keeps one CLI run by default
 def test_a_failing_checkpoint_write_ends_the_process(tiny_t5_dir, tmp_path):
     """An exception during a save must not leave Orbax threads that keep the interpreter (and its
     accelerators) alive forever."""

@@ -211,7 +211,7 @@ class Model(encoder_decoder.EncoderDecoder):
 
     def head(self, h_BxQxD: jax.Array) -> jax.Array:
         """Float32 logits of the head tied to the token embedding, plus `final_logits_bias`."""
-        return self.shared.attend(h_BxQxD).astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
+        return self.shared.attend(h_BxQxD).astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)[None, None]
 
 
 # Our sub-layer names -> HF's (attention, its layer norm). The FFN's norm is HF's `final_layer_norm`.

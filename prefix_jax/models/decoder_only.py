@@ -68,7 +68,7 @@ class DecoderOnly(common.DecoderCache, nn.Module):
         visible_BxQ = None
         if prefix.infix:
             target_side_Q = jnp.arange(length) >= source_len
-            positions = positions + jnp.asarray(where.target_offset)[..., None] * target_side_Q[None]
+            positions = positions + jnp.asarray(where.target_offset).reshape(-1, 1) * target_side_Q[None]
             visible_BxQ = jnp.broadcast_to(target_side_Q[None], valid_BxQ.shape)
         mask = masks.attention_mask(valid_BxQ, length, prefix_len, causal=True, prefix_visible_BxQ=visible_BxQ)
         h, _ = self.stack()(x_BxQxD, positions, mask, kv, None, deterministic)

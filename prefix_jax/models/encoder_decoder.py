@@ -170,9 +170,10 @@ class EncoderDecoder(common.DecoderCache, nn.Module):
         else:  # decoding: slot == position (plus the shift)
             offset = cache["self"]["index"][0]
             batch, num_queries = decoder_ids.shape
-            query_positions = jnp.broadcast_to(shift[..., None] + offset + jnp.arange(num_queries, dtype=jnp.int32),
+            shift_Bx1 = shift.reshape(-1, 1)  # one shift, or one per row (a bank)
+            query_positions = jnp.broadcast_to(shift_Bx1 + offset + jnp.arange(num_queries, dtype=jnp.int32)[None],
                                                (batch, num_queries))
-            key_positions = jnp.broadcast_to(shift[..., None] + jnp.arange(decoder_mask.shape[1], dtype=jnp.int32),
+            key_positions = jnp.broadcast_to(shift_Bx1 + jnp.arange(decoder_mask.shape[1], dtype=jnp.int32)[None],
                                              decoder_mask.shape)
         return self.decoder(x, query_positions, key_positions, decoder_mask, prefix.kv.get(DECODER), deterministic,
                             offset, encoded, encoded_mask, prefix.kv.get(CROSS), cache)

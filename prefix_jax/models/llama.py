@@ -243,7 +243,7 @@ def rope_inverse_frequencies(cfg: Config) -> np.ndarray:
 
 def rope_tables(cfg: Config, positions_BxQ: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos and sin `[B, Q, K]` of each position (float32 angles, then the compute dtype, as HF)."""
-    freqs_BxQxK2 = positions_BxQ.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
+    freqs_BxQxK2 = positions_BxQ.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))[None, None]
     angles_BxQxK = jnp.concatenate([freqs_BxQxK2, freqs_BxQxK2], axis=-1)
     return jnp.cos(angles_BxQxK).astype(cfg.dtype), jnp.sin(angles_BxQxK).astype(cfg.dtype)
 
@@ -270,7 +270,8 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)
+        scale = scale.astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,))  # over the leading axes
+        return scale * normed.astype(self.dtype)
 
 
 class LlamaAttention(nn.Module):

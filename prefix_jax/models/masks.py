@@ -16,7 +16,8 @@ def token_positions(mask_BxQ: jax.Array, start: jax.Array | int = 0) -> jax.Arra
     Pads get the position of the next real token; they are masked as keys and ignored as queries.
     """
     mask = mask_BxQ.astype(jnp.int32)
-    return jnp.asarray(start, jnp.int32)[..., None] + jnp.cumsum(mask, axis=-1) - mask
+    start_Bx1 = jnp.asarray(start, jnp.int32).reshape(-1, 1)  # one start, or one per row
+    return start_Bx1 + jnp.cumsum(mask, axis=-1) - mask
 
 
 def attention_mask(

@@ -136,7 +136,8 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        return (scale.astype(jnp.float32) * x32).astype(self.dtype)
+        scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))  # over the leading axes
+        return (scale * x32).astype(self.dtype)
 
 
 class FeedForward(nn.Module):
