@@ -176,7 +176,7 @@ def ours_step_fn(shape: Shape, directory: str, loss: str = "logits", remat: str 
     import jax
     import jax.numpy as jnp
 
-    from prefix_jax import losses, optim, training
+    from prefix_jax import losses, optim, train_steps
     from prefix_jax import prefix as prefix_lib
     from prefix_jax.models import common, load_pretrained
 
@@ -186,8 +186,8 @@ def ours_step_fn(shape: Shape, directory: str, loss: str = "logits", remat: str 
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000, max_grad_norm=None)
     chunk = max(1, losses.CHUNK_LOGITS // lm.config.vocab_size) if loss == "chunked" else 0
-    step = training.jit_train_step(lm.model, spec, tx, schedule, loss_chunk_tokens=chunk)
-    state = training.init_state(params, tx, jax.random.PRNGKey(1))
+    step = train_steps.jit_train_step(lm.model, spec, tx, schedule, loss_chunk_tokens=chunk)
+    state = train_steps.init_state(params, tx, jax.random.PRNGKey(1))
     batch = {k: jnp.asarray(v) for k, v in host_batch(shape, lm.config.vocab_size).items()}
     return OursStep(step, state, jax.device_put(lm.params), batch, lm, spec)
 

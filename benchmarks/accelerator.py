@@ -162,7 +162,7 @@ def run_ours(row: Row, steps: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from prefix_jax import models, optim, training
+    from prefix_jax import models, optim, train_steps
     from prefix_jax import prefix as prefix_lib
 
     hf = hf_config(row)
@@ -180,8 +180,8 @@ def run_ours(row: Row, steps: int) -> dict:
                                  hidden_size=config.hidden_size, mlp_hidden=row.mlp)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
     tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000)
-    state = training.init_state(params, tx, jax.random.PRNGKey(2))
-    step = training.jit_train_step(model, spec, tx, schedule)
+    state = train_steps.init_state(params, tx, jax.random.PRNGKey(2))
+    step = train_steps.jit_train_step(model, spec, tx, schedule)
     start = time.perf_counter()
     compiled = step.lower(state, lm_params, batch).compile()
     compile_s = time.perf_counter() - start

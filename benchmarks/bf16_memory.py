@@ -29,7 +29,7 @@ def step_memory(layers: int, batch_size: int, source: int, target: int, prefix_l
     from transformers import GPT2Config
 
     from memory import compiled_memory
-    from prefix_jax import optim, training
+    from prefix_jax import optim, train_steps
     from prefix_jax import prefix as prefix_lib
     from prefix_jax.models import gpt2
 
@@ -43,9 +43,9 @@ def step_memory(layers: int, batch_size: int, source: int, target: int, prefix_l
                                  hidden_size=config.hidden_size, mlp_hidden=512)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000, max_grad_norm=None)
-    state = jax.eval_shape(lambda: training.init_state(params, tx, jax.random.PRNGKey(1)))
+    state = jax.eval_shape(lambda: train_steps.init_state(params, tx, jax.random.PRNGKey(1)))
     lm_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm_params))
-    memory = compiled_memory(training.jit_train_step(model, spec, tx, schedule), state, lm_params, batch)
+    memory = compiled_memory(train_steps.jit_train_step(model, spec, tx, schedule), state, lm_params, batch)
     return {"param_dtype": param_dtype, "compute_dtype": compute_dtype, "lm_bytes": lm_bytes, **memory}
 
 

@@ -3,7 +3,7 @@
   python benchmarks/compile_time.py                 # GPT-2 at 2/6/12 layers and 2 widths, T5 at 2 and 6 layers
   python benchmarks/compile_time.py --shapes issue  # adds GPT-2 medium (d1024, 24 layers) and T5-base widths
 
-Each row traces, lowers and compiles `training.jit_train_step` from abstract shapes (`jax.ShapeDtypeStruct`:
+Each row traces, lowers and compiles `train_steps.jit_train_step` from abstract shapes (`jax.ShapeDtypeStruct`:
 no weights are created, so the time is the compiler's alone) in this process, on the benchmark batch of
 its model (GPT-2: batch 8, 64 + 64 tokens, prefix 10; T5: batch 8, 256 + 64, prefix 30, decoder). The
 frozen LM is an argument of the step, never a constant, and layers are scanned, so compile time should
@@ -33,7 +33,7 @@ def compile_seconds(shape: c.Shape) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from prefix_jax import models, optim, training
+    from prefix_jax import models, optim, train_steps
     from prefix_jax import prefix as prefix_lib
 
     hf = c.hf_config(shape)
@@ -47,8 +47,8 @@ def compile_seconds(shape: c.Shape) -> dict:
                                  hidden_size=config.hidden_size, mlp_hidden=512)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000, max_grad_norm=None)
-    state = jax.eval_shape(lambda: training.init_state(params, tx, jax.random.PRNGKey(1)))
-    step = training.jit_train_step(model, spec, tx, schedule)
+    state = jax.eval_shape(lambda: train_steps.init_state(params, tx, jax.random.PRNGKey(1)))
+    step = train_steps.jit_train_step(model, spec, tx, schedule)
     start = time.perf_counter()
     lowered = step.lower(state, lm_params, batch)
     traced = time.perf_counter() - start

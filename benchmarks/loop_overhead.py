@@ -1,6 +1,6 @@
 """The trainer loop's overhead: steps/s of `trainer.run` vs the same jitted step called back-to-back.
 
-  python benchmarks/loop_overhead.py                 # tiny GPT-2 and T5 (prefix_jax.tiny: d64, 2 layers)
+  python benchmarks/loop_overhead.py                 # tiny GPT-2 and T5 (prefix_jax.tiny_checkpoints: d64, 2 layers)
   python benchmarks/loop_overhead.py --shapes small  # GPT-2 d256 x 4 layers and T5 d256 2+2 (random, 50k vocab)
 
 Both sides run the offline demo configs (configs/gpt2_e2e_offline.py, configs/t5_offline.py: bundled E2E
@@ -31,7 +31,7 @@ from pathlib import Path
 import _common as c
 
 SHAPES = {
-    "tiny": {"gpt2": None, "t5": None},  # prefix_jax.tiny's checkpoints as they are
+    "tiny": {"gpt2": None, "t5": None},  # prefix_jax.tiny_checkpoints's checkpoints as they are
     # Only the model's dimensions are used (batch and lengths come from the arguments).
     "small": {"gpt2": c.Shape("gpt2", layers=4, batch=0, source=0, target=0, prefix=5, d_model=256, vocab=50257),
               "t5": c.Shape("t5", layers=2, batch=0, source=0, target=0, prefix=8, d_model=256, vocab=50258)},
@@ -41,9 +41,9 @@ CONFIGS = {"gpt2": "configs.gpt2_e2e_offline", "t5": "configs.t5_offline"}
 
 def make_checkpoint(arch: str, shape: c.Shape | None, root: Path) -> tuple[str, str]:
     """(model directory, tokenizer directory) of a random checkpoint built under `root`."""
-    from prefix_jax import tiny
+    from prefix_jax import tiny_checkpoints
 
-    tiny_dir = tiny.build_tiny_checkpoint(root / f"tiny-{arch}", arch)
+    tiny_dir = tiny_checkpoints.build_tiny_checkpoint(root / f"tiny-{arch}", arch)
     if shape is None:
         return str(tiny_dir), str(tiny_dir)
     model_dir = root / f"{arch}-{shape.d_model}x{shape.layers}"
@@ -76,7 +76,7 @@ class RawStep:
     def __init__(self, config, steps: int):
         import jax
 
-        from prefix_jax import optim, partitioning, run_options, run_setup, sharding, trainer, training
+        from prefix_jax import optim, partitioning, run_options, run_setup, sharding, trainer, train_steps
         from prefix_jax import prefix as prefix_lib
         from prefix_jax.models import sharded_load
 
@@ -89,7 +89,7 @@ class RawStep:
             b2=cfg.optim.b2, eps=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm or None,
             frozen=cfg.optim.frozen)
         self.lm_params = plan.lm.params
-        self.step = training.jit_train_step(
+        self.step = train_steps.jit_train_step(
             plan.lm.model, spec, tx, schedule, cfg.train.label_smoothing,
             state_sharding=sharding.replicated(mesh), lm_sharding=sharded_load.shardings_of(self.lm_params),
             batch_sharding=sharding.batch_sharding(mesh), grad_accum_steps=cfg.train.grad_accum_steps,
@@ -143,10 +143,10 @@ class ClockMarks:
     while the `with` block runs): the loop's log windows measured on both clocks."""
 
     def __enter__(self) -> "ClockMarks":
-        from prefix_jax import metrics_log
+        from prefix_jax import metrics_file
 
         self.marks: list[tuple[int, float, float]] = []
-        self._original = original = metrics_log.MetricsWriter.write
+        self._original = original = metrics_file.MetricsWriter.write
         marks = self.marks
 
         def write(writer, step, metrics):
@@ -154,13 +154,13 @@ class ClockMarks:
                 marks.append((int(step), time.perf_counter(), time.process_time()))
             return original(writer, step, metrics)
 
-        metrics_log.MetricsWriter.write = write
+        metrics_file.MetricsWriter.write = write
         return self
 
     def __exit__(self, *exc) -> None:
-        from prefix_jax import metrics_log
+        from prefix_jax import metrics_file
 
-        metrics_log.MetricsWriter.write = self._original
+        metrics_file.MetricsWriter.write = self._original
 
     def windows(self) -> list[dict]:
         """Windows between consecutive log writes (the first log, which follows the compile, only opens one)."""
@@ -194,7 +194,7 @@ def measure(arch: str, shape: c.Shape | None, root: Path, args: argparse.Namespa
         fast.append(raw_sps)
         raw_windows.append(raw_rows)
         print(f"\n  {arch} rep {rep}: loop {sps:.2f} steps/s, raw {fast[-1]:.2f} steps/s", flush=True)
-    dims = f"d{shape.d_model} x {shape.layers} layers" if shape else "prefix_jax.tiny d64 x 2 layers"
+    dims = f"d{shape.d_model} x {shape.layers} layers" if shape else "prefix_jax.tiny_checkpoints d64 x 2 layers"
     describe = f"{arch} {dims}, batch {args.batch}, {args.length} src + {args.length} tgt"
     save_call, save_wait = raw.save_seconds(root / f"{arch}-save")
     cpu_per_step = lambda runs: (sum(w["cpu_s"] for ws in runs for w in ws)

@@ -49,13 +49,13 @@ def full_fine_tuning_step(model):
     import jax.numpy as jnp
     import optax
 
-    from prefix_jax import training
+    from prefix_jax import train_steps
 
     tx = optax.adamw(5e-5)
 
     def step(lm_params, opt_state, batch):
         def loss_fn(p):
-            total, count = training.token_cross_entropy(model.apply({"params": p}, batch), batch["target_ids"],
+            total, count = train_steps.token_cross_entropy(model.apply({"params": p}, batch), batch["target_ids"],
                                                         batch["target_mask"])
             return total / jnp.maximum(count, 1.0)
 
@@ -99,7 +99,7 @@ def vocab_256k_rows() -> list[dict]:
     import jax.numpy as jnp
     from transformers import GPT2Config
 
-    from prefix_jax import optim, training
+    from prefix_jax import optim, train_steps
     from prefix_jax import prefix as prefix_lib
     from prefix_jax.models import gpt2
 
@@ -115,11 +115,11 @@ def vocab_256k_rows() -> list[dict]:
                                  hidden_size=config.hidden_size, mlp_hidden=512)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000, max_grad_norm=None)
-    state = jax.eval_shape(lambda: training.init_state(params, tx, jax.random.PRNGKey(1)))
+    state = jax.eval_shape(lambda: train_steps.init_state(params, tx, jax.random.PRNGKey(1)))
     logits_bytes = batch_size * target * vocab * 4
     rows = []
-    for name, step in (("logits loss", training.jit_train_step(model, spec, tx, schedule)),
-                       ("chunked loss", training.jit_train_step(model, spec, tx, schedule, loss_chunk_tokens=64))):
+    for name, step in (("logits loss", train_steps.jit_train_step(model, spec, tx, schedule)),
+                       ("chunked loss", train_steps.jit_train_step(model, spec, tx, schedule, loss_chunk_tokens=64))):
         rows.append({"loss": name, "logits_f32_bytes": logits_bytes, **compiled_memory(step, state, lm_params, batch)})
     return rows
 

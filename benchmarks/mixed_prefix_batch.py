@@ -3,7 +3,7 @@
   python benchmarks/mixed_prefix_batch.py [--model DIR | --arch gpt2|t5|bart] [--batch 24] [--beams 1]
       [--new 32] [--repeats 5] [--out benchmarks/mixed_prefix_batch.json]
 
-Without --model a tiny random checkpoint of --arch is built (prefix_jax.tiny). The 3 prefixes are
+Without --model a tiny random checkpoint of --arch is built (prefix_jax.tiny_checkpoints). The 3 prefixes are
 random, of lengths 5, 10 and 20 (every placement the model offers). "separate" decodes each task's
 rows (batch/3 each) in its own call, as a one-prefix-per-batch library must; "mixed" decodes all rows in
 one call with a prefix bank. Both are compiled first; the median of --repeats timed runs is reported,
@@ -40,11 +40,11 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from prefix_jax import prefix_bank, tiny
+    from prefix_jax import prefix_bank, tiny_checkpoints
     from prefix_jax.generate import GenerationConfig, make_generate_fn
     from prefix_jax.models import KV, Prefix, load_pretrained
 
-    model_dir = args.model or str(tiny.build_tiny_checkpoint(Path(tempfile.mkdtemp()) / args.arch, args.arch))
+    model_dir = args.model or str(tiny_checkpoints.build_tiny_checkpoint(Path(tempfile.mkdtemp()) / args.arch, args.arch))
     lm = load_pretrained(model_dir)
     params = jax.device_put(lm.params)
     rng = np.random.default_rng(0)

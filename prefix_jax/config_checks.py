@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from etils import epath
 
-from prefix_jax.metrics import METRICS
+from prefix_jax.text_metrics import METRICS
 
 
 class ConfigError(ValueError):

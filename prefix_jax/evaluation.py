@@ -9,7 +9,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from prefix_jax import data, metrics, sharding
+from prefix_jax import data, text_metrics, sharding
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_bank
 
@@ -65,7 +65,7 @@ def generate_and_score(batcher: data.Batcher, mesh: Any, tokenizer: Any, spec: p
         tokens = _gather(generate_fn(lm_params, rows_prefix, batch["ids"], batch["mask"]))[:len(indices)]
         hypotheses.extend(t.strip() for t in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True))
     references = [list(split.examples[i].references or (split.examples[i].target,)) for i in chosen]
-    scores = metrics.compute(metric_names, hypotheses, references) if metric_names else {}
+    scores = text_metrics.compute(metric_names, hypotheses, references) if metric_names else {}
     if predictions_path is not None and jax.process_index() == 0:
         with predictions_path.open("w") as f:
             for i, hypothesis, refs in zip(chosen, hypotheses, references):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from prefix_jax import logits_processing, prefix_bank
 from prefix_jax.models import masks
 from prefix_jax.models.attention import collect_kv, tokens_after_prefix
-from prefix_jax.models.interface import DECODER, Prefix
+from prefix_jax.models.prefix_contract import DECODER, Prefix
 
 _NEG = -1.0e9  # transformers' "impossible" score; finite, so sums stay ordered
 

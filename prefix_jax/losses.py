@@ -1,7 +1,7 @@
 """Token cross-entropy straight from final hidden states, never holding the float32 `[B, T, V]` logits.
 
 `chunked_token_cross_entropy(h_BxTxD, head, targets, mask)` equals
-`training.token_cross_entropy(head(h), targets, mask)` (same sum, same count, same gradient w.r.t. `h`),
+`train_steps.token_cross_entropy(head(h), targets, mask)` (same sum, same count, same gradient w.r.t. `h`),
 but flattens the `B*T` tokens, pads them to whole chunks of `chunk_size` tokens, and scans over the chunks:
 each step computes one chunk's `[chunk, V]` logits, reduces them to per-token losses, and drops them. The
 scan body is rematerialized (`jax.checkpoint`), so the backward pass recomputes each chunk's logits instead
@@ -69,7 +69,7 @@ jax.tree_util.register_dataclass(LMHead, data_fields=["weight", "bias"], meta_fi
 
 
 def _token_losses(logits_NxV: jax.Array, targets_N: jax.Array, label_smoothing: float) -> jax.Array:
-    """Per-token loss, as `training.token_cross_entropy` computes it (before masking)."""
+    """Per-token loss, as `train_steps.token_cross_entropy` computes it (before masking)."""
     log_probs = jax.nn.log_softmax(logits_NxV, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets_N[:, None], axis=-1)[:, 0]
     if label_smoothing:
@@ -118,7 +118,7 @@ def lm_head_for(config: Any, lm_params: Any) -> LMHead:
     """The LM head of one of our models (T5, BART, GPT-2, Llama family), from its config and params.
 
     Feed `chunked_token_cross_entropy` the model's `target_hidden_states` (the output of its final decoder
-    stack at the target positions, after the final norm): `training.batch_loss` does with `loss_chunk_tokens`.
+    stack at the target positions, after the final norm): `train_steps.batch_loss` does with `loss_chunk_tokens`.
     """
     kind = type(config).__module__.rsplit(".", 1)[-1]
     dtype = jnp.dtype(config.dtype)

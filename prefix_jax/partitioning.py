@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from prefix_jax.models.interface import Prefix
+from prefix_jax.models.prefix_contract import Prefix
 from prefix_jax.sharding import FSDP_AXIS, MODEL_AXIS
 
 log = logging.getLogger("prefix_jax")

@@ -172,7 +172,7 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
     """Loads the LM once and the prefixes, decodes every input row, writes jsonl, returns the scores."""
     import jax
 
-    from prefix_jax import data, metrics, models, prefix_bank
+    from prefix_jax import data, text_metrics, models, prefix_bank
     from prefix_jax.generate import make_generate_fn
 
     c = config
@@ -183,8 +183,8 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
     if c.batch_size < 1:
         raise PredictError(f"batch_size={c.batch_size} must be at least 1.")
     for name in c.metrics:
-        if name not in metrics.METRICS:
-            raise PredictError(f"metrics has {name!r}; choose from {metrics.METRICS}.")
+        if name not in text_metrics.METRICS:
+            raise PredictError(f"metrics has {name!r}; choose from {text_metrics.METRICS}.")
     gen_cfg = _generation_config(c.generate)
 
     loaded = ({task: load_prefix(d) for task, d in parse_prefixes(c.prefixes).items()} if c.prefixes
@@ -244,7 +244,7 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
 
 def score(rows: Sequence[Mapping[str, Any]], predictions: Sequence[str], names: tuple[str, ...]) -> dict:
     """Metrics per task (and over all rows when there are several tasks), over rows that have references."""
-    from prefix_jax import metrics
+    from prefix_jax import text_metrics
 
     scored = [(r["task"], p, r["references"]) for r, p in zip(rows, predictions) if r["references"]]
     if not scored or not names:
@@ -254,7 +254,7 @@ def score(rows: Sequence[Mapping[str, Any]], predictions: Sequence[str], names: 
         groups.setdefault(task, []).append((prediction, refs))
     if len(groups) > 1:
         groups["all"] = [(p, r) for _, p, r in scored]
-    return {task: metrics.compute(names, [p for p, _ in items], [r for _, r in items])
+    return {task: text_metrics.compute(names, [p for p, _ in items], [r for _, r in items])
             for task, items in groups.items()}
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from prefix_jax.models import common
 from prefix_jax.models.attention import KV
-from prefix_jax.models.interface import DECODER, Prefix, StackGeometry
+from prefix_jax.models.prefix_contract import DECODER, Prefix, StackGeometry
 
 METHODS = ("prefix", "prefix_direct", "embedding_only", "infix")
 # normal: N(0, 1) virtual tokens / direct prefixes and PyTorch-default MLP layers (PEFT; the paper's MLP).

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from prefix_jax.models.attention import KV, BankKV
-from prefix_jax.models.interface import Prefix
+from prefix_jax.models.prefix_contract import Prefix
 
 
 class PrefixBankError(ValueError):

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from prefix_jax import checkpoint, config_checks, data, models, sharding, tiny
+from prefix_jax import checkpoint, config_checks, data, models, sharding, tiny_checkpoints
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.config_checks import ConfigError
 from prefix_jax.models import common, sharded_load
@@ -60,7 +60,7 @@ def prepare_offline_demo(model: ModelOptions) -> None:
     """`model.create_tiny`: builds the random tiny checkpoint the offline demo configs train on at
     `model.name_or_path` (reused if this code built it before; anything else there is refused, untouched)."""
     if model.create_tiny:
-        where = tiny.build_tiny_checkpoint(model.name_or_path, model.create_tiny)
+        where = tiny_checkpoints.build_tiny_checkpoint(model.name_or_path, model.create_tiny)
         log.info("model.create_tiny=%r: training on the random tiny checkpoint at %s", model.create_tiny, where)
 
 

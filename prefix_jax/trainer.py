@@ -19,13 +19,13 @@ import jax
 import numpy as np
 
 from prefix_jax import checkpoint, data, evaluation, optim, partitioning, preemption, prefetch, run_options
-from prefix_jax import run_setup, sharding, training
+from prefix_jax import run_setup, sharding, train_steps
 from prefix_jax import workdir as workdir_lib
 from prefix_jax.config_checks import ConfigError
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_init
 from prefix_jax.generate import make_generate_fn
-from prefix_jax.metrics_log import MetricsWriter
+from prefix_jax.metrics_file import MetricsWriter
 from prefix_jax.models import sharded_load
 from prefix_jax.run_setup import RunPlan
 
@@ -105,7 +105,7 @@ class Resume:
     """The checkpoint a run continues from, found before anything is written."""
 
     step: int
-    state: training.TrainState
+    state: train_steps.TrainState
     corrupt_steps: list[int]  # newer steps that failed to restore or verify
     latest_seen: int  # the newest step in the workdir when it was read
 
@@ -134,7 +134,7 @@ def find_resume(plan: RunPlan, tx: Any, meta: dict) -> Resume | None:
     return Resume(step, state, corrupt, max(saved.steps))
 
 
-def fresh_state(plan: RunPlan, tx: Any, *, fit_to_words: bool = True) -> training.TrainState:
+def fresh_state(plan: RunPlan, tx: Any, *, fit_to_words: bool = True) -> train_steps.TrainState:
     """A new train state from `train.seed`: random prefix (with `fit_to_words`, fitted to the LM's activations on
     `prefix.init_text` when `prefix.init="words"`), zero optimizer state, replicated on the mesh."""
     spec, prefix_options = plan.spec, plan.options.prefix
@@ -151,7 +151,7 @@ def fresh_state(plan: RunPlan, tx: Any, *, fit_to_words: bool = True) -> trainin
         else:
             params, report = init(params)
         log.info("prefix initialised from %r: %s", prefix_options.init_text, report)
-    return sharding.replicate(training.init_state(params, tx, state_rng), plan.mesh)
+    return sharding.replicate(train_steps.init_state(params, tx, state_rng), plan.mesh)
 
 
 class NonFiniteError(RuntimeError):
@@ -209,7 +209,7 @@ def run(config: Any) -> dict:
             close()
 
 
-def _loop(plan: RunPlan, state: training.TrainState, tx: Any, schedule: Any, meta: dict, mngr: Any,
+def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, meta: dict, mngr: Any,
           writer: MetricsWriter, lock: workdir_lib.WorkdirLock | None) -> dict:
     """Steps, logs, evaluations, checkpoints and the export of one run, from `state` on."""
     c, spec, mesh = plan.options, plan.spec, plan.mesh  # c: the config's groups, typed (run_options)
@@ -219,11 +219,11 @@ def _loop(plan: RunPlan, state: training.TrainState, tx: Any, schedule: Any, met
     lm_sharding = sharded_load.shardings_of(lm_params)
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     shard_prefix = lambda prefix: partitioning.constrain_prefix(prefix, mesh)
-    step_fn = training.jit_train_step(plan.lm.model, spec, tx, schedule, c.train.label_smoothing,
+    step_fn = train_steps.jit_train_step(plan.lm.model, spec, tx, schedule, c.train.label_smoothing,
                                       state_sharding=replicated, lm_sharding=lm_sharding,
                                       batch_sharding=batch_sharding, grad_accum_steps=c.train.grad_accum_steps,
                                       shard_prefix=shard_prefix, loss_chunk_tokens=c.train.loss_chunk_tokens)
-    eval_fn = training.jit_eval_step(plan.lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix,
+    eval_fn = train_steps.jit_eval_step(plan.lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix,
                                      loss_chunk_tokens=c.train.loss_chunk_tokens)
     generate_fn = make_generate_fn(plan.lm.model, c.generate) if c.eval.generate else None
     if is_main:

@@ -34,9 +34,9 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """`tiny_checkpoint(architecture)`: the random tiny checkpoint of `prefix_jax.tiny` (HF layout, bundled GPT-2
+    """`tiny_checkpoint(architecture)`: the random tiny checkpoint of `prefix_jax.tiny_checkpoints` (HF layout, bundled GPT-2
     tokenizer), built at most once per test session. Shared: tests read it and never write into it."""
-    from prefix_jax.tiny import build_tiny_checkpoint
+    from prefix_jax.tiny_checkpoints import build_tiny_checkpoint
 
     built: dict[str, Path] = {}
 

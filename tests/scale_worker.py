@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tolerances import F32_REORDERED_RTOL
 
-from prefix_jax import models, optim, partitioning, sharding, tiny, training
+from prefix_jax import models, optim, partitioning, sharding, tiny_checkpoints, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.models import sharded_load
@@ -31,7 +31,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     over two files with an index, GPT-2 with and without the `transformer.` prefix, and one stored in bfloat16."""
     from safetensors.numpy import load_file, save_file
 
-    out = {arch: tiny.build_tiny_checkpoint(root / arch, arch) for arch in tiny.TINY_ARCHITECTURES}
+    out = {arch: tiny_checkpoints.build_tiny_checkpoint(root / arch, arch) for arch in tiny_checkpoints.TINY_ARCHITECTURES}
 
     v11 = root / "t5_v11"
     if not (v11 / "model.safetensors").is_file():
@@ -201,16 +201,16 @@ def train_on(directory: Path, shape: tuple[int, int, int], steps: int = 3) -> di
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     lm_sharding = sharded_load.shardings_of(lm.params)
     shard_prefix = lambda prefix: partitioning.constrain_prefix(prefix, mesh)
-    step = training.jit_train_step(lm.model, spec, tx, schedule, state_sharding=replicated, lm_sharding=lm_sharding,
+    step = train_steps.jit_train_step(lm.model, spec, tx, schedule, state_sharding=replicated, lm_sharding=lm_sharding,
                                    batch_sharding=batch_sharding, shard_prefix=shard_prefix)
-    grad_fn = jax.jit(jax.grad(lambda p, lm_params, batch, rng: training.batch_loss(
+    grad_fn = jax.jit(jax.grad(lambda p, lm_params, batch, rng: train_steps.batch_loss(
         lm.model, spec, p, lm_params, batch, rng, shard_prefix=shard_prefix)[0]),
         in_shardings=(replicated, lm_sharding, batch_sharding, replicated), out_shardings=replicated)
-    eval_fn = training.jit_eval_step(lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix)
+    eval_fn = train_steps.jit_eval_step(lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix)
     lm_before = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), lm.params)
     data = [sharding.shard_batch(b, mesh) for b in batches(lm.config.vocab_size, steps + 1)]
     grads = grad_fn(sharding.replicate(params, mesh), lm.params, data[0], jax.random.PRNGKey(5))
-    state = sharding.replicate(training.init_state(params, tx, jax.random.PRNGKey(2)), mesh)
+    state = sharding.replicate(train_steps.init_state(params, tx, jax.random.PRNGKey(2)), mesh)
     losses = []
     for batch in data[:steps]:
         state, metrics = step(state, lm.params, batch)
@@ -224,7 +224,7 @@ def train_on(directory: Path, shape: tuple[int, int, int], steps: int = 3) -> di
 
 
 def check_training(root: Path) -> dict:
-    directory = tiny.build_tiny_checkpoint(root / "t5", "t5")
+    directory = tiny_checkpoints.build_tiny_checkpoint(root / "t5", "t5")
     one = train_on(directory, (1, 1, 1))
     report = {"one_device_losses": one["losses"], "one_device_eval": one["eval_loss"]}
     for shape in ((8, 1, 1), (2, 4, 1), (2, 1, 4), (1, 2, 4)):
@@ -248,7 +248,7 @@ def check_training(root: Path) -> dict:
 
 def check_memory(root: Path) -> dict:
     """Per-device argument bytes of the compiled step: fsdp=4 holds ~1/4 of the replicated LM."""
-    directory = tiny.build_tiny_checkpoint(root / "t5", "t5")
+    directory = tiny_checkpoints.build_tiny_checkpoint(root / "t5", "t5")
     out = {}
     for name, shape in (("replicated", (1, 1, 1)), ("fsdp4", (1, 4, 1))):
         mesh = mesh_of(shape)
@@ -258,10 +258,10 @@ def check_memory(root: Path) -> dict:
         params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
         tx, schedule = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10)
         replicated = sharding.replicated(mesh)
-        step = training.jit_train_step(lm.model, spec, tx, schedule, state_sharding=replicated,
+        step = train_steps.jit_train_step(lm.model, spec, tx, schedule, state_sharding=replicated,
                                        lm_sharding=sharded_load.shardings_of(lm.params),
                                        batch_sharding=sharding.batch_sharding(mesh))
-        state = sharding.replicate(training.init_state(params, tx, jax.random.PRNGKey(2)), mesh)
+        state = sharding.replicate(train_steps.init_state(params, tx, jax.random.PRNGKey(2)), mesh)
         batch = sharding.shard_batch(batches(lm.config.vocab_size, 1)[0], mesh)
         analysis = step.lower(state, lm.params, batch).compile().memory_analysis()
         out[name] = int(analysis.argument_size_in_bytes)
@@ -294,8 +294,8 @@ def sharded_step_hlo_sizes() -> dict:
                                      geometry=cfg.prefix_geometry(), hidden_size=32, mlp_hidden=16)
         params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
         tx, schedule = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10)
-        state = sharding.replicate(training.init_state(params, tx, jax.random.PRNGKey(2)), mesh)
-        step = training.jit_train_step(model, spec, tx, schedule, state_sharding=sharding.replicated(mesh),
+        state = sharding.replicate(train_steps.init_state(params, tx, jax.random.PRNGKey(2)), mesh)
+        step = train_steps.jit_train_step(model, spec, tx, schedule, state_sharding=sharding.replicated(mesh),
                                        lm_sharding=lm_sharding, batch_sharding=sharding.batch_sharding(mesh))
         sizes[name] = len(step.lower(state, lm_abstract, sharding.shard_batch(batches(vocab, 1)[0], mesh)).as_text())
     return sizes
@@ -303,7 +303,7 @@ def sharded_step_hlo_sizes() -> dict:
 
 def check_generation(root: Path) -> dict:
     """Greedy and beam search from the sharded LM equal the one-device replicated LM token for token."""
-    checkpoints = {arch: tiny.build_tiny_checkpoint(root / arch, arch) for arch in ("t5", "gpt2")}
+    checkpoints = {arch: tiny_checkpoints.build_tiny_checkpoint(root / arch, arch) for arch in ("t5", "gpt2")}
     out = {}
     for arch, directory in checkpoints.items():
         tokens = {}

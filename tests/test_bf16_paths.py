@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax._src import source_info_util
 
-from prefix_jax import models, optim, training
+from prefix_jax import models, optim, train_steps
 from prefix_jax import prefix as prefix_lib
 
 # Primitives whose bfloat16 use would lose what float32 keeps: sums/maxima (softmax, norms, loss, gradient
@@ -95,9 +95,9 @@ def bf16_precision_ops(jaxpr) -> list[str]:
 
 def _train_step(model, spec, params, loss_chunk_tokens: int = 0):
     tx, schedule = optim.make_optimizer(params, learning_rate=1e-3, total_steps=10)
-    step = functools.partial(training.train_step, model=model, spec=spec, tx=tx, schedule=schedule,
+    step = functools.partial(train_steps.train_step, model=model, spec=spec, tx=tx, schedule=schedule,
                              loss_chunk_tokens=loss_chunk_tokens)
-    return step, training.init_state(params, tx, jax.random.PRNGKey(2))
+    return step, train_steps.init_state(params, tx, jax.random.PRNGKey(2))
 
 
 @pytest.mark.parametrize("architecture, loss_chunk_tokens",
@@ -137,7 +137,7 @@ def test_bf16_loss_and_prefix_gradient_close_to_float32(architecture):
         model, spec, params, lm_params, batch = _setup(architecture, dtype, _placements(architecture))
 
         def loss_fn(p):
-            total, count = training.batch_loss(model, spec, p, lm_params, batch, None)
+            total, count = train_steps.batch_loss(model, spec, p, lm_params, batch, None)
             return total / count
 
         results[dtype] = jax.jit(jax.value_and_grad(loss_fn))(params)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from prefix_jax import data
-from prefix_jax.tiny import bundled_gpt2_tokenizer
+from prefix_jax.tiny_checkpoints import bundled_gpt2_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 E2E_DEV, E2E_TEST = REPO / "data/e2e/devset.csv", REPO / "data/e2e/testset_w_refs.csv"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tolerances import F32_REORDERED_RTOL
 
-from prefix_jax.metrics_log import read_metrics
+from prefix_jax.metrics_file import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from hf_fixtures import left_pad, save_tiny
 from transformers import T5Config, T5ForConditionalGeneration
 
 from prefix_jax.generate import GenerationConfig, make_generate_fn
-from prefix_jax.metrics import bleu, rouge
+from prefix_jax.text_metrics import bleu, rouge
 from prefix_jax.models import CROSS, DECODER, ENCODER, KV, NO_PREFIX, Prefix, load_pretrained
 
 B, S, NEW = 6, 9, 12

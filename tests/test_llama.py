@@ -24,7 +24,7 @@ from tolerances import F32_ATOL
 from transformers.cache_utils import DynamicCache
 
 from prefix_jax import prefix as prefix_lib
-from prefix_jax import prefix_init, training
+from prefix_jax import prefix_init, train_steps
 from prefix_jax.data import pad
 from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.models import DECODER, KV, NO_PREFIX, Prefix, llama, load_pretrained, masks
@@ -244,7 +244,7 @@ def test_matches_peft_prefix_tuning_logits_loss_and_gradient(pairs, name, projec
     ours_batch = jnp_batch(left_padded(batch))  # ours is padding-independent: left-pad it
 
     def loss_fn(p):
-        total, count = training.batch_loss(lm.model, spec, p, lm.params, ours_batch, None)
+        total, count = train_steps.batch_loss(lm.model, spec, p, lm.params, ours_batch, None)
         return total / count
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -544,7 +544,7 @@ def offline_args(model_dir, workdir, *extra: str) -> list[str]:
 def test_words_init_prefix_trains_and_exports_in_process(tiny_llama_dir, tmp_path):
     from configs import llama_offline
     from prefix_jax import trainer
-    from prefix_jax.metrics_log import read_metrics
+    from prefix_jax.metrics_file import read_metrics
 
     c = llama_offline.get_config()
     c.model.name_or_path, c.model.create_tiny = str(tiny_llama_dir), ""
@@ -565,7 +565,7 @@ def test_words_init_prefix_trains_and_exports_in_process(tiny_llama_dir, tmp_pat
 @pytest.mark.slow
 def test_train_py_checkpoints_resumes_and_exports(tiny_llama_dir, tmp_path):
     """`train.py --config configs/llama_offline.py`: stopped at step 2 and resumed == run straight to step 4."""
-    from prefix_jax.metrics_log import read_metrics
+    from prefix_jax.metrics_file import read_metrics
 
     straight = run_cli(*offline_args(tiny_llama_dir, tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]

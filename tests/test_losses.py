@@ -13,7 +13,7 @@ import optax
 import pytest
 import transformers
 
-from prefix_jax import losses, training
+from prefix_jax import losses, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import bart, gpt2, llama, t5
 
@@ -53,7 +53,7 @@ HEADS = [dict(vocab_axis=0), dict(vocab_axis=1, with_bias=True, scale=D**-0.5)]
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
 def test_loss_and_hidden_gradient_equal_the_logits_path(head_kwargs, label_smoothing, chunk_size):
     h, head, targets, mask = random_case(**head_kwargs)
-    ref = lambda h, head, t, m: training.token_cross_entropy(reference_logits(h, head), t, m, label_smoothing)
+    ref = lambda h, head, t, m: train_steps.token_cross_entropy(reference_logits(h, head), t, m, label_smoothing)
     ours = lambda h, head, t, m: losses.chunked_token_cross_entropy(h, head, t, m, label_smoothing, chunk_size)
     (ref_total, ref_count), (total, count) = ref(h, head, targets, mask), ours(h, head, targets, mask)
     assert float(count) == float(ref_count) == float(mask.sum())
@@ -85,7 +85,7 @@ def test_neither_pass_holds_the_full_logits():
     targets = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     mask = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     chunked = mean_loss(lambda *a: losses.chunked_token_cross_entropy(*a, chunk_size=chunk))
-    full = mean_loss(lambda h, head, t, m: training.token_cross_entropy(head.logits(h), t, m))
+    full = mean_loss(lambda h, head, t, m: train_steps.token_cross_entropy(head.logits(h), t, m))
     grad = lambda f: jax.grad(f)  # d loss / d hidden states only, as prefix tuning asks
     full_bytes, chunked_bytes = temp_bytes(grad(full), h, head, targets, mask), temp_bytes(grad(chunked), h, head,
                                                                                           targets, mask)
@@ -161,7 +161,7 @@ def test_lm_head_for_reproduces_each_models_loss(name):
 
     logits, h = logits_and_stack_output(params)
     h = h[:, -batch["target_ids"].shape[1]:]  # decoder-only stacks run over [source; target]
-    ref_total, _ = training.token_cross_entropy(logits, batch["target_ids"], batch["target_mask"], 0.1)
+    ref_total, _ = train_steps.token_cross_entropy(logits, batch["target_ids"], batch["target_mask"], 0.1)
     head = losses.lm_head_for(config, params)
     total, _ = losses.chunked_token_cross_entropy(h, head, batch["target_ids"], batch["target_mask"], 0.1, 3)
     assert np.isfinite(float(ref_total))
@@ -194,8 +194,8 @@ def _step_inputs(name: str, tasks: tuple[str, ...] = ()):
 def _train_step(model, spec, lm_params, batch, **kwargs):
     """One step with SGD at learning rate 1: the params move by exactly minus the gradient."""
     tx = optax.sgd(1.0)
-    state = training.init_state(prefix_lib.init_params(spec, jax.random.PRNGKey(1)), tx, jax.random.PRNGKey(2))
-    step = jax.jit(functools.partial(training.train_step, model=model, spec=spec, tx=tx,
+    state = train_steps.init_state(prefix_lib.init_params(spec, jax.random.PRNGKey(1)), tx, jax.random.PRNGKey(2))
+    step = jax.jit(functools.partial(train_steps.train_step, model=model, spec=spec, tx=tx,
                                      schedule=optax.constant_schedule(1.0), **kwargs))
     new_state, metrics = step(state, lm_params, batch)
     return metrics, jax.tree.map(jnp.subtract, state.params, new_state.params)
@@ -241,10 +241,10 @@ def test_chunked_train_step_holds_no_full_logits():
     geometry = model.config.prefix_geometry()
     spec = prefix_lib.PrefixSpec(length=3, placements=tuple(geometry), geometry=geometry, hidden_size=D, mlp_hidden=8)
     tx = optax.sgd(1.0)
-    state = training.init_state(prefix_lib.init_params(spec, jax.random.PRNGKey(1)), tx, jax.random.PRNGKey(2))
+    state = train_steps.init_state(prefix_lib.init_params(spec, jax.random.PRNGKey(1)), tx, jax.random.PRNGKey(2))
 
     def compiled_hlo(loss_chunk_tokens: int) -> str:
-        step = training.jit_train_step(model, spec, tx, optax.constant_schedule(1.0),
+        step = train_steps.jit_train_step(model, spec, tx, optax.constant_schedule(1.0),
                                        loss_chunk_tokens=loss_chunk_tokens)
         return step.lower(state, lm_params, batch).compile().as_text()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from prefix_jax import metrics
+from prefix_jax import text_metrics
 
 HYPS = ["the eagle is a coffee shop in the city centre .", "Blue Spice serves cheap Chinese food near the river.",
         "Zizzi is a pub ."]
@@ -14,11 +14,11 @@ REFS = [["The Eagle is a coffee shop in the city centre.",
         ["Blue Spice is a cheap Chinese restaurant by the riverside.",
          "Cheap Chinese food is served at Blue Spice near the river."],
         ["Zizzi is a family friendly pub.", "There is a pub called Zizzi.", "Zizzi, a pub."]]
-needs_java = pytest.mark.skipif(not metrics.java_available(), reason="METEOR/ROUGE-L/CIDEr (pycocoevalcap) need java")
+needs_java = pytest.mark.skipif(not text_metrics.java_available(), reason="METEOR/ROUGE-L/CIDEr (pycocoevalcap) need java")
 
 
 def test_python_metrics_match_recorded_values():
-    got = metrics.compute(("bleu", "nist", "ter", "xsum"), HYPS, REFS)
+    got = text_metrics.compute(("bleu", "nist", "ter", "xsum"), HYPS, REFS)
     assert got["bleu"] == pytest.approx(61.88298405541168, abs=1e-9)
     assert got["nist"] == pytest.approx(4.371908107293239, abs=1e-9)
     assert got["ter"] == pytest.approx(37.735849056603776, abs=1e-9)
@@ -26,47 +26,47 @@ def test_python_metrics_match_recorded_values():
     assert got["rouge2"] == pytest.approx(68.5185185185185, abs=1e-9)
     assert got["rougeL"] == pytest.approx(81.90476190476191, abs=1e-9)
     # mteval-style lowercasing (the E2E group) changes BLEU here: "the eagle" vs "The Eagle".
-    assert metrics.bleu(HYPS, REFS, lowercase=True) == pytest.approx(73.04277831657177, abs=1e-9)
-    assert metrics.nist(HYPS, REFS, lowercase=True) == pytest.approx(4.9960879939400815, abs=1e-9)
+    assert text_metrics.bleu(HYPS, REFS, lowercase=True) == pytest.approx(73.04277831657177, abs=1e-9)
+    assert text_metrics.nist(HYPS, REFS, lowercase=True) == pytest.approx(4.9960879939400815, abs=1e-9)
 
 
 def test_perfect_and_disjoint_outputs():
     refs = [["a cheap pub in the centre"], ["a coffee shop near the river"]]
-    same = metrics.compute(("bleu", "ter"), [r[0] for r in refs], refs)
+    same = text_metrics.compute(("bleu", "ter"), [r[0] for r in refs], refs)
     assert same == {"bleu": pytest.approx(100.0), "ter": pytest.approx(0.0)}
-    assert metrics.bleu(["w x y z", "q r s t"], refs) == pytest.approx(0.0)
+    assert text_metrics.bleu(["w x y z", "q r s t"], refs) == pytest.approx(0.0)
     # The best of several references counts.
-    assert metrics.bleu(["the cat sat on the mat"], [["different words", "the cat sat on the mat"]]) == \
+    assert text_metrics.bleu(["the cat sat on the mat"], [["different words", "the cat sat on the mat"]]) == \
         pytest.approx(100.0)
 
 
 @needs_java
 def test_java_metrics_match_recorded_values():
-    got = metrics.compute(("e2e",), HYPS, REFS)
+    got = text_metrics.compute(("e2e",), HYPS, REFS)
     assert set(got) == {"bleu_lc", "nist_lc", "meteor", "rouge_l", "cider"}
     assert got["meteor"] == pytest.approx(50.01917953555605, abs=1e-6)
     assert got["rouge_l"] == pytest.approx(86.31239935587762, abs=1e-9)
     assert got["cider"] == pytest.approx(4.8237667607876205, abs=1e-9)
-    webnlg = metrics.compute(("webnlg",), HYPS, REFS)
+    webnlg = text_metrics.compute(("webnlg",), HYPS, REFS)
     assert set(webnlg) == {"bleu", "meteor", "ter"} and webnlg["meteor"] == got["meteor"]
 
 
 @needs_java
 def test_empty_hypothesis_does_not_hang_meteor():
-    assert metrics.compute(("meteor",), ["", HYPS[0]], REFS[:2])["meteor"] < 60
+    assert text_metrics.compute(("meteor",), ["", HYPS[0]], REFS[:2])["meteor"] < 60
 
 
 def test_missing_java_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    with pytest.raises(metrics.MetricUnavailable, match=r"'meteor', which runs on Java .* no `java` is on PATH"):
-        metrics.compute(("meteor",), HYPS, REFS)
-    assert metrics.compute(("bleu",), HYPS, REFS)["bleu"] > 0  # pure-Python metrics still work
+    monkeypatch.setattr(text_metrics.shutil, "which", lambda name: None)
+    with pytest.raises(text_metrics.MetricUnavailable, match=r"'meteor', which runs on Java .* no `java` is on PATH"):
+        text_metrics.compute(("meteor",), HYPS, REFS)
+    assert text_metrics.compute(("bleu",), HYPS, REFS)["bleu"] > 0  # pure-Python metrics still work
 
 
 def test_unknown_metric_names_the_field():
     with pytest.raises(ValueError, match=r"eval.metrics has 'bleurt'"):
-        metrics.compute(("bleurt",), HYPS, REFS)
+        text_metrics.compute(("bleurt",), HYPS, REFS)
 
 
 def test_wordnet_detection_answers_without_network():
-    assert metrics.nltk_wordnet_available() in (True, False)
+    assert text_metrics.nltk_wordnet_available() in (True, False)

@@ -16,8 +16,8 @@ from etils import epath
 
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import workdir
-from prefix_jax.metrics_log import MetricsWriter, read_metrics
-from prefix_jax.models.interface import StackGeometry
+from prefix_jax.metrics_file import MetricsWriter, read_metrics
+from prefix_jax.models.prefix_contract import StackGeometry
 
 
 @pytest.fixture

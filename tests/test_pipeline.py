@@ -16,7 +16,7 @@ import pytest
 from configs import t5_offline
 from prefix_jax import checkpoint, trainer
 from prefix_jax import prefix as prefix_lib
-from prefix_jax.metrics_log import read_metrics
+from prefix_jax.metrics_file import read_metrics
 from prefix_jax.models import load_pretrained
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,10 +13,10 @@ from hf_fixtures import save_tiny
 from tolerances import F32_ATOL
 from transformers import T5Config, T5ForConditionalGeneration
 
-from prefix_jax import optim, prefix_init, training
+from prefix_jax import optim, prefix_init, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import CROSS, DECODER, ENCODER, load_pretrained
-from prefix_jax.models.interface import StackGeometry
+from prefix_jax.models.prefix_contract import StackGeometry
 
 GEOMETRY = {ENCODER: StackGeometry(2, 4, 8), DECODER: StackGeometry(3, 4, 8), CROSS: StackGeometry(3, 4, 8)}
 
@@ -223,8 +223,8 @@ def test_every_variant_trains_and_keeps_the_lm_frozen(arch, variant, request):
     lm_before = jax.tree.map(np.array, lm.params)
     lr = 3e-2 if s.uses_mlp else 1e-1
     tx, schedule = optim.make_optimizer(params, learning_rate=lr, total_steps=100)
-    step = training.jit_train_step(lm.model, s, tx, schedule)
-    state = training.init_state(params, tx, jax.random.PRNGKey(1))
+    step = train_steps.jit_train_step(lm.model, s, tx, schedule)
+    state = train_steps.init_state(params, tx, jax.random.PRNGKey(1))
     rng = np.random.default_rng(0)
     batch = {"source_ids": jnp.asarray(rng.integers(2, 64, (8, 10)), jnp.int32),
              "source_mask": jnp.ones((8, 10), jnp.int32),

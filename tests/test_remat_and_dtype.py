@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from tolerances import BF16_LOGITS_RTOL, F32_REORDERED_RTOL
 
-from prefix_jax import models, training
+from prefix_jax import models, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import common
-from prefix_jax.tiny import TINY_ARCHITECTURES, _tiny_hf_config, bundled_gpt2_tokenizer
+from prefix_jax.tiny_checkpoints import TINY_ARCHITECTURES, _tiny_hf_config, bundled_gpt2_tokenizer
 
 VOCAB, B, S, T = 64, 4, 10, 6
 # An encoder-decoder and a decoder-only model by default; the other two architectures in the slow set.
@@ -48,7 +48,7 @@ def batch(seed: int = 0) -> dict:
 
 def loss_and_grads(model, spec, params, lm_params, data):
     def mean_loss(p):
-        total, count = training.batch_loss(model, spec, p, lm_params, data, None)
+        total, count = train_steps.batch_loss(model, spec, p, lm_params, data, None)
         return total / count
 
     return jax.jit(jax.value_and_grad(mean_loss))(params)
@@ -114,7 +114,7 @@ def test_bfloat16_compute_keeps_softmax_norms_and_loss_in_float32(architecture):
     assert 0 < err < BF16_LOGITS_RTOL * scale, (err, scale)  # > 0: the compute really ran in bfloat16
 
     jaxpr = jax.make_jaxpr(lambda p: jax.value_and_grad(
-        lambda q: training.batch_loss(model16, spec, q, lm_params, data, None)[0])(p))(params)
+        lambda q: train_steps.batch_loss(model16, spec, q, lm_params, data, None)[0])(p))(params)
     dtypes = primitives_by_dtype(jaxpr.jaxpr)
     assert "bfloat16" in dtypes["dot_general"]  # the matmuls run in bfloat16
     for primitive in ("exp", "log", "rsqrt", "reduce_max"):  # softmax, log-softmax (loss), norms

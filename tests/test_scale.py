@@ -22,11 +22,11 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 from tolerances import F32_REORDERED_RTOL
 
-from prefix_jax import models, partitioning, sharding, training
+from prefix_jax import models, partitioning, sharding, train_steps
 from prefix_jax import prefix as prefix_lib
-from prefix_jax.metrics_log import read_metrics
+from prefix_jax.metrics_file import read_metrics
 from prefix_jax.models import common, t5
-from prefix_jax.tiny import TINY_ARCHITECTURES, _dummy_batch, _tiny_hf_config, bundled_gpt2_tokenizer
+from prefix_jax.tiny_checkpoints import TINY_ARCHITECTURES, _dummy_batch, _tiny_hf_config, bundled_gpt2_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 MESHES = [(2, 2, 2), (1, 8, 1), (1, 1, 8), (2, 4, 1), (1, 2, 4), (8, 1, 1)]
@@ -168,7 +168,7 @@ def test_remat_policies_give_the_same_gradients_and_order_temp_memory():
     grads, temp = {}, {}
     for policy in common.REMAT_POLICIES:
         model = gpt2.Model(dataclasses.replace(cfg, remat=policy))
-        fn = jax.jit(jax.grad(lambda p, lm, b: training.batch_loss(model, spec, p, lm, b, None)[0]))
+        fn = jax.jit(jax.grad(lambda p, lm, b: train_steps.batch_loss(model, spec, p, lm, b, None)[0]))
         temp[policy] = fn.lower(params, lm_params, batch).compile().memory_analysis().temp_size_in_bytes
         grads[policy] = fn(params, lm_params, batch)
     for policy in ("full", "minimal"):
@@ -188,8 +188,8 @@ def test_gradient_accumulation_with_uneven_token_counts_equals_one_big_step():
     batch = uneven_batch(16)
     results = {}
     for steps in (1, 4):
-        step = training.jit_train_step(model, spec, tx, schedule, grad_accum_steps=steps)
-        state = training.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.PRNGKey(2))
+        step = train_steps.jit_train_step(model, spec, tx, schedule, grad_accum_steps=steps)
+        state = train_steps.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.PRNGKey(2))
         results[steps] = step(state, lm_params, batch)
     (big_state, big), (acc_state, acc) = results[1], results[4]
     assert float(acc["tokens"]) == float(big["tokens"]) == float(batch["target_mask"].sum())
@@ -201,8 +201,8 @@ def test_gradient_accumulation_with_uneven_token_counts_equals_one_big_step():
         np.testing.assert_allclose(grad_acc, grad_big, rtol=F32_REORDERED_RTOL,
                                    atol=F32_REORDERED_RTOL * float(jnp.max(jnp.abs(grad_big))))
     # A mean of micro-batch means is not the batch mean when token counts differ: the check can tell them apart.
-    micro = training.micro_batches(batch, 4)
-    loss = jax.jit(lambda b: training.batch_loss(model, spec, params, lm_params, b, None))
+    micro = train_steps.micro_batches(batch, 4)
+    loss = jax.jit(lambda b: train_steps.batch_loss(model, spec, params, lm_params, b, None))
     means = [loss(jax.tree.map(lambda x: x[j], micro)) for j in range(4)]
     assert abs(np.mean([float(t / c) for t, c in means]) - float(big["loss"])) > 1e-3
 

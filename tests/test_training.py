@@ -11,7 +11,7 @@ import optax
 import pytest
 from transformers import T5Config
 
-from prefix_jax import optim, training
+from prefix_jax import optim, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import t5
 
@@ -49,7 +49,7 @@ def spec_for(cfg, method="prefix", length=4) -> prefix_lib.PrefixSpec:
 
 def make_step(model, spec, params, steps=100, lr=1e-2):
     tx, schedule = optim.make_optimizer(params, learning_rate=lr, total_steps=steps)
-    return tx, training.jit_train_step(model, spec, tx, schedule)
+    return tx, train_steps.jit_train_step(model, spec, tx, schedule)
 
 
 # (method, learning rate, loss after 40 steps must fall below this fraction of the first loss).
@@ -65,7 +65,7 @@ def test_only_the_prefix_learns_and_the_lm_stays_bitwise_frozen(method, lr, frac
     spec = spec_for(cfg, method)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
     tx, step = make_step(model, spec, params, lr=lr)
-    state = training.init_state(params, tx, jax.random.PRNGKey(2))
+    state = train_steps.init_state(params, tx, jax.random.PRNGKey(2))
     batch = fixed_answer_batch(np.random.default_rng(3))
     losses = []
     for _ in range(40):
@@ -87,8 +87,8 @@ def test_frozen_paths_do_not_move():
     spec = spec_for(cfg)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
     tx, schedule = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10, frozen=("embedding",))
-    step = training.jit_train_step(model, spec, tx, schedule)
-    state = training.init_state(params, tx, jax.random.PRNGKey(2))
+    step = train_steps.jit_train_step(model, spec, tx, schedule)
+    state = train_steps.init_state(params, tx, jax.random.PRNGKey(2))
     before = jax.tree.map(np.array, state.params)
     for _ in range(3):
         state, _ = step(state, lm_params, fixed_answer_batch(np.random.default_rng(3)))
@@ -140,14 +140,14 @@ def test_step_hlo_does_not_grow_with_the_lm():
         spec = spec_for(cfg)
         params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
         tx, step = make_step(model, spec, params)
-        state = training.init_state(params, tx, jax.random.PRNGKey(2))
+        state = train_steps.init_state(params, tx, jax.random.PRNGKey(2))
         batch = fixed_answer_batch(np.random.default_rng(0))
         sizes[name] = len(step.lower(state, lm_params, batch).as_text())
         lm_bytes = sum(x.nbytes for x in jax.tree.leaves(lm_params))
         if name == "large":
             # Negative control: the same step closing over the LM inlines it (this is what the rule prevents).
             closed = jax.jit(functools.partial(
-                lambda s, b, lm: training.train_step(s, lm, b, model=model, spec=spec, tx=tx,
+                lambda s, b, lm: train_steps.train_step(s, lm, b, model=model, spec=spec, tx=tx,
                                                      schedule=optim.linear_schedule(1e-2, 100)), lm=lm_params))
             closed_size = len(closed.lower(state, batch).as_text())
             assert closed_size > lm_bytes
@@ -166,7 +166,7 @@ def test_label_smoothing_and_padding_in_the_loss():
     mask = np.asarray([[1, 1, 1], [1, 0, 0]])
     labels = torch.tensor(np.where(mask == 1, targets, -100))
     for epsilon in (0.0, 0.1):
-        total, count = training.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
+        total, count = train_steps.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
                                                     label_smoothing=epsilon)
         if epsilon:
             expected = float(LabelSmoother(epsilon=epsilon)({"logits": torch.tensor(logits)}, labels))
@@ -188,7 +188,7 @@ def test_step_compiles_once_per_lm_shape_not_per_lm_value():
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
     tx, step = make_step(model, spec, params)
     batch = fixed_answer_batch(np.random.default_rng(0))
-    fresh = lambda: training.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.PRNGKey(2))  # donated
+    fresh = lambda: train_steps.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.PRNGKey(2))  # donated
     _, m_a = step(fresh(), lm_a, batch)
     _, m_b = step(fresh(), lm_b, batch)
     assert step._cache_size() == 1
@@ -208,7 +208,7 @@ def test_train_step_makes_no_hidden_transfers():
     spec = spec_for(cfg)
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
     tx, step = make_step(model, spec, params)
-    state = jax.device_put(training.init_state(params, tx, jax.random.PRNGKey(2)))
+    state = jax.device_put(train_steps.init_state(params, tx, jax.random.PRNGKey(2)))
     lm_params = jax.device_put(lm_params)
     batch = jax.device_put(fixed_answer_batch(np.random.default_rng(0)))
     state, _ = step(state, lm_params, batch)  # compile outside the guard

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 import train as train_cli
-from prefix_jax import checkpoint, data, trainer, training, workdir
+from prefix_jax import checkpoint, data, trainer, train_steps, workdir
 from prefix_jax import prefix as prefix_lib
-from prefix_jax.metrics_log import read_metrics
+from prefix_jax.metrics_file import read_metrics
 from prefix_jax.preemption import EXIT_PREEMPTED, Preempted
 from test_pipeline import REPO, losses, run_cli, small_config, tree_digest
 
@@ -138,7 +138,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_t5_dir, trained_workdir, tmp_p
 
 
 def test_create_tiny_never_deletes_user_files(tmp_path):
-    from prefix_jax.tiny import TinyCheckpointError, build_tiny_checkpoint
+    from prefix_jax.tiny_checkpoints import TinyCheckpointError, build_tiny_checkpoint
 
     user = tmp_path / "mymodel"
     (user / "sub").mkdir(parents=True)
@@ -176,7 +176,7 @@ def test_every_path_option_at_user_files_changes_only_the_workdir(tiny_t5_dir, t
 
 def _poison(monkeypatch, poisoned_steps):
     """Batches of `poisoned_steps` carry a sentinel; the loss of such a batch is NaN (as a bad batch would be)."""
-    real_batch, real_loss = data.Batcher.train_batch, training.batch_loss
+    real_batch, real_loss = data.Batcher.train_batch, train_steps.batch_loss
 
     def train_batch(self, step):
         batch = real_batch(self, step)
@@ -191,7 +191,7 @@ def _poison(monkeypatch, poisoned_steps):
         return jnp.where(jnp.any(batch["target_ids"] < 0), jnp.nan, total), count
 
     monkeypatch.setattr(data.Batcher, "train_batch", train_batch)
-    monkeypatch.setattr(training, "batch_loss", batch_loss)
+    monkeypatch.setattr(train_steps, "batch_loss", batch_loss)
 
 
 def test_a_nonfinite_step_is_skipped_and_training_goes_on(tiny_t5_dir, tmp_path, monkeypatch):
@@ -217,23 +217,23 @@ def test_diverging_run_stops_keeps_good_checkpoints_and_exports_nothing(tiny_t5_
 
 def test_sigterm_saves_at_the_step_reached_and_resume_is_exact(tiny_t5_dir, tmp_path, monkeypatch):
     straight = trainer.run(small_config(tiny_t5_dir, tmp_path / "straight", steps=6, save_every=100))
-    from prefix_jax import metrics_log
+    from prefix_jax import metrics_file
 
-    real_write = metrics_log.MetricsWriter.write
+    real_write = metrics_file.MetricsWriter.write
 
     def write(self, step, metrics):
         real_write(self, step, metrics)
         if step == 3 and "loss" in metrics:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-run, after step 3 is logged
 
-    monkeypatch.setattr(metrics_log.MetricsWriter, "write", write)
+    monkeypatch.setattr(metrics_file.MetricsWriter, "write", write)
     handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted) as info:
         trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=6, save_every=100))
     assert info.value.step == 3  # the step it had reached, saved before exiting
     assert checkpoint.manager(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [3]
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the run's handler is gone with the run
-    monkeypatch.setattr(metrics_log.MetricsWriter, "write", real_write)
+    monkeypatch.setattr(metrics_file.MetricsWriter, "write", real_write)
     resumed = trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=6, save_every=100))
     assert resumed["start_step"] == 3
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")

@@ -12,7 +12,7 @@ import numpy as np
 
 from prefix_jax.models import hub
 from prefix_jax.models.attention import KV
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, NO_PREFIX, PLACEMENTS, Prefix, StackGeometry
+from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, NO_PREFIX, PLACEMENTS, Prefix, StackGeometry
 
 # HF `model_type` -> our module. Each module defines `Config` (with `from_hf`), `Model` and `params_from_hf`.
 ARCHITECTURES: dict[str, str] = {

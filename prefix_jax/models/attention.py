@@ -224,7 +224,7 @@ class MultiHeadAttention(nn.Module):
 
 def _placement_of(path: Sequence[Any]) -> str:
     """The placement whose attention sowed the K/V at `path` (from the module names the models use)."""
-    from prefix_jax.models.interface import CROSS, DECODER, ENCODER  # interface imports KV from here
+    from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER  # prefix_contract imports KV from here
 
     names = [str(getattr(k, "key", k)) for k in path]
     if "cross_attention" in names:

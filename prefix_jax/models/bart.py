@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from prefix_jax.models import common, encoder_decoder
 from prefix_jax.models.attention import MultiHeadAttention
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
+from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
 
 POSITION_OFFSET = 2  # HF/fairseq BART: position p is row p + 2 of the position table
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from prefix_jax.models import masks
 from prefix_jax.models.attention import empty_cache
-from prefix_jax.models.interface import DECODER
+from prefix_jax.models.prefix_contract import DECODER
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Names as transformers' ACT2FN spells them.

@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from prefix_jax.models import common, decoder_only
 from prefix_jax.models.attention import KV, MultiHeadAttention
 from prefix_jax.models.hub import take
-from prefix_jax.models.interface import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
+from prefix_jax.models.prefix_contract import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
 
 
 # HF GPT2Config fields this module does not implement: (field, unsupported value, meaning).

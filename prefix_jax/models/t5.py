@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, encoder_decoder
 from prefix_jax.models.attention import MultiHeadAttention
-from prefix_jax.models.interface import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
+from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
 from prefix_jax.models.hub import take
 
 
