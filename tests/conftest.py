@@ -32,6 +32,30 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long checks (training to convergence, multi-process); run with -m slow")
 
 
+# Cases of parametrized tests that run only with -m slow: each has a sibling case checking the same behaviour
+# in the default run (another beam count, variant or architecture), so the default run stays a few minutes.
+SLOW_CASES = (
+    "test_decoding_options.py::test_encoder_decoder_matches_generate[1-",
+    "test_decoding_options.py::test_encoder_decoder_matches_generate[3-bart-",
+    "test_decoding_options.py::test_gpt2_with_prefix_matches_generate[True-1-",
+    "test_generate.py::test_prefix_survives_batch_size_padding_side_and_beams[3]",
+    "test_generate.py::test_decoder_prefix_matches_transformers_generate_given_the_prefix_as_its_cache[1-1.0]",
+    "test_bart.py::test_incremental_decoding_matches_teacher_forcing[False]",
+    "test_bart.py::test_logits_match_transformers_with_padding[scaled]",
+    "test_bart.py::test_matches_peft_seq2seq_prefix_tuning[3]",
+    "test_losses.py::test_chunked_train_step_equals_the_logits_step[0.1-2-3-tasks0-bart]",
+    "test_losses.py::test_chunked_train_step_equals_the_logits_step[0.1-2-3-tasks0-llama-untied]",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        node = item.nodeid.split("tests/", 1)[-1]
+        if node.startswith(SLOW_CASES):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """`tiny_checkpoint(architecture)`: the random tiny checkpoint of `prefix_jax.tiny_checkpoints` (HF layout, bundled GPT-2
