@@ -58,6 +58,17 @@ class Row:
     placements: tuple[str, ...]
     dtype: str = "bfloat16"
     budget_s: int = 90  # the child's time limit
+    remat: str = "none"  # model.remat
+    loss_chunk_tokens: int = 0  # train.loss_chunk_tokens (0: the whole [B, T, V] logits)
+    peft: bool = True  # also run PEFT (its own shapes ignore remat, chunking and our placements)
+
+    @property
+    def label(self) -> str:
+        """The row's name with what differs from the defaults (what `--only` matches)."""
+        extras = [self.dtype] + [f"remat={self.remat}"] * (self.remat != "none") + \
+            [f"chunk={self.loss_chunk_tokens}"] * (self.loss_chunk_tokens > 0)
+        extras += ["+".join(self.placements)] if self.arch == "t5" else []
+        return " ".join([self.name] + extras)
 
 
 FULL = (
@@ -71,6 +82,19 @@ FULL = (
         ("decoder",), budget_s=130),
     Row("gpt2-medium", "gpt2", dict(n_embd=1024, n_layer=24, n_head=16), 16, 64, 64, 10, 512, ("decoder",),
         dtype="float32", budget_s=80),
+    # Memory levers (ours only): the chunked loss, then with remat "minimal"; T5 with PEFT's decoder-only prefix.
+    Row("gpt2-medium", "gpt2", dict(n_embd=1024, n_layer=24, n_head=16), 16, 64, 64, 10, 512, ("decoder",),
+        budget_s=70, loss_chunk_tokens=256, peft=False),
+    Row("gpt2-medium", "gpt2", dict(n_embd=1024, n_layer=24, n_head=16), 16, 64, 64, 10, 512, ("decoder",),
+        budget_s=70, loss_chunk_tokens=256, remat="minimal", peft=False),
+    Row("t5-base", "t5", dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12), 16, 512, 64, 100, 800,
+        ("decoder",), budget_s=80, peft=False),
+    Row("t5-base", "t5", dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12), 16, 512, 64, 100, 800,
+        ("encoder", "decoder", "cross"), budget_s=80, remat="minimal", peft=False),
+    Row("llama-1b", "llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                  num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                                  tie_word_embeddings=True, max_position_embeddings=4096), 8, 256, 128, 10, 512,
+        ("decoder",), budget_s=80, loss_chunk_tokens=256, remat="minimal", peft=False),
 )
 SMOKE = (
     Row("gpt2-tiny", "gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128, bos_token_id=1,
@@ -80,6 +104,10 @@ SMOKE = (
     Row("llama-tiny", "llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
                                     max_position_embeddings=128), 2, 16, 8, 4, 16, ("decoder",), budget_s=40),
+    Row("llama-tiny", "llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
+                                    max_position_embeddings=128), 2, 16, 8, 4, 16, ("decoder",), budget_s=40,
+        loss_chunk_tokens=8, remat="minimal", peft=False),
 )
 
 
@@ -167,7 +195,7 @@ def run_ours(row: Row, steps: int) -> dict:
 
     hf = hf_config(row)
     arch = models.architecture(hf.model_type)
-    config = arch.Config.from_hf(hf, set(), dtype=row.dtype, param_dtype=row.dtype)
+    config = arch.Config.from_hf(hf, set(), dtype=row.dtype, param_dtype=row.dtype, remat=row.remat)
     model = arch.Model(config)
     rng = np.random.default_rng(0)
     vocab = config.vocab_size
@@ -181,7 +209,7 @@ def run_ours(row: Row, steps: int) -> dict:
     params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
     tx, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000)
     state = train_steps.init_state(params, tx, jax.random.PRNGKey(2))
-    step = train_steps.jit_train_step(model, spec, tx, schedule)
+    step = train_steps.jit_train_step(model, spec, tx, schedule, loss_chunk_tokens=row.loss_chunk_tokens)
     start = time.perf_counter()
     compiled = step.lower(state, lm_params, batch).compile()
     compile_s = time.perf_counter() - start
@@ -299,6 +327,7 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--isolate", action="store_true", help="children even with --smoke (always without it)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", default=None, help="run only rows whose label contains one of these comma-separated texts (e.g. 'chunk=,remat=')")
     parser.add_argument("--child-side", choices=("ours", "peft"), help=argparse.SUPPRESS)
     parser.add_argument("--child-row", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -310,8 +339,10 @@ def main() -> None:
     rows = SMOKE if args.smoke else FULL
     results = []
     for index, row in enumerate(rows):
-        entry = {"row": dataclasses.asdict(row), "flops": step_flops(row)}
-        for side in ("ours",) + (() if args.no_peft or row.dtype != "bfloat16" else ("peft",)):
+        if args.only and not any(text in row.label for text in args.only.split(",")):
+            continue
+        entry = {"row": dataclasses.asdict(row), "label": row.label, "flops": step_flops(row)}
+        for side in ("ours",) + (() if args.no_peft or not row.peft or row.dtype != "bfloat16" else ("peft",)):
             left = deadline - time.perf_counter()
             if left < 15:
                 entry[side] = {"skipped": "time budget spent"}
@@ -320,7 +351,7 @@ def main() -> None:
                 entry[side] = run_peft(row, args.steps, True) if side == "peft" else run_ours(row, args.steps)
             else:
                 entry[side] = in_child(side, index, args, min(row.budget_s, left))
-            print(f"{row.name} {row.dtype} {side}: " + json.dumps({k: v for k, v in entry[side].items()
+            print(f"{row.label} {side}: " + json.dumps({k: v for k, v in entry[side].items()
                                                                    if k != "stderr_tail"}), flush=True)
         results.append(entry)
     table = print_table(results)
@@ -337,7 +368,7 @@ def _gib(b) -> str:
 
 
 def print_table(results: list[dict]) -> str:
-    columns = ["model", "dtype", "batch, src + tgt, prefix", "ours step ms", "tokens/s", "MFU (same-run matmul)",
+    columns = ["row", "batch, src + tgt, prefix", "ours step ms", "tokens/s", "MFU (same-run matmul)",
                "MFU (nominal)", "peak mem GiB (device; compiled)", "compile s", "PEFT step ms", "PEFT peak GiB",
                "ours speed-up"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -345,13 +376,13 @@ def print_table(results: list[dict]) -> str:
         row, ours, peft = entry["row"], entry.get("ours", {}), entry.get("peft", {})
         shape = f"{row['batch']}, {row['source']} + {row['target']}, {row['prefix']}"
         if "skipped" in ours:
-            cells = [row["name"], row["dtype"], shape, f"skipped: {ours['skipped']}"] + ["–"] * 8
+            cells = [entry["label"], shape, f"skipped: {ours['skipped']}"] + ["–"] * 8
         else:
             step = ours["step_s"]
             tokens = row["batch"] * (row["source"] + row["target"]) / step
             nominal = nominal_peak(ours["device_kind"])
             peft_ms = "–" if "step_s" not in peft else f"{peft['step_s'] * 1e3:.1f}"
-            cells = [row["name"], row["dtype"], shape, f"{step * 1e3:.1f}", f"{tokens:,.0f}",
+            cells = [entry["label"], shape, f"{step * 1e3:.1f}", f"{tokens:,.0f}",
                      f"{entry['flops'] / step / ours['matmul_peak']:.0%}",
                      "–" if nominal is None else f"{entry['flops'] / step / nominal:.0%}",
                      f"{_gib(ours['peak_bytes'])}; {_gib(ours['compiled_peak_bytes'])}", f"{ours['compile_s']:.1f}",

@@ -15,4 +15,5 @@ cd "$(dirname "$0")/.."
 limit=480
 for arg in "$@"; do [ "$arg" = "--smoke" ] && limit=120; done
 limit="${ACCELERATOR_LIMIT_S:-$limit}"
-exec timeout --kill-after=10 "$limit" python benchmarks/accelerator.py "$@"
+# python3: on CUDA images a bare `python` is often missing or another interpreter than the one with torch.
+exec timeout --kill-after=10 "$limit" "${PYTHON:-python3}" benchmarks/accelerator.py "$@"

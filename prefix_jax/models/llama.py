@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from prefix_jax.models import common, decoder_only
@@ -97,7 +98,7 @@ class Config(DecoderOnlyPositions):
     positions_after_prefix: bool = True  # see module docstring
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
 
     is_encoder_decoder = False
 
@@ -331,7 +332,8 @@ class LlamaBlock(nn.Module):
         h, cache = LlamaAttention(cfg, self.deterministic, name="self_attn")(
             norm("input_layernorm")(x_BxQxD), rope, mask_BxHxQxM, prefix, cache)
         x_BxQxD = x_BxQxD + h
-        x_BxQxD = x_BxQxD + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x_BxQxD))
+        mlp_input = checkpoint_name(norm("post_attention_layernorm")(x_BxQxD), "mlp_input")  # saved by remat "minimal"
+        x_BxQxD = x_BxQxD + LlamaMLP(cfg, name="mlp")(mlp_input)
         return x_BxQxD, cache
 
 
