@@ -1,7 +1,7 @@
 """bf16 prefix-tuning steps on a GPU/TPU: step time, tokens/s, analytic MFU, peak device memory; PEFT beside it.
 
-Run through `benchmarks/accelerator.sh` (one command, <= 8 minutes, one table). UNVERIFIED ON GPU/TPU:
-written and tested on a CPU host only (`--smoke`); the accelerator path has never run.
+Run through `benchmarks/accelerator.sh` (one command, <= 8 minutes, one table). Run on an NVIDIA H200
+(JAX 0.11.2, torch 2.11 + CUDA 13; results in benchmarks/README.md); not yet on a TPU.
 
 Rows (random weights, paper's prefix settings; the trainable prefix and its AdamW state are float32):
 - gpt2-medium (d1024, 24 layers), table-to-text: batch 16, 64 + 64 tokens, prefix 10, MLP 512, decoder.
