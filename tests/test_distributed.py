@@ -28,7 +28,7 @@ def args(model_dir: Path, workdir: Path) -> list[str]:
 
 def env(devices: int) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
 
 
 def losses(workdir: Path) -> list[float]:

@@ -40,6 +40,7 @@ def test_perfect_and_disjoint_outputs():
         pytest.approx(100.0)
 
 
+@pytest.mark.slow  # starts the METEOR jar in a JVM (~20 s); the Python metrics above run by default
 @needs_java
 def test_java_metrics_match_recorded_values():
     got = text_metrics.compute(("e2e",), HYPS, REFS)

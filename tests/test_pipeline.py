@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def small_config(model_dir: Path, workdir: Path, **train):
+    """The tiny T5 run most trainer tests share. Keep `train.steps` at its default (6) where a test can: the
+    step count is a constant of the learning-rate schedule inside the compiled step, so runs with the same count
+    reuse one compiled program (the session's XLA cache) and runs with another compile their own."""
     c = t5_offline.get_config()
     c.model.name_or_path = str(model_dir)
     c.model.create_tiny = ""
@@ -69,9 +72,9 @@ def test_checkpoint_holds_only_the_trainable_state(tiny_t5_dir, trained_t5_run):
     mngr = checkpoint.manager(run / "checkpoints", read_only=True)
     meta = checkpoint.read_meta(mngr)
     assert meta["base_model"] == str(tiny_t5_dir) and meta["architecture"] == "t5"
-    assert meta["data_position"] == {"epoch": 0, "batch": 2}
+    assert meta["data_position"] == {"epoch": 0, "batch": 6}
     assert meta["prefix_spec"]["length"] == 4
-    restored = checkpoint.read_state(mngr, 2)  # raw tree, no template: what is on disk
+    restored = checkpoint.read_state(mngr, 6)  # raw tree, no template: what is on disk
     assert set(restored) == {"step", "params", "opt_state", "rng", "nonfinite_streak"}
     assert set(restored["params"]) == {"encoder", "decoder", "cross"}
     state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(restored))
@@ -84,9 +87,9 @@ def test_checkpoint_holds_only_the_trainable_state(tiny_t5_dir, trained_t5_run):
 def test_export_is_the_materialized_prefix_without_mlp(tiny_t5_dir, trained_t5_run):
     run, summary = trained_t5_run
     exported, meta = prefix_lib.load_export(summary["export"])
-    assert meta["base_model"] == str(tiny_t5_dir) and meta["step"] == 2
+    assert meta["base_model"] == str(tiny_t5_dir) and meta["step"] == 6
     mngr = checkpoint.manager(run / "checkpoints", read_only=True)
-    params = checkpoint.read_state(mngr, 2)["params"]
+    params = checkpoint.read_state(mngr, 6)["params"]
     mngr.close()
     spec = prefix_lib.PrefixSpec.from_json(meta["spec"])
     expected = prefix_lib.materialize(params, spec)
@@ -101,12 +104,12 @@ def test_export_is_the_materialized_prefix_without_mlp(tiny_t5_dir, trained_t5_r
 
 def test_mismatched_or_unresumable_checkpoint_is_left_untouched(tiny_t5_dir, trained_workdir):
     before = tree_digest(trained_workdir)
-    other = small_config(tiny_t5_dir, trained_workdir, steps=4)
+    other = small_config(tiny_t5_dir, trained_workdir)
     other.prefix.length = 6
     with pytest.raises(checkpoint.CheckpointMismatchError, match="prefix_spec"):
         trainer.run(other)
     with pytest.raises(trainer.ConfigError, match="train.resume"):
-        trainer.run(small_config(tiny_t5_dir, trained_workdir, steps=4, resume=False))
+        trainer.run(small_config(tiny_t5_dir, trained_workdir, resume=False))
     assert tree_digest(trained_workdir) == before
 
 
@@ -130,15 +133,18 @@ def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 def test_train_py_runs_end_to_end(tiny_t5_dir, tmp_path):
     workdir = tmp_path / "cli"
+    # small_config's shapes and step count, so the subprocess reuses the programs in-process runs compiled
     out = run_cli("--config", str(REPO / "configs/t5_offline.py"), f"--config.model.name_or_path={tiny_t5_dir}",
-                  "--config.model.create_tiny=", f"--config.train.workdir={workdir}", "--config.train.steps=4",
+                  "--config.model.create_tiny=", f"--config.train.workdir={workdir}", "--config.train.steps=6",
                   "--config.train.batch_size=4", "--config.data.max_train_examples=32", "--config.optim.warmup_steps=1",
-                  "--config.data.max_eval_examples=8", "--config.train.log_every=2")
+                  "--config.data.max_eval_examples=8", "--config.train.log_every=2",
+                  "--config.data.max_source_length=32", "--config.data.max_target_length=16",
+                  "--config.prefix.length=4", "--config.prefix.mlp_hidden=16")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "prefix:" in out.stderr + out.stdout  # the resolved config is printed
-    assert (workdir / "checkpoints" / "4").is_dir()
+    assert (workdir / "checkpoints" / "6").is_dir()
     assert (workdir / "export" / prefix_lib.EXPORT_WEIGHTS).is_file()
-    assert [row["step"] for row in read_metrics(workdir) if "loss" in row] == [2, 4]
+    assert [row["step"] for row in read_metrics(workdir) if "loss" in row] == [2, 4, 6]
 
 
 def test_train_py_bad_input_exits_nonzero_with_the_field_named(tiny_t5_dir, tmp_path):

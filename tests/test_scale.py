@@ -212,7 +212,7 @@ def test_gradient_accumulation_with_uneven_token_counts_equals_one_big_step():
 
 def env(devices: int) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
 
 
 def run_worker(check: str, root: Path) -> dict:

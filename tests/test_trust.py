@@ -99,7 +99,7 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(case, overrides, named,
                                                          tmp_path):
     user_dir = tmp_path / "user"
     user_dir.mkdir()
-    config = small_config(tiny_t5_dir, trained_workdir, steps=2, save_every=2)
+    config = small_config(tiny_t5_dir, trained_workdir)
     for field, value in overrides.items():
         _set(config, field, value(user_dir, tiny_t5_dir) if callable(value) else value)
     watched = [trained_workdir, tiny_t5_dir, user_dir]
@@ -196,9 +196,9 @@ def _poison(monkeypatch, poisoned_steps):
 
 def test_a_nonfinite_step_is_skipped_and_training_goes_on(tiny_t5_dir, tmp_path, monkeypatch):
     _poison(monkeypatch, {2})
-    summary = trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=5))
+    summary = trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
-    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 0, 0]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 0, 0, 0]
     assert np.isnan(rows[2]["loss"]) and all(np.isfinite(r["train_loss"]) for i, r in enumerate(rows) if i != 2)
     exported, _ = prefix_lib.load_export(summary["export"])
     assert all(np.isfinite(np.asarray(kv.key)).all() for kv in exported.kv.values())
@@ -206,11 +206,11 @@ def test_a_nonfinite_step_is_skipped_and_training_goes_on(tiny_t5_dir, tmp_path,
 
 def test_diverging_run_stops_keeps_good_checkpoints_and_exports_nothing(tiny_t5_dir, tmp_path, monkeypatch):
     workdir = tmp_path / "run"
-    trainer.run(small_config(tiny_t5_dir, workdir, steps=8, stop_at=2, save_every=2))
+    trainer.run(small_config(tiny_t5_dir, workdir, stop_at=2, save_every=2))
     good = tree_digest(workdir / "checkpoints")
-    _poison(monkeypatch, set(range(2, 8)))
+    _poison(monkeypatch, set(range(2, 6)))
     with pytest.raises(trainer.NonFiniteError, match="max_nonfinite_steps"):
-        trainer.run(small_config(tiny_t5_dir, workdir, steps=8, save_every=2, max_nonfinite_steps=1))
+        trainer.run(small_config(tiny_t5_dir, workdir, save_every=2, max_nonfinite_steps=1))
     assert tree_digest(workdir / "checkpoints") == good  # no NaN checkpoint rotated the good one out
     assert not (workdir / "export").exists()
 
@@ -266,7 +266,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tiny_t5_dir, trained_workdir)
     with workdir.WorkdirLock(epath.Path(trained_workdir)):  # another live run holds it
         before = tree_digest(trained_workdir)
         with pytest.raises(workdir.WorkdirBusyError, match="in use by another run"):
-            trainer.run(small_config(tiny_t5_dir, trained_workdir, steps=2, save_every=2))
+            trainer.run(small_config(tiny_t5_dir, trained_workdir))
         assert tree_digest(trained_workdir) == before
 
 
@@ -312,10 +312,10 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_t5_dir,
 def test_resume_identifies_the_model_by_its_weights_not_its_path(tiny_t5_dir, tmp_path, monkeypatch):
     shutil.copytree(tiny_t5_dir, tmp_path / "copy")
     run = tmp_path / "run"
-    trainer.run(small_config(tiny_t5_dir, run, steps=4, stop_at=2, save_every=2))
+    trainer.run(small_config(tiny_t5_dir, run, stop_at=2, save_every=2))
     monkeypatch.chdir(tmp_path)
-    summary = trainer.run(small_config(Path("./copy"), run, steps=4, save_every=2))  # same weights, other spelling
-    assert summary["start_step"] == 2 and summary["final_step"] == 4
+    summary = trainer.run(small_config(Path("./copy"), run, save_every=2))  # same weights, other spelling
+    assert summary["start_step"] == 2 and summary["final_step"] == 6
 
 
 @pytest.mark.slow
