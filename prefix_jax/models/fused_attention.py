@@ -24,7 +24,9 @@ einsum path avoids), a bank's empty slots masked. Semantics against "einsum": sc
 for float32 inputs; for bf16 inputs the "xla" implementation accumulates scores in float32 and takes the
 softmax in float32, cuDNN does the same inside its kernel but adds the mask as a bf16 bias of -2**41.
 Masked scores are finite in all three (einsum -1e30, xla -0.7 * float32 max, cuDNN -2**41), so a query
-row with every key masked (a pad query, a bank row whose slots are all empty) attends uniformly, without NaN.
+row with every key masked (a pad query) attends uniformly, without NaN; with "cudnn" and an odd key count
+that includes the masked slot added to make it even (see `_cudnn`). No real token reads such a row: pads
+are masked as keys.
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ def _even(x: jax.Array, axis: int, fill: bool | float) -> jax.Array:
 
 def _cudnn(q_BxQxHxK: jax.Array, k_BxMxNxK: jax.Array, v_BxMxNxK: jax.Array, mask_BxHxQxM: jax.Array,
            bias_BxHxQxM: jax.Array | None, scale: float) -> jax.Array:
-    """cuDNN wants bias and mask over the full `[Q, M]` and, with a bias in training, both lengths even: odd ones get
-    one extra query (its output dropped) or one extra key (masked)."""
+    """cuDNN wants bias and mask over the full `[Q, M]` and, with a bias in training (a boolean mask is turned into
+    one), both lengths even: odd ones get one extra query (its output dropped) or one extra key (masked; a query
+    row that sees no key at all averages over it too)."""
     batch, num_queries = q_BxQxHxK.shape[:2]
     num_keys = k_BxMxNxK.shape[1]
     full = lambda x: jnp.broadcast_to(x, x.shape[:2] + (num_queries, num_keys))
