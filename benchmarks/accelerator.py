@@ -76,6 +76,10 @@ class Row:
         return " ".join([self.name] + extras)
 
 
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                max_position_embeddings=4096)
+T5_BASE_NO_DROPOUT = dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12, dropout_rate=0.0)
 FULL = (
     Row("gpt2-medium", "gpt2", dict(n_embd=1024, n_layer=24, n_head=16), 16, 64, 64, 10, 512, ("decoder",),
         budget_s=100),
@@ -103,20 +107,14 @@ FULL = (
     # Attention through jax.nn.dot_product_attention (`--only attn=,dropout=0`): "jax" is its XLA implementation,
     # "cudnn" the fused kernel (fails, reported as skipped, where there is no cuDNN). Attention dropout takes the
     # einsum path, so the T5 rows turn T5's dropout_rate (also its attention dropout) off, with an einsum baseline.
-    Row("t5-base", "t5", dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12, dropout_rate=0.0), 16, 512,
-        64, 100, 800, ("encoder", "decoder", "cross"), budget_s=80, peft=False),
-    Row("t5-base", "t5", dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12, dropout_rate=0.0), 16, 512,
-        64, 100, 800, ("encoder", "decoder", "cross"), budget_s=80, peft=False, attention_kernel="jax"),
-    Row("llama-1b", "llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                  num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                                  tie_word_embeddings=True, max_position_embeddings=4096), 8, 256, 128, 10, 512,
-        ("decoder",), budget_s=80, peft=False, attention_kernel="jax"),
-    Row("t5-base", "t5", dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12, dropout_rate=0.0), 16, 512,
-        64, 100, 800, ("encoder", "decoder", "cross"), budget_s=80, peft=False, attention_kernel="cudnn"),
-    Row("llama-1b", "llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                  num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                                  tie_word_embeddings=True, max_position_embeddings=4096), 8, 256, 128, 10, 512,
-        ("decoder",), budget_s=80, peft=False, attention_kernel="cudnn"),
+    *(Row("t5-base", "t5", T5_BASE_NO_DROPOUT, 16, 512, 64, 100, 800, ("encoder", "decoder", "cross"), budget_s=80,
+          peft=False, attention_kernel=kernel) for kernel in ("einsum", "jax")),
+    Row("llama-1b", "llama", LLAMA_1B, 8, 256, 128, 10, 512, ("decoder",), budget_s=80, peft=False,
+        attention_kernel="jax"),
+    Row("t5-base", "t5", T5_BASE_NO_DROPOUT, 16, 512, 64, 100, 800, ("encoder", "decoder", "cross"), budget_s=80,
+        peft=False, attention_kernel="cudnn"),
+    Row("llama-1b", "llama", LLAMA_1B, 8, 256, 128, 10, 512, ("decoder",), budget_s=80, peft=False,
+        attention_kernel="cudnn"),
 )
 SMOKE = (
     Row("gpt2-tiny", "gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128, bos_token_id=1,
