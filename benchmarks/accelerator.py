@@ -10,6 +10,8 @@ Rows (random weights, paper's prefix settings; the trainable prefix and its Adam
 - llama-1b (Llama-3.2-1B shapes: d2048, 16 layers, 32 heads / 8 KV heads, vocab 128256, tied head):
   batch 8, 256 + 128 tokens, prefix 10, MLP 512, decoder.
 - gpt2-medium again in float32 (params and compute), for its peak memory beside bf16's.
+- Levers (ours only): chunked loss, remat "minimal", T5 decoder-only; `model.attention_kernel` "jax" / "cudnn"
+  for t5-base (dropout off, beside an einsum row with dropout off) and llama-1b (`--only attn=,dropout=0`).
 Each row and side runs in its own child process (so peak memory is that row's, and JAX's and torch's
 allocators never share a GPU) with its share of the time budget; a row that does not fit is reported as
 skipped. `--smoke` runs everything in this process instead (`--isolate` forces children). PEFT rows (PyTorch prefix tuning, bf16, same shapes;
@@ -61,16 +63,23 @@ class Row:
     remat: str = "none"  # model.remat
     loss_chunk_tokens: int = 0  # train.loss_chunk_tokens (0: the whole [B, T, V] logits)
     peft: bool = True  # also run PEFT (its own shapes ignore remat, chunking and our placements)
+    attention_kernel: str = "einsum"  # model.attention_kernel (einsum | jax | cudnn)
 
     @property
     def label(self) -> str:
         """The row's name with what differs from the defaults (what `--only` matches)."""
         extras = [self.dtype] + [f"remat={self.remat}"] * (self.remat != "none") + \
-            [f"chunk={self.loss_chunk_tokens}"] * (self.loss_chunk_tokens > 0)
+            [f"chunk={self.loss_chunk_tokens}"] * (self.loss_chunk_tokens > 0) + \
+            [f"attn={self.attention_kernel}"] * (self.attention_kernel != "einsum") + \
+            ["dropout=0"] * (self.hf.get("dropout_rate") == 0.0)
         extras += ["+".join(self.placements)] if self.arch == "t5" else []
         return " ".join([self.name] + extras)
 
 
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                max_position_embeddings=4096)
+T5_BASE_NO_DROPOUT = dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12, dropout_rate=0.0)
 FULL = (
     Row("gpt2-medium", "gpt2", dict(n_embd=1024, n_layer=24, n_head=16), 16, 64, 64, 10, 512, ("decoder",),
         budget_s=100),
@@ -95,6 +104,17 @@ FULL = (
                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                                   tie_word_embeddings=True, max_position_embeddings=4096), 8, 256, 128, 10, 512,
         ("decoder",), budget_s=80, loss_chunk_tokens=256, remat="minimal", peft=False),
+    # Attention through jax.nn.dot_product_attention (`--only attn=,dropout=0`): "jax" is its XLA implementation,
+    # "cudnn" the fused kernel (fails, reported as skipped, where there is no cuDNN). Attention dropout takes the
+    # einsum path, so the T5 rows turn T5's dropout_rate (also its attention dropout) off, with an einsum baseline.
+    *(Row("t5-base", "t5", T5_BASE_NO_DROPOUT, 16, 512, 64, 100, 800, ("encoder", "decoder", "cross"), budget_s=80,
+          peft=False, attention_kernel=kernel) for kernel in ("einsum", "jax")),
+    Row("llama-1b", "llama", LLAMA_1B, 8, 256, 128, 10, 512, ("decoder",), budget_s=80, peft=False,
+        attention_kernel="jax"),
+    Row("t5-base", "t5", T5_BASE_NO_DROPOUT, 16, 512, 64, 100, 800, ("encoder", "decoder", "cross"), budget_s=80,
+        peft=False, attention_kernel="cudnn"),
+    Row("llama-1b", "llama", LLAMA_1B, 8, 256, 128, 10, 512, ("decoder",), budget_s=80, peft=False,
+        attention_kernel="cudnn"),
 )
 SMOKE = (
     Row("gpt2-tiny", "gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128, bos_token_id=1,
@@ -195,7 +215,8 @@ def run_ours(row: Row, steps: int) -> dict:
 
     hf = hf_config(row)
     arch = models.architecture(hf.model_type)
-    config = arch.Config.from_hf(hf, set(), dtype=row.dtype, param_dtype=row.dtype, remat=row.remat)
+    config = arch.Config.from_hf(hf, set(), dtype=row.dtype, param_dtype=row.dtype, remat=row.remat,
+                                 attention_kernel=row.attention_kernel)
     model = arch.Model(config)
     rng = np.random.default_rng(0)
     vocab = config.vocab_size

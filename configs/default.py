@@ -16,6 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # dtype the frozen LM is stored in: float32 | bfloat16
     c.model.compute_dtype = ""  # activations; defaults to param_dtype
     c.model.remat = "none"  # none | full | minimal (keep q/k/v + MLP inputs); what backward recomputes per layer
+    # einsum (ours) | jax (jax.nn.dot_product_attention, XLA) | cudnn (its fused cuDNN kernel: NVIDIA GPU, bf16)
+    c.model.attention_kernel = "einsum"
     c.model.positions_after_prefix = ml_collections.FieldReference(None, field_type=bool)  # None: the paper's choice
     c.model.create_tiny = ""  # offline demos: build a random tiny checkpoint of this architecture if missing
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from etils import epath
 
+from prefix_jax.models.fused_attention import ATTENTION_KERNELS
 from prefix_jax.text_metrics import METRICS
 
 
@@ -39,6 +40,7 @@ _RULES: tuple[Rule, ...] = (
      "a Hugging Face Hub id or a local checkpoint directory"),
     ("model.param_dtype", lambda v: v in ("float32", "bfloat16"), "one of 'float32', 'bfloat16'"),
     ("model.compute_dtype", lambda v: v in ("", "float32", "bfloat16"), "'' (= param_dtype), 'float32' or 'bfloat16'"),
+    ("model.attention_kernel", lambda v: v in ATTENTION_KERNELS, f"one of {ATTENTION_KERNELS}"),
     ("prefix.length", lambda v: _is_int(v) and v >= 0, "an integer >= 1 (0 with prefix.init='words')"),
     ("prefix.mlp_hidden", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("prefix.dropout", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),

@@ -25,6 +25,7 @@ class ModelOptions:
     param_dtype: str
     compute_dtype: str  # "": param_dtype
     remat: str  # models.common.remat_policy name
+    attention_kernel: str  # models.fused_attention.ATTENTION_KERNELS
     positions_after_prefix: bool | None  # None: the paper's choice for the architecture
     create_tiny: str  # offline demos: run_setup.prepare_offline_demo builds this architecture at name_or_path
 

@@ -66,7 +66,7 @@ def prepare_offline_demo(model: ModelOptions) -> None:
 
 def load_lm(model: ModelOptions, mesh: Any, lm_partitioning: str) -> models.PretrainedLM:
     """The frozen LM `model` names, its params read straight into their shards on `mesh`."""
-    overrides = {"remat": common.remat_policy(model.remat)}
+    overrides = {"remat": common.remat_policy(model.remat), "attention_kernel": model.attention_kernel}
     if model.positions_after_prefix is not None:
         overrides["positions_after_prefix"] = bool(model.positions_after_prefix)
     return sharded_load.load_sharded(model.name_or_path, mesh, lm_partitioning, model.param_dtype,

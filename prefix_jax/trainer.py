@@ -72,7 +72,7 @@ def run_metadata(plan: RunPlan) -> dict:
         "lm_fingerprint": lm_fingerprint(lm.params),
         "architecture": lm.config.architecture,
         "model_config": {k: v for k, v in dataclasses.asdict(lm.config).items()
-                         if k not in ("dtype", "param_dtype", "remat")},
+                         if k not in ("dtype", "param_dtype", "remat", "attention_kernel")},
         "prefix_spec": plan.spec.to_json(),
         "config": c.config,
     }

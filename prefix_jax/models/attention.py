@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from prefix_jax.models import fused_attention
+
 # Finite, so a row whose keys are all masked (a pad query) softmaxes to uniform instead of NaN.
 _MASKED_SCORE = -1e30
 
@@ -100,6 +102,7 @@ def attend(
     dropout: nn.Dropout | None = None,
     deterministic: bool = True,
     prefix: KV | BankKV | None = None,
+    kernel: str = "einsum",
 ) -> jax.Array:
     """Scaled dot-product attention over an optional prefix and the keys, with a boolean mask and an additive bias.
 
@@ -113,7 +116,15 @@ def attend(
     maximum and `z` the sum over both blocks. So no `[B, P + C, N, K]` copy exists per layer and step, in
     training or when decoding. With attention dropout on, each block draws its own dropout mask: the same
     distribution as dropout on the concatenated weights, other random numbers.
+
+    `kernel` (`model.attention_kernel`): "einsum" is what is described above; "jax" and "cudnn" hand the call to
+    `jax.nn.dot_product_attention` (`fused_attention.attend`: the prefix copied in front of the keys) unless
+    attention dropout is active, which only this path implements.
     """
+    if kernel != "einsum" and (dropout is None or deterministic):
+        block = None if prefix is None else _prefix_block(prefix, k_BxCxNxK.dtype)
+        return fused_attention.attend(q_BxQxHxK, k_BxCxNxK, v_BxCxNxK, mask_BxHxQxM, bias_BxHxQxM, scale, kernel,
+                                      block)
     batch, num_queries, num_heads, head_dim = q_BxQxHxK.shape
     num_kv_heads = k_BxCxNxK.shape[2]
     q = q_BxQxHxK.reshape(batch, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -171,6 +182,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention_kernel: str = "einsum"  # see `attend`
 
     def setup(self) -> None:
         def heads(name: str) -> nn.DenseGeneral:
@@ -218,7 +230,8 @@ class MultiHeadAttention(nn.Module):
         self.sow("intermediates", "key_value", KV(k, v))
         if cache is not None:
             k, v, cache = write_cache(cache, k, v)
-        y = attend(q, k, v, mask_BxHxQxM, bias_BxHxQxM, self.query_scale, self.dropout, deterministic, prefix)
+        y = attend(q, k, v, mask_BxHxQxM, bias_BxHxQxM, self.query_scale, self.dropout, deterministic, prefix,
+                   self.attention_kernel)
         return self.out(y), cache
 
 

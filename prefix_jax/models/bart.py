@@ -71,6 +71,7 @@ class Config:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
+    attention_kernel: str = "einsum"  # fused_attention.ATTENTION_KERNELS (model.attention_kernel)
 
     is_encoder_decoder = True
     architecture = "bart"
@@ -80,6 +81,7 @@ class Config:
         for field in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, field):
                 raise ValueError(f"{field}={getattr(self, field)} does not divide d_model={self.d_model}.")
+        common.check_attention_kernel(self, self.attention_dropout)
 
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
@@ -157,7 +159,8 @@ class BartBlock(encoder_decoder.Block):
         head_dim = cfg.d_model // heads
         attention = lambda name: MultiHeadAttention(
             heads, head_dim, cfg.d_model, use_bias=True, query_scale=head_dim**-0.5,
-            dropout_rate=cfg.attention_dropout, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+            dropout_rate=cfg.attention_dropout, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            attention_kernel=cfg.attention_kernel, name=name)
         dense = lambda n, name: nn.Dense(n, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
         dropout = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=det)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax.models import masks
+from prefix_jax.models import fused_attention, masks
 from prefix_jax.models.attention import empty_cache
 from prefix_jax.models.prefix_contract import DECODER
 
@@ -61,6 +61,13 @@ def remat_policy(value: bool | str, field: str = "model.remat") -> str:
     if value not in REMAT_POLICIES:
         raise ValueError(f"{field}={value!r} is not a remat policy; use one of {REMAT_POLICIES}.")
     return value
+
+
+def check_attention_kernel(config: Any, attention_dropout: float) -> None:
+    """`config.attention_kernel` (`model.attention_kernel`) for the config's compute dtype and head dims: a one-line
+    error at setup when it cannot run here (see `fused_attention.check_attention_kernel`)."""
+    head_dims = {geometry.head_dim for geometry in config.prefix_geometry().values()}
+    fused_attention.check_attention_kernel(config.attention_kernel, config.dtype, head_dims, attention_dropout)
 
 
 def stack_layers(block: type[nn.Module], num_layers: int, remat: bool | str, in_axes: tuple) -> type[nn.Module]:

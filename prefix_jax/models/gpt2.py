@@ -62,6 +62,7 @@ class Config(DecoderOnlyPositions):
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
+    attention_kernel: str = "einsum"  # fused_attention.ATTENTION_KERNELS (model.attention_kernel)
 
     is_encoder_decoder = False
     architecture = "gpt2"
@@ -72,6 +73,7 @@ class Config(DecoderOnlyPositions):
             raise ValueError(f"n_head={self.n_head} does not divide n_embd={self.n_embd}.")
         if self.separator_token_id is None:
             object.__setattr__(self, "separator_token_id", self.bos_token_id)
+        common.check_attention_kernel(self, self.attn_pdrop)
 
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
@@ -135,7 +137,7 @@ class GPT2Block(nn.Module):
         attention = MultiHeadAttention(
             cfg.n_head, cfg.head_dim, cfg.n_embd, use_bias=True,
             query_scale=cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0, dropout_rate=cfg.attn_pdrop,
-            dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="attn")
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype, attention_kernel=cfg.attention_kernel, name="attn")
         h, cache = attention(layer_norm(cfg, "ln_1")(x_BxQxD), None, mask_BxHxQxM, None, prefix, cache, det)
         x_BxQxD = x_BxQxD + dropout(h)
         act = common.activation(cfg.activation_function, "activation_function")

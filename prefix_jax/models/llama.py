@@ -99,6 +99,7 @@ class Config(DecoderOnlyPositions):
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
+    attention_kernel: str = "einsum"  # fused_attention.ATTENTION_KERNELS (model.attention_kernel)
 
     is_encoder_decoder = False
 
@@ -116,6 +117,7 @@ class Config(DecoderOnlyPositions):
         if self.separator_token_id is None:
             sep = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
             object.__setattr__(self, "separator_token_id", sep)
+        common.check_attention_kernel(self, self.attention_dropout)
 
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
@@ -297,7 +299,8 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             k, v, cache = write_cache(cache, k, v)
         dropout = nn.Dropout(cfg.attention_dropout) if cfg.attention_dropout > 0 else None
-        y = attend(q, k, v, mask_BxHxQxM, None, cfg.head_dim**-0.5, dropout, self.deterministic, prefix)
+        y = attend(q, k, v, mask_BxHxQxM, None, cfg.head_dim**-0.5, dropout, self.deterministic, prefix,
+                   cfg.attention_kernel)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, name="o_proj")
         return out(y), cache

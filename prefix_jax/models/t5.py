@@ -48,9 +48,13 @@ class Config:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool | str = "none"  # common.REMAT_POLICIES (False/True read as none/full)
+    attention_kernel: str = "einsum"  # fused_attention.ATTENTION_KERNELS (model.attention_kernel)
 
     is_encoder_decoder = True
     architecture = "t5"
+
+    def __post_init__(self) -> None:
+        common.check_attention_kernel(self, self.dropout_rate)  # T5's dropout_rate is also its attention dropout
 
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
@@ -167,7 +171,8 @@ class T5Block(encoder_decoder.Block):
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name=name)
         attention = lambda name: MultiHeadAttention(
             cfg.num_heads, cfg.d_kv, cfg.d_model, use_bias=False, query_scale=1.0,
-            dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+            dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            attention_kernel=cfg.attention_kernel, name=name)
         dropout = nn.Dropout(cfg.dropout_rate)
 
         h, self_cache = attention("self_attention")(
