@@ -10,8 +10,9 @@ Rows (random weights, paper's prefix settings; the trainable prefix and its Adam
 - llama-1b (Llama-3.2-1B shapes: d2048, 16 layers, 32 heads / 8 KV heads, vocab 128256, tied head):
   batch 8, 256 + 128 tokens, prefix 10, MLP 512, decoder.
 - gpt2-medium again in float32 (params and compute), for its peak memory beside bf16's.
-- Levers (ours only): chunked loss, remat "minimal", T5 decoder-only; `model.attention_kernel` "jax" / "cudnn"
-  for t5-base (dropout off, beside an einsum row with dropout off) and llama-1b (`--only attn=,dropout=0`).
+Those four are `--group base` (the default; <= 8 minutes on an H200). `--group levers` (ours only): chunked loss,
+remat "minimal", T5 with a decoder-only prefix. `--group kernels` (ours only): `model.attention_kernel` "jax" /
+"cudnn" for t5-base (dropout off, beside an einsum row with dropout off) and llama-1b. `--group all`: every row.
 Each row and side runs in its own child process (so peak memory is that row's, and JAX's and torch's
 allocators never share a GPU) with its share of the time budget; a row that does not fit is reported as
 skipped. `--smoke` runs everything in this process instead (`--isolate` forces children). PEFT rows (PyTorch prefix tuning, bf16, same shapes;
@@ -64,6 +65,7 @@ class Row:
     loss_chunk_tokens: int = 0  # train.loss_chunk_tokens (0: the whole [B, T, V] logits)
     peft: bool = True  # also run PEFT (its own shapes ignore remat, chunking and our placements)
     attention_kernel: str = "einsum"  # model.attention_kernel (einsum | jax | cudnn)
+    group: str = "base"  # base (what a plain run measures, <= 8 minutes) | levers | kernels (`--group`)
 
     @property
     def label(self) -> str:
@@ -93,28 +95,28 @@ FULL = (
         dtype="float32", budget_s=80),
     # Memory levers (ours only): the chunked loss, then with remat "minimal"; T5 with PEFT's decoder-only prefix.
     Row("gpt2-medium", "gpt2", dict(n_embd=1024, n_layer=24, n_head=16), 16, 64, 64, 10, 512, ("decoder",),
-        budget_s=70, loss_chunk_tokens=256, peft=False),
+        budget_s=70, loss_chunk_tokens=256, peft=False, group="levers"),
     Row("gpt2-medium", "gpt2", dict(n_embd=1024, n_layer=24, n_head=16), 16, 64, 64, 10, 512, ("decoder",),
-        budget_s=70, loss_chunk_tokens=256, remat="minimal", peft=False),
+        budget_s=70, loss_chunk_tokens=256, remat="minimal", peft=False, group="levers"),
     Row("t5-base", "t5", dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12), 16, 512, 64, 100, 800,
-        ("decoder",), budget_s=80, peft=False),
+        ("decoder",), budget_s=80, peft=False, group="levers"),
     Row("t5-base", "t5", dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12), 16, 512, 64, 100, 800,
-        ("encoder", "decoder", "cross"), budget_s=80, remat="minimal", peft=False),
+        ("encoder", "decoder", "cross"), budget_s=80, remat="minimal", peft=False, group="levers"),
     Row("llama-1b", "llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                                   tie_word_embeddings=True, max_position_embeddings=4096), 8, 256, 128, 10, 512,
-        ("decoder",), budget_s=80, loss_chunk_tokens=256, remat="minimal", peft=False),
-    # Attention through jax.nn.dot_product_attention (`--only attn=,dropout=0`): "jax" is its XLA implementation,
+        ("decoder",), budget_s=80, loss_chunk_tokens=256, remat="minimal", peft=False, group="levers"),
+    # Attention through jax.nn.dot_product_attention (`--group kernels`): "jax" is its XLA implementation,
     # "cudnn" the fused kernel (fails, reported as skipped, where there is no cuDNN). Attention dropout takes the
     # einsum path, so the T5 rows turn T5's dropout_rate (also its attention dropout) off, with an einsum baseline.
     *(Row("t5-base", "t5", T5_BASE_NO_DROPOUT, 16, 512, 64, 100, 800, ("encoder", "decoder", "cross"), budget_s=80,
-          peft=False, attention_kernel=kernel) for kernel in ("einsum", "jax")),
+          peft=False, attention_kernel=kernel, group="kernels") for kernel in ("einsum", "jax")),
     Row("llama-1b", "llama", LLAMA_1B, 8, 256, 128, 10, 512, ("decoder",), budget_s=80, peft=False,
-        attention_kernel="jax"),
+        attention_kernel="jax", group="kernels"),
     Row("t5-base", "t5", T5_BASE_NO_DROPOUT, 16, 512, 64, 100, 800, ("encoder", "decoder", "cross"), budget_s=80,
-        peft=False, attention_kernel="cudnn"),
+        peft=False, attention_kernel="cudnn", group="kernels"),
     Row("llama-1b", "llama", LLAMA_1B, 8, 256, 128, 10, 512, ("decoder",), budget_s=80, peft=False,
-        attention_kernel="cudnn"),
+        attention_kernel="cudnn", group="kernels"),
 )
 SMOKE = (
     Row("gpt2-tiny", "gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128, bos_token_id=1,
@@ -348,6 +350,7 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--isolate", action="store_true", help="children even with --smoke (always without it)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--group", default="base", help="rows to run: base (default), levers, kernels or all")
     parser.add_argument("--only", default=None, help="run only rows whose label contains one of these comma-separated texts (e.g. 'chunk=,remat=')")
     parser.add_argument("--child-side", choices=("ours", "peft"), help=argparse.SUPPRESS)
     parser.add_argument("--child-row", type=int, help=argparse.SUPPRESS)
@@ -360,6 +363,8 @@ def main() -> None:
     rows = SMOKE if args.smoke else FULL
     results = []
     for index, row in enumerate(rows):
+        if args.group != "all" and row.group != args.group and not args.smoke:
+            continue
         if args.only and not any(text in row.label for text in args.only.split(",")):
             continue
         entry = {"row": dataclasses.asdict(row), "label": row.label, "flops": step_flops(row)}
