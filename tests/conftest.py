@@ -61,6 +61,11 @@ SLOW_CASES = (
     "test_remat_and_dtype.py::test_bfloat16_compute_keeps_softmax_norms_and_loss_in_float32[t5]",  # and bf16_paths
     "test_prefix_bank.py::test_mixed_decoding_equals_separate_runs[bart_hf_positions-",
     "test_attention_kernel.py::test_logits_and_prefix_gradients_equal_einsum[t5]",  # bart: the same shell + bias
+    "test_attention_kernel.py::test_decoding_gives_the_same_tokens[t5-3]",  # llama-3: beams; gpt2-1: greedy
+    "test_bf16_paths.py::test_bf16_step_keeps_softmax_norms_loss_and_prefix_gradient_in_float32[t5-",  # bart
+    "test_remat_and_dtype.py::test_bfloat16_compute_keeps_softmax_norms_and_loss_in_float32[llama]",  # bf16_paths
+    "test_remat_and_dtype.py::test_remat_policies_give_the_same_loss_and_gradients[llama]",  # gpt2: decoder-only
+    "test_prefix_bank.py::test_mixed_batch_logits_equal_separate_runs[bart]",  # bart_hf_positions, t5
 )
 
 

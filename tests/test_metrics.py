@@ -52,6 +52,7 @@ def test_java_metrics_match_recorded_values():
     assert set(webnlg) == {"bleu", "meteor", "ter"} and webnlg["meteor"] == got["meteor"]
 
 
+@pytest.mark.slow  # a METEOR JVM
 @needs_java
 def test_empty_hypothesis_does_not_hang_meteor():
     assert text_metrics.compute(("meteor",), ["", HYPS[0]], REFS[:2])["meteor"] < 60

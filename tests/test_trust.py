@@ -215,8 +215,8 @@ def test_diverging_run_stops_keeps_good_checkpoints_and_exports_nothing(tiny_t5_
     assert not (workdir / "export").exists()
 
 
-def test_sigterm_saves_at_the_step_reached_and_resume_is_exact(tiny_t5_dir, tmp_path, monkeypatch):
-    straight = trainer.run(small_config(tiny_t5_dir, tmp_path / "straight", steps=6, save_every=100))
+def test_sigterm_saves_at_the_step_reached_and_resume_is_exact(tiny_t5_dir, trained_t5_run, tmp_path, monkeypatch):
+    straight_dir, straight = trained_t5_run  # the same config run uninterrupted (saves do not change training)
     from prefix_jax import metrics_file
 
     real_write = metrics_file.MetricsWriter.write
@@ -236,7 +236,7 @@ def test_sigterm_saves_at_the_step_reached_and_resume_is_exact(tiny_t5_dir, tmp_
     monkeypatch.setattr(metrics_file.MetricsWriter, "write", real_write)
     resumed = trainer.run(small_config(tiny_t5_dir, tmp_path / "run", steps=6, save_every=100))
     assert resumed["start_step"] == 3
-    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+    assert losses(tmp_path / "run") == losses(straight_dir)
     a, b = Path(straight["export"], prefix_lib.EXPORT_WEIGHTS), Path(resumed["export"], prefix_lib.EXPORT_WEIGHTS)
     assert a.read_bytes() == b.read_bytes()
 
@@ -290,9 +290,8 @@ def _largest_file(directory: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["truncate", pytest.param("flip", marks=pytest.mark.slow)])
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_t5_dir, tmp_path, damage):
-    straight = tmp_path / "straight"
-    trainer.run(small_config(tiny_t5_dir, straight, steps=6, save_every=2))
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_t5_dir, trained_t5_run, tmp_path, damage):
+    straight = trained_t5_run[0]  # the same config run uninterrupted
     run = tmp_path / "run"
     trainer.run(small_config(tiny_t5_dir, run, steps=6, stop_at=4, save_every=2))
     victim = _largest_file(run / "checkpoints" / "4" / "state")
