@@ -115,7 +115,7 @@ def build_tiny_checkpoint(directory: str | Path, architecture: str, seed: int = 
     hf_config = _tiny_hf_config(architecture, tokenizer)
     arch = models.architecture(hf_config.model_type)
     config = arch.Config.from_hf(hf_config, set())
-    params = arch.Model(config).init(jax.random.PRNGKey(seed), _dummy_batch())["params"]
+    params = jax.jit(arch.Model(config).init)(jax.random.PRNGKey(seed), _dummy_batch())["params"]  # one compile, not one per op
     params = _unit_norm_token_rows(params, hf_config.model_type)
     tensors = arch.params_to_hf(params, config)
     directory.parent.mkdir(parents=True, exist_ok=True)
