@@ -17,7 +17,8 @@ from prefix_jax.tiny_checkpoints import TINY_ARCHITECTURES, _tiny_hf_config, bun
 
 VOCAB, B, S, T = 64, 4, 10, 6
 # An encoder-decoder and a decoder-only model by default; the other two architectures in the slow set.
-ARCHITECTURES = [pytest.param(a, marks=() if a in ("t5", "llama") else pytest.mark.slow) for a in TINY_ARCHITECTURES]
+# By default the cheapest (GPT-2: the decoder-only shell); the encoder-decoder shell, T5 and Llama run with -m slow.
+ARCHITECTURES = [pytest.param(a, marks=() if a == "gpt2" else pytest.mark.slow) for a in TINY_ARCHITECTURES]
 
 
 def small_lm(architecture: str, **config_overrides):
@@ -97,6 +98,7 @@ def primitives_by_dtype(jaxpr, out: dict | None = None) -> dict[str, set[str]]:
     return out
 
 
+@pytest.mark.slow  # by default tests/test_bf16_paths.py checks the bf16 step (dtype audit, loss and gradient)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_bfloat16_compute_keeps_softmax_norms_and_loss_in_float32(architecture):
     _, model32, lm_params, spec = small_lm(architecture)
