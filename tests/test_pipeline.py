@@ -204,7 +204,7 @@ def test_eval_only_scores_the_latest_checkpoint_on_another_split(tiny_t5_dir, tr
     c.eval.max_generate = 1
     before = tree_digest(tmp_path / "run" / "checkpoints")
     summary = trainer.run(c)
-    assert summary["start_step"] == summary["final_step"] == 2 and summary["generated"] == 1
+    assert summary["start_step"] == summary["final_step"] == 6 and summary["generated"] == 1
     assert summary["eval_loss"] != trained["eval_loss"]  # another split
     assert [r for r in read_metrics(tmp_path / "run") if "test/eval_loss" in r]
     assert tree_digest(tmp_path / "run" / "checkpoints") == before
