@@ -4,6 +4,8 @@ float32 weights (logits within `BF16_LOGITS_RTOL` of float32; softmax, norms and
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,10 +61,11 @@ def loss_and_grads(model, spec, params, lm_params, data):
 def test_remat_policies_give_the_same_loss_and_gradients(architecture):
     """Rematerialization only trades memory for recomputation: full and minimal equal none (float32 rounding)."""
     results = {}
+    cfg, _, lm_params, spec = small_lm(architecture)  # the same LM weights under every policy
+    params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
     for policy in common.REMAT_POLICIES:
-        cfg, model, lm_params, spec = small_lm(architecture, remat=policy)
-        assert common.remat_policy(cfg.remat) == policy
-        params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
+        model = models.architecture(architecture).Model(dataclasses.replace(cfg, remat=policy))
+        assert common.remat_policy(model.config.remat) == policy
         results[policy] = loss_and_grads(model, spec, params, lm_params, batch())
     loss, grads = results["none"]
     assert float(loss) > 0 and all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
