@@ -77,9 +77,8 @@ def inputs(case: Case, dtype) -> dict:
 def variant(name: str, case: Case):
     """`f(q, k, v, pk, pv, mask, bias) -> [B, C, H, K]` for one implementation."""
     import jax
-    import jax.numpy as jnp
 
-    from prefix_jax.models import attention
+    from prefix_jax.models import attention, fused_attention
 
     scale = case.head_dim**-0.5
 
@@ -89,8 +88,7 @@ def variant(name: str, case: Case):
         return f
 
     def f(q, k, v, pk, pv, mask, bias):
-        rows = lambda x: jnp.broadcast_to(jnp.swapaxes(x, 0, 1)[None], (q.shape[0], *jnp.swapaxes(x, 0, 1).shape))
-        keys, values = jnp.concatenate([rows(pk), k], 1), jnp.concatenate([rows(pv), v], 1)
+        keys, values, mask = fused_attention.with_prefix(k, v, mask, pk, pv, None)
         return jax.nn.dot_product_attention(q, keys, values, bias=bias, mask=mask, scale=scale, implementation=name)
     return f
 

@@ -32,22 +32,15 @@ MIB = 2**20
 @contextlib.contextmanager
 def concatenated_prefix():
     """While active, tracing uses the earlier attention (prefix concatenated) and full-cache beam reorders."""
-    import jax.numpy as jnp
-
     from prefix_jax import generate
-    from prefix_jax.models import attention
+    from prefix_jax.models import attention, fused_attention
 
     plain = attention.attend
 
-    def concatenating(q, k, v, mask, bias, scale, dropout=None, deterministic=True, prefix=None):
-        if prefix is not None:
-            key, value, valid_BxP = attention._prefix_block(prefix, k.dtype)
-            rows = lambda p: jnp.swapaxes(jnp.broadcast_to(p, (k.shape[0], *p.shape[-3:])), 1, 2)
-            k, v = jnp.concatenate([rows(key), k], 1), jnp.concatenate([rows(value), v], 1)
-            if valid_BxP is not None:  # a bank: hide each row's empty slots
-                slots = valid_BxP.shape[-1]
-                mask = jnp.concatenate([mask[..., :slots] & valid_BxP[:, None, None], mask[..., slots:]], -1)
-        return plain(q, k, v, mask, bias, scale, dropout, deterministic)
+    def concatenating(q, k, v, mask, bias, scale, dropout=None, deterministic=True, prefix=None, kernel="einsum"):
+        if prefix is not None:  # in front of the keys, a bank's empty slots masked
+            k, v, mask = fused_attention.with_prefix(k, v, mask, *attention._prefix_block(prefix, k.dtype))
+        return plain(q, k, v, mask, bias, scale, dropout, deterministic, kernel=kernel)
 
     attention.attend, same = concatenating, generate._SAME_FOR_EVERY_BEAM
     generate._SAME_FOR_EVERY_BEAM = ()
