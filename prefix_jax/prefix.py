@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax.models import common
+from prefix_jax.models import common, dropout
 from prefix_jax.models.attention import KV
 from prefix_jax.models.prefix_contract import DECODER, Prefix, StackGeometry
 
@@ -234,7 +234,7 @@ def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | No
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     if rng is None:
         raise ValueError("prefix.dropout > 0 needs an rng when not deterministic.")
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    keep = dropout.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 

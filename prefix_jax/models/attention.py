@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import fused_attention
+from prefix_jax.models.dropout import Dropout
 
 # Finite, so a row whose keys are all masked (a pad query) softmaxes to uniform instead of NaN.
 _MASKED_SCORE = -1e30
@@ -99,7 +100,7 @@ def attend(
     mask_BxHxQxM: jax.Array,
     bias_BxHxQxM: jax.Array | None,
     scale: float,
-    dropout: nn.Dropout | None = None,
+    dropout: Dropout | None = None,
     deterministic: bool = True,
     prefix: KV | BankKV | None = None,
     kernel: str = "einsum",
@@ -203,7 +204,7 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
             name="out",
         )
-        self.dropout = nn.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
+        self.dropout = Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
 
     def project_kv(self, x_BxCxD: jax.Array) -> KV:
         """Keys and values of `x` in `[B, C, H, K]` (used to precompute cross-attention memory)."""

@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, encoder_decoder
 from prefix_jax.models.attention import MultiHeadAttention
+from prefix_jax.models.dropout import Dropout
 from prefix_jax.models.hub import take
 from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
 
@@ -162,7 +163,7 @@ class BartBlock(encoder_decoder.Block):
             dropout_rate=cfg.attention_dropout, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             attention_kernel=cfg.attention_kernel, name=name)
         dense = lambda n, name: nn.Dense(n, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
-        dropout = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=det)
+        dropout = lambda h: Dropout(cfg.dropout)(h, deterministic=det)
 
         h, self_cache = attention("self_attention")(
             x_BxQxD, None, self_mask, self_bias, prefix_self, None if cache is None else cache["self"], det)
@@ -175,7 +176,7 @@ class BartBlock(encoder_decoder.Block):
         act = common.activation(cfg.activation_function, "activation_function")
         mlp_input = checkpoint_name(x_BxQxD, "mlp_input")  # saved by remat policy "minimal"
         h = act(dense(cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim, "fc1")(mlp_input))
-        h = nn.Dropout(cfg.activation_dropout)(h, deterministic=det)
+        h = Dropout(cfg.activation_dropout)(h, deterministic=det)
         h = dense(cfg.d_model, "fc2")(h)
         x_BxQxD = layer_norm(cfg, "ffn_norm")(x_BxQxD + dropout(h))
         return x_BxQxD, new_cache
@@ -193,7 +194,7 @@ class BartStack(encoder_decoder.Stack):
                          param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),
                          name="embed_positions")
         x = layer_norm(cfg, "layernorm_embedding")(x_BxQxD + table(query_positions_BxQ + POSITION_OFFSET))
-        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic), None
+        return Dropout(cfg.dropout)(x, deterministic=deterministic), None
 
 
 class Model(encoder_decoder.EncoderDecoder):

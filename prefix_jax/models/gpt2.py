@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, decoder_only
 from prefix_jax.models.attention import KV, MultiHeadAttention
+from prefix_jax.models.dropout import Dropout
 from prefix_jax.models.hub import take
 from prefix_jax.models.prefix_contract import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
 
@@ -132,7 +133,7 @@ class GPT2Block(nn.Module):
         cfg = self.config
         det = self.deterministic
         dense = lambda n, name: nn.Dense(n, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
-        dropout = lambda h: nn.Dropout(cfg.resid_pdrop)(h, deterministic=det)
+        dropout = lambda h: Dropout(cfg.resid_pdrop)(h, deterministic=det)
 
         attention = MultiHeadAttention(
             cfg.n_head, cfg.head_dim, cfg.n_embd, use_bias=True,
@@ -158,7 +159,7 @@ class GPT2Stack(nn.Module):
         cfg = self.config
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        embedding_init=nn.initializers.normal(0.02), name="wpe")
-        x = nn.Dropout(cfg.embd_pdrop)(x_BxQxD + wpe(positions_BxQ), deterministic=deterministic)
+        x = Dropout(cfg.embd_pdrop)(x_BxQxD + wpe(positions_BxQ), deterministic=deterministic)
         layers = common.stack_layers(GPT2Block, cfg.n_layer, cfg.remat, in_axes=(0, 0, nn.broadcast))(
             cfg, deterministic, name="h")
         x, cache = layers(x, prefix, cache, mask_BxHxQxM)

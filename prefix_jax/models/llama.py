@@ -31,6 +31,7 @@ import numpy as np
 
 from prefix_jax.models import common, decoder_only
 from prefix_jax.models.attention import KV, BankKV, attend, write_cache
+from prefix_jax.models.dropout import Dropout
 from prefix_jax.models.hub import take
 from prefix_jax.models.prefix_contract import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
 
@@ -298,7 +299,7 @@ class LlamaAttention(nn.Module):
         self.sow("intermediates", "key_value", KV(k, v))
         if cache is not None:
             k, v, cache = write_cache(cache, k, v)
-        dropout = nn.Dropout(cfg.attention_dropout) if cfg.attention_dropout > 0 else None
+        dropout = Dropout(cfg.attention_dropout) if cfg.attention_dropout > 0 else None
         y = attend(q, k, v, mask_BxHxQxM, None, cfg.head_dim**-0.5, dropout, self.deterministic, prefix,
                    cfg.attention_kernel)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=cfg.dtype,

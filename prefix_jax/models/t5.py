@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, encoder_decoder
 from prefix_jax.models.attention import MultiHeadAttention
+from prefix_jax.models.dropout import Dropout
 from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
 from prefix_jax.models.hub import take
 
@@ -157,7 +158,7 @@ class FeedForward(nn.Module):
             h = act(dense(cfg.d_ff, "wi_0")(x_BxQxD)) * dense(cfg.d_ff, "wi_1")(x_BxQxD)
         else:
             h = act(dense(cfg.d_ff, "wi")(x_BxQxD))
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+        h = Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         return dense(cfg.d_model, "wo")(h)
 
 
@@ -173,7 +174,7 @@ class T5Block(encoder_decoder.Block):
             cfg.num_heads, cfg.d_kv, cfg.d_model, use_bias=False, query_scale=1.0,
             dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             attention_kernel=cfg.attention_kernel, name=name)
-        dropout = nn.Dropout(cfg.dropout_rate)
+        dropout = Dropout(cfg.dropout_rate)
 
         h, self_cache = attention("self_attention")(
             norm("self_attention_norm")(x_BxQxD), None, self_mask, self_bias, prefix_self,
@@ -208,12 +209,12 @@ class T5Stack(encoder_decoder.Stack):
         table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=cfg.param_dtype,
                          name="relative_attention_bias")
         bias_BxHxQxM = jnp.transpose(table(buckets), (0, 3, 1, 2))
-        return nn.Dropout(cfg.dropout_rate)(x_BxQxD, deterministic=deterministic), bias_BxHxQxM
+        return Dropout(cfg.dropout_rate)(x_BxQxD, deterministic=deterministic), bias_BxHxQxM
 
     def output(self, x_BxQxD, deterministic):
         cfg = self.config
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxQxD)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class Model(encoder_decoder.EncoderDecoder):
