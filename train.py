@@ -56,6 +56,9 @@ def _is_ours(error: BaseException) -> bool:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from prefix_jax import host_memory
+
+    logging.info("%s", host_memory.status())
     try:
         flags.FLAGS(argv)
         if _CONFIG.value is None:
@@ -87,4 +90,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from prefix_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()  # before JAX loads: XLA's CPU temporaries on huge pages
     sys.exit(main(sys.argv))

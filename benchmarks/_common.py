@@ -23,6 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def run_as_train_py() -> None:
+    """Restarts this process with the host memory settings train.py starts with (`prefix_jax.host_memory`)."""
+    from prefix_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()
+
+
 def pin_threads(threads: int) -> int:
     """Pins this process (JAX's and torch's pools alike) to the first `threads` allowed cores."""
     allowed = sorted(os.sched_getaffinity(0))
@@ -40,6 +47,8 @@ def machine(threads: int) -> dict:
     import torch
     import transformers
 
+    from prefix_jax import host_memory
+
     cpu = platform.processor() or "?"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -47,7 +56,7 @@ def machine(threads: int) -> dict:
         pass
     return {"cpu": cpu, "threads": threads, "visible_cores": os.cpu_count(), "python": platform.python_version(),
             "jax": jax.__version__, "backend": jax.default_backend(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+            "transformers": transformers.__version__, "host_memory": host_memory.status()}
 
 
 # --- Random checkpoints with real shapes ---

@@ -62,7 +62,7 @@ def state_digest(state: Any) -> str:
         if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
             array = np.asarray(jax.random.key_data(array))
         h.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
+        h.update(np.ascontiguousarray(array))  # the buffer itself: `tobytes()` would copy it first
     return h.hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""Token cross-entropy straight from final hidden states, never holding the float32 `[B, T, V]` logits.
+"""Token cross-entropy: per token from logits (`token_losses`), and straight from final hidden states, never
+holding the float32 `[B, T, V]` logits (`chunked_token_cross_entropy`).
 
 `chunked_token_cross_entropy(h_BxTxD, head, targets, mask)` equals
 `train_steps.token_cross_entropy(head(h), targets, mask)` (same sum, same count, same gradient w.r.t. `h`),
@@ -19,6 +20,7 @@ latter, so no `[V, D]` gradient is ever formed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -68,13 +70,41 @@ class LMHead:
 jax.tree_util.register_dataclass(LMHead, data_fields=["weight", "bias"], meta_fields=["vocab_axis", "scale", "dtype"])
 
 
-def _token_losses(logits_NxV: jax.Array, targets_N: jax.Array, label_smoothing: float) -> jax.Array:
-    """Per-token loss, as `train_steps.token_cross_entropy` computes it (before masking)."""
-    log_probs = jax.nn.log_softmax(logits_NxV, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets_N[:, None], axis=-1)[:, 0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def token_losses(logits_NxV: jax.Array, targets_N: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-token cross-entropy `[...]` of float32 logits `[..., V]` (no masking), with label smoothing as
+    transformers' trainer: `(1 - e) * nll + e * mean_v(-log p_v)`.
+
+    The values are those of `log_softmax`, `take_along_axis` and `mean` (the same operations; inside a larger
+    program XLA may order the sums differently, a last-bit difference). The gradient is written out,
+    `g * (softmax - (1 - e) * onehot - e / V)`: one pass over the logits, where autodiff of the same expression
+    scatters the target's gradient into a zero `[..., V]` array and adds up the terms in more passes (a T5-small
+    training step on CPU: 1.04x faster). Reverse mode only (a `custom_vjp`).
+    """
+    return _token_losses_and_residuals(logits_NxV, targets_N, label_smoothing)[0]
+
+
+def _token_losses_and_residuals(logits_NxV, targets_N, label_smoothing):
+    max_N = jnp.max(logits_NxV, axis=-1)
+    shifted_NxV = logits_NxV - max_N[..., None]
+    log_sum_N = jnp.log(jnp.sum(jnp.exp(shifted_NxV), axis=-1))
+    nll_N = log_sum_N - jnp.take_along_axis(shifted_NxV, targets_N[..., None], axis=-1)[..., 0]
     if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
-    return nll
+        mean_log_prob_N = jnp.mean(shifted_NxV - log_sum_N[..., None], axis=-1)
+        nll_N = (1.0 - label_smoothing) * nll_N - label_smoothing * mean_log_prob_N
+    return nll_N, (logits_NxV, targets_N, max_N + log_sum_N)
+
+
+def _token_losses_backward(label_smoothing, residuals, g_N):
+    logits_NxV, targets_N, log_z_N = residuals
+    vocab = logits_NxV.shape[-1]
+    target_NxV = jax.lax.broadcasted_iota(jnp.int32, logits_NxV.shape, logits_NxV.ndim - 1) == targets_N[..., None]
+    probs_NxV = jnp.exp(logits_NxV - log_z_N[..., None])
+    pulled_NxV = jnp.where(target_NxV, 1.0 - label_smoothing, 0.0) + label_smoothing / vocab
+    return (g_N[..., None] * (probs_NxV - pulled_NxV)).astype(logits_NxV.dtype), None
+
+
+token_losses.defvjp(_token_losses_and_residuals, _token_losses_backward)
 
 
 def chunked_token_cross_entropy(h_BxTxD: jax.Array, head: LMHead, targets_BxT: jax.Array, mask_BxT: jax.Array,
@@ -105,7 +135,7 @@ def chunked_token_cross_entropy(h_BxTxD: jax.Array, head: LMHead, targets_BxT: j
 
     @jax.checkpoint
     def chunk_loss(head: LMHead, h_NxD, targets_N, m_N):
-        return jnp.sum(_token_losses(head.logits(h_NxD), targets_N, label_smoothing) * m_N)
+        return jnp.sum(token_losses(head.logits(h_NxD), targets_N, label_smoothing) * m_N)
 
     def body(total, xs):
         return total + chunk_loss(head, *xs), None

@@ -298,6 +298,10 @@ def cli() -> None:
     import logging
 
     from absl import app
+
+    from prefix_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()  # XLA's CPU temporaries on huge pages (see there)
     from ml_collections import config_flags
 
     default = str(Path(__file__).resolve().parent.parent / "configs" / "predict.py")

@@ -46,10 +46,7 @@ def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_Bx
 
     Label smoothing as transformers' trainer does it: `(1 - e) * nll + e * mean_v(-log p_v)`.
     """
-    log_probs = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets_BxT[..., None], axis=-1)[..., 0]
-    if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
+    nll = losses.token_losses(logits_BxTxV.astype(jnp.float32), targets_BxT, label_smoothing)
     mask = mask_BxT.astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 

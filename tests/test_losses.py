@@ -265,3 +265,32 @@ def test_loss_chunk_tokens_is_validated_with_a_one_line_error(value):
     config.train.loss_chunk_tokens = value
     with pytest.raises(config_checks.ConfigError, match=r"^train\.loss_chunk_tokens=[^\n]+$"):
         config_checks.check(config)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_token_losses_value_and_written_out_gradient_equal_torch(epsilon):
+    """`losses.token_losses` (its backward written out, not autodiff): the mean loss over real tokens and its
+    gradient w.r.t. the logits equal torch autograd through `cross_entropy` / transformers' `LabelSmoother`."""
+    import torch
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(3, 4, 11)) * 3).astype(np.float32)
+    targets = rng.integers(0, 11, (3, 4))
+    mask = (np.arange(4)[None] < np.array([4, 2, 1])[:, None]).astype(np.int32)
+
+    def mean_loss(l):
+        total, count = train_steps.token_cross_entropy(l, jnp.asarray(targets), jnp.asarray(mask), epsilon)
+        return total / count
+
+    loss, grad = jax.value_and_grad(mean_loss)(jnp.asarray(logits))
+    logits_pt = torch.tensor(logits, requires_grad=True)
+    labels = torch.tensor(np.where(mask == 1, targets, -100))
+    if epsilon:
+        expected = LabelSmoother(epsilon=epsilon)({"logits": logits_pt}, labels)
+    else:
+        expected = torch.nn.functional.cross_entropy(logits_pt.reshape(-1, 11), labels.reshape(-1))
+    expected.backward()
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), logits_pt.grad.numpy(), atol=1e-7, rtol=1e-5)
+    assert not np.asarray(grad)[2, 1:].any()  # pads get no gradient
