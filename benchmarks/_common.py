@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -28,6 +29,14 @@ def run_as_train_py() -> None:
     from prefix_jax import host_memory
 
     host_memory.reexec_with_huge_pages()
+
+
+def child_result(script: str, *args: str, env: dict | None = None) -> dict:
+    """Runs `script --child ARGS` in a new Python process and returns the JSON object of its last stdout line."""
+    out = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{Path(script).name} --child {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def pin_threads(threads: int) -> int:

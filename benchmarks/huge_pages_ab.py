@@ -19,8 +19,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -34,7 +32,7 @@ def child(model: str, shapes: str, steps: int, threads: int) -> None:
     """One variant's measurement, printed as one JSON line (runs in the child process)."""
     from prefix_jax import host_memory
 
-    host_memory.reexec_with_huge_pages()
+    c.run_as_train_py()
     c.pin_threads(threads)
     shape = next(s for s in train_step_vs_peft.SHAPES[shapes] if s.model == model)
     with tempfile.TemporaryDirectory() as directory:
@@ -74,10 +72,8 @@ def main() -> None:
             for name, flag in VARIANTS.items():
                 env = {**os.environ, "PREFIX_JAX_HUGE_PAGES": flag}
                 env.pop("GLIBC_TUNABLES", None)
-                out = subprocess.run([sys.executable, __file__, "--child", shape.model, "--shapes", args.shapes,
-                                      "--steps", str(args.steps), "--threads", str(args.threads)],
-                                     env=env, capture_output=True, text=True, check=True)
-                runs[shape.model][name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[shape.model][name].append(c.child_result(__file__, shape.model, "--shapes", args.shapes, "--steps",
+                                                              str(args.steps), "--threads", str(args.threads), env=env))
     peak = max(r["peak"] for variants in runs.values() for rs in variants.values() for r in rs)
     rows, results = [], []
     for model, variants in runs.items():

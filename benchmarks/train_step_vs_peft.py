@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
 import _common as c
 
@@ -51,10 +49,8 @@ def separate_processes(shape: c.Shape, args: argparse.Namespace) -> dict:
     runs: dict[str, list[dict]] = {"peft": [], "ours": []}
     for _ in range(args.reps):
         for side in runs:
-            out = subprocess.run([sys.executable, __file__, "--child", side, "--shapes", args.shapes, "--model",
-                                  shape.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
-            runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[side].append(c.child_result(__file__, side, "--shapes", args.shapes, "--model", shape.model, "--steps",
+                                             str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)))
     return {"times": {side: [t for r in rs for t in r["times"]] for side, rs in runs.items()},
             "model_flops": runs["ours"][0]["model_flops"], "peaks": [r["peak"] for rs in runs.values() for r in rs]}
 

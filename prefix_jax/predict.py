@@ -297,11 +297,10 @@ def cli() -> None:
     """`python -m prefix_jax.predict --config configs/predict.py ...` (or the repo's predict.py)."""
     import logging
 
-    from absl import app
-
     from prefix_jax import host_memory
 
-    host_memory.reexec_with_huge_pages()  # XLA's CPU temporaries on huge pages (see there)
+    host_memory.reexec_with_huge_pages()  # before JAX loads: XLA's CPU temporaries on huge pages (see there)
+    from absl import app
     from ml_collections import config_flags
 
     default = str(Path(__file__).resolve().parent.parent / "configs" / "predict.py")

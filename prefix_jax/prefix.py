@@ -234,8 +234,7 @@ def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | No
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     if rng is None:
         raise ValueError("prefix.dropout > 0 needs an rng when not deterministic.")
-    keep = dropout.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
+    return dropout.drop(x, rate, rng)
 
 
 def num_params(params: Any) -> int:

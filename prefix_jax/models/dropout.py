@@ -81,8 +81,17 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
     return uniform < np.float32(p)
 
 
+def drop(inputs: jax.Array, rate: float, rng: jax.Array, broadcast_dims: Sequence[int] = ()) -> jax.Array:
+    """Inputs zeroed with probability `rate` (one mask shared along `broadcast_dims`), the rest scaled by
+    `1 / (1 - rate)`: what `flax.linen.Dropout` computes for `0 < rate < 1`, with the mask from `bernoulli`."""
+    keep_prob = 1.0 - rate
+    mask_shape = [1 if axis in broadcast_dims else size for axis, size in enumerate(inputs.shape)]
+    keep = jnp.broadcast_to(bernoulli(rng, keep_prob, mask_shape), inputs.shape)
+    return lax.select(keep, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
 class Dropout(nn.Module):
-    """`flax.linen.Dropout` with the mask from `bernoulli` above: same arguments, rng stream and outputs.
+    """`flax.linen.Dropout` through `drop` above: same arguments, rng stream and outputs.
 
     Keep the class name: Flax names an unnamed submodule after its class, and the dropout rng is folded
     in along that path, so `Dropout_0` here draws exactly what `nn.Dropout`'s `Dropout_0` drew.
@@ -100,9 +109,6 @@ class Dropout(nn.Module):
             return inputs
         if self.rate == 1.0:
             return jnp.zeros_like(inputs)
-        keep_prob = 1.0 - self.rate
         if rng is None:
             rng = self.make_rng(self.rng_collection)
-        mask_shape = [1 if axis in self.broadcast_dims else size for axis, size in enumerate(inputs.shape)]
-        keep = jnp.broadcast_to(bernoulli(rng, keep_prob, mask_shape), inputs.shape)
-        return lax.select(keep, inputs / keep_prob, jnp.zeros_like(inputs))
+        return drop(inputs, self.rate, rng, self.broadcast_dims)
