@@ -532,14 +532,20 @@ _PROBE = "The quick brown fox jumps over the lazy dog 42."
 
 
 def load_tokenizer(path_or_name: str, field: str = TOKENIZER_FIELD) -> Any:
-    """`transformers.AutoTokenizer` for a model directory or Hub id, checked to tokenize text sensibly."""
+    """`transformers.AutoTokenizer` for a model directory or Hub id (or the tokenizer a GGUF file describes),
+    checked to tokenize text sensibly."""
     from transformers import AutoTokenizer
 
-    from prefix_jax.models import hub
+    from prefix_jax.models import gguf_checkpoint, hub
 
     fix = ("save the model's tokenizer there (`AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR)`) or "
            "set model.tokenizer to a directory or Hub id that has one.")
     try:
+        gguf_file = gguf_checkpoint.resolve(str(path_or_name), field)
+        if gguf_file is not None:  # the tokenizer the GGUF file describes
+            tokenizer = gguf_checkpoint.load_tokenizer(gguf_file)
+            check_tokenizer(tokenizer, f"the tokenizer in {gguf_file} [{field}]", fix)
+            return tokenizer
         directory = hub.resolve_tokenizer_dir(str(path_or_name), field)
     except hub.ModelNotFoundError as e:
         raise DataError(str(e)) from None

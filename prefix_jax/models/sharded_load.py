@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from prefix_jax.models import hub
+from prefix_jax.models import gguf_checkpoint, hub
 
 log = logging.getLogger("prefix_jax")
 
@@ -214,8 +214,8 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
     """`models.load_pretrained`, with the params read straight into their shards on `mesh`.
 
     The params are global `jax.Array`s laid out by `partitioning.lm_shardings(..., strategy, mesh)`; every
-    process reads only the blocks its own devices hold. Architectures without an `hf_layout` are read
-    whole and then placed.
+    process reads only the blocks its own devices hold. Architectures without an `hf_layout`, and GGUF
+    files (dequantized tensor by tensor), are read whole and then placed.
     """
     from transformers import AutoConfig
 
@@ -225,14 +225,17 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
         if value is not None and value not in models.DTYPES:
             raise ValueError(f"{field}={value!r} is not supported; use one of {models.DTYPES}.")
     partitioning.check_strategy(strategy)
-    model_dir = hub.resolve_model_dir(name_or_path)
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    arch = models.architecture(hf_config.model_type)
-    if not hasattr(arch, "hf_layout"):
+    is_gguf = gguf_checkpoint.resolve(name_or_path) is not None
+    if not is_gguf:
+        model_dir = hub.resolve_model_dir(name_or_path)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        arch = models.architecture(hf_config.model_type)
+    if is_gguf or not hasattr(arch, "hf_layout"):
         lm = models.load_pretrained(name_or_path, param_dtype, compute_dtype, **config_overrides)
         from prefix_jax import sharding
 
-        shardings = partitioning.lm_shardings(lm.params, arch.PARAM_AXES, strategy, mesh)
+        shardings = partitioning.lm_shardings(lm.params, models.architecture(lm.config.architecture).PARAM_AXES,
+                                              strategy, mesh)
         return dataclasses.replace(lm, params=sharding.place(lm.params, shardings))
     known = {f.name for f in dataclasses.fields(arch.Config)}
     for field in config_overrides:
