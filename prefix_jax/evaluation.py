@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +13,8 @@ import numpy as np
 from prefix_jax import data, text_metrics, sharding
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_bank
+
+log = logging.getLogger("prefix_jax")
 
 
 def loss(batcher: data.Batcher, mesh: Any, params: Any, lm_params: Any, eval_fn: Callable) -> dict:
@@ -66,6 +69,8 @@ def generate_and_score(batcher: data.Batcher, mesh: Any, tokenizer: Any, spec: p
         hypotheses.extend(t.strip() for t in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True))
     references = [list(split.examples[i].references or (split.examples[i].target,)) for i in chosen]
     scores = text_metrics.compute(metric_names, hypotheses, references) if metric_names else {}
+    for i, hypothesis in list(zip(chosen, hypotheses))[:3]:  # what the numbers mean, in the log
+        log.info("decoded: %s\n    -> %s", split.examples[i].source, hypothesis)
     if predictions_path is not None and jax.process_index() == 0:
         with predictions_path.open("w") as f:
             for i, hypothesis, refs in zip(chosen, hypotheses, references):

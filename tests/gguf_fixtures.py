@@ -1,5 +1,9 @@
 """Tiny GGUF files written as llama.cpp's converter writes them (tensor names, Q/K row permutation, GPT-2's
-transposed Conv1D weights, block quantization), from tiny random transformers models."""
+transposed Conv1D weights, block quantization), from tiny random transformers models.
+
+The name table here is written from llama.cpp's converter independently of `prefix_jax.models.gguf_checkpoint`'s
+(a test that derived one from the other could not catch a wrong entry).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,38 @@ import transformers
 
 REPO = Path(__file__).resolve().parent.parent
 GPT2_TOKENIZER = REPO / "data" / "gpt2-tokenizer"
+VOCAB, SEP, EOS = 101, 1, 2
+
+
+def _llama_like(kind: str, **fields) -> transformers.PretrainedConfig:
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=SEP, eos_token_id=EOS,
+                rope_parameters=dict(rope_type="default", rope_theta=500.0), attn_implementation="eager")
+    return getattr(transformers, f"{kind}Config")(**{**base, **fields})
+
+
+FAMILIES = {  # name -> HF config: GQA + permuted Q/K (llama), biases + tied head (qwen2), q/k norms (qwen3)
+    "llama": lambda: _llama_like("Llama", head_dim=16),
+    "mistral": lambda: _llama_like("Mistral", num_key_value_heads=1),
+    "qwen2": lambda: _llama_like("Qwen2", tie_word_embeddings=True),
+    "qwen3": lambda: _llama_like("Qwen3"),
+    # transformers reads a GPT-2 GGUF's vocabulary size from its tokenizer and keeps n_positions at 1024 (it maps
+    # context_length to n_ctx): the tiny GPT-2 has the bundled GPT-2 tokenizer's 50257 tokens and 1024 positions.
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=32, n_layer=2, n_head=4,
+                                            attn_implementation="eager"),
+}
+
+
+def random_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny `*ForCausalLM` with every parameter random (norm scales and biases too)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 # Storage types the `gguf` package can write (the K-quants it only reads: see test_gguf's kernel test).
 WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 

@@ -20,47 +20,20 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from gguf_fixtures import WRITABLE_TYPES, write_gguf
+from transformers.integrations.gguf import dequant
+from gguf_fixtures import EOS, FAMILIES, SEP, WRITABLE_TYPES, llama_cpp_permute, random_model, write_gguf
 from tolerances import F32_ATOL
 
 from prefix_jax import data
 from prefix_jax.models import gguf_checkpoint, hub, load_pretrained
 
 REPO = Path(__file__).resolve().parent.parent
-VOCAB, SEP, EOS = 101, 1, 2
 SOURCE, TARGET = [5, 7, 9, 11, 13], [17, 19, 23, 29, EOS]
 
 
-def _llama_like(kind: str, **fields) -> transformers.PretrainedConfig:
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=SEP, eos_token_id=EOS,
-                rope_parameters=dict(rope_type="default", rope_theta=500.0), attn_implementation="eager")
-    return getattr(transformers, f"{kind}Config")(**{**base, **fields})
-
-
-FAMILIES = {  # name -> HF config: GQA + permuted Q/K (llama), biases + tied head (qwen2), q/k norms (qwen3)
-    "llama": lambda: _llama_like("Llama", head_dim=16),
-    "mistral": lambda: _llama_like("Mistral", num_key_value_heads=1),
-    "qwen2": lambda: _llama_like("Qwen2", tie_word_embeddings=True),
-    "qwen3": lambda: _llama_like("Qwen3"),
-    # transformers reads a GPT-2 GGUF's vocabulary size from its tokenizer and keeps n_positions at 1024 (it maps
-    # context_length to n_ctx): the tiny GPT-2 has the bundled GPT-2 tokenizer's 50257 tokens and 1024 positions.
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=32, n_layer=2, n_head=4,
-                                            attn_implementation="eager"),
-}
 # The default run: every family at Q8_0, every storage type on Llama; the rest of the matrix is slow.
 CASES = [pytest.param(family, qtype, marks=() if qtype == "Q8_0" or family == "llama" else pytest.mark.slow)
          for family in FAMILIES for qtype in WRITABLE_TYPES]
-
-
-def random_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A tiny `*ForCausalLM` with every parameter random (norm scales and biases too)."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def our_logits(lm) -> np.ndarray:
@@ -98,8 +71,6 @@ def test_skipping_the_rope_unpermutation_breaks_parity(tmp_path, monkeypatch):
 
 
 def test_unpermute_inverts_llama_cpp_permute():
-    from gguf_fixtures import llama_cpp_permute
-
     w = np.arange(4 * 16 * 3, dtype=np.float32).reshape(4 * 16, 3)
     assert np.array_equal(gguf_checkpoint.unpermute_rope_rows(llama_cpp_permute(w, 4), 4), w)
     assert not np.array_equal(llama_cpp_permute(w, 4), w)
@@ -116,8 +87,6 @@ def test_a_directory_holding_one_gguf_and_bfloat16_params(tmp_path):
 def test_k_quant_kernels_agree_with_transformers(qtype):
     """K-quants (read, never written, by the `gguf` package): its numpy kernel, which we use, against
     transformers' torch kernel, on random 256-value blocks with finite scales."""
-    from transformers.integrations.gguf import dequant
-
     kind = gguf.GGMLQuantizationType[qtype]
     block_values, block_bytes = gguf.GGML_QUANT_SIZES[kind]
     rng = np.random.default_rng(0)

@@ -70,7 +70,8 @@ def download_wheel(name: str, version: str, directory: Path, field: str) -> Path
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as staging:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-                   "--disable-pip-version-check", "--quiet", "--dest", staging, f"{name}=={version}"]
+                   "--disable-pip-version-check", "--quiet", "--retries", "2", "--timeout", "30", "--dest", staging,
+                   f"{name}=={version}"]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
         except subprocess.TimeoutExpired:

