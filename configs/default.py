@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_target_length = 64
     c.data.max_train_examples = 0  # 0: all
     c.data.max_eval_examples = 0
+    # Decoder-only training: several examples per row (each sees the prefix and its own tokens only, at its own
+    # positions); train.batch_size then counts rows of data.pack_width tokens (0: the longest example's width).
+    c.data.pack = False
+    c.data.pack_width = 0
 
     c.train = ml_collections.ConfigDict()
     c.train.workdir = ""  # defaults to runs/<config name>

@@ -50,6 +50,8 @@ _RULES: tuple[Rule, ...] = (
     ("data.max_target_length", lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a token and EOS)"),
     ("data.max_train_examples", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: all)"),
     ("data.max_eval_examples", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: all)"),
+    ("data.pack", lambda v: isinstance(v, bool), "True or False"),
+    ("data.pack_width", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: the longest example)"),
     ("data.train_split", lambda v: isinstance(v, str) and v != "", "a split name, e.g. 'train'"),
     ("train.workdir", lambda v: isinstance(v, str) and v.strip() != "", "a directory for this run's outputs"),
     ("train.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),

@@ -625,6 +625,42 @@ def pad(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> t
     return ids, mask
 
 
+def pack_rows(lengths: Sequence[int], order: Sequence[int], width: int) -> list[list[int]]:
+    """Example indices packed into rows of at most `width` tokens, in `order`: each example joins the current
+    row when it fits, else starts the next one (deterministic; the order within and across rows is kept)."""
+    rows: list[list[int]] = []
+    used = width
+    for i in order:
+        if lengths[i] > width:
+            raise DataError(f"an example of {lengths[i]} tokens does not fit data.pack_width={width}; raise it.")
+        if used + lengths[i] > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(int(i))
+        used += lengths[i]
+    return rows
+
+
+def packed_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], width: int, separator_id: int,
+                 pad_id: int) -> dict[str, np.ndarray]:
+    """Packed decoder-only rows: each example's `[x; SEP; y[:-1]]` after the previous one (`ids`), which example
+    each slot holds (`segment_ids`: 1, 2, ...; 0 padding), and what each slot predicts (`target_ids`, counted
+    where `target_mask` is 1: the target side of each example, as in unpacked batches)."""
+    shape = (len(rows), width)
+    ids, segment_ids = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32)
+    target_ids, target_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32)
+    for r, indices in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(indices, start=1):
+            source, target = list(split.source_ids[i]), list(split.target_ids[i])
+            sequence = source + [separator_id] + target[:-1]
+            end = start + len(sequence)
+            ids[r, start:end], segment_ids[r, start:end] = sequence, segment
+            target_ids[r, start + len(source):end], target_mask[r, start + len(source):end] = target, 1
+            start = end
+    return {"ids": ids, "segment_ids": segment_ids, "target_ids": target_ids, "target_mask": target_mask}
+
+
 @dataclasses.dataclass
 class Batcher:
     """Fixed-shape batches of a tokenized split, addressed by step (train) or enumerated (eval).
@@ -641,11 +677,23 @@ class Batcher:
     seed: int = 0
     process_index: int = 0
     process_count: int = 1
+    pack_width: int = 0  # > 0: training batches are `global_batch_size` packed rows of this many tokens
+    separator_id: int = 0  # packed rows: the token that starts each target (the model's separator)
 
     def __post_init__(self) -> None:
         if self.global_batch_size % self.process_count:
             raise DataError(f"train.batch_size={self.global_batch_size} must be a multiple of the number of "
                             f"processes ({self.process_count}).")
+        self._packed_epochs: dict[int, list[list[int]]] = {}
+        self._rows_per_epoch: int | None = None
+
+    def packed_epoch(self, epoch: int) -> list[list[int]]:
+        """The rows (example indices) of `epoch`'s shuffled examples packed `pack_width` tokens at a time."""
+        if epoch not in self._packed_epochs:
+            lengths = [len(s) + len(t) for s, t in zip(self.split.source_ids, self.split.target_ids)]
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+            self._packed_epochs = {epoch: pack_rows(lengths, order, self.pack_width)}  # one epoch kept
+        return self._packed_epochs[epoch]
 
     @property
     def local_batch_size(self) -> int:
@@ -653,7 +701,12 @@ class Batcher:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.split) // self.global_batch_size
+        """Whole global batches per epoch (packed: of the first epoch's rows; later epochs, shuffled otherwise,
+        pack into about as many: a shortfall is filled with empty rows, an excess dropped like a partial batch)."""
+        if self.pack_width and self._rows_per_epoch is None:
+            self._rows_per_epoch = len(self.packed_epoch(0))
+        units = self._rows_per_epoch if self.pack_width else len(self.split)
+        return units // self.global_batch_size
 
     def position(self, step: int) -> dict[str, int]:
         """Where in the data step `step` reads: epoch and batch within the epoch."""
@@ -675,8 +728,13 @@ class Batcher:
             raise DataError(f"the training split has {len(self.split)} examples, fewer than one batch of "
                             f"train.batch_size={self.global_batch_size}.")
         pos = self.position(step)
-        order = np.random.default_rng([self.seed, pos["epoch"]]).permutation(len(self.split))
         start = pos["batch"] * self.global_batch_size
+        if self.pack_width:
+            rows = self.packed_epoch(pos["epoch"])[start:start + self.global_batch_size]
+            rows += [[]] * (self.global_batch_size - len(rows))
+            local = [rows[i] for i in np.array_split(np.arange(len(rows)), self.process_count)[self.process_index]]
+            return packed_batch(self.split, local, self.pack_width, self.separator_id, self.pad_id)
+        order = np.random.default_rng([self.seed, pos["epoch"]]).permutation(len(self.split))
         return self._rows(order[start:start + self.global_batch_size])
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:

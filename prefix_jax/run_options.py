@@ -66,6 +66,8 @@ class DataOptions:
     max_target_length: int
     max_train_examples: int  # 0: all
     max_eval_examples: int  # 0: all
+    pack: bool  # decoder-only training batches: packed rows (train.batch_size rows of pack_width tokens)
+    pack_width: int  # 0: source width + target width
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,6 +159,19 @@ def task_names(options: RunOptions, saved: SavedRun, train_split: data.Tokenized
     return tasks
 
 
+def check_packing(options: RunOptions, model_config: Any, spec: prefix_lib.PrefixSpec) -> None:
+    """`data.pack` needs a decoder-only LM, one task and a K/V prefix (each segment sees it as if alone)."""
+    if model_config.is_encoder_decoder:
+        raise ConfigError(f"data.pack=True packs decoder-only models (GPT-2, Llama family); {model_config.architecture}"
+                          " is an encoder-decoder: set data.pack=False.")
+    if options.data.task_field:
+        raise ConfigError("data.pack=True with data.task_field (one prefix per task) is not supported: each row "
+                          "would mix tasks; set data.pack=False.")
+    if spec.method not in ("prefix", "prefix_direct"):
+        raise ConfigError(f"data.pack=True with prefix.method={spec.method!r} is not supported (packed segments "
+                          "would each need their own infix or prompt slots); set data.pack=False.")
+
+
 def build(options: RunOptions) -> RunPlan:
     """Loads the LM, tokenizer and data and checks every size, before anything is written.
 
@@ -194,10 +207,15 @@ def build(options: RunOptions) -> RunPlan:
     t = o.train
     sharding.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batcher = lambda split, size: data.Batcher(
+    batcher = lambda split, size, **packing: data.Batcher(
         split, size, source_width, target_width, pad_id, left_pad_source=not encoder_decoder, seed=t.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    train = batcher(train_split, t.batch_size)
+        process_index=jax.process_index(), process_count=jax.process_count(), **packing)
+    packing = {}
+    if d.pack:
+        check_packing(o, lm.config, spec)
+        packing = dict(pack_width=d.pack_width or source_width + target_width,
+                       separator_id=lm.config.separator_token_id)
+    train = batcher(train_split, t.batch_size, **packing)
     if train.steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(train_split)} training "
                           "examples; lower it.")

@@ -79,6 +79,7 @@ def run_metadata(plan: RunPlan) -> dict:
     if not c.train.eval_only:  # what must not change for a resume to replay the interrupted run
         meta["resume"] = {
             "data.train": data_fingerprint(plan.train.split), "train.batch_size": c.train.batch_size,
+            "data.pack_width": plan.train.pack_width,
             "train.seed": c.train.seed, "train.steps": plan.total_steps,
             "train.grad_accum_steps": c.train.grad_accum_steps,
             "train.label_smoothing": c.train.label_smoothing, "model.param_dtype": c.model.param_dtype,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import tokens_after_prefix
+from prefix_jax.models.attention import BankKV, tokens_after_prefix
 from prefix_jax.models.prefix_contract import DECODER, NO_PREFIX, Prefix, TextPositions
 
 Batch = Mapping[str, jax.Array]
@@ -53,6 +53,8 @@ class DecoderOnly(common.DecoderCache, nn.Module):
         `S' = S`, or `P + S` with `prompt_embeds` (their hidden states come first).
         """
         cfg = self.config
+        if "segment_ids" in batch:
+            return self.packed_hidden_states(batch, prefix, deterministic), 0
         source_ids, source_mask = batch["source_ids"], batch["source_mask"]
         ids = jnp.concatenate([source_ids, masks.shift_right(batch["target_ids"], cfg.separator_token_id)], axis=1)
         valid_BxQ = jnp.concatenate([source_mask, masks.shift_right(batch["target_mask"], 1)], axis=1)
@@ -74,8 +76,27 @@ class DecoderOnly(common.DecoderCache, nn.Module):
         h, _ = self.stack()(x_BxQxD, positions, mask, kv, None, deterministic)
         return h, source_len
 
+    def packed_hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
+        """Final hidden states `[B, L, D]` of packed rows (`data.pack_rows`): `ids` holds several examples'
+        `[x; SEP; y[:-1]]` one after another, `segment_ids` says which example each slot belongs to (0: padding).
+
+        Each example sees the prefix and its own tokens only, at the positions it has when alone.
+        """
+        if prefix.infix or prefix.prompt_embeds is not None or isinstance(prefix.kv.get(DECODER), BankKV):
+            raise ValueError("data.pack takes one K/V prefix (method prefix / prefix_direct, one task); an infix, "
+                             "an embedding-only prompt or a multi-task bank needs data.pack=False.")
+        segment_ids = batch["segment_ids"]
+        kv, prefix_len = prefix.kv.get(DECODER), prefix.length(DECODER)
+        where = self.config.text_positions(DECODER, segment_ids.shape[1], prefix_len)
+        self.check_lengths(where, prefix_len, segment_ids.shape[1])
+        positions = masks.segment_positions(segment_ids, where.source_offset)
+        mask = masks.packed_attention_mask(segment_ids, prefix_len)
+        h, _ = self.stack()(self.embed(batch["ids"]), positions, mask, kv, None, deterministic)
+        return h
+
     def target_hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
-        """Final hidden states `[B, T, D]` of the target side: position t predicts `target_ids[:, t]`."""
+        """Final hidden states `[B, T, D]` of the target side: position t predicts `target_ids[:, t]` (packed
+        rows: every slot, `target_mask` marks the target ones)."""
         h, source_len = self.hidden_states(batch, prefix, deterministic)
         return h[:, source_len:]
 

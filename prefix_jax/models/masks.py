@@ -52,3 +52,27 @@ def shift_right(ids_BxT: jax.Array, start_id: int) -> jax.Array:
     """Teacher-forcing decoder inputs: `[start, y_0, ..., y_{T-2}]`."""
     start = jnp.full((ids_BxT.shape[0], 1), start_id, ids_BxT.dtype)
     return jnp.concatenate([start, ids_BxT[:, :-1]], axis=1)
+
+
+# --- Packed rows: several examples per row, told apart by segment ids (1, 2, ...; 0 = padding) ---
+
+
+def segment_positions(segment_ids_BxQ: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    """Each token's position within its own segment, from `start`: positions restart at every example."""
+    seg = segment_ids_BxQ
+    slots = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
+    first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    segment_start = jax.lax.cummax(jnp.where(first, slots, 0), axis=1)
+    start_Bx1 = jnp.asarray(start, jnp.int32).reshape(-1, 1)
+    return start_Bx1 + slots - segment_start
+
+
+def packed_attention_mask(segment_ids_BxQ: jax.Array, prefix_len: int = 0) -> jax.Array:
+    """Boolean mask `[B, 1, Q, P + Q]` of a packed row: a token sees the prefix and the earlier tokens of its
+    own segment, as if its example were alone; padding sees nothing of the text."""
+    seg = segment_ids_BxQ
+    num = seg.shape[1]
+    same_BxQxQ = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    keys_BxQxQ = same_BxQxQ & (jnp.arange(num)[None, :] <= jnp.arange(num)[:, None])[None]
+    prefix_BxQxP = jnp.ones((seg.shape[0], num, prefix_len), bool)
+    return jnp.concatenate([prefix_BxQxP, keys_BxQxQ], axis=-1)[:, None]
