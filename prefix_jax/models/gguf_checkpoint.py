@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+import gguf
 import numpy as np
 
 from prefix_jax.models import hub, pypi_models
@@ -108,10 +109,6 @@ def resolve(name_or_path: str, field: str = "model.name_or_path") -> Path | None
 def open_reader(path: Path) -> Any:
     """`gguf.GGUFReader` over `path` (memory-mapped), its failures as one line naming the file."""
     try:
-        import gguf
-    except ImportError:
-        raise GGUFError(f"{path}: reading GGUF files needs the `gguf` package (pip install gguf).") from None
-    try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # truncated header, bad magic, short tensor data ...
         raise GGUFError(f"{path}: not a readable GGUF file ({hub.describe(e)}); it is truncated or corrupt, "
@@ -124,10 +121,18 @@ def open_reader(path: Path) -> Any:
     return reader
 
 
-def metadata(reader: Any) -> dict[str, Any]:
-    """The file's key/value metadata as Python values (strings, numbers, lists)."""
+# The tokenizer's vocabulary-sized arrays: only the tokenizer reads them (decoding them takes seconds).
+_VOCABULARY_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                      "tokenizer.ggml.scores")
+
+
+def metadata(reader: Any, vocabulary: bool = True) -> dict[str, Any]:
+    """The file's key/value metadata as Python values (strings, numbers, lists); `vocabulary=False` skips the
+    tokenizer's vocabulary-sized arrays."""
     out = {}
     for key, field in reader.fields.items():
+        if not vocabulary and key in _VOCABULARY_ARRAYS:
+            continue
         try:
             out[key] = field.contents()
         except Exception:  # a value type the reader cannot decode: not one we use
@@ -145,12 +150,16 @@ def _architecture(meta: dict[str, Any], path: Path) -> str:
 
 def hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], path: Path) -> Any:
     """A `transformers` config of the file's family, from its metadata (refusing what we would compute wrong)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers costs seconds to import: only GGUF loading pays it
 
     arch = _architecture(meta, path)
     get = lambda key, default=None: meta.get(f"{arch}.{key}", default)
-    vocab = tensor_shapes["token_embd.weight"][0] if "token_embd.weight" in tensor_shapes else len(
-        meta.get("tokenizer.ggml.tokens", ()))
+    for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
+        if get(key) is None:
+            raise GGUFError(f"{path}: its metadata has no {arch}.{key}; the file is incomplete, download it again.")
+    if "token_embd.weight" not in tensor_shapes:
+        raise GGUFError(f"{path}: has no token_embd.weight; it is not a complete {arch} model.")
+    vocab = tensor_shapes["token_embd.weight"][0]
     special = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in
                (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                 ("pad_token_id", "padding_token_id"))}
@@ -203,14 +212,12 @@ def unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 def dequantize(tensor: Any, path: Path) -> np.ndarray:
     """One GGUF tensor as float32 in numpy (HF) axis order."""
-    from gguf import quants
-
     qtype = tensor.tensor_type.name
     if qtype not in SUPPORTED_TYPES:
         raise GGUFError(f"{path}: tensor {tensor.name!r} is stored as {qtype}, which is not supported; supported: "
                         f"{', '.join(SUPPORTED_TYPES)}. Requantize the model (llama-quantize) or use its "
                         "safetensors.")
-    return np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
 
 
 def hf_tensors(reader: Any, arch: str, config: Any, path: Path, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
@@ -234,7 +241,7 @@ def hf_tensors(reader: Any, arch: str, config: Any, path: Path, dtype: Any) -> I
 def read(path: Path, dtype: Any = np.float32) -> tuple[Any, dict[str, np.ndarray]]:
     """`(transformers config, {HF name: array})` of a GGUF file, tensors dequantized to `dtype`."""
     reader = open_reader(path)
-    meta = metadata(reader)
+    meta = metadata(reader, vocabulary=False)
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
     config = hf_config(meta, shapes, path)
     tensors = dict(hf_tensors(reader, _architecture(meta, path), config, path, dtype))
@@ -259,7 +266,7 @@ _SPECIAL = {"bos_token": "ggml.bos_token_id", "eos_token": "ggml.eos_token_id", 
 
 def load_tokenizer(path: Path) -> Any:
     """A `transformers` fast tokenizer from the file's tokenizer metadata (as `from_pretrained(gguf_file=)`)."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # seconds to import: only GGUF loading pays it
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     meta = metadata(open_reader(path))
