@@ -146,6 +146,11 @@ def single_task(spec: PrefixSpec) -> PrefixSpec:
     return dataclasses.replace(spec, tasks=()) if spec.tasks else spec
 
 
+def task_params(params: Mapping[str, Any], spec: PrefixSpec, task: str) -> dict:
+    """The trainable params of one task of a multi-task spec (a single-task tree, for `single_task(spec)`)."""
+    return params[task]
+
+
 def init_params(spec: PrefixSpec, rng: jax.Array) -> dict:
     """Random trainable params (float32), per `spec.init` ("words" starts random: see `prefix_init`).
 

@@ -175,16 +175,19 @@ def build(options: RunOptions) -> RunPlan:
     saved = read_saved(workdir)
     encoder_decoder = lm.config.is_encoder_decoder
     d = o.data
-    tokenize = lambda examples: data.tokenize(examples, tokenizer, d.max_source_length, d.max_target_length,
-                                              encoder_decoder, d.source_prefix, d.target_prefix)
-    eval_split = tokenize(_examples(d, d.eval_split, d.max_eval_examples)) if d.eval_split else None
+    tokenize = lambda examples, split: data.tokenize(examples, tokenizer, d.max_source_length, d.max_target_length,
+                                                     encoder_decoder, d.source_prefix, d.target_prefix,
+                                                     name=f"split {split!r}")
+    eval_split = tokenize(_examples(d, d.eval_split, d.max_eval_examples), d.eval_split) if d.eval_split else None
     # Evaluating only: no need to read (and tokenize) the training data.
-    train_split = eval_split if o.train.eval_only else tokenize(_examples(d, d.train_split, d.max_train_examples))
+    train_split = eval_split if o.train.eval_only else tokenize(_examples(d, d.train_split, d.max_train_examples),
+                                                                d.train_split)
     if d.task_field:
         spec = dataclasses.replace(spec, tasks=task_names(o, saved, train_split, eval_split))
         for split in (train_split, eval_split):
             if split is not None:
-                split.task_ids = [spec.tasks.index(e.task) for e in split.examples]
+                index = {task: i for i, task in enumerate(spec.tasks)}
+                split.task_ids = [index[e.task] for e in split.examples]
     widths = [data.padded_lengths(s, d.max_source_length, d.max_target_length)
               for s in (train_split, eval_split) if s is not None]
     source_width, target_width = max(w[0] for w in widths), max(w[1] for w in widths)

@@ -311,7 +311,8 @@ def export(plan: RunPlan, params: Any, meta: dict) -> str:
         return str(prefix_lib.export(params, spec, directory, export_meta))
     one = prefix_lib.single_task(spec)
     for task in spec.tasks:
-        prefix_lib.export(params[task], one, directory / task, {**export_meta, "task": task})
+        prefix_lib.export(prefix_lib.task_params(params, spec, task), one, directory / task,
+                          {**export_meta, "task": task})
     return str(directory)
 
 
