@@ -403,3 +403,27 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_export(tin
     straight = Path(tmp_path / "straight" / "export" / prefix_lib.EXPORT_WEIGHTS).read_bytes()
     assert Path(tmp_path / "killed" / "export" / prefix_lib.EXPORT_WEIGHTS).read_bytes() == straight
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+# --- Trust II ---
+
+
+@pytest.mark.parametrize("task", ["../../escape", "ABS", ".", "a/b"])
+def test_a_task_name_never_escapes_the_workdir(tiny_gpt2_dir, tmp_path, task):
+    """Task names become export/<task>/: one that is a path is refused before anything is written."""
+    from test_multitask import multitask_config
+
+    victim = tmp_path / "other_export"
+    victim.mkdir()
+    (victim / "prefix.json").write_text("another run's export")
+    task = str(victim) if task == "ABS" else task
+    rows = [{"task": t, "source": f"s{i}", "target": "t"} for i, t in enumerate(["ok", task] * 8)]
+    train = tmp_path / "tasks.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = tree_digest(tmp_path)
+    config = multitask_config(tiny_gpt2_dir, tmp_path / "deep" / "run", train)
+    with pytest.raises(data.DataError, match=r"tasks.jsonl' line 2: task name .* \(data.task_field\)") as info:
+        trainer.run(config)
+    assert train_cli._is_ours(info.value) and "\n" not in str(info.value)
+    assert tree_digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "other_export", "tasks.jsonl"]
