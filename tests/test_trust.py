@@ -427,3 +427,58 @@ def test_a_task_name_never_escapes_the_workdir(tiny_gpt2_dir, tmp_path, task):
     assert train_cli._is_ours(info.value) and "\n" not in str(info.value)
     assert tree_digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == [
         "other_export", "tasks.jsonl"]
+
+
+@pytest.mark.parametrize("name", [".lock", "config.json", "metrics.jsonl", "runs.jsonl"])
+def test_run_files_that_link_out_of_the_workdir_are_refused(tiny_t5_dir, tmp_path, name):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("another program's file")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(victim)
+    with pytest.raises(workdir.WorkdirError, match=f"{name} is a symbolic link to .*victim.txt") as info:
+        trainer.run(small_config(tiny_t5_dir, run))
+    assert train_cli._is_ours(info.value) and "\n" not in str(info.value)
+    assert victim.read_text() == "another program's file" and sorted(p.name for p in run.iterdir()) == [name]
+
+
+def test_the_lock_never_follows_a_link(tmp_path):
+    """Even a link inside the workdir (which the config check lets pass for other files) is not opened."""
+    from etils import epath
+
+    (tmp_path / "data.txt").write_text("keep me")
+    (tmp_path / ".lock").symlink_to(tmp_path / "data.txt")
+    with pytest.raises(workdir.WorkdirError, match="lock file .lock cannot be opened"):
+        workdir.WorkdirLock(epath.Path(tmp_path)).acquire()
+    assert (tmp_path / "data.txt").read_text() == "keep me"
+    (tmp_path / ".lock").unlink()
+    os.mkfifo(tmp_path / ".lock")
+    with pytest.raises(workdir.WorkdirError, match="not a regular file"):
+        workdir.WorkdirLock(epath.Path(tmp_path)).acquire()
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or not _unshare_works(), reason="needs user namespaces (unshare -rm)")
+def test_an_existing_workdir_on_a_read_only_filesystem_is_refused_before_loading(trained_workdir, tmp_path):
+    """train.py in a mount namespace where the workdir is a read-only bind mount: exit 2, one line, no traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_workdir, run)
+    before = tree_digest(run)
+    code = ("import sys, train; from prefix_jax.models import sharded_load\n"
+            "def refuse(*a, **k): raise AssertionError('the LM was loaded first')\n"
+            "sharded_load.load_sharded = refuse; sys.exit(train.main(sys.argv))\n")
+    args = ["--config", str(REPO / "configs/t5_offline.py"), f"--config.train.workdir={run}",
+            "--config.model.name_or_path=/nonexistent-model", "--config.model.create_tiny="]
+    script = f'mount --bind "{run}" "{run}" && mount -o remount,bind,ro "{run}" && exec "$@"'
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", sys.executable, "-c", code, *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert last.startswith("error: train.workdir=") and "not writable" in last, last
+    assert tree_digest(run) == before
