@@ -266,6 +266,22 @@ def test_bad_model_dir_is_one_line_naming_the_file(gpt2_dir, tmp_path, case):
     assert_one_line(info.value, *needles)
 
 
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_the_sharded_loader_train_py_uses_keeps_the_same_promise(gpt2_dir, tmp_path, case):
+    """train.py loads through `sharded_load` (straight into shards), not `load_pretrained`: same files, same
+    one-line errors."""
+    from prefix_jax import sharding
+    from prefix_jax.models import sharded_load
+
+    _, breakage, needles = case
+    model = copy_model(gpt2_dir, tmp_path)
+    breakage(model)
+    with pytest.raises(ValueError) as info:
+        sharded_load.load_sharded(str(model), sharding.make_mesh())
+    assert isinstance(info.value, hub.ModelNotFoundError), type(info.value)
+    assert_one_line(info.value, *needles)
+
+
 def test_good_model_dir_and_sharded_copy_load_the_same(gpt2_dir, tmp_path):
     """The control for the table above (and: the sharded layout the table breaks is read right)."""
     import numpy as np

@@ -33,6 +33,15 @@ def _set(config, dotted: str, value) -> None:
     config[group][field] = value
 
 
+def _broken_model(tmp_path: Path, model_dir: Path, file: str, keep: int) -> str:
+    """A copy of `model_dir` with `file` cut to its first `keep` bytes (negative: all but the last -keep)."""
+    copy = tmp_path / "broken-model"
+    shutil.copytree(model_dir, copy)
+    raw = (copy / file).read_bytes()
+    (copy / file).write_bytes(raw[:keep])
+    return str(copy)
+
+
 def _file(tmp_path: Path, name: str, content: str | bytes) -> str:
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -71,6 +80,11 @@ CONFIG_CASES = [
     ("format", {"data.format": "xml"}, "data.format"),
     ("model-missing", {"model.name_or_path": lambda t, m: str(t / "no-model")}, "model.name_or_path"),
     ("model-no-config", {"model.name_or_path": lambda t, m: str(t)}, "config.json"),
+    # train.py loads through the sharded loader: the promises of the whole-file loader hold there too
+    ("model-truncated-weights", {"model.name_or_path": lambda t, m: _broken_model(t, m, "model.safetensors", -100)},
+     "model.safetensors: not a readable safetensors file"),
+    ("model-invalid-config", {"model.name_or_path": lambda t, m: _broken_model(t, m, "config.json", 20)},
+     "config.json: not valid JSON"),
     ("train-file-missing", {"data.data_files": lambda t, m: {"train": str(t / "x.csv"),
                                                            "validation": str(REPO / "data/e2e/devset.csv")}},
      "data.data_files.train"),

@@ -47,6 +47,16 @@ def architecture(model_type: str, field: str = "model.name_or_path") -> Any:
     return importlib.import_module(ARCHITECTURES[model_type])
 
 
+def read_config(model_dir: Path) -> tuple[Any, Any]:
+    """(our architecture module, transformers config) of a checkpoint directory; every loader asks this, so a bad
+    `config.json` is the same one-line error naming the file whichever loads it."""
+    model_type = hub.read_model_type(model_dir)  # config.json checked before transformers sees it
+    if model_type not in ARCHITECTURES:
+        raise hub.ModelFileError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported "
+                                 f"(supported: {sorted(ARCHITECTURES)}); point model.name_or_path at one of those.")
+    return architecture(model_type), hub.load_hf_config(model_dir)
+
+
 def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
                     **config_overrides: Any) -> PretrainedLM:
     """Loads a HF checkpoint (Hub id or local directory; safetensors only) as our model + params."""
@@ -54,12 +64,7 @@ def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dty
         if value is not None and value not in DTYPES:
             raise ValueError(f"{field}={value!r} is not supported; use one of {DTYPES}.")
     model_dir = hub.resolve_model_dir(name_or_path)
-    model_type = hub.read_model_type(model_dir)  # config.json checked before transformers sees it
-    if model_type not in ARCHITECTURES:
-        raise hub.ModelFileError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported "
-                                 f"(supported: {sorted(ARCHITECTURES)}); point model.name_or_path at one of those.")
-    arch = architecture(model_type)
-    hf_config = hub.load_hf_config(model_dir)
+    arch, hf_config = read_config(model_dir)
     known = {f.name for f in dataclasses.fields(arch.Config)}
     for field in config_overrides:
         if field not in known:
