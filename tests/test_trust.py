@@ -496,3 +496,14 @@ def test_an_existing_workdir_on_a_read_only_filesystem_is_refused_before_loading
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert last.startswith("error: train.workdir=") and "not writable" in last, last
     assert tree_digest(run) == before
+
+
+def test_an_eval_batch_that_does_not_split_names_train_eval_batch_size(tiny_t5_dir, tmp_path, monkeypatch):
+    from prefix_jax import sharding
+
+    monkeypatch.setattr(sharding, "batch_shards", lambda mesh: 2)  # as on 2 devices (the test process has one)
+    config = small_config(tiny_t5_dir, tmp_path / "run")
+    config.train.eval_batch_size = 7
+    with pytest.raises(ValueError, match=r"^train.eval_batch_size=7 must be a multiple of .* = 2\); use 6") as info:
+        trainer.run(config)
+    assert train_cli._is_ours(info.value) and not (tmp_path / "run").exists()
