@@ -529,7 +529,8 @@ def _table_to_text_from_hub(fmt: str, table: Any, split: str) -> list[Example]:
                 texts = (r.get("annotations") or {}).get("text") if isinstance(r.get("annotations"), dict) else None
                 if not isinstance(texts, list) or not texts:
                     raise DataError(f"{where}: field 'annotations' ({field}) has no 'text' list.")
-                targets = [text_field({"text": t}, "text", f"{where} annotation {i}", field) for i, t in enumerate(texts, 1)]
+                targets = [text_field({"text": t}, "text", f"{where} annotation {i}", field)
+                           for i, t in enumerate(texts, 1)]
             else:
                 targets = [text_field(r, "target", where, field)]
         else:  # webnlg: GEM/web_nlg gives `input` as ["s | r | o", ...]

@@ -188,7 +188,10 @@ def load_checkpoint_prefixes(workdir: str) -> Prefixes:
     finally:
         mngr.close()
     spec = prefix_lib.PrefixSpec.from_json(meta["prefix_spec"])
-    prefix = prefix_lib.materialize(state["params"], spec)
+    params = state["params"]
+    if spec.tasks and meta["prefix_spec"].get("task_layout") != prefix_lib.TASK_LAYOUT:  # the earlier {task: tree}
+        params = prefix_lib.stack_tasks([params[task] for task in spec.tasks])
+    prefix = prefix_lib.materialize(params, spec)
     tasks = list(spec.tasks) or [DEFAULT_TASK]
     return Prefixes(tasks, prefix, {workdir: meta}, bool(spec.tasks))
 

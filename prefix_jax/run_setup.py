@@ -205,7 +205,8 @@ def build(options: RunOptions) -> RunPlan:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(train_split)} training "
                           "examples; lower it.")
     eval_size = t.eval_batch_size or t.batch_size
-    sharding.check_batch_size(eval_size, mesh, field="train.eval_batch_size" if t.eval_batch_size else "train.batch_size")
+    sharding.check_batch_size(eval_size, mesh,
+                              field="train.eval_batch_size" if t.eval_batch_size else "train.batch_size")
     total = t.steps or math.ceil(t.epochs * train.steps_per_epoch)
     if total < 1:
         raise ConfigError(f"train.steps={t.steps} / train.epochs={t.epochs} give no step to run.")

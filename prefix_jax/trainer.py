@@ -146,8 +146,9 @@ def fresh_state(plan: RunPlan, tx: Any, *, fit_to_words: bool = True) -> train_s
                                                     prefix_options.init_fit_steps,
                                                     prefix_options.init_fit_learning_rate)
         if spec.tasks:
-            fitted = {task: init(params[task]) for task in spec.tasks}
-            params, report = {t: f[0] for t, f in fitted.items()}, {t: f[1] for t, f in fitted.items()}
+            fitted = [init(prefix_lib.task_params(params, spec, task)) for task in spec.tasks]
+            params = prefix_lib.stack_tasks([f[0] for f in fitted])
+            report = dict(zip(spec.tasks, (f[1] for f in fitted)))
         else:
             params, report = init(params)
         log.info("prefix initialised from %r: %s", prefix_options.init_text, report)

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -507,3 +508,40 @@ def test_an_eval_batch_that_does_not_split_names_train_eval_batch_size(tiny_t5_d
     with pytest.raises(ValueError, match=r"^train.eval_batch_size=7 must be a multiple of .* = 2\); use 6") as info:
         trainer.run(config)
     assert train_cli._is_ours(info.value) and not (tmp_path / "run").exists()
+
+
+def _lowered_step_size(lm, tasks: int) -> int:
+    from prefix_jax import optim
+
+    spec = prefix_lib.PrefixSpec(length=4, placements=("decoder",), geometry=lm.config.prefix_geometry(),
+                                 hidden_size=lm.config.hidden_size, mlp_hidden=16,
+                                 tasks=tuple(f"t{i}" for i in range(tasks)))
+    params = prefix_lib.init_params(spec, jax.random.key(0))
+    tx, schedule = optim.make_optimizer(params, learning_rate=1e-3, total_steps=10, warmup_steps=1,
+                                        weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0)
+    state = train_steps.init_state(params, tx, jax.random.key(1))
+    ones = np.ones((4, 8), np.int32)
+    batch = {"source_ids": ones, "source_mask": ones, "target_ids": ones, "target_mask": ones,
+             "task_ids": np.arange(4, dtype=np.int32)}
+    return len(train_steps.jit_train_step(lm.model, spec, tx, schedule).lower(state, lm.params, batch).as_text())
+
+
+def test_the_train_step_does_not_grow_with_the_number_of_tasks(tiny_gpt2_dir):
+    """The bank is data: T prefixes are one tree with a task axis, gathered per row, never a per-task op (1000
+    tasks used to compile for minutes at 12 GB)."""
+    from prefix_jax import prefix_bank
+    from prefix_jax.models import load_pretrained
+
+    lm = load_pretrained(str(tiny_gpt2_dir))
+    small, large = _lowered_step_size(lm, 4), _lowered_step_size(lm, 64)
+    assert large < 1.02 * small, (small, large)
+    # ... and the stacked bank is exactly the per-task prefixes stacked.
+    spec = prefix_lib.PrefixSpec(length=3, placements=("decoder",), geometry=lm.config.prefix_geometry(),
+                                 hidden_size=lm.config.hidden_size, mlp_hidden=16, tasks=("a", "b", "c"))
+    params = prefix_lib.init_params(spec, jax.random.key(2))
+    bank = prefix_lib.materialize(params, spec)
+    one = prefix_lib.single_task(spec)
+    per_task = prefix_bank.stack([prefix_lib.materialize(prefix_lib.task_params(params, spec, t), one)
+                                  for t in spec.tasks])
+    for got, want in zip(jax.tree.leaves(bank), jax.tree.leaves(per_task)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
