@@ -74,6 +74,7 @@ def main(argv: list[str]) -> int:
         config.train.workdir = str(Path("runs") / Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem)
     try:
         summary = trainer.run(config)
+        preemption.ignore_signals_after_done()  # a signal while the process winds down changes nothing
     except preemption.Preempted as e:
         logging.warning("%s", e)
         return preemption.EXIT_PREEMPTED

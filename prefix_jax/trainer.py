@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import signal
 import time
 from typing import Any
 
@@ -163,11 +164,22 @@ def run(config: Any) -> dict:
     """Trains a prefix as `config` says (or only evaluates it: `train.eval_only`); returns a summary.
 
     Raises `ValueError` subclasses for bad input (before anything is written), `NonFiniteError` when training
-    diverges (the last good checkpoint is kept), and `preemption.Preempted` after saving on SIGTERM/SIGINT.
+    diverges (the last good checkpoint is kept), and `preemption.Preempted` on SIGTERM/SIGINT (after saving the
+    step reached; or at once, before any step finished: see `preemption`).
     """
     options = run_options.from_config(config)  # the only read of `config`
+    with preemption.StopSignal() as stop:
+        summary = _run(options, stop)
+    if stop.received is not None:
+        log.warning("received %s after the last step: the run is complete", signal.Signals(stop.received).name)
+    return summary
+
+
+def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
+    """`run`, with `stop` catching signals throughout."""
     run_setup.start_processes(options.mesh)  # before anything touches a device, the tiny builder included
-    run_setup.prepare_offline_demo(options.model)
+    with stop.deferred():  # a signal does not leave a half-built tiny model
+        run_setup.prepare_offline_demo(options.model)
     plan = run_setup.build(options)
     c, spec = plan.options, plan.spec  # c: the config's groups, typed (run_options)
     is_main = jax.process_index() == 0
@@ -182,36 +194,38 @@ def run(config: Any) -> dict:
     resume = find_resume(plan, tx, meta)  # everything above only read; the lock is the first write
 
     lock = workdir_lib.WorkdirLock(plan.workdir) if is_main else None
-    if lock is not None:
-        lock.acquire()
-    closers: list[Any] = [lock.release] if lock is not None else []
+    closers: list[Any] = []
     try:
-        ckpt_dir = plan.workdir / "checkpoints"
-        mngr = checkpoint.manager(ckpt_dir, c.train.keep_checkpoints or None, read_only=c.train.eval_only)
-        closers.insert(0, mngr.close)
-        if mngr.latest_step() != (resume.latest_seen if resume else None):
-            raise ConfigError(f"train.workdir={str(plan.workdir)!r} changed while this run started (another run "
-                              "wrote to it); rerun the command.")
-        if resume is not None and resume.corrupt_steps and not c.train.eval_only and is_main:
-            checkpoint.set_aside(ckpt_dir, resume.corrupt_steps)
-            mngr.reload()
-        if is_main:
-            log.info("config:\n%s", c.config_text)
-            workdir_lib.record_run(plan.workdir, c.config, "eval_only" if c.train.eval_only else "train",
-                                   resume.step if resume else 0)
+        with stop.deferred():  # the workdir's first writes finish before a signal stops the run
+            if lock is not None:
+                lock.acquire()
+                closers.append(lock.release)
+            ckpt_dir = plan.workdir / "checkpoints"
+            mngr = checkpoint.manager(ckpt_dir, c.train.keep_checkpoints or None, read_only=c.train.eval_only)
+            closers.insert(0, mngr.close)
+            if mngr.latest_step() != (resume.latest_seen if resume else None):
+                raise ConfigError(f"train.workdir={str(plan.workdir)!r} changed while this run started (another "
+                                  "run wrote to it); rerun the command.")
+            if resume is not None and resume.corrupt_steps and not c.train.eval_only and is_main:
+                checkpoint.set_aside(ckpt_dir, resume.corrupt_steps)
+                mngr.reload()
+            if is_main:
+                log.info("config:\n%s", c.config_text)
+                workdir_lib.record_run(plan.workdir, c.config, "eval_only" if c.train.eval_only else "train",
+                                       resume.step if resume else 0)
         state = resume.state if resume is not None else fresh_state(plan, tx)
         if resume is not None:
             log.info("resumed from step %d", resume.step)
         writer = MetricsWriter(plan.workdir, enabled=is_main)
         closers.insert(0, writer.close)
-        return _loop(plan, state, tx, schedule, meta, mngr, writer, lock)
+        return _loop(plan, state, tx, schedule, meta, mngr, writer, lock, stop)
     finally:
         for close in closers:
             close()
 
 
 def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, meta: dict, mngr: Any,
-          writer: MetricsWriter, lock: workdir_lib.WorkdirLock | None) -> dict:
+          writer: MetricsWriter, lock: workdir_lib.WorkdirLock | None, stop: preemption.StopSignal) -> dict:
     """Steps, logs, evaluations, checkpoints and the export of one run, from `state` on."""
     c, spec, mesh = plan.options, plan.spec, plan.mesh  # c: the config's groups, typed (run_options)
     is_main = jax.process_index() == 0
@@ -255,7 +269,6 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
     progress = _progress(start, plan.total_steps, is_main)
     last_time, last_step, window = time.perf_counter(), start, []
     with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(preemption.StopSignal())
         # Batches are built and put on the devices by a background thread while earlier steps run.
         batches = prefetch.Prefetcher(lambda s: sharding.shard_batch(plan.train.train_batch(s), mesh), start, end,
                                       c.train.prefetch_depth)
@@ -263,6 +276,7 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
         for step, batch in batches:
             state, metrics = step_fn(state, lm_params, batch)
             done = step + 1
+            stop.immediate = False  # a step of this run finished: from now on a signal saves it first
             window.append(metrics)
             if done % c.train.log_every == 0 or done == end:
                 host = _summarize(jax.device_get(window), done - last_step, time.perf_counter() - last_time)
@@ -291,6 +305,7 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
             if done % c.train.save_every == 0 or done == end:
                 save(done)
     progress.close()
+    stop.immediate = False  # the last saves and the export finish; a signal now only ends a complete run
     mngr.wait_until_finished()
 
     if c.train.export and is_main and end == plan.total_steps:

@@ -545,3 +545,73 @@ def test_the_train_step_does_not_grow_with_the_number_of_tasks(tiny_gpt2_dir):
                                   for t in spec.tasks])
     for got, want in zip(jax.tree.leaves(bank), jax.tree.leaves(per_task)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_sigterm_before_the_first_step_stops_at_once_with_nothing_half_written(tiny_t5_dir, tmp_path, monkeypatch):
+    """A signal while the data is read (or the first step compiles) stops the run at once: exit 75's exception,
+    no checkpoint, the workdir's files whole; the same command then runs to the end."""
+    real_read = data.read_examples
+    real_jit = train_steps.jit_train_step
+
+    def read_then_signal(*args, **kwargs):
+        examples = real_read(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode, here
+        return examples
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(data, "read_examples", read_then_signal)
+    with pytest.raises(Preempted) as info:
+        trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))
+    assert info.value.step is None and not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+    monkeypatch.setattr(data, "read_examples", real_read)
+
+    def jit_then_signal(*args, **kwargs):
+        step = real_jit(*args, **kwargs)
+
+        def first_call(*a, **k):  # the signal comes while the first step is compiled
+            os.kill(os.getpid(), signal.SIGTERM)
+            return step(*a, **k)
+
+        return first_call
+
+    monkeypatch.setattr(train_steps, "jit_train_step", jit_then_signal)
+    with pytest.raises(Preempted, match="before this run finished a step"):
+        trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))
+    assert {p.name for p in (tmp_path / "run").iterdir()} - {"tensorboard"} == {".lock", "checkpoints", "config.json",
+                                                                                 "runs.jsonl"}
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+    json.loads((tmp_path / "run" / "config.json").read_text())
+    monkeypatch.setattr(train_steps, "jit_train_step", real_jit)
+    assert trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))["final_step"] == 6
+
+
+def test_a_signal_during_a_long_native_call_ends_the_process_with_75(tmp_path):
+    """The main thread in native code (as in an XLA compile) cannot run Python's handler: the watcher exits 75."""
+    code = ("import os, signal, threading, time, zlib\n"
+            "from prefix_jax.preemption import StopSignal\n"
+            "blob = os.urandom(300 << 20)\n"
+            "with StopSignal(grace_s=1.0):\n"
+            "    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+            "    began = time.monotonic()\n"
+            "    zlib.compress(blob, 9)  # seconds in C, never back in the interpreter\n"
+            "    print('native call ended after', time.monotonic() - began)\n")
+    began = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == EXIT_PREEMPTED and "native call ended" not in out.stdout, (out.stdout, out.stderr[-2000:])
+    assert "native call" in out.stderr and time.monotonic() - began < 60
+
+
+def test_sigterm_during_the_export_ends_a_complete_run(tiny_t5_dir, tmp_path, monkeypatch, caplog):
+    """After the last step a signal no longer stops anything half-way (it used to kill the process: 143)."""
+    real_export = trainer.export
+
+    def export_with_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "export", export_with_signal)
+    summary = trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))
+    assert summary["final_step"] == 6 and Path(summary["export"], prefix_lib.EXPORT_WEIGHTS).is_file()
+    assert "after the last step: the run is complete" in caplog.text
