@@ -267,9 +267,10 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
     """Loads the LM once and the prefixes, decodes every input row, writes jsonl, returns the scores."""
     import jax
 
-    from prefix_jax import data, text_metrics, models, prefix_bank, trainer
+    from prefix_jax import data, log_filters, text_metrics, models, prefix_bank, trainer
     from prefix_jax.generate import make_generate_fn
 
+    log_filters.install()
     c = config
     if bool(c.prefixes) == bool(c.checkpoint):
         raise PredictError("set exactly one of prefixes= (exported prefix directories) or checkpoint= (a workdir).")

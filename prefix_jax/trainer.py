@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import signal
+import sys
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 
 from prefix_jax import checkpoint, data, evaluation, optim, partitioning, preemption, prefetch, run_options
-from prefix_jax import run_setup, sharding, train_steps
+from prefix_jax import log_filters, run_setup, sharding, train_steps
 from prefix_jax import workdir as workdir_lib
 from prefix_jax.config_checks import ConfigError
 from prefix_jax import prefix as prefix_lib
@@ -168,6 +169,7 @@ def run(config: Any) -> dict:
     step reached; or at once, before any step finished: see `preemption`).
     """
     options = run_options.from_config(config)  # the only read of `config`
+    log_filters.install()
     with preemption.StopSignal() as stop:
         summary = _run(options, stop)
     if stop.received is not None:
@@ -218,10 +220,17 @@ def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
             log.info("resumed from step %d", resume.step)
         writer = MetricsWriter(plan.workdir, enabled=is_main)
         closers.insert(0, writer.close)
-        return _loop(plan, state, tx, schedule, meta, mngr, writer, lock, stop)
+        summary = _loop(plan, state, tx, schedule, meta, mngr, writer, lock, stop)
     finally:
+        failed = sys.exc_info()[1] is not None
         for close in closers:
-            close()
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - after a failure (a full disk) the first error is the one to report
+                if not failed:
+                    raise
+                log.warning("while stopping after an error: %s: %s", type(e).__name__, e)
+    return summary
 
 
 def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, meta: dict, mngr: Any,
@@ -268,45 +277,46 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
 
     progress = _progress(start, plan.total_steps, is_main)
     last_time, last_step, window = time.perf_counter(), start, []
-    with contextlib.ExitStack() as stack:
-        # Batches are built and put on the devices by a background thread while earlier steps run.
-        batches = prefetch.Prefetcher(lambda s: sharding.shard_batch(plan.train.train_batch(s), mesh), start, end,
-                                      c.train.prefetch_depth)
-        stack.enter_context(batches)
-        for step, batch in batches:
-            state, metrics = step_fn(state, lm_params, batch)
-            done = step + 1
-            stop.immediate = False  # a step of this run finished: from now on a signal saves it first
-            window.append(metrics)
-            if done % c.train.log_every == 0 or done == end:
-                host = _summarize(jax.device_get(window), done - last_step, time.perf_counter() - last_time)
-                last_time, last_step, window = time.perf_counter(), done, []
-                writer.write(done, host)
-                if host["skipped_steps"]:
-                    log.warning("step %d: %d of the last %d steps had a non-finite loss or update and were "
-                                "skipped", done, host["skipped_steps"], host["steps"])
-                check_streak(done)
-                if "train_loss" in host:
-                    progress.set_postfix(loss=f"{host['train_loss']:.4f}", refresh=False)
-                    summary["train_loss"] = host["train_loss"]
-                if lock is not None:
-                    lock.heartbeat()
-            if plan.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
-                                           or done == plan.total_steps):
-                result = evaluate(plan, done, state.params, lm_params, eval_fn, generate_fn)
-                writer.write(done, result)
-                summary.update({k: float(v) for k, v in result.items()})
-            progress.update(1)
-            if stop.should_stop(done):
-                save(done)
-                mngr.wait_until_finished()
-                progress.close()
-                raise preemption.Preempted(done)
-            if done % c.train.save_every == 0 or done == end:
-                save(done)
-    progress.close()
+    try:
+        with contextlib.ExitStack() as stack:
+            # Batches are built and put on the devices by a background thread while earlier steps run.
+            batches = prefetch.Prefetcher(lambda s: sharding.shard_batch(plan.train.train_batch(s), mesh), start,
+                                          end, c.train.prefetch_depth)
+            stack.enter_context(batches)
+            for step, batch in batches:
+                state, metrics = step_fn(state, lm_params, batch)
+                done = step + 1
+                stop.immediate = False  # a step of this run finished: from now on a signal saves it first
+                window.append(metrics)
+                if done % c.train.log_every == 0 or done == end:
+                    host = _summarize(jax.device_get(window), done - last_step, time.perf_counter() - last_time)
+                    last_time, last_step, window = time.perf_counter(), done, []
+                    writer.write(done, host)
+                    if host["skipped_steps"]:
+                        log.warning("step %d: %d of the last %d steps had a non-finite loss or update and were "
+                                    "skipped", done, host["skipped_steps"], host["steps"])
+                    check_streak(done)
+                    if "train_loss" in host:
+                        progress.set_postfix(loss=f"{host['train_loss']:.4f}", refresh=False)
+                        summary["train_loss"] = host["train_loss"]
+                    if lock is not None:
+                        lock.heartbeat()
+                if plan.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
+                                               or done == plan.total_steps):
+                    result = evaluate(plan, done, state.params, lm_params, eval_fn, generate_fn)
+                    writer.write(done, result)
+                    summary.update({k: float(v) for k, v in result.items()})
+                progress.update(1)
+                if stop.should_stop(done):
+                    save(done)
+                    checkpoint.wait(mngr)
+                    raise preemption.Preempted(done)
+                if done % c.train.save_every == 0 or done == end:
+                    save(done)
+    finally:
+        progress.close()  # ends the bar's line: an error prints on a line of its own
     stop.immediate = False  # the last saves and the export finish; a signal now only ends a complete run
-    mngr.wait_until_finished()
+    checkpoint.wait(mngr)
 
     if c.train.export and is_main and end == plan.total_steps:
         summary["export"] = export(plan, state.params, meta)

@@ -615,3 +615,54 @@ def test_sigterm_during_the_export_ends_a_complete_run(tiny_t5_dir, tmp_path, mo
     summary = trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))
     assert summary["final_step"] == 6 and Path(summary["export"], prefix_lib.EXPORT_WEIGHTS).is_file()
     assert "after the last step: the run is complete" in caplog.text
+
+
+def test_a_full_disk_during_a_save_is_one_line_keeps_the_last_good_step_and_no_temp(tiny_t5_dir, tmp_path,
+                                                                                   monkeypatch):
+    """Orbax's failure (an OSError ENOSPC wrapped in its own errors, a temp directory left) as it comes out of a
+    full disk; then, with space again, the same command resumes from the kept step."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step >= 6:
+            (Path(self.directory) / f"{step}.orbax-checkpoint-tmp-1234").mkdir()
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as disk:
+                raise RuntimeError("tensorstore write failed") from disk
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    run = tmp_path / "run"
+    with pytest.raises(checkpoint.CheckpointWriteError) as info:
+        trainer.run(small_config(tiny_t5_dir, run))
+    message = str(info.value)
+    assert train_cli._is_ours(info.value) and "\n" not in message, message
+    assert "step 6" in message and "No space left on device" in message and "steps [3] were kept" in message
+    assert checkpoint.manager(run / "checkpoints", read_only=True).all_steps() == [3]
+    assert not list((run / "checkpoints").glob("*tmp*"))
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    summary = trainer.run(small_config(tiny_t5_dir, run))
+    assert summary["start_step"] == 3 and summary["final_step"] == 6
+
+
+def test_false_library_warnings_are_silenced_and_true_ones_kept(tmp_path, caplog):
+    import logging
+
+    from prefix_jax import log_filters
+
+    log_filters.install()
+    caplog.set_level("INFO")
+    checkpoint.manager(tmp_path / "checkpoints", read_only=True).close()  # Orbax: "Given directory is read only"
+    bridge = logging.getLogger("jax._src.xla_bridge")
+    bridge.info("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so: cannot open "
+                "shared object file: No such file or directory")  # a CPU host: no libtpu at all
+    bridge.info("Unable to initialize backend 'tpu': INTERNAL: the TPU is already in use by process 7")  # true
+    logging.getLogger("absl").error("Save Finalize thread failed: No space left on device")  # said in one line
+    logging.getLogger("absl").error("something else broke")
+    assert "read only" not in caplog.text and "libtpu.so" not in caplog.text and "No space" not in caplog.text
+    assert "already in use by process 7" in caplog.text and "something else broke" in caplog.text
