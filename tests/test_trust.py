@@ -60,6 +60,7 @@ CONFIG_CASES = [
     ("wd-negative", {"optim.weight_decay": -0.1}, "optim.weight_decay"),
     ("clip-negative", {"optim.max_grad_norm": -1.0}, "optim.max_grad_norm"),
     ("frozen-regex", {"optim.frozen": ("[",)}, "optim.frozen"),
+    ("frozen-matches-nothing", {"optim.frozen": ("mlp_inn",)}, "optim.frozen has 'mlp_inn', which matches no"),
     ("save-every-0", {"train.save_every": 0}, "train.save_every"),
     ("log-every-0", {"train.log_every": 0}, "train.log_every"),
     ("stop-at-negative", {"train.stop_at": -1}, "train.stop_at"),
@@ -666,3 +667,11 @@ def test_false_library_warnings_are_silenced_and_true_ones_kept(tmp_path, caplog
     logging.getLogger("absl").error("something else broke")
     assert "read only" not in caplog.text and "libtpu.so" not in caplog.text and "No space" not in caplog.text
     assert "already in use by process 7" in caplog.text and "something else broke" in caplog.text
+
+
+def test_an_override_below_a_missing_field_names_the_flag():
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/t5_offline.py"),
+                          "--config.train.foo.bar=1"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PREFIX_JAX_HUGE_PAGES": "0"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: --config.train.foo.bar: the config has no field 'foo'"
