@@ -180,9 +180,11 @@ def run(config: Any) -> dict:
 def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
     """`run`, with `stop` catching signals throughout."""
     run_setup.start_processes(options.mesh)  # before anything touches a device, the tiny builder included
-    with stop.deferred():  # a signal does not leave a half-built tiny model
-        run_setup.prepare_offline_demo(options.model)
-    plan = run_setup.build(options)
+    def offline_demo() -> None:  # after the data is read: a run refused for its data builds nothing
+        with stop.deferred():  # a signal does not leave a half-built tiny model
+            run_setup.prepare_offline_demo(options.model)
+
+    plan = run_setup.build(options, before_lm=offline_demo)
     c, spec = plan.options, plan.spec  # c: the config's groups, typed (run_options)
     is_main = jax.process_index() == 0
 

@@ -675,3 +675,16 @@ def test_an_override_below_a_missing_field_names_the_flag():
                          env={**os.environ, "PREFIX_JAX_HUGE_PAGES": "0"})
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "error: --config.train.foo.bar: the config has no field 'foo'"
+
+
+def test_a_demo_run_refused_for_its_data_builds_no_model(tmp_path):
+    """The offline demo's tiny model is built only after the data (and the workdir) passed their checks."""
+    from configs import t5_offline
+
+    config = t5_offline.get_config()
+    config.model.name_or_path = str(tmp_path / "artifacts" / "tiny-t5")
+    config.train.workdir = str(tmp_path / "run")
+    config.data.data_files = {"train": str(tmp_path / "missing.csv"), "validation": str(tmp_path / "missing.csv")}
+    with pytest.raises(data.DataError, match="data.data_files"):
+        trainer.run(config)
+    assert list(tmp_path.iterdir()) == []
