@@ -32,9 +32,11 @@ def _one_line(message: str) -> str:
 def _config_error(error: BaseException, argv: list[str]) -> str:
     """A one-line explanation of a --config flag that could not be used."""
     text = str(error)
-    if isinstance(error, AttributeError) and text.startswith("'"):  # an override of a field the config lacks
+    if isinstance(error, KeyError) and error.args:  # an override below a field the config lacks (a.b.c=1)
+        text = f"'{error.args[0]}'"
+    if isinstance(error, (AttributeError, KeyError)) and text.startswith("'"):  # a field the config lacks
         field = re.findall(r"[A-Za-z_]\w*", text)[0]
-        flag = next((a.split("=")[0] for a in argv if re.search(rf"\.{re.escape(field)}(=|$)", a)), field)
+        flag = next((a.split("=")[0] for a in argv if re.search(rf"\.{re.escape(field)}(\.|=|$)", a)), field)
         hint = re.search(r'Did you mean "([^"]+)"', text)
         return f"{flag}: the config has no field {field!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
     if "No such file" in text or isinstance(error, FileNotFoundError):
@@ -74,6 +76,7 @@ def main(argv: list[str]) -> int:
         config.train.workdir = str(Path("runs") / Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem)
     try:
         summary = trainer.run(config)
+        preemption.ignore_signals_after_done()  # a signal while the process winds down changes nothing
     except preemption.Preempted as e:
         logging.warning("%s", e)
         return preemption.EXIT_PREEMPTED

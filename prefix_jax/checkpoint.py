@@ -11,11 +11,14 @@ previous step when the latest is unreadable or corrupt.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
+import os
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -37,6 +40,62 @@ class CheckpointMismatchError(ValueError):
 
 class NoGoodCheckpointError(ValueError):
     """Every checkpoint of a workdir failed to restore or to verify."""
+
+
+class CheckpointWriteError(ValueError):
+    """The disk refused a checkpoint (full, over quota, read-only): the partial step is removed, earlier ones kept."""
+
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+# How tensorstore (under Orbax) words them: a ValueError "RESOURCE_EXHAUSTED: ... No space left on device".
+DISK_FULL_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                   "Read-only file system": errno.EROFS}
+
+
+def disk_error(e: BaseException | None) -> OSError | None:
+    """The OSError of a full / read-only disk somewhere in `e`'s chain (Orbax wraps it several times)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            return e
+        for words, number in DISK_FULL_WORDS.items():
+            if words in str(e):
+                return OSError(number, words)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(mngr: ocp.CheckpointManager, step: int | None) -> Iterator[None]:
+    """Turns a full or read-only disk during a save (or while waiting for one) into one `CheckpointWriteError`,
+    after removing the partial step (`*.orbax-checkpoint-tmp*`); the steps saved before it are kept."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the disk's
+        cause = disk_error(e)
+        if cause is None:
+            raise
+        with contextlib.suppress(Exception):  # let Orbax's background writes end before their directory goes
+            mngr.wait_until_finished()
+        directory = epath.Path(mngr.directory)
+        partials = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
+        for partial in partials:
+            with contextlib.suppress(OSError):
+                partial.rmtree()
+        failed = sorted({p.name.split(".")[0] for p in partials}) or ([str(step)] if step is not None else [])
+        kept = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        raise CheckpointWriteError(
+            f"saving checkpoint step {' / '.join(failed) or '(pending)'} in {directory} failed: "
+            f"{os.strerror(cause.errno) if cause.errno else cause}; the partial step was removed and "
+            f"{'steps ' + str(kept) + ' were' if kept else 'no earlier step was'} kept. Free space (or make "
+            "the disk writable) and rerun the same command to resume.") from None
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """`mngr.wait_until_finished()`, a full disk reported as one `CheckpointWriteError`."""
+    with disk_errors(mngr, None):
+        mngr.wait_until_finished()
 
 
 def manager(directory: str | epath.PathLike, max_to_keep: int | None = 3, read_only: bool = False
@@ -84,7 +143,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[str, 
         raise ValueError(f"refusing to save a non-finite train state at step {step}; the last good checkpoint "
                          "was kept.")
     meta = {**meta, "state_digest": state_digest(state)}
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    with disk_errors(mngr, step):
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:

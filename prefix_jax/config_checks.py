@@ -135,13 +135,20 @@ def is_remote(path: str) -> bool:
 
 
 def check_workdir(workdir: str) -> None:
-    """The workdir is a directory, or can be made one (its nearest existing ancestor is a writable directory)."""
+    """The workdir is a writable directory whose run files are not links out of it, or can be made one (its
+    nearest existing ancestor is a writable directory)."""
     if is_remote(workdir):
         return
     path = Path(workdir).expanduser().absolute()
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"train.workdir={workdir!r} is a file, not a directory; choose another path.")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"train.workdir={workdir!r} is not writable (a read-only filesystem, or no permission); "
+                              "a run writes its lock, metrics and checkpoints there: choose another train.workdir.")
+        from prefix_jax import workdir as workdir_lib
+
+        workdir_lib.check_run_files(path)
         return
     parent = path.parent
     while not parent.exists():

@@ -72,7 +72,7 @@ class Table:
     rows: Iterable[tuple[str, Mapping[str, Any]]]
 
 
-def _text(record: Mapping[str, Any], key: str, where: str, field: str) -> str:
+def text_field(record: Mapping[str, Any], key: str, where: str, field: str) -> str:
     """`record[key]` if it is non-empty text; otherwise an error naming the row and the config field."""
     if key not in record:
         raise DataError(f"{where}: has no field {key!r} ({field}); add it to every row or set {field}.")
@@ -100,7 +100,8 @@ def _group_references(pairs: Sequence[tuple[str, str]], tasks: Sequence[str] | N
     return [Example(source, target, tuple(refs[task, source]), task) for (source, target), task in zip(pairs, tasks)]
 
 
-def _decode(raw: bytes, origin: str) -> str:
+def decode_text(raw: bytes, origin: str) -> str:
+    """UTF-8 text (a BOM dropped), or an error naming `origin` and the line of the first bad byte."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -114,7 +115,7 @@ def _decode(raw: bytes, origin: str) -> str:
     return text
 
 
-def _json_lines(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]:
+def json_lines(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]:
     rows = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
@@ -145,7 +146,7 @@ def _json_records(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]
         document = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # more than one document: JSON Lines in a .json file
-            return _json_lines(text, origin)
+            return json_lines(text, origin)
         return _json_document(text, origin)  # raises, naming line and column
     if isinstance(document, dict):  # a single object: one row
         return [("record 1", document)]
@@ -158,13 +159,17 @@ def _json_records(text: str, origin: str) -> list[tuple[str, Mapping[str, Any]]]
     return [(f"record {number}", record) for number, record in enumerate(document, 1)]
 
 
-def _csv_records(text: str, origin: str) -> tuple[list[str], list[tuple[str, Mapping[str, Any]]]]:
+def csv_records(text: str, origin: str) -> tuple[list[str], list[tuple[str, Mapping[str, Any]]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     rows = []
     try:
         columns = list(reader.fieldnames or [])
         if not columns or not any(c.strip() for c in columns):
             raise DataError(f"{origin}: has no header row; the first line must name the columns.")
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise DataError(f"{origin}: the header names column {twice[0]!r} more than once (only the last would be "
+                            "read); rename or drop the extra column.")
         for number, record in enumerate(reader, 1):
             where = f"row {number} (line {reader.line_num})"
             if None in record:
@@ -204,13 +209,13 @@ def read_local_table(path: Path, origin: str) -> Table:
     if suffix == ".parquet":
         columns, rows = _parquet_records(path, origin)
     else:
-        text = _decode(path.read_bytes(), origin)
+        text = decode_text(path.read_bytes(), origin)
         if not text.strip():
             raise DataError(f"{origin}: the file is empty.")
         if suffix == ".csv":
-            columns, rows = _csv_records(text, origin)
+            columns, rows = csv_records(text, origin)
         else:
-            rows = _json_lines(text, origin) if suffix == ".jsonl" else _json_records(text, origin)
+            rows = json_lines(text, origin) if suffix == ".jsonl" else _json_records(text, origin)
             columns = list(rows[0][1]) if rows else []
     if not rows:
         raise DataError(f"{origin}: has no rows.")
@@ -225,6 +230,9 @@ def _local(files: Mapping[str, str], split: str) -> tuple[Path, str]:
     origin = f"data.data_files.{split}={str(files[split])!r}"
     if path.is_dir():
         raise DataError(f"{origin}: is a directory; give the file ({', '.join(LOCAL_SUFFIXES)}).")
+    if path.exists() and not path.is_file():
+        raise DataError(f"{origin}: is not a regular file (a named pipe, socket or device); a split is read more than "
+                        "once, so write the data to a file first.")
     if not path.is_file():
         raise DataError(f"{origin}: no such file.")
     return path, origin
@@ -241,8 +249,8 @@ def _e2e_examples(table: Table) -> list[Example]:
     pairs = []
     for where, r in table.rows:
         where = f"{table.origin} {where}"
-        pairs.append((_e2e_source(_text(r, "mr", where, "data.format='e2e'"), where),
-                      _text(r, "ref", where, "data.format='e2e'").strip()))
+        pairs.append((_e2e_source(text_field(r, "mr", where, "data.format='e2e'"), where),
+                      text_field(r, "ref", where, "data.format='e2e'").strip()))
     return _group_references(pairs)
 
 
@@ -269,7 +277,7 @@ def read_dart_json(path: str | Path, origin: str | None = None) -> list[Example]
     path = Path(path)
     if path.stat().st_size == 0:
         raise DataError(f"{origin}: the file is empty.")
-    records = _json_document(_decode(path.read_bytes(), origin), origin)
+    records = _json_document(decode_text(path.read_bytes(), origin), origin)
     if not isinstance(records, list) or not records:
         raise DataError(f"{origin}: expected a non-empty JSON list of DART records {{tripleset, annotations}}.")
     pairs = []
@@ -281,7 +289,7 @@ def read_dart_json(path: str | Path, origin: str | None = None) -> list[Example]
         annotations = record.get("annotations")
         if not isinstance(annotations, list) or not annotations or not all(isinstance(a, dict) for a in annotations):
             raise DataError(f"{where}: field 'annotations' must be a non-empty list of {{\"text\": ...}} objects.")
-        pairs.extend((source, _text(a, "text", f"{where} annotation {i}", "data.format='dart'").strip())
+        pairs.extend((source, text_field(a, "text", f"{where} annotation {i}", "data.format='dart'").strip())
                      for i, a in enumerate(annotations, 1))
     return _group_references(pairs)
 
@@ -461,12 +469,40 @@ def _examples_of(fmt: str, table: Table, data: Any) -> list[Example]:
     if task_field and task_field not in table.columns:
         raise DataError(f"{table.origin}: has no column {task_field!r} (data.task_field); it has {table.columns}.")
     rows = list(table.rows)
-    tasks = [_text(r, task_field, f"{table.origin} {where}", "data.task_field").strip()
-             for where, r in rows] if task_field else None
+    tasks = _task_names(table.origin, rows, task_field) if task_field else None
     return _group_references([
-        (_text(r, data.source_field, f"{table.origin} {where}", "data.source_field"),
-         _text(r, data.target_field, f"{table.origin} {where}", "data.target_field").strip())
+        (text_field(r, data.source_field, f"{table.origin} {where}", "data.source_field"),
+         text_field(r, data.target_field, f"{table.origin} {where}", "data.target_field").strip())
         for where, r in rows], tasks)
+
+
+# A task name becomes a directory (`export/<task>/`): a portable file name, never a path.
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_task_name(name: str, where: str) -> None:
+    """Refuses a task name that is not a plain directory name (`..`, `a/b`, `/abs`, empty, odd characters)."""
+    if not TASK_NAME.fullmatch(name):
+        raise DataError(f"{where}: task name {name[:60]!r} (data.task_field) becomes the directory export/<task>/, so "
+                        "it must be 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit; "
+                        "rename the task.")
+
+
+def _task_names(origin: str, rows: Sequence[tuple[str, Mapping[str, Any]]], task_field: str) -> list[str]:
+    """Each row's task, checked as a directory name and distinct from the others after case folding (two
+    tasks `Foo` and `foo` would share one directory on a case-insensitive filesystem)."""
+    tasks, first_seen = [], {}
+    for where, r in rows:
+        at = f"{origin} {where}"
+        name = text_field(r, task_field, at, "data.task_field").strip()
+        check_task_name(name, at)
+        other = first_seen.setdefault(name.casefold(), (name, where))
+        if other[0] != name:
+            raise DataError(f"{at}: task {name!r} (data.task_field) differs from task {other[0]!r} ({other[1]}) only "
+                            "in letter case, and both would share one export directory on a case-insensitive "
+                            "filesystem; spell them the same or rename one.")
+        tasks.append(name)
+    return tasks
 
 
 def _table_to_text_from_hub(fmt: str, table: Any, split: str) -> list[Example]:
@@ -485,24 +521,25 @@ def _table_to_text_from_hub(fmt: str, table: Any, split: str) -> list[Example]:
     for where, r in table.rows:
         where = f"{table.origin} {where}"
         if fmt == "e2e":
-            source = _e2e_source(_text(r, "meaning_representation", where, field), where)
-            targets = [_text(r, "human_reference" if "human_reference" in cols else "target", where, field)]
+            source = _e2e_source(text_field(r, "meaning_representation", where, field), where)
+            targets = [text_field(r, "human_reference" if "human_reference" in cols else "target", where, field)]
         elif fmt == "dart":
             source = _triples(r.get("tripleset"), where, "tripleset")
             if "annotations" in cols:
                 texts = (r.get("annotations") or {}).get("text") if isinstance(r.get("annotations"), dict) else None
                 if not isinstance(texts, list) or not texts:
                     raise DataError(f"{where}: field 'annotations' ({field}) has no 'text' list.")
-                targets = [_text({"text": t}, "text", f"{where} annotation {i}", field) for i, t in enumerate(texts, 1)]
+                targets = [text_field({"text": t}, "text", f"{where} annotation {i}", field)
+                           for i, t in enumerate(texts, 1)]
             else:
-                targets = [_text(r, "target", where, field)]
+                targets = [text_field(r, "target", where, field)]
         else:  # webnlg: GEM/web_nlg gives `input` as ["s | r | o", ...]
             triples = r.get("input")
             if not isinstance(triples, list) or not triples or not all(isinstance(t, str) for t in triples):
                 raise DataError(f"{where}: field 'input' ({field}) must be a non-empty list of 's | r | o' strings; "
                                 f"it is {str(triples)[:60]!r}.")
             source = linearize_triples([t.split(" | ") for t in triples])
-            targets = [_text(r, "target", where, field)]
+            targets = [text_field(r, "target", where, field)]
         pairs.extend((source, t.strip()) for t in targets)
     return _group_references(pairs)
 
@@ -581,22 +618,51 @@ def check_tokenizer(tokenizer: Any, what: str, fix: str) -> None:
 
 
 def tokenize(examples: Sequence[Example], tokenizer: Any, max_source_length: int, max_target_length: int,
-             encoder_decoder: bool, source_prefix: str = "", target_prefix: str = "") -> TokenizedSplit:
-    """Source and target ids, truncated. Encoder-decoders get the tokenizer's special tokens (T5: `</s>`,
-    BART: `<s> ... </s>`); decoder-only targets end with EOS (the separator is added by the model)."""
+             encoder_decoder: bool, source_prefix: str = "", target_prefix: str = "", name: str = "") -> TokenizedSplit:
+    """Source and target ids, truncated (with `name`, how many were cut is logged). Encoder-decoders get the
+    tokenizer's special tokens (T5: `</s>`, BART: `<s> ... </s>`); decoder-only targets end with EOS (the
+    separator is added by the model)."""
     sources = [source_prefix + e.source for e in examples]
     targets = [target_prefix + e.target for e in examples]
     if encoder_decoder:
-        src = tokenizer(sources, truncation=True, max_length=max_source_length)["input_ids"]
-        tgt = tokenizer(targets, truncation=True, max_length=max_target_length)["input_ids"]
+        src_full = tokenizer(sources)["input_ids"]
+        tgt_full = tokenizer(targets)["input_ids"]
+        src = _truncated(tokenizer, sources, src_full, max_source_length)
+        tgt = _truncated(tokenizer, targets, tgt_full, max_target_length)
     else:
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no eos token; decoder-only targets need one to end generation.")
-        src = [ids[:max_source_length] for ids in
-               tokenizer(sources, add_special_tokens=False)["input_ids"]]
-        tgt = [ids[:max_target_length - 1] + [tokenizer.eos_token_id] for ids in
-               tokenizer(targets, add_special_tokens=False)["input_ids"]]
+        src_full = tokenizer(sources, add_special_tokens=False)["input_ids"]
+        tgt_full = [ids + [tokenizer.eos_token_id] for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
+        src = [ids[:max_source_length] for ids in src_full]
+        tgt = [_cut(ids, max_target_length) for ids in tgt_full]
+    if name:
+        for what, full, limit, field in (("sources", src_full, max_source_length, "data.max_source_length"),
+                                         ("targets", tgt_full, max_target_length, "data.max_target_length")):
+            cut = sum(len(ids) > limit for ids in full)
+            if cut:
+                logging.getLogger("prefix_jax").warning(
+                    "%s: %d of %d %s are longer than %s=%d tokens and were truncated (the longest has %d)", name, cut,
+                    len(full), what, field, limit, max(len(ids) for ids in full))
     return TokenizedSplit(list(src), list(tgt), list(examples))
+
+
+def _cut(ids: Sequence[int], limit: int) -> list[int]:
+    """`ids` cut to `limit` tokens, keeping the last one (the EOS the sequence ends with)."""
+    ids = list(ids)
+    return ids if len(ids) <= limit else ids[:limit - 1] + ids[-1:]
+
+
+def _truncated(tokenizer: Any, texts: Sequence[str], full: Sequence[list[int]], limit: int) -> list[list[int]]:
+    """`full` with the rows longer than `limit` tokenized again by the tokenizer's own truncation (which keeps
+    its special tokens)."""
+    long = [i for i, ids in enumerate(full) if len(ids) > limit]
+    out = [list(ids) for ids in full]
+    if long:
+        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=limit)["input_ids"]
+        for i, ids in zip(long, cut):
+            out[i] = list(ids)
+    return out
 
 
 # --- Batching ---

@@ -44,7 +44,13 @@ def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
             compiled.append(re.compile(p))
         except re.error as e:
             raise ValueError(f"optim.frozen has an invalid regex {p!r}: {e}") from None
-    return jax.tree.map(lambda name: any(c.search(name) for c in compiled), path_names(params))
+    names = path_names(params)
+    every = jax.tree.leaves(names)
+    for pattern in compiled:
+        if not any(pattern.search(name) for name in every):  # a typo would silently freeze nothing
+            raise ValueError(f"optim.frozen has {pattern.pattern!r}, which matches no trainable parameter; the paths "
+                             f"are {every[:8]}{' ...' if len(every) > 8 else ''}.")
+    return jax.tree.map(lambda name: any(c.search(name) for c in compiled), names)
 
 
 def make_optimizer(params: Any, *, learning_rate: float, total_steps: int, warmup_steps: int = 0,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ class PrefixSpec:
     dropout: float = 0.0
     init: str = "normal"
     tie: tuple[tuple[str, ...], ...] = ()  # groups of placements sharing one set of parameters
-    tasks: tuple[str, ...] = ()  # multi-task: one prefix per task (params keyed by task), used as a prefix bank
+    tasks: tuple[str, ...] = ()  # multi-task: one prefix per task (each param leaf gets a leading task axis)
 
     def __post_init__(self) -> None:
         if self.tasks and (self.method == "embedding_only" or len(set(self.tasks)) != len(self.tasks)):
@@ -113,6 +113,8 @@ class PrefixSpec:
         d["placements"] = list(self.placements)
         d["tie"] = [list(g) for g in self.tie]
         d["geometry"] = {k: dataclasses.asdict(v) for k, v in self.geometry.items()}
+        if self.tasks:  # checkpoints of the earlier layout ({task: params}) differ here, so resuming them is refused
+            d["task_layout"] = TASK_LAYOUT
         return d
 
     @classmethod
@@ -122,6 +124,7 @@ class PrefixSpec:
         d["tie"] = tuple(tuple(g) for g in d.get("tie", ()))
         d["tasks"] = tuple(d.get("tasks", ()))
         d["geometry"] = {k: StackGeometry(**v) for k, v in d["geometry"].items()}
+        d.pop("task_layout", None)
         return cls(**d)
 
 
@@ -146,13 +149,29 @@ def single_task(spec: PrefixSpec) -> PrefixSpec:
     return dataclasses.replace(spec, tasks=()) if spec.tasks else spec
 
 
+# Multi-task params are one task's tree with a leading task axis on every leaf (`[T, ...]`), so the program
+# (init, materialize, optimizer) does not grow with the number of tasks: the bank is data, not code.
+TASK_LAYOUT = "stacked"
+
+
+def task_params(params: Mapping[str, Any], spec: PrefixSpec, task: str) -> dict:
+    """The trainable params of one task of a multi-task spec (a single-task tree, for `single_task(spec)`)."""
+    index = spec.tasks.index(task)
+    return jax.tree.map(lambda x: x[index], params)
+
+
+def stack_tasks(per_task: Sequence[Mapping[str, Any]]) -> dict:
+    """Single-task trees, one per task in order -> the multi-task tree (leading task axis)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *per_task)
+
+
 def init_params(spec: PrefixSpec, rng: jax.Array) -> dict:
     """Random trainable params (float32), per `spec.init` ("words" starts random: see `prefix_init`).
 
-    Multi-task specs give `{task: params}`, each task its own draw."""
+    Multi-task specs give one task's tree with a leading task axis, task t drawn from split(rng, T)[t]."""
     if spec.tasks:
         one = single_task(spec)
-        return {task: init_params(one, key) for task, key in zip(spec.tasks, jax.random.split(rng, len(spec.tasks)))}
+        return jax.vmap(lambda key: init_params(one, key))(jax.random.split(rng, len(spec.tasks)))
     if spec.method == "embedding_only":
         emb = _virtual_tokens(rng, (spec.length, spec.hidden_size), spec.init)
         return {"prompt": {"embedding": jnp.zeros_like(emb) if spec.init == "zero" else emb}}
@@ -213,8 +232,12 @@ def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | No
         from prefix_jax import prefix_bank
 
         one = single_task(spec)
-        keys = jax.random.split(rng, len(spec.tasks)) if rng is not None else [None] * len(spec.tasks)
-        return prefix_bank.stack([materialize(params[t], one, k, deterministic) for t, k in zip(spec.tasks, keys)])
+        if rng is None:
+            per_task = jax.vmap(lambda p: materialize(p, one, None, deterministic))(params)
+        else:
+            keys = jax.random.split(rng, len(spec.tasks))
+            per_task = jax.vmap(lambda p, k: materialize(p, one, k, deterministic))(params, keys)
+        return prefix_bank.from_stacked(per_task)
     if spec.method == "embedding_only":
         embeds = params["prompt"]["embedding"]
         if spec.dropout and not deterministic:

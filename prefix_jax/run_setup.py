@@ -2,9 +2,10 @@
 
 `build(options) -> RunPlan`: mesh, frozen LM (straight into its shards), tokenizer, prefix spec, tokenized
 splits, batchers, step count, and what the workdir already holds; every size is checked here, before anything
-is written. It only reads. The two steps that come before it are separate calls, in this order:
-`start_processes` (multi-process runs join before JAX touches a device) and `prepare_offline_demo` (the one
-step that may write a model: the random tiny checkpoint `model.create_tiny` asks for).
+is written. It only reads, except through `before_lm`: the caller's `prepare_offline_demo` (the one step that
+may write a model: the random tiny checkpoint `model.create_tiny` asks for), called once the data and the
+workdir have been read and checked. `start_processes` (multi-process runs join before JAX touches a device)
+comes before it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from etils import epath
@@ -172,32 +173,38 @@ def check_packing(options: RunOptions, model_config: Any, spec: prefix_lib.Prefi
                           "would each need their own infix or prompt slots); set data.pack=False.")
 
 
-def build(options: RunOptions) -> RunPlan:
-    """Loads the LM, tokenizer and data and checks every size, before anything is written.
+def build(options: RunOptions, before_lm: Callable[[], None] = lambda: None) -> RunPlan:
+    """Reads the data and the workdir, then (after `before_lm()`: `prepare_offline_demo`, so that a run refused
+    for its data builds no model) loads the LM and tokenizer and checks every size, before anything is written.
 
-    Call `start_processes` (and, for `model.create_tiny`, `prepare_offline_demo`) first.
+    Call `start_processes` first.
     """
     o = options
+    d = o.data
+    eval_examples = _examples(d, d.eval_split, d.max_eval_examples) if d.eval_split else None
+    # Evaluating only: no need to read (and tokenize) the training data.
+    train_examples = None if o.train.eval_only else _examples(d, d.train_split, d.max_train_examples)
+    workdir = config_checks.workdir_path(o.train.workdir)
+    saved = read_saved(workdir)
+    before_lm()
     mesh = sharding.mesh_from_config(o.mesh)  # before the LM: it is loaded straight into its shards
     lm = load_lm(o.model, mesh, o.mesh.lm_partitioning)
     tokenizer = data.load_tokenizer(o.model.tokenizer or str(lm.model_dir),
                                     field="model.tokenizer" if o.model.tokenizer else "model.name_or_path")
     init_ids = init_text_ids(o.prefix, tokenizer)
     spec = prefix_spec(o.prefix, lm.config, init_ids)
-    workdir = config_checks.workdir_path(o.train.workdir)
-    saved = read_saved(workdir)
     encoder_decoder = lm.config.is_encoder_decoder
-    d = o.data
-    tokenize = lambda examples: data.tokenize(examples, tokenizer, d.max_source_length, d.max_target_length,
-                                              encoder_decoder, d.source_prefix, d.target_prefix)
-    eval_split = tokenize(_examples(d, d.eval_split, d.max_eval_examples)) if d.eval_split else None
-    # Evaluating only: no need to read (and tokenize) the training data.
-    train_split = eval_split if o.train.eval_only else tokenize(_examples(d, d.train_split, d.max_train_examples))
+    tokenize = lambda examples, split: data.tokenize(examples, tokenizer, d.max_source_length, d.max_target_length,
+                                                     encoder_decoder, d.source_prefix, d.target_prefix,
+                                                     name=f"split {split!r}")
+    eval_split = tokenize(eval_examples, d.eval_split) if eval_examples is not None else None
+    train_split = eval_split if train_examples is None else tokenize(train_examples, d.train_split)
     if d.task_field:
         spec = dataclasses.replace(spec, tasks=task_names(o, saved, train_split, eval_split))
         for split in (train_split, eval_split):
             if split is not None:
-                split.task_ids = [spec.tasks.index(e.task) for e in split.examples]
+                index = {task: i for i, task in enumerate(spec.tasks)}
+                split.task_ids = [index[e.task] for e in split.examples]
     widths = [data.padded_lengths(s, d.max_source_length, d.max_target_length)
               for s in (train_split, eval_split) if s is not None]
     source_width, target_width = max(w[0] for w in widths), max(w[1] for w in widths)
@@ -220,7 +227,8 @@ def build(options: RunOptions) -> RunPlan:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(train_split)} training "
                           "examples; lower it.")
     eval_size = t.eval_batch_size or t.batch_size
-    sharding.check_batch_size(eval_size, mesh)
+    sharding.check_batch_size(eval_size, mesh,
+                              field="train.eval_batch_size" if t.eval_batch_size else "train.batch_size")
     total = t.steps or math.ceil(t.epochs * train.steps_per_epoch)
     if total < 1:
         raise ConfigError(f"train.steps={t.steps} / train.epochs={t.epochs} give no step to run.")

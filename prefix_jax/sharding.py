@@ -113,7 +113,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return place(tree, replicated(mesh))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> int:
+def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1,
+                     field: str = "train.batch_size") -> int:
     """The per-process batch size; the global batch (and each micro-batch) must split evenly over its shards."""
     shards = batch_shards(mesh)
     if grad_accum_steps < 1:
@@ -122,7 +123,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
     if global_batch_size % unit:
         what = (f"the number of batch shards (mesh data x fsdp = {shards})" if grad_accum_steps == 1 else
                 f"train.grad_accum_steps x batch shards ({grad_accum_steps} x {shards})")
-        raise ValueError(f"train.batch_size={global_batch_size} must be a multiple of {what}; use "
+        raise ValueError(f"{field}={global_batch_size} must be a multiple of {what}; use "
                          f"{max(unit, global_batch_size - global_batch_size % unit)}.")
     if shards % jax.process_count():
         raise ValueError(f"mesh.shape={tuple(mesh.shape.values())}: data x fsdp = {shards} must be a multiple of the "

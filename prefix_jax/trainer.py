@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import signal
+import sys
 import time
 from typing import Any
 
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 
 from prefix_jax import checkpoint, data, evaluation, optim, partitioning, preemption, prefetch, run_options
-from prefix_jax import run_setup, sharding, train_steps
+from prefix_jax import log_filters, run_setup, sharding, train_steps
 from prefix_jax import workdir as workdir_lib
 from prefix_jax.config_checks import ConfigError
 from prefix_jax import prefix as prefix_lib
@@ -147,8 +149,9 @@ def fresh_state(plan: RunPlan, tx: Any, *, fit_to_words: bool = True) -> train_s
                                                     prefix_options.init_fit_steps,
                                                     prefix_options.init_fit_learning_rate)
         if spec.tasks:
-            fitted = {task: init(params[task]) for task in spec.tasks}
-            params, report = {t: f[0] for t, f in fitted.items()}, {t: f[1] for t, f in fitted.items()}
+            fitted = [init(prefix_lib.task_params(params, spec, task)) for task in spec.tasks]
+            params = prefix_lib.stack_tasks([f[0] for f in fitted])
+            report = dict(zip(spec.tasks, (f[1] for f in fitted)))
         else:
             params, report = init(params)
         log.info("prefix initialised from %r: %s", prefix_options.init_text, report)
@@ -163,12 +166,26 @@ def run(config: Any) -> dict:
     """Trains a prefix as `config` says (or only evaluates it: `train.eval_only`); returns a summary.
 
     Raises `ValueError` subclasses for bad input (before anything is written), `NonFiniteError` when training
-    diverges (the last good checkpoint is kept), and `preemption.Preempted` after saving on SIGTERM/SIGINT.
+    diverges (the last good checkpoint is kept), and `preemption.Preempted` on SIGTERM/SIGINT (after saving the
+    step reached; or at once, before any step finished: see `preemption`).
     """
     options = run_options.from_config(config)  # the only read of `config`
+    log_filters.install()
+    with preemption.StopSignal() as stop:
+        summary = _run(options, stop)
+    if stop.received is not None:
+        log.warning("received %s after the last step: the run is complete", signal.Signals(stop.received).name)
+    return summary
+
+
+def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
+    """`run`, with `stop` catching signals throughout."""
     run_setup.start_processes(options.mesh)  # before anything touches a device, the tiny builder included
-    run_setup.prepare_offline_demo(options.model)
-    plan = run_setup.build(options)
+    def offline_demo() -> None:  # after the data is read: a run refused for its data builds nothing
+        with stop.deferred():  # a signal does not leave a half-built tiny model
+            run_setup.prepare_offline_demo(options.model)
+
+    plan = run_setup.build(options, before_lm=offline_demo)
     c, spec = plan.options, plan.spec  # c: the config's groups, typed (run_options)
     is_main = jax.process_index() == 0
 
@@ -182,36 +199,45 @@ def run(config: Any) -> dict:
     resume = find_resume(plan, tx, meta)  # everything above only read; the lock is the first write
 
     lock = workdir_lib.WorkdirLock(plan.workdir) if is_main else None
-    if lock is not None:
-        lock.acquire()
-    closers: list[Any] = [lock.release] if lock is not None else []
+    closers: list[Any] = []
     try:
-        ckpt_dir = plan.workdir / "checkpoints"
-        mngr = checkpoint.manager(ckpt_dir, c.train.keep_checkpoints or None, read_only=c.train.eval_only)
-        closers.insert(0, mngr.close)
-        if mngr.latest_step() != (resume.latest_seen if resume else None):
-            raise ConfigError(f"train.workdir={str(plan.workdir)!r} changed while this run started (another run "
-                              "wrote to it); rerun the command.")
-        if resume is not None and resume.corrupt_steps and not c.train.eval_only and is_main:
-            checkpoint.set_aside(ckpt_dir, resume.corrupt_steps)
-            mngr.reload()
-        if is_main:
-            log.info("config:\n%s", c.config_text)
-            workdir_lib.record_run(plan.workdir, c.config, "eval_only" if c.train.eval_only else "train",
-                                   resume.step if resume else 0)
+        with stop.deferred():  # the workdir's first writes finish before a signal stops the run
+            if lock is not None:
+                lock.acquire()
+                closers.append(lock.release)
+            ckpt_dir = plan.workdir / "checkpoints"
+            mngr = checkpoint.manager(ckpt_dir, c.train.keep_checkpoints or None, read_only=c.train.eval_only)
+            closers.insert(0, mngr.close)
+            if mngr.latest_step() != (resume.latest_seen if resume else None):
+                raise ConfigError(f"train.workdir={str(plan.workdir)!r} changed while this run started (another "
+                                  "run wrote to it); rerun the command.")
+            if resume is not None and resume.corrupt_steps and not c.train.eval_only and is_main:
+                checkpoint.set_aside(ckpt_dir, resume.corrupt_steps)
+                mngr.reload()
+            if is_main:
+                log.info("config:\n%s", c.config_text)
+                workdir_lib.record_run(plan.workdir, c.config, "eval_only" if c.train.eval_only else "train",
+                                       resume.step if resume else 0)
         state = resume.state if resume is not None else fresh_state(plan, tx)
         if resume is not None:
             log.info("resumed from step %d", resume.step)
         writer = MetricsWriter(plan.workdir, enabled=is_main)
         closers.insert(0, writer.close)
-        return _loop(plan, state, tx, schedule, meta, mngr, writer, lock)
+        summary = _loop(plan, state, tx, schedule, meta, mngr, writer, lock, stop)
     finally:
+        failed = sys.exc_info()[1] is not None
         for close in closers:
-            close()
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - after a failure (a full disk) the first error is the one to report
+                if not failed:
+                    raise
+                log.warning("while stopping after an error: %s: %s", type(e).__name__, e)
+    return summary
 
 
 def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, meta: dict, mngr: Any,
-          writer: MetricsWriter, lock: workdir_lib.WorkdirLock | None) -> dict:
+          writer: MetricsWriter, lock: workdir_lib.WorkdirLock | None, stop: preemption.StopSignal) -> dict:
     """Steps, logs, evaluations, checkpoints and the export of one run, from `state` on."""
     c, spec, mesh = plan.options, plan.spec, plan.mesh  # c: the config's groups, typed (run_options)
     is_main = jax.process_index() == 0
@@ -254,44 +280,46 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
 
     progress = _progress(start, plan.total_steps, is_main)
     last_time, last_step, window = time.perf_counter(), start, []
-    with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(preemption.StopSignal())
-        # Batches are built and put on the devices by a background thread while earlier steps run.
-        batches = prefetch.Prefetcher(lambda s: sharding.shard_batch(plan.train.train_batch(s), mesh), start, end,
-                                      c.train.prefetch_depth)
-        stack.enter_context(batches)
-        for step, batch in batches:
-            state, metrics = step_fn(state, lm_params, batch)
-            done = step + 1
-            window.append(metrics)
-            if done % c.train.log_every == 0 or done == end:
-                host = _summarize(jax.device_get(window), done - last_step, time.perf_counter() - last_time)
-                last_time, last_step, window = time.perf_counter(), done, []
-                writer.write(done, host)
-                if host["skipped_steps"]:
-                    log.warning("step %d: %d of the last %d steps had a non-finite loss or update and were "
-                                "skipped", done, host["skipped_steps"], host["steps"])
-                check_streak(done)
-                if "train_loss" in host:
-                    progress.set_postfix(loss=f"{host['train_loss']:.4f}", refresh=False)
-                    summary["train_loss"] = host["train_loss"]
-                if lock is not None:
-                    lock.heartbeat()
-            if plan.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
-                                           or done == plan.total_steps):
-                result = evaluate(plan, done, state.params, lm_params, eval_fn, generate_fn)
-                writer.write(done, result)
-                summary.update({k: float(v) for k, v in result.items()})
-            progress.update(1)
-            if stop.should_stop(done):
-                save(done)
-                mngr.wait_until_finished()
-                progress.close()
-                raise preemption.Preempted(done)
-            if done % c.train.save_every == 0 or done == end:
-                save(done)
-    progress.close()
-    mngr.wait_until_finished()
+    try:
+        with contextlib.ExitStack() as stack:
+            # Batches are built and put on the devices by a background thread while earlier steps run.
+            batches = prefetch.Prefetcher(lambda s: sharding.shard_batch(plan.train.train_batch(s), mesh), start,
+                                          end, c.train.prefetch_depth)
+            stack.enter_context(batches)
+            for step, batch in batches:
+                state, metrics = step_fn(state, lm_params, batch)
+                done = step + 1
+                stop.immediate = False  # a step of this run finished: from now on a signal saves it first
+                window.append(metrics)
+                if done % c.train.log_every == 0 or done == end:
+                    host = _summarize(jax.device_get(window), done - last_step, time.perf_counter() - last_time)
+                    last_time, last_step, window = time.perf_counter(), done, []
+                    writer.write(done, host)
+                    if host["skipped_steps"]:
+                        log.warning("step %d: %d of the last %d steps had a non-finite loss or update and were "
+                                    "skipped", done, host["skipped_steps"], host["steps"])
+                    check_streak(done)
+                    if "train_loss" in host:
+                        progress.set_postfix(loss=f"{host['train_loss']:.4f}", refresh=False)
+                        summary["train_loss"] = host["train_loss"]
+                    if lock is not None:
+                        lock.heartbeat()
+                if plan.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
+                                               or done == plan.total_steps):
+                    result = evaluate(plan, done, state.params, lm_params, eval_fn, generate_fn)
+                    writer.write(done, result)
+                    summary.update({k: float(v) for k, v in result.items()})
+                progress.update(1)
+                if stop.should_stop(done):
+                    save(done)
+                    checkpoint.wait(mngr)
+                    raise preemption.Preempted(done)
+                if done % c.train.save_every == 0 or done == end:
+                    save(done)
+    finally:
+        progress.close()  # ends the bar's line: an error prints on a line of its own
+    stop.immediate = False  # the last saves and the export finish; a signal now only ends a complete run
+    checkpoint.wait(mngr)
 
     if c.train.export and is_main and end == plan.total_steps:
         summary["export"] = export(plan, state.params, meta)
@@ -312,7 +340,8 @@ def export(plan: RunPlan, params: Any, meta: dict) -> str:
         return str(prefix_lib.export(params, spec, directory, export_meta))
     one = prefix_lib.single_task(spec)
     for task in spec.tasks:
-        prefix_lib.export(params[task], one, directory / task, {**export_meta, "task": task})
+        prefix_lib.export(prefix_lib.task_params(params, spec, task), one, directory / task,
+                          {**export_meta, "task": task})
     return str(directory)
 
 

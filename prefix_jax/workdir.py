@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from etils import epath
@@ -27,6 +29,27 @@ CONFIG_FILE = "config.json"  # the config of the run that created the workdir
 
 class WorkdirBusyError(ValueError):
     """Another live run holds the workdir."""
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used safely (a run file is a link to elsewhere)."""
+
+
+def check_run_files(workdir: Path) -> None:
+    """Refuses a local workdir whose run files (config.json, metrics.jsonl, runs.jsonl, .lock) are symbolic links
+    out of it: a run would write through them into files it does not own. `.lock` may be no link at all."""
+    from prefix_jax.metrics_file import METRICS_FILE
+
+    root = workdir.resolve()
+    for name in (CONFIG_FILE, METRICS_FILE, RUNS_FILE, LOCK_FILE):
+        path = workdir / name
+        if not path.is_symlink():
+            continue
+        target = path.resolve()
+        if name == LOCK_FILE or not target.is_relative_to(root):
+            raise WorkdirError(f"train.workdir={str(workdir)!r}: {name} is a symbolic link to {str(target)!r}"
+                               f"{'' if name == LOCK_FILE else ' outside the workdir'}, which a run would write "
+                               "through; remove the link or choose another train.workdir.")
 
 
 def _owner() -> dict:
@@ -64,7 +87,16 @@ class WorkdirLock:
         import fcntl
 
         path = self.workdir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: O_NOFOLLOW; and only a regular file is truncated below
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            raise WorkdirError(f"train.workdir={str(self.workdir)!r}: its lock file {LOCK_FILE} cannot be opened "
+                               f"({os.strerror(e.errno)}; a symbolic link is never followed); remove it or choose "
+                               "another train.workdir.") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise WorkdirError(f"train.workdir={str(self.workdir)!r}: its lock file {LOCK_FILE} is not a regular file; "
+                               "remove it or choose another train.workdir.")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -4,6 +4,7 @@ directories, tokenizers, paths and Hub access — and loading-script datasets fa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -21,9 +22,9 @@ BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "gpt2-toke
 E2E_MR = "name[Zizzi], eatType[pub]"
 
 
-def data_config(files=None, fmt="fields", name="", config_name="", source="src", target="tgt"):
+def data_config(files=None, fmt="fields", name="", config_name="", source="src", target="tgt", task=""):
     return ml_collections.ConfigDict(dict(name=name, config_name=config_name, data_files=files or {}, format=fmt,
-                                          source_field=source, target_field=target))
+                                          source_field=source, target_field=target, task_field=task))
 
 
 def write(tmp: Path, filename: str, content: str | bytes) -> Path:
@@ -84,6 +85,15 @@ DATA_CASES = [
      {"fmt": "dart"}, ["dart.json", "record 1", "tripleset"]),
     ("dart-null-text", "dart.json", json.dumps([{"tripleset": [["a", "b", "c"]], "annotations": [{"text": None}]}]),
      {"fmt": "dart"}, ["dart.json", "record 1", "annotation 1", "null"]),
+    ("csv-duplicate-column", "t.csv", "src,tgt,src\na,b,c\n", {}, ["t.csv", "'src'", "more than once"]),
+    *[(f"task-{name}", "t.jsonl", jsonl({**GOOD, "task": "ok"}, {**GOOD, "task": task}), {"task": "task"},
+       ["line 2", repr(task)[:40], "data.task_field", "export/<task>/"])
+      for name, task in (("parent", "../../escape"), ("absolute", "/abs/path/of/another/export"), ("dot", "."),
+                         ("dotdot", ".."), ("slash", "a/b"), ("backslash", "a\\b"), ("hidden", ".git"),
+                         ("space", "a b"), ("newline", "a\nb"), ("long", "x" * 101))],
+    ("task-empty", "t.jsonl", jsonl({**GOOD, "task": ""}), {"task": "task"}, ["line 1", "data.task_field", "empty"]),
+    ("task-case", "t.jsonl", jsonl({**GOOD, "task": "Emails"}, {**GOOD, "task": "emails"}), {"task": "task"},
+     ["line 2", "'emails'", "'Emails' (line 1)", "letter case"]),
     ("webnlg-input-not-list", "w.jsonl", jsonl({"input": "a | b | c", "target": "t"}), {"fmt": "webnlg"},
      ["w.jsonl", "line 1", "'input'"]),
 ]
@@ -105,6 +115,28 @@ def test_bad_data_file_is_one_line_naming_file_row_and_field(tmp_path, case):
     with pytest.raises(data.DataError) as info:
         data.read_examples(config, "train")
     assert_one_line(info.value, "data.data_files.train", *needles)
+
+
+def test_a_fifo_as_data_file_is_named_as_such(tmp_path):
+    os.mkfifo(tmp_path / "t.jsonl")
+    with pytest.raises(data.DataError) as info:
+        data.read_examples(data_config({"train": str(tmp_path / "t.jsonl")}), "train")
+    assert_one_line(info.value, "data.data_files.train", "named pipe")
+
+
+def test_truncation_is_logged_per_split(caplog, tiny_t5_dir):
+    tokenizer = data.load_tokenizer(str(tiny_t5_dir))
+    examples = [data.Example("a " * 100, "b"), data.Example("a", "b " * 50), data.Example("a", "b")]
+    for encoder_decoder in (False, True):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="prefix_jax"):
+            split = data.tokenize(examples, tokenizer, 16, 8, encoder_decoder, name="split 'train'")
+        assert [len(s) for s in split.source_ids][0] == 16 and max(len(t) for t in split.target_ids) == 8
+        if encoder_decoder:  # the tokenizer's own truncation, special tokens kept
+            assert split.source_ids == tokenizer([e.source for e in examples], truncation=True, max_length=16)[
+                "input_ids"]
+        assert "split 'train': 1 of 3 sources are longer than data.max_source_length=16" in caplog.text
+        assert "split 'train': 1 of 3 targets are longer than data.max_target_length=8" in caplog.text
 
 
 def test_good_rows_are_read_exactly(tmp_path):
@@ -230,6 +262,22 @@ def test_bad_model_dir_is_one_line_naming_the_file(gpt2_dir, tmp_path, case):
     breakage(model)
     with pytest.raises(ValueError) as info:
         load_pretrained(str(model))
+    assert isinstance(info.value, hub.ModelNotFoundError), type(info.value)
+    assert_one_line(info.value, *needles)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_the_sharded_loader_train_py_uses_keeps_the_same_promise(gpt2_dir, tmp_path, case):
+    """train.py loads through `sharded_load` (straight into shards), not `load_pretrained`: same files, same
+    one-line errors."""
+    from prefix_jax import sharding
+    from prefix_jax.models import sharded_load
+
+    _, breakage, needles = case
+    model = copy_model(gpt2_dir, tmp_path)
+    breakage(model)
+    with pytest.raises(ValueError) as info:
+        sharded_load.load_sharded(str(model), sharding.make_mesh())
     assert isinstance(info.value, hub.ModelNotFoundError), type(info.value)
     assert_one_line(info.value, *needles)
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,6 +32,15 @@ from test_pipeline import REPO, losses, run_cli, small_config, tree_digest
 def _set(config, dotted: str, value) -> None:
     group, field = dotted.split(".")
     config[group][field] = value
+
+
+def _broken_model(tmp_path: Path, model_dir: Path, file: str, keep: int) -> str:
+    """A copy of `model_dir` with `file` cut to its first `keep` bytes (negative: all but the last -keep)."""
+    copy = tmp_path / "broken-model"
+    shutil.copytree(model_dir, copy)
+    raw = (copy / file).read_bytes()
+    (copy / file).write_bytes(raw[:keep])
+    return str(copy)
 
 
 def _file(tmp_path: Path, name: str, content: str | bytes) -> str:
@@ -50,6 +60,7 @@ CONFIG_CASES = [
     ("wd-negative", {"optim.weight_decay": -0.1}, "optim.weight_decay"),
     ("clip-negative", {"optim.max_grad_norm": -1.0}, "optim.max_grad_norm"),
     ("frozen-regex", {"optim.frozen": ("[",)}, "optim.frozen"),
+    ("frozen-matches-nothing", {"optim.frozen": ("mlp_inn",)}, "optim.frozen has 'mlp_inn', which matches no"),
     ("save-every-0", {"train.save_every": 0}, "train.save_every"),
     ("log-every-0", {"train.log_every": 0}, "train.log_every"),
     ("stop-at-negative", {"train.stop_at": -1}, "train.stop_at"),
@@ -71,6 +82,11 @@ CONFIG_CASES = [
     ("format", {"data.format": "xml"}, "data.format"),
     ("model-missing", {"model.name_or_path": lambda t, m: str(t / "no-model")}, "model.name_or_path"),
     ("model-no-config", {"model.name_or_path": lambda t, m: str(t)}, "config.json"),
+    # train.py loads through the sharded loader: the promises of the whole-file loader hold there too
+    ("model-truncated-weights", {"model.name_or_path": lambda t, m: _broken_model(t, m, "model.safetensors", -100)},
+     "model.safetensors: not a readable safetensors file"),
+    ("model-invalid-config", {"model.name_or_path": lambda t, m: _broken_model(t, m, "config.json", 20)},
+     "config.json: not valid JSON"),
     ("train-file-missing", {"data.data_files": lambda t, m: {"train": str(t / "x.csv"),
                                                            "validation": str(REPO / "data/e2e/devset.csv")}},
      "data.data_files.train"),
@@ -403,3 +419,272 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_export(tin
     straight = Path(tmp_path / "straight" / "export" / prefix_lib.EXPORT_WEIGHTS).read_bytes()
     assert Path(tmp_path / "killed" / "export" / prefix_lib.EXPORT_WEIGHTS).read_bytes() == straight
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+# --- Trust II ---
+
+
+@pytest.mark.parametrize("task", ["../../escape", "ABS", ".", "a/b"])
+def test_a_task_name_never_escapes_the_workdir(tiny_gpt2_dir, tmp_path, task):
+    """Task names become export/<task>/: one that is a path is refused before anything is written."""
+    from test_multitask import multitask_config
+
+    victim = tmp_path / "other_export"
+    victim.mkdir()
+    (victim / "prefix.json").write_text("another run's export")
+    task = str(victim) if task == "ABS" else task
+    rows = [{"task": t, "source": f"s{i}", "target": "t"} for i, t in enumerate(["ok", task] * 8)]
+    train = tmp_path / "tasks.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = tree_digest(tmp_path)
+    config = multitask_config(tiny_gpt2_dir, tmp_path / "deep" / "run", train)
+    with pytest.raises(data.DataError, match=r"tasks.jsonl' line 2: task name .* \(data.task_field\)") as info:
+        trainer.run(config)
+    assert train_cli._is_ours(info.value) and "\n" not in str(info.value)
+    assert tree_digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "other_export", "tasks.jsonl"]
+
+
+@pytest.mark.parametrize("name", [".lock", "config.json", "metrics.jsonl", "runs.jsonl"])
+def test_run_files_that_link_out_of_the_workdir_are_refused(tiny_t5_dir, tmp_path, name):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("another program's file")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(victim)
+    with pytest.raises(workdir.WorkdirError, match=f"{name} is a symbolic link to .*victim.txt") as info:
+        trainer.run(small_config(tiny_t5_dir, run))
+    assert train_cli._is_ours(info.value) and "\n" not in str(info.value)
+    assert victim.read_text() == "another program's file" and sorted(p.name for p in run.iterdir()) == [name]
+
+
+def test_the_lock_never_follows_a_link(tmp_path):
+    """Even a link inside the workdir (which the config check lets pass for other files) is not opened."""
+    from etils import epath
+
+    (tmp_path / "data.txt").write_text("keep me")
+    (tmp_path / ".lock").symlink_to(tmp_path / "data.txt")
+    with pytest.raises(workdir.WorkdirError, match="lock file .lock cannot be opened"):
+        workdir.WorkdirLock(epath.Path(tmp_path)).acquire()
+    assert (tmp_path / "data.txt").read_text() == "keep me"
+    (tmp_path / ".lock").unlink()
+    os.mkfifo(tmp_path / ".lock")
+    with pytest.raises(workdir.WorkdirError, match="not a regular file"):
+        workdir.WorkdirLock(epath.Path(tmp_path)).acquire()
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or not _unshare_works(), reason="needs user namespaces (unshare -rm)")
+def test_an_existing_workdir_on_a_read_only_filesystem_is_refused_before_loading(trained_workdir, tmp_path):
+    """train.py in a mount namespace where the workdir is a read-only bind mount: exit 2, one line, no traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_workdir, run)
+    before = tree_digest(run)
+    code = ("import sys, train; from prefix_jax.models import sharded_load\n"
+            "def refuse(*a, **k): raise AssertionError('the LM was loaded first')\n"
+            "sharded_load.load_sharded = refuse; sys.exit(train.main(sys.argv))\n")
+    args = ["--config", str(REPO / "configs/t5_offline.py"), f"--config.train.workdir={run}",
+            "--config.model.name_or_path=/nonexistent-model", "--config.model.create_tiny="]
+    script = f'mount --bind "{run}" "{run}" && mount -o remount,bind,ro "{run}" && exec "$@"'
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", sys.executable, "-c", code, *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert last.startswith("error: train.workdir=") and "not writable" in last, last
+    assert tree_digest(run) == before
+
+
+def test_an_eval_batch_that_does_not_split_names_train_eval_batch_size(tiny_t5_dir, tmp_path, monkeypatch):
+    from prefix_jax import sharding
+
+    monkeypatch.setattr(sharding, "batch_shards", lambda mesh: 2)  # as on 2 devices (the test process has one)
+    config = small_config(tiny_t5_dir, tmp_path / "run")
+    config.train.eval_batch_size = 7
+    with pytest.raises(ValueError, match=r"^train.eval_batch_size=7 must be a multiple of .* = 2\); use 6") as info:
+        trainer.run(config)
+    assert train_cli._is_ours(info.value) and not (tmp_path / "run").exists()
+
+
+def _lowered_step_size(lm, tasks: int) -> int:
+    from prefix_jax import optim
+
+    spec = prefix_lib.PrefixSpec(length=4, placements=("decoder",), geometry=lm.config.prefix_geometry(),
+                                 hidden_size=lm.config.hidden_size, mlp_hidden=16,
+                                 tasks=tuple(f"t{i}" for i in range(tasks)))
+    params = prefix_lib.init_params(spec, jax.random.key(0))
+    tx, schedule = optim.make_optimizer(params, learning_rate=1e-3, total_steps=10, warmup_steps=1,
+                                        weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0)
+    state = train_steps.init_state(params, tx, jax.random.key(1))
+    ones = np.ones((4, 8), np.int32)
+    batch = {"source_ids": ones, "source_mask": ones, "target_ids": ones, "target_mask": ones,
+             "task_ids": np.arange(4, dtype=np.int32)}
+    return len(train_steps.jit_train_step(lm.model, spec, tx, schedule).lower(state, lm.params, batch).as_text())
+
+
+def test_the_train_step_does_not_grow_with_the_number_of_tasks(tiny_gpt2_dir):
+    """The bank is data: T prefixes are one tree with a task axis, gathered per row, never a per-task op (1000
+    tasks used to compile for minutes at 12 GB)."""
+    from prefix_jax import prefix_bank
+    from prefix_jax.models import load_pretrained
+
+    lm = load_pretrained(str(tiny_gpt2_dir))
+    small, large = _lowered_step_size(lm, 4), _lowered_step_size(lm, 64)
+    assert large < 1.02 * small, (small, large)
+    # ... and the stacked bank is exactly the per-task prefixes stacked.
+    spec = prefix_lib.PrefixSpec(length=3, placements=("decoder",), geometry=lm.config.prefix_geometry(),
+                                 hidden_size=lm.config.hidden_size, mlp_hidden=16, tasks=("a", "b", "c"))
+    params = prefix_lib.init_params(spec, jax.random.key(2))
+    bank = prefix_lib.materialize(params, spec)
+    one = prefix_lib.single_task(spec)
+    per_task = prefix_bank.stack([prefix_lib.materialize(prefix_lib.task_params(params, spec, t), one)
+                                  for t in spec.tasks])
+    for got, want in zip(jax.tree.leaves(bank), jax.tree.leaves(per_task)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_sigterm_before_the_first_step_stops_at_once_with_nothing_half_written(tiny_t5_dir, tmp_path, monkeypatch):
+    """A signal while the data is read (or the first step compiles) stops the run at once: exit 75's exception,
+    no checkpoint, the workdir's files whole; the same command then runs to the end."""
+    real_read = data.read_examples
+    real_jit = train_steps.jit_train_step
+
+    def read_then_signal(*args, **kwargs):
+        examples = real_read(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode, here
+        return examples
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(data, "read_examples", read_then_signal)
+    with pytest.raises(Preempted) as info:
+        trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))
+    assert info.value.step is None and not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+    monkeypatch.setattr(data, "read_examples", real_read)
+
+    def jit_then_signal(*args, **kwargs):
+        step = real_jit(*args, **kwargs)
+
+        def first_call(*a, **k):  # the signal comes while the first step is compiled
+            os.kill(os.getpid(), signal.SIGTERM)
+            return step(*a, **k)
+
+        return first_call
+
+    monkeypatch.setattr(train_steps, "jit_train_step", jit_then_signal)
+    with pytest.raises(Preempted, match="before this run finished a step"):
+        trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))
+    assert {p.name for p in (tmp_path / "run").iterdir()} - {"tensorboard"} == {".lock", "checkpoints", "config.json",
+                                                                                 "runs.jsonl"}
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+    json.loads((tmp_path / "run" / "config.json").read_text())
+    monkeypatch.setattr(train_steps, "jit_train_step", real_jit)
+    assert trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))["final_step"] == 6
+
+
+def test_a_signal_during_a_long_native_call_ends_the_process_with_75(tmp_path):
+    """The main thread in native code (as in an XLA compile) cannot run Python's handler: the watcher exits 75."""
+    code = ("import os, signal, threading, time, zlib\n"
+            "from prefix_jax.preemption import StopSignal\n"
+            "blob = os.urandom(300 << 20)\n"
+            "with StopSignal(grace_s=1.0):\n"
+            "    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+            "    began = time.monotonic()\n"
+            "    zlib.compress(blob, 9)  # seconds in C, never back in the interpreter\n"
+            "    print('native call ended after', time.monotonic() - began)\n")
+    began = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == EXIT_PREEMPTED and "native call ended" not in out.stdout, (out.stdout, out.stderr[-2000:])
+    assert "native call" in out.stderr and time.monotonic() - began < 60
+
+
+def test_sigterm_during_the_export_ends_a_complete_run(tiny_t5_dir, tmp_path, monkeypatch, caplog):
+    """After the last step a signal no longer stops anything half-way (it used to kill the process: 143)."""
+    real_export = trainer.export
+
+    def export_with_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "export", export_with_signal)
+    summary = trainer.run(small_config(tiny_t5_dir, tmp_path / "run"))
+    assert summary["final_step"] == 6 and Path(summary["export"], prefix_lib.EXPORT_WEIGHTS).is_file()
+    assert "after the last step: the run is complete" in caplog.text
+
+
+def test_a_full_disk_during_a_save_is_one_line_keeps_the_last_good_step_and_no_temp(tiny_t5_dir, tmp_path,
+                                                                                   monkeypatch):
+    """Orbax's failure (an OSError ENOSPC wrapped in its own errors, a temp directory left) as it comes out of a
+    full disk; then, with space again, the same command resumes from the kept step."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step >= 6:
+            (Path(self.directory) / f"{step}.orbax-checkpoint-tmp-1234").mkdir()
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as disk:
+                raise RuntimeError("tensorstore write failed") from disk
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    run = tmp_path / "run"
+    with pytest.raises(checkpoint.CheckpointWriteError) as info:
+        trainer.run(small_config(tiny_t5_dir, run))
+    message = str(info.value)
+    assert train_cli._is_ours(info.value) and "\n" not in message, message
+    assert "step 6" in message and "No space left on device" in message and "steps [3] were kept" in message
+    assert checkpoint.manager(run / "checkpoints", read_only=True).all_steps() == [3]
+    assert not list((run / "checkpoints").glob("*tmp*"))
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    summary = trainer.run(small_config(tiny_t5_dir, run))
+    assert summary["start_step"] == 3 and summary["final_step"] == 6
+
+
+def test_false_library_warnings_are_silenced_and_true_ones_kept(tmp_path, caplog):
+    import logging
+
+    from prefix_jax import log_filters
+
+    log_filters.install()
+    caplog.set_level("INFO")
+    checkpoint.manager(tmp_path / "checkpoints", read_only=True).close()  # Orbax: "Given directory is read only"
+    bridge = logging.getLogger("jax._src.xla_bridge")
+    bridge.info("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so: cannot open "
+                "shared object file: No such file or directory")  # a CPU host: no libtpu at all
+    bridge.info("Unable to initialize backend 'tpu': INTERNAL: the TPU is already in use by process 7")  # true
+    logging.getLogger("absl").error("Save Finalize thread failed: No space left on device")  # said in one line
+    logging.getLogger("absl").error("something else broke")
+    assert "read only" not in caplog.text and "libtpu.so" not in caplog.text and "No space" not in caplog.text
+    assert "already in use by process 7" in caplog.text and "something else broke" in caplog.text
+
+
+def test_an_override_below_a_missing_field_names_the_flag():
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/t5_offline.py"),
+                          "--config.train.foo.bar=1"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PREFIX_JAX_HUGE_PAGES": "0"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: --config.train.foo.bar: the config has no field 'foo'"
+
+
+def test_a_demo_run_refused_for_its_data_builds_no_model(tmp_path):
+    """The offline demo's tiny model is built only after the data (and the workdir) passed their checks."""
+    from configs import t5_offline
+
+    config = t5_offline.get_config()
+    config.model.name_or_path = str(tmp_path / "artifacts" / "tiny-t5")
+    config.train.workdir = str(tmp_path / "run")
+    config.data.data_files = {"train": str(tmp_path / "missing.csv"), "validation": str(tmp_path / "missing.csv")}
+    with pytest.raises(data.DataError, match="data.data_files"):
+        trainer.run(config)
+    assert list(tmp_path.iterdir()) == []

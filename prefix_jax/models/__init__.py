@@ -47,6 +47,16 @@ def architecture(model_type: str, field: str = "model.name_or_path") -> Any:
     return importlib.import_module(ARCHITECTURES[model_type])
 
 
+def read_config(model_dir: Path) -> tuple[Any, Any]:
+    """(our architecture module, transformers config) of a checkpoint directory; every loader asks this, so a bad
+    `config.json` is the same one-line error naming the file whichever loads it."""
+    model_type = hub.read_model_type(model_dir)  # config.json checked before transformers sees it
+    if model_type not in ARCHITECTURES:
+        raise hub.ModelFileError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported "
+                                 f"(supported: {sorted(ARCHITECTURES)}); point model.name_or_path at one of those.")
+    return architecture(model_type), hub.load_hf_config(model_dir)
+
+
 def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
                     **config_overrides: Any) -> PretrainedLM:
     """Loads a checkpoint as our model + params: a HF directory or Hub id (safetensors only), a `.gguf` file
@@ -58,16 +68,11 @@ def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dty
     if gguf_file is not None:
         hf_config, tensors = gguf_checkpoint.read(gguf_file, np.dtype(jax.numpy.dtype(param_dtype)))
         model_dir, what = gguf_file, "its metadata"
+        arch = architecture(hf_config.model_type)
     else:
         model_dir = hub.resolve_model_dir(name_or_path)
-        model_type = hub.read_model_type(model_dir)  # config.json checked before transformers sees it
-        if model_type not in ARCHITECTURES:
-            raise hub.ModelFileError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported "
-                                     f"(supported: {sorted(ARCHITECTURES)}); point model.name_or_path at one of "
-                                     "those.")
-        hf_config = hub.load_hf_config(model_dir)
+        arch, hf_config = read_config(model_dir)
         tensors, what = None, "its config.json"
-    arch = architecture(hf_config.model_type)
     known = {f.name for f in dataclasses.fields(arch.Config)}
     for field in config_overrides:
         if field not in known:

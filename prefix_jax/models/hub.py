@@ -238,6 +238,22 @@ def load_hf_config(model_dir: Path) -> Any:
                              "file or save the model again with `save_pretrained`.") from None
 
 
+def _unreadable(path: Path, e: BaseException) -> ModelFileError:
+    return ModelFileError(f"{path}: not a readable safetensors file ({describe(e)}); it is truncated or corrupt, "
+                          "download or save it again.")
+
+
+def open_safetensors(path: Path) -> Any:
+    """`safetensors.safe_open` for slice reads (it checks the header and that the data covers it), or the same
+    one-line error as a whole-file read."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:  # SafetensorError on a truncated/corrupt file, OSError, ...
+        raise _unreadable(path, e) from None
+
+
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -246,8 +262,7 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     except TypeError:  # "data type 'bfloat16' not understood": numpy has no bfloat16
         return _load_with_bfloat16(path)
     except Exception as e:  # SafetensorError on a truncated/corrupt header, OSError, ...
-        raise ModelFileError(f"{path}: not a readable safetensors file ({describe(e)}); it is truncated or "
-                             "corrupt, download or save it again.") from None
+        raise _unreadable(path, e) from None
 
 
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
@@ -276,8 +291,7 @@ def _load_with_bfloat16(path: Path) -> dict[str, np.ndarray]:
     except ModelFileError:
         raise
     except Exception as e:
-        raise ModelFileError(f"{path}: not a readable safetensors file ({describe(e)}); it is truncated or "
-                             "corrupt, download or save it again.") from None
+        raise _unreadable(path, e) from None
 
 
 def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
@@ -287,26 +301,36 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     if single.is_file():
         return _load_safetensors(single)
     if index.is_file():
-        weight_map = read_json(index, "shard index")
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-                isinstance(v, str) for v in weight_map.values()):
-            raise ModelFileError(f"{index}: has no \"weight_map\" of tensor name -> shard file; save the model "
-                                 "again with `save_pretrained`.")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (model_dir / s).is_file()]
-        if missing:
-            raise ModelFileError(f"{index}: names shard(s) {missing} that are not in {model_dir}; download the "
-                                 "missing files (all *.safetensors of the model).")
         tensors: dict[str, np.ndarray] = {}
-        for shard in shards:
-            tensors.update(_load_safetensors(model_dir / shard))
+        for shard in sorted(set(shard_map(model_dir).values())):
+            tensors.update(_load_safetensors(shard))
         return tensors
+    raise no_weights_error(model_dir)
+
+
+def shard_map(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> shard file of a sharded checkpoint's `model.safetensors.index.json`, checked: valid JSON,
+    a `weight_map` of strings, every shard present."""
+    index = model_dir / "model.safetensors.index.json"
+    weight_map = read_json(index, "shard index")
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelFileError(f"{index}: has no \"weight_map\" of tensor name -> shard file; save the model "
+                             "again with `save_pretrained`.")
+    missing = sorted({s for s in weight_map.values() if not (model_dir / s).is_file()})
+    if missing:
+        raise ModelFileError(f"{index}: names shard(s) {missing} that are not in {model_dir}; download the "
+                             "missing files (all *.safetensors of the model).")
+    return {name: model_dir / shard for name, shard in weight_map.items()}
+
+
+def no_weights_error(model_dir: Path) -> ModelNotFoundError:
+    """The error for a directory with neither `model.safetensors` nor an index (naming any pickles it has)."""
     pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
     hint = (f" It has {pickles}, which we do not load (unpickling runs code). Convert once with transformers: "
             "`AutoModel...from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)`.") if pickles else ""
-    raise ModelNotFoundError(f"{model_dir} holds no model.safetensors or model.safetensors.index.json (the weights "
-                             f"of model.name_or_path); save the model there with `save_pretrained`.{hint}")
+    return ModelNotFoundError(f"{model_dir} holds no model.safetensors or model.safetensors.index.json (the weights "
+                              f"of model.name_or_path); save the model there with `save_pretrained`.{hint}")
 
 
 def take(tensors: dict[str, np.ndarray], name: str, model_dir: str = "") -> np.ndarray:

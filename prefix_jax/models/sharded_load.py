@@ -13,7 +13,6 @@ loaded as bfloat16 never exists in float32. The result equals `load_pretrained` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -123,10 +122,8 @@ def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> Bounds:
 
 
 def _open(path: Path) -> Any:
-    """A safetensors file opened for slice reads (a seam for tests that count what is read)."""
-    from safetensors import safe_open
-
-    return safe_open(str(path), framework="numpy")
+    """A safetensors file opened for slice reads, checked (a seam for tests that count what is read)."""
+    return hub.open_safetensors(path)
 
 
 class Checkpoint:
@@ -140,11 +137,12 @@ class Checkpoint:
             self._files = {single: None}
             self.files = {name: single for name in self._handle(single).keys()}
         elif index.is_file():
-            self.files = {n: model_dir / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+            self.files = hub.shard_map(model_dir)
             self._files = {}
+            for path in sorted(set(self.files.values())):  # every shard's header now, not mid-placement
+                self._handle(path)
         else:
-            hub.read_safetensors(model_dir)  # raises the error that says what the directory lacks
-            raise AssertionError("unreachable")
+            raise hub.no_weights_error(model_dir)
 
     def _handle(self, path: Path) -> Any:
         if self._files.get(path) is None:
@@ -217,8 +215,6 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
     process reads only the blocks its own devices hold. Architectures without an `hf_layout`, and GGUF
     files (dequantized tensor by tensor), are read whole and then placed.
     """
-    from transformers import AutoConfig
-
     from prefix_jax import models, partitioning
 
     for field, value in (("model.param_dtype", param_dtype), ("model.compute_dtype", compute_dtype)):
@@ -228,8 +224,7 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
     is_gguf = gguf_checkpoint.resolve(name_or_path) is not None
     if not is_gguf:
         model_dir = hub.resolve_model_dir(name_or_path)
-        hf_config = AutoConfig.from_pretrained(model_dir)
-        arch = models.architecture(hf_config.model_type)
+        arch, hf_config = models.read_config(model_dir)
     if is_gguf or not hasattr(arch, "hf_layout"):
         lm = models.load_pretrained(name_or_path, param_dtype, compute_dtype, **config_overrides)
         from prefix_jax import sharding
