@@ -22,6 +22,7 @@ from prefix_jax import checkpoint, data, evaluation, optim, partitioning, preemp
 from prefix_jax import run_setup, sharding, train_steps
 from prefix_jax import workdir as workdir_lib
 from prefix_jax.config_checks import ConfigError
+from prefix_jax.fingerprint import lm_fingerprint  # noqa: F401  (trainer.lm_fingerprint: where it used to live)
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_init
 from prefix_jax.generate import make_generate_fn
@@ -30,30 +31,6 @@ from prefix_jax.models import sharded_load
 from prefix_jax.run_setup import RunPlan
 
 log = logging.getLogger("prefix_jax")
-
-
-def lm_fingerprint(lm_params: Any) -> str:
-    """Identifies the frozen LM by its weights, not its path: every leaf's path, shape, dtype and a corner of it.
-
-    The same checkpoint read from a Hub id or a local copy gives the same fingerprint; two fine-tunes of one
-    architecture do not. Works on host arrays and on an LM sharded over devices and processes (every process
-    must call it: the corners are gathered by one small jitted program).
-    """
-    corner = lambda x: x[tuple(slice(0, 2) for _ in x.shape)]
-    leaves = jax.tree.leaves(lm_params)
-    meshes = {x.sharding.mesh for x in leaves if isinstance(x, jax.Array) and hasattr(x.sharding, "mesh")}
-    if meshes:
-        replicated = jax.sharding.NamedSharding(next(iter(meshes)), jax.sharding.PartitionSpec())
-        corners = jax.jit(lambda t: jax.tree.map(corner, t), out_shardings=replicated)(lm_params)
-        corners = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), corners)
-    else:
-        corners = jax.tree.map(lambda x: np.asarray(corner(x)), lm_params)
-    h = hashlib.sha256()
-    for (path, leaf), (_, part) in zip(jax.tree_util.tree_flatten_with_path(lm_params)[0],
-                                       jax.tree_util.tree_flatten_with_path(corners)[0]):
-        h.update(f"{jax.tree_util.keystr(path)}|{tuple(leaf.shape)}|{leaf.dtype}|".encode())
-        h.update(np.asarray(part, np.float32).tobytes())
-    return h.hexdigest()[:32]
 
 
 def data_fingerprint(split: data.TokenizedSplit) -> str:
