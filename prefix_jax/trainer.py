@@ -67,13 +67,20 @@ def run_metadata(plan: RunPlan) -> dict:
 
 
 def evaluate(plan: RunPlan, step: int, params: Any, lm_params: Any, eval_fn: Any, generate_fn: Any) -> dict:
-    """Eval-split loss, and (if configured) decoded outputs scored with the configured metrics."""
+    """Eval-split loss, and (if configured) decoded outputs scored with the configured metrics, written to a new
+    `predictions_<split>_<step>[_eval_only].jsonl` (`evaluation.predictions_path`: nothing is overwritten)."""
+    split, eval_only = plan.options.data.eval_split, plan.options.train.eval_only
+    if jax.process_index() == 0:
+        log.info("evaluating step %d on the %r split (%d examples)", step, split, len(plan.eval.split))
     result = evaluation.loss(plan.eval, plan.mesh, params, lm_params, eval_fn)
     if generate_fn is not None:
+        path = evaluation.predictions_path(plan.workdir, split, step, eval_only)
         scores = evaluation.generate_and_score(
             plan.eval, plan.mesh, plan.tokenizer, plan.spec, params, lm_params, generate_fn,
-            plan.options.eval.metrics, plan.options.eval.max_generate, plan.workdir / f"predictions_{step}.jsonl")
+            plan.options.eval.metrics, plan.options.eval.max_generate, path)
         result.update(scores)
+        if jax.process_index() == 0:
+            log.info("decoded outputs of step %d: %s", step, path)
     return result
 
 
@@ -253,12 +260,15 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
                     summary["train_loss"] = host["train_loss"]
                 if lock is not None:
                     lock.heartbeat()
+            progress.update(1)
             if plan.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
                                            or done == plan.total_steps):
+                began = time.perf_counter()
                 result = evaluate(plan, done, state.params, lm_params, eval_fn, generate_fn)
                 writer.write(done, result)
                 summary.update({k: float(v) for k, v in result.items()})
-            progress.update(1)
+                last_time += time.perf_counter() - began  # steps_per_sec counts training steps only
+                progress.unpause()  # and so does the bar's rate
             if stop.should_stop(done):
                 save(done)
                 mngr.wait_until_finished()
@@ -267,10 +277,14 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
             if done % c.train.save_every == 0 or done == end:
                 save(done)
     progress.close()
+    if is_main:
+        log.info("writing the last checkpoint (step %d)", end)
     mngr.wait_until_finished()
 
     if c.train.export and is_main and end == plan.total_steps:
+        log.info("exporting the prefix (without its MLP) to %s", plan.workdir / "export")
         summary["export"] = export(plan, state.params, meta)
+        log.info("exported: %s", summary["export"])
     summary["final_step"] = int(jax.device_get(state.step))
     return summary
 

@@ -112,3 +112,23 @@ def test_a_bank_of_prefixes_for_different_lms_is_refused(gpt2, gpt2_export, tiny
     t5_prefix, _ = prefix_lib.load_export(export_for(load_pretrained(str(tiny_t5_dir)), tmp_path / "t5"))
     with pytest.raises(prefix_bank.PrefixBankError, match="trained on different LMs"):
         prefix_bank.stack({"gpt2": prefix_lib.load_export(gpt2_export)[0], "t5": t5_prefix})
+
+
+def test_eval_only_never_overwrites_the_training_runs_predictions(tiny_t5_dir, trained_t5_run, tmp_path):
+    """The eval-only command on the training run's own split and step writes beside its predictions, not over them
+    (it wrote `predictions_<step>.jsonl`, the training run's file), and a second eval-only run beside the first."""
+    from test_pipeline import small_config
+
+    shutil.copytree(trained_t5_run[0], tmp_path / "run")
+    trained = tmp_path / "run" / "predictions_validation_6.jsonl"
+    before = trained.read_bytes()
+    config = small_config(tiny_t5_dir, tmp_path / "run", eval_only=True)
+    config.eval.max_generate = 1
+    for _ in range(2):
+        from prefix_jax import trainer
+
+        assert trainer.run(config)["generated"] == 1
+    assert trained.read_bytes() == before and len(before.splitlines()) > 1
+    written = sorted(p.name for p in (tmp_path / "run").glob("predictions_*"))
+    assert written == ["predictions_validation_6.jsonl", "predictions_validation_6_eval_only.2.jsonl",
+                       "predictions_validation_6_eval_only.jsonl"]
