@@ -84,6 +84,39 @@ def evaluate(plan: RunPlan, step: int, params: Any, lm_params: Any, eval_fn: Any
     return result
 
 
+def default_config() -> dict | None:
+    """configs/default.py's fields (None when the repo's configs/ is not importable, e.g. an installed package)."""
+    try:
+        from configs import default
+    except ImportError:
+        return None
+    return default.get_config().to_dict()
+
+
+def config_lines(config: dict, defaults: dict | None = None, prefix: str = "") -> str:
+    """The config as `group.field = value` lines of plain Python values; with `defaults`, only the fields that
+    differ from them (the whole config when nothing differs would be empty: then it says so)."""
+    lines = []
+    for key, value in config.items():
+        default = (defaults or {}).get(key, _MISSING) if defaults is not None else _MISSING
+        if isinstance(value, dict):
+            inner = config_lines(value, default if isinstance(default, dict) else ({} if defaults is not None else None),
+                                 f"{prefix}{key}.")
+            lines += [inner] if inner else []
+        elif defaults is None or default is _MISSING or _plain(value) != _plain(default):
+            lines.append(f"  {prefix}{key} = {_plain(value)!r}")
+    text = "\n".join(lines)
+    return text if text or prefix else "  (all defaults)"
+
+
+_MISSING = object()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists alike (a config's sequences are tuples; JSON round trips make lists)."""
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 @dataclasses.dataclass
 class Resume:
     """The checkpoint a run continues from, found before anything is written."""
@@ -179,7 +212,8 @@ def run(config: Any) -> dict:
             checkpoint.set_aside(ckpt_dir, resume.corrupt_steps)
             mngr.reload()
         if is_main:
-            log.info("config:\n%s", c.config_text)
+            log.info("config (the fields that differ from configs/default.py; every field is in %s/config.json, "
+                     "each run's in runs.jsonl):\n%s", plan.workdir, config_lines(c.config, default_config()))
             workdir_lib.record_run(plan.workdir, c.config, "eval_only" if c.train.eval_only else "train",
                                    resume.step if resume else 0)
         state = resume.state if resume is not None else fresh_state(plan, tx)

@@ -132,3 +132,41 @@ def test_eval_only_never_overwrites_the_training_runs_predictions(tiny_t5_dir, t
     written = sorted(p.name for p in (tmp_path / "run").glob("predictions_*"))
     assert written == ["predictions_validation_6.jsonl", "predictions_validation_6_eval_only.2.jsonl",
                        "predictions_validation_6_eval_only.jsonl"]
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFIX_JAX_HUGE_PAGES": "0"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_train_py_help_exits_0_and_says_how_to_use_it(flag):
+    out = _run("train.py", flag)
+    assert out.returncode == 0, out.stderr
+    for needed in ("usage: python train.py --config CONFIG_FILE", "--config.train.steps=200", "configs/default.py",
+                   "Exit status", "75 "):
+        assert needed in out.stdout
+    if flag == "--helpfull":
+        assert "--config.prefix.length=10" in out.stdout and "--config.optim.learning_rate=5e-05" in out.stdout
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_predict_py_help_exits_0_and_says_how_to_use_it(flag):
+    out = _run("predict.py", flag)
+    assert out.returncode == 0, out.stderr
+    for needed in ("usage: python predict.py", "--config.prefixes=", "configs/predict.py", "Exit status"):
+        assert needed in out.stdout
+
+
+def test_a_pod_config_on_one_host_is_one_error_line(tmp_path):
+    out = _run("train.py", "--config", "configs/flan_t5_xxl_xsum.py", f"--config.train.workdir={tmp_path / 'run'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: mesh.coordinator_address='auto' found no cluster")
+    assert not (tmp_path / "run").exists()
