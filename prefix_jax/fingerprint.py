@@ -66,8 +66,9 @@ def check_shapes(prefix: Prefix, config: Any, lm_name: str = "the LM") -> None:
     geometry = config.prefix_geometry()
     for placement, kv in prefix.kv.items():
         if placement not in geometry:
-            raise PrefixMismatchError(f"the prefix has a {placement!r} placement, which {lm_name} ({config.architecture}) "
-                                      f"does not have (it has {sorted(geometry)}); it was made for another LM.")
+            raise PrefixMismatchError(f"the prefix has a {placement!r} placement, which {lm_name} "
+                                      f"({config.architecture}) does not have (it has {sorted(geometry)}); it was "
+                                      "made for another LM.")
         g = geometry[placement]
         shape = tuple(kv.key.shape)
         layers, heads, head_dim = (shape[0], shape[2], shape[4]) if isinstance(kv, BankKV) else (
@@ -96,7 +97,8 @@ def check_fits(prefix: Prefix, config: Any, lm_params: Any = None, lm_name: str 
     name = lm_name or "the LM"
     if who is not None and who.architecture and who.architecture != config.architecture:
         raise PrefixMismatchError(f"the prefix was trained on {_describe(who)}, but it is given to {name} "
-                                  f"({config.architecture}); a prefix only fits the LM it was trained on: load that LM.")
+                                  f"({config.architecture}); a prefix only fits the LM it was trained on: load that "
+                                  "LM.")
     check_shapes(prefix, config, name)
     if who is None or not who.lm_fingerprint or (lm_params is None and fingerprint is None):
         return

@@ -100,8 +100,8 @@ def config_lines(config: dict, defaults: dict | None = None, prefix: str = "") -
     for key, value in config.items():
         default = (defaults or {}).get(key, _MISSING) if defaults is not None else _MISSING
         if isinstance(value, dict):
-            inner = config_lines(value, default if isinstance(default, dict) else ({} if defaults is not None else None),
-                                 f"{prefix}{key}.")
+            below = None if defaults is None else (default if isinstance(default, dict) else {})
+            inner = config_lines(value, below, f"{prefix}{key}.")
             lines += [inner] if inner else []
         elif defaults is None or default is _MISSING or _plain(value) != _plain(default):
             lines.append(f"  {prefix}{key} = {_plain(value)!r}")
@@ -341,7 +341,12 @@ def export(plan: RunPlan, params: Any, meta: dict) -> str:
 
 
 def _summarize(window: list[dict], steps: int, seconds: float) -> dict:
-    """One log row from the metrics of the steps since the last: means over the steps that were not skipped."""
+    """One metrics.jsonl row for the `steps` steps since the last row.
+
+    `loss`, `grad_norm`, `learning_rate`, `tokens`: the last step's values (`loss` is NaN when that step was
+    skipped); `train_loss`: the mean loss over the steps of the window that were not skipped (the smoother
+    curve); `steps_per_sec`: training steps only (evaluation time is left out); `skipped_steps`: non-finite
+    steps in the window."""
     skipped = np.asarray([m["skipped"] for m in window], bool)
     row: dict = {"steps": steps, "skipped_steps": int(skipped.sum()), "steps_per_sec": steps / max(seconds, 1e-9)}
     last = window[-1]

@@ -114,7 +114,7 @@ def test_a_bank_of_prefixes_for_different_lms_is_refused(gpt2, gpt2_export, tiny
         prefix_bank.stack({"gpt2": prefix_lib.load_export(gpt2_export)[0], "t5": t5_prefix})
 
 
-def test_eval_only_never_overwrites_the_training_runs_predictions(tiny_t5_dir, trained_t5_run, tmp_path):
+def test_eval_only_never_overwrites_the_training_runs_predictions(tiny_t5_dir, trained_t5_run, tmp_path, caplog):
     """The eval-only command on the training run's own split and step writes beside its predictions, not over them
     (it wrote `predictions_<step>.jsonl`, the training run's file), and a second eval-only run beside the first."""
     from test_pipeline import small_config
@@ -127,7 +127,10 @@ def test_eval_only_never_overwrites_the_training_runs_predictions(tiny_t5_dir, t
     for _ in range(2):
         from prefix_jax import trainer
 
-        assert trainer.run(config)["generated"] == 1
+        with caplog.at_level("INFO", logger="prefix_jax"):
+            assert trainer.run(config)["generated"] == 1
+    assert "evaluating step 6 on the 'validation' split" in caplog.text  # not a bar frozen without a word
+    assert "predictions_validation_6_eval_only.2.jsonl" in caplog.text
     assert trained.read_bytes() == before and len(before.splitlines()) > 1
     written = sorted(p.name for p in (tmp_path / "run").glob("predictions_*"))
     assert written == ["predictions_validation_6.jsonl", "predictions_validation_6_eval_only.2.jsonl",
