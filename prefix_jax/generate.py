@@ -334,4 +334,10 @@ def make_generate_fn(model: Any, cfg: GenerationConfig) -> Callable:
         fingerprint.check_fits(prefix, module.config, lm_name=lm_name, fingerprint=known)
         return jitted(lm_params, prefix, source_ids, source_mask, rng)
 
+    def lower(lm_params: Any, prefix: Prefix, *args: Any, **kwargs: Any) -> Any:
+        """`jax.jit(...).lower` of the same program (shapes checked; `lm_params` may be shapes only)."""
+        fingerprint.check_shapes(prefix, module.config, lm_name or "the LM")
+        return jitted.lower(lm_params, prefix, *args, **kwargs)
+
+    fn.lower = lower  # type: ignore[attr-defined]
     return fn

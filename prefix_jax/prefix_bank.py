@@ -66,7 +66,7 @@ def stack(prefixes: Sequence[Prefix] | Mapping[str, Prefix]) -> Prefix:
         layers = key.shape[0]
         kv[placement] = BankKV(key, value, jnp.broadcast_to(valid, (layers, *valid.shape)),
                                jnp.zeros((layers, 1), jnp.int32))
-    common = trained_on.pop() if len(trained_on) == 1 else None
+    common = next((p.trained_on for p in prefixes if p.trained_on is not None), None)  # one LM, checked above
     return Prefix(kv=kv, infix=first.infix, trained_on=common, names=names)
 
 
