@@ -1,13 +1,24 @@
-"""Train a prefix on a frozen pretrained LM.
+"""Train a prefix (Prefix-Tuning, Li & Liang 2021) on a frozen pretrained LM, evaluate it, and export it.
 
-  python train.py --config configs/t5_xsum.py [--config.train.steps=1000 ...]
+usage: python train.py --config CONFIG_FILE [--config.GROUP.FIELD=VALUE ...]
 
-Every field of the config can be overridden with --config.<group>.<field>=value; the resolved
-config is printed at start and saved to <workdir>/config.json by the run that creates the workdir.
+  CONFIG_FILE  a Python file whose get_config() gives the run's settings (configs/*.py), e.g.
+               configs/t5_offline.py (offline demo: a random tiny T5 on the bundled E2E data, minutes on a CPU),
+               configs/gpt2_e2e.py (GPT-2 medium on E2E, the paper's table-to-text settings).
+  overrides    any field, after the file: --config.train.steps=200 --config.prefix.length=10
+               --config.model.name_or_path=./DIR --config.eval.metrics='("bleu", "rouge")'
 
-Exit status: 0 done; 2 bad input (one `error:` line naming the field or file; nothing was written);
-3 training diverged (non-finite steps; the last good checkpoint is kept); 75 stopped by SIGTERM/SIGINT
-after saving a checkpoint (rerun the same command to resume).
+Every field, its default and what it means: configs/default.py (`python train.py --helpfull` lists them all).
+The resolved config is printed at start (the fields that differ from configs/default.py) and written in full to
+<workdir>/config.json. A run writes only to train.workdir (default runs/<config file name>): config.json,
+metrics.jsonl, checkpoints/, predictions_<split>_<step>.jsonl, export/ (the trained prefix without its MLP).
+Rerunning the same command resumes from the latest checkpoint; --config.train.eval_only=True only evaluates it.
+
+Exit status:
+  0   done
+  2   bad input: one `error:` line naming the field (or file and row) and the fix; nothing was written
+  3   training diverged (too many non-finite steps in a row); the last good checkpoint is kept, nothing exported
+  75  stopped by SIGTERM/SIGINT after saving a checkpoint at the step reached: rerun the same command to resume
 """
 
 import logging
@@ -23,6 +34,29 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull", "-helpfull")
+
+
+def help_text(full: bool) -> str:
+    """This command's help; `full` adds every config field with its default (from configs/default.py)."""
+    text = __doc__.strip() + "\n"
+    if full:
+        from configs import default
+
+        text += "\nEvery field (configs/default.py; a config file changes some of them):\n"
+        text += "".join(f"  --config.{name}={value!r}\n" for name, value in _flat(default.get_config().to_dict()))
+    return text
+
+
+def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested config dict -> [(group.field, value)] in the file's order."""
+    out: list[tuple[str, object]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "data_files":
+            out += _flat(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def _one_line(message: str) -> str:
@@ -93,6 +127,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+        print(help_text(full=any(arg.lstrip("-") == "helpfull" for arg in sys.argv[1:])), end="")
+        sys.exit(0)
     from prefix_jax import host_memory
 
     host_memory.reexec_with_huge_pages()  # before JAX loads: XLA's CPU temporaries on huge pages

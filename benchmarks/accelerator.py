@@ -34,6 +34,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -380,20 +381,28 @@ def main() -> None:
             print(f"{row.label} {side}: " + json.dumps({k: v for k, v in entry[side].items()
                                                                    if k != "stderr_tail"}), flush=True)
         results.append(entry)
-    table = print_table(results)
-    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / (
-        "accelerator.smoke.json" if args.smoke else "accelerator.json")
+    table = print_table(results, smoke=args.smoke)
+    if args.smoke:  # a check that the script runs, never a result: outside the repository unless --json says
+        out = Path(args.json) if args.json else Path(tempfile.gettempdir()) / "prefix_jax_accelerator.smoke.json"
+    else:
+        out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / "accelerator.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"host": platform.node(), "python": platform.python_version(), "args": vars(args),
                                "results": results, "table": table}, indent=2))
     print(f"wrote {out}")
+    if args.smoke:
+        print(SMOKE_NOTE)
 
 
 def _gib(b) -> str:
     return "–" if b is None else f"{b / 2**30:.3g}"
 
 
-def print_table(results: list[dict]) -> str:
+SMOKE_NOTE = ("smoke run: tiny random shapes and 2 steps, to check that the script runs; NOT a measurement (no "
+              "speed-up is computed; run without --smoke on an accelerator for numbers)")
+
+
+def print_table(results: list[dict], smoke: bool = False) -> str:
     columns = ["row", "batch, src + tgt, prefix", "ours step ms", "tokens/s", "MFU (same-run matmul)",
                "MFU (nominal)", "peak mem GiB (device; compiled)", "compile s", "PEFT step ms", "PEFT peak GiB",
                "ours speed-up"]
@@ -414,10 +423,10 @@ def print_table(results: list[dict]) -> str:
                      f"{_gib(ours['peak_bytes'])}; {_gib(ours['compiled_peak_bytes'])}", f"{ours['compile_s']:.1f}",
                      peft_ms if "skipped" not in peft else f"skipped: {peft['skipped']}",
                      _gib(peft.get("peak_bytes")),
-                     f"{peft['step_s'] / step:.2f}x" if "step_s" in peft else "–"]
+                     "smoke: –" if smoke else (f"{peft['step_s'] / step:.2f}x" if "step_s" in peft else "–")]
         lines.append("| " + " | ".join(cells) + " |")
     device = next((e["ours"].get("device_kind") for e in results if "device_kind" in e.get("ours", {})), "?")
-    text = f"device: {device}\n" + "\n".join(lines)
+    text = (f"{SMOKE_NOTE}\n" if smoke else "") + f"device: {device}\n" + "\n".join(lines)
     print(text)
     return text
 

@@ -3,7 +3,8 @@
 # the same device when torch sees a GPU. One table, JSON in benchmarks/results/accelerator.json, <= 8 minutes.
 #
 #   bash benchmarks/accelerator.sh            # GPT-2-medium, T5-base, a 1B Llama-shaped decoder (random weights)
-#   bash benchmarks/accelerator.sh --smoke    # tiny shapes, runs on a CPU in < 2 minutes (what tests run)
+#   bash benchmarks/accelerator.sh --smoke    # tiny shapes on a CPU in < 2 minutes: checks the script runs, not a
+#                                             # measurement (JSON to a temporary file; what tests run)
 #
 # Run on an NVIDIA H200 (JAX 0.11.2, torch 2.11 + CUDA 13): results in benchmarks/README.md. Not yet on a TPU.
 # See benchmarks/accelerator.py for what each column means.

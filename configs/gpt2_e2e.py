@@ -3,8 +3,9 @@
 lr 8e-5, 5 epochs, batch 10, prefix length 5, MLP mid dim 512, beam 5. Tables are linearized as
 `field : value | field : value`; the target follows the separator token (GPT-2's <|endoftext|>).
 The paper reports BLEU 69.7 (arXiv v1; 70.3 in the ACL version) with the official E2E scripts; we
-report sacreBLEU against all references. Offline: export GEM/e2e_nlg to csv with columns mr,ref and
-set data.data_files, or use configs/gpt2_e2e_offline.py.
+report sacreBLEU against all references. Offline: `hf download GEM/e2e_nlg --repo-type dataset --revision
+refs/convert/parquet --local-dir DIR` and set data.data_files.train=DIR/e2e_nlg/train/0000.parquet (and
+.validation), or use configs/gpt2_e2e_offline.py.
 """
 
 from configs import default

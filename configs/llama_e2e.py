@@ -3,7 +3,7 @@
 lr 8e-5, 5 epochs, batch 10, prefix length 5, MLP mid dim 512, beam 5 (as configs/gpt2_e2e.py). The
 prefix has Llama's grouped-query shape: per layer 8 K/V heads x 64 dims, taken as already-rotated keys;
 tokens follow it at positions P.. as with PEFT. The model is gated on the Hub: accept its licence, then
-`huggingface-cli download meta-llama/Llama-3.2-1B --local-dir DIR` and pass --config.model.name_or_path=DIR.
+`hf download meta-llama/Llama-3.2-1B --local-dir DIR` and pass --config.model.name_or_path=DIR.
 Weights load in bfloat16 (`model.param_dtype`); the prefix trains in float32.
 """
 

@@ -16,7 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from prefix_jax import logits_processing, prefix_bank
+from prefix_jax import fingerprint, logits_processing, prefix_bank
 from prefix_jax.models import masks
 from prefix_jax.models.attention import collect_kv, tokens_after_prefix
 from prefix_jax.models.prefix_contract import DECODER, Prefix
@@ -310,6 +310,34 @@ def generate(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, 
 
 
 def make_generate_fn(model: Any, cfg: GenerationConfig) -> Callable:
-    """`fn(lm_params, prefix, source_ids, source_mask, rng=None) -> tokens`, jitted; the LM stays an argument."""
-    return jax.jit(lambda lm_params, prefix, source_ids, source_mask, rng=None: generate(
-        model, lm_params, prefix, source_ids, source_mask, cfg, rng))
+    """`fn(lm_params, prefix, source_ids, source_mask, rng=None) -> tokens`, jitted; the LM stays an argument.
+
+    `model`: the Flax module (`lm.model`) or the `models.PretrainedLM` itself (then errors name it). Each call
+    first checks that the prefix fits the LM (`fingerprint.check_fits`): its shapes, and for a prefix read by
+    `prefix.load_export` the architecture and weights it was trained on; a mismatch is a
+    `fingerprint.PrefixMismatchError` naming both. The weights' fingerprint is computed once per `lm_params`.
+    """
+    lm_name = getattr(model, "name_or_path", None)
+    module = getattr(model, "model", model)
+    jitted = jax.jit(lambda lm_params, prefix, source_ids, source_mask, rng=None: generate(
+        module, lm_params, prefix, source_ids, source_mask, cfg, rng))
+    seen: list[tuple[Any, str]] = []  # (lm_params, fingerprint) of the last LM checked
+
+    def fn(lm_params: Any, prefix: Prefix, source_ids: jax.Array, source_mask: jax.Array,
+           rng: jax.Array | None = None) -> jax.Array:
+        known = None
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(lm_params))
+        if prefix.trained_on is not None and prefix.trained_on.lm_fingerprint and not traced:
+            if not (seen and seen[0][0] is lm_params):
+                seen[:] = [(lm_params, fingerprint.lm_fingerprint(lm_params))]
+            known = seen[0][1]
+        fingerprint.check_fits(prefix, module.config, lm_name=lm_name, fingerprint=known)
+        return jitted(lm_params, prefix, source_ids, source_mask, rng)
+
+    def lower(lm_params: Any, prefix: Prefix, *args: Any, **kwargs: Any) -> Any:
+        """`jax.jit(...).lower` of the same program (shapes checked; `lm_params` may be shapes only)."""
+        fingerprint.check_shapes(prefix, module.config, lm_name or "the LM")
+        return jitted.lower(lm_params, prefix, *args, **kwargs)
+
+    fn.lower = lower  # type: ignore[attr-defined]
+    return fn

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefix_jax import fingerprint
 from prefix_jax.models import common, dropout
 from prefix_jax.models.attention import KV
 from prefix_jax.models.prefix_contract import DECODER, Prefix, StackGeometry
@@ -226,8 +227,8 @@ def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | No
                 deterministic: bool = True) -> Prefix:
     """Trainable params -> the `Prefix` the model consumes. Dropout (if any) only when not deterministic.
 
-    Multi-task specs give a prefix bank (`prefix_bank.stack`, one prefix per task in `spec.tasks` order);
-    `prefix_bank.for_rows(prefix, task_ids)` then gives each row its task's prefix."""
+    Multi-task specs give a prefix bank (`prefix_bank.stack`, one prefix per task in `spec.tasks` order, named by
+    task); `prefix_bank.for_rows(prefix, task_ids or task names)` then gives each row its task's prefix."""
     if spec.tasks:
         from prefix_jax import prefix_bank
 
@@ -237,7 +238,7 @@ def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | No
         else:
             keys = jax.random.split(rng, len(spec.tasks))
             per_task = jax.vmap(lambda p, k: materialize(p, one, k, deterministic))(params, keys)
-        return prefix_bank.from_stacked(per_task)
+        return prefix_bank.from_stacked(per_task, names=tuple(spec.tasks))
     if spec.method == "embedding_only":
         embeds = params["prompt"]["embedding"]
         if spec.dropout and not deterministic:
@@ -291,11 +292,19 @@ def export(params: Mapping[str, Any], spec: PrefixSpec, directory: str | Path, m
     return directory
 
 
-def load_export(directory: str | Path) -> tuple[Prefix, dict]:
-    """Reads an `export` back: the `Prefix` and its metadata (check `metadata['base_model']` before use)."""
+def load_export(directory: str | Path, lm: Any = None) -> tuple[Prefix, dict]:
+    """Reads an `export` back: the `Prefix` (carrying the LM it was trained on, `Prefix.trained_on`) and its metadata.
+
+    With `lm` (a `models.PretrainedLM`), refuses a prefix trained on another LM (`fingerprint.PrefixMismatchError`,
+    naming both: other weights, architecture or shapes); without, `generate.make_generate_fn` checks when they meet.
+    """
     from safetensors.numpy import load_file
 
     directory = Path(directory)
+    for name in (EXPORT_META, EXPORT_WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} holds no {name}: pass a run's export/ directory (<workdir>/export, "
+                                    "or export/<task> for a multi-task run).")
     meta = json.loads((directory / EXPORT_META).read_text())
     tensors = load_file(directory / EXPORT_WEIGHTS)
     kv = {}
@@ -305,4 +314,8 @@ def load_export(directory: str | Path) -> tuple[Prefix, dict]:
             kv[placement] = KV(jnp.asarray(tensors[name]), jnp.asarray(tensors[f"{placement}.value"]))
     embeds = tensors.get("prompt_embeds")
     infix = meta["spec"]["method"] == "infix"
-    return Prefix(kv=kv, prompt_embeds=None if embeds is None else jnp.asarray(embeds), infix=infix), meta
+    prefix = Prefix(kv=kv, prompt_embeds=None if embeds is None else jnp.asarray(embeds), infix=infix,
+                    trained_on=fingerprint.trained_on(meta))
+    if lm is not None:
+        fingerprint.check_fits(prefix, lm.config, lm.params, lm.name_or_path)
+    return prefix, meta

@@ -5,15 +5,22 @@ whose placements hold a `BankKV`: keys/values `[L, J, H, P, K]` with P the longe
 prefix is right-aligned and its leading slots are masked, so every row sees exactly its own prefix:
 for T5's relative positions the distances from its real slots to the tokens are unchanged, and for
 learned position tables the tokens start after the row's own length (`attention.tokens_after_prefix`).
-`for_rows` then says which prefix each row of a batch uses; attention gathers it per layer.
+`for_rows` then says which prefix each row of a batch uses (by index, or by name for a bank stacked from a
+mapping); attention gathers it per layer.
+
+Row indices are checked (in range, or a known name) when `for_rows` gets concrete values. Inside `jax.jit` they
+are traced and cannot be: JAX's gather then clamps an index past the end to the last prefix and wraps a negative
+one, silently. Build the rows outside the jitted function (as `generate.make_generate_fn` callers and
+`evaluation` do) or check them there.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prefix_jax.models.attention import KV, BankKV
 from prefix_jax.models.prefix_contract import Prefix
@@ -23,11 +30,21 @@ class PrefixBankError(ValueError):
     """Prefixes that cannot share a bank, or a bad row index."""
 
 
-def stack(prefixes: Sequence[Prefix]) -> Prefix:
-    """T K/V prefixes -> one bank `Prefix` (rows all 0 until `for_rows`)."""
+def stack(prefixes: Sequence[Prefix] | Mapping[str, Prefix]) -> Prefix:
+    """T K/V prefixes -> one bank `Prefix` (rows all 0 until `for_rows`).
+
+    Given a mapping `{name: prefix}`, the bank carries the names (`Prefix.names`, in the mapping's order) and
+    `for_rows` takes them. Prefixes trained on different LMs (`Prefix.trained_on`) are refused."""
+    names = tuple(prefixes) if isinstance(prefixes, Mapping) else ()
+    prefixes = list(prefixes.values()) if isinstance(prefixes, Mapping) else list(prefixes)
     if not prefixes:
         raise PrefixBankError("a prefix bank needs at least one prefix.")
     first = prefixes[0]
+    label = lambda i: repr(names[i]) if names else str(i)
+    trained_on = {p.trained_on for p in prefixes if p.trained_on is not None}
+    if len({(t.lm_fingerprint, t.architecture) for t in trained_on}) > 1:
+        which = {label(i): p.trained_on.base_model for i, p in enumerate(prefixes) if p.trained_on is not None}
+        raise PrefixBankError(f"the prefixes were trained on different LMs ({which}); a bank holds prefixes of one LM.")
     for i, p in enumerate(prefixes):
         if p.prompt_embeds is not None:
             raise PrefixBankError(f"prefix {i} is an embedding-only prompt; a bank holds K/V prefixes only.")
@@ -49,11 +66,13 @@ def stack(prefixes: Sequence[Prefix]) -> Prefix:
         layers = key.shape[0]
         kv[placement] = BankKV(key, value, jnp.broadcast_to(valid, (layers, *valid.shape)),
                                jnp.zeros((layers, 1), jnp.int32))
-    return Prefix(kv=kv, infix=first.infix)
+    common = next((p.trained_on for p in prefixes if p.trained_on is not None), None)  # one LM, checked above
+    return Prefix(kv=kv, infix=first.infix, trained_on=common, names=names)
 
 
-def from_stacked(prefixes_T: Prefix) -> Prefix:
-    """T prefixes of one length, stacked on a leading axis (K/V `[T, L, H, P, K]`, e.g. from `jax.vmap`) -> a bank.
+def from_stacked(prefixes_T: Prefix, names: tuple[str, ...] = ()) -> Prefix:
+    """T prefixes of one length, stacked on a leading axis (K/V `[T, L, H, P, K]`, e.g. from `jax.vmap`) -> a bank
+    (carrying `names`, as `stack` of a mapping does).
 
     Equal to `stack` of the T prefixes, without a per-prefix op in the program."""
     kv = {}
@@ -61,7 +80,7 @@ def from_stacked(prefixes_T: Prefix) -> Prefix:
         tasks, layers, _, length, _ = parts.key.shape
         kv[placement] = BankKV(jnp.moveaxis(parts.key, 0, 1), jnp.moveaxis(parts.value, 0, 1),
                                jnp.ones((layers, tasks, length), bool), jnp.zeros((layers, 1), jnp.int32))
-    return Prefix(kv=kv, infix=prefixes_T.infix)
+    return Prefix(kv=kv, infix=prefixes_T.infix, names=names)
 
 
 def size(bank: Prefix) -> int:
@@ -69,8 +88,37 @@ def size(bank: Prefix) -> int:
     return next(iter(bank.kv.values())).key.shape[1]
 
 
-def for_rows(bank: Prefix, rows_B: jax.Array) -> Prefix:
-    """The bank with row b of the batch using prefix `rows_B[b]`."""
+def row_indices(bank: Prefix, rows: Sequence[int | str] | np.ndarray) -> np.ndarray:
+    """Concrete rows -> checked prefix indices `[B]`: each an index in [0, T) or a name the bank carries."""
+    values = list(np.asarray(rows).reshape(-1)) if not isinstance(rows, (list, tuple)) else list(rows)
+    count = size(bank)
+    out = []
+    for b, value in enumerate(values):
+        if isinstance(value, (str, np.str_)):
+            if value not in bank.names:
+                known = (f"the bank's names are {list(bank.names)}" if bank.names else
+                         "this bank has no names: stack a mapping {name: prefix} to use them")
+                raise PrefixBankError(f"row {b}: no prefix named {str(value)!r}; {known}.")
+            out.append(bank.names.index(value))
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise PrefixBankError(f"row {b}: {value!r} is not a prefix index (an int in [0, {count})) or name.")
+        if not 0 <= int(value) < count:
+            raise PrefixBankError(f"row {b}: prefix index {int(value)} is out of range; the bank holds {count} "
+                                  f"prefixes (0..{count - 1}).")
+        out.append(int(value))
+    return np.asarray(out, np.int32)
+
+
+def for_rows(bank: Prefix, rows_B: jax.Array | Sequence[int | str]) -> Prefix:
+    """The bank with row b of the batch using prefix `rows_B[b]`: an index in [0, T) or one of `bank.names`.
+
+    Concrete rows are checked (`PrefixBankError` for an index out of range or an unknown name); traced rows
+    (inside `jax.jit`) cannot be, and JAX clamps/wraps a bad index (see the module docstring)."""
+    if not is_bank(bank):
+        raise PrefixBankError("for_rows needs a bank (prefix_bank.stack); this is a single prefix.")
+    if not isinstance(rows_B, jax.core.Tracer):
+        rows_B = row_indices(bank, rows_B)
     rows_B = jnp.asarray(rows_B, jnp.int32)
     kv = {p: b._replace(rows=jnp.broadcast_to(rows_B, (b.key.shape[0], rows_B.shape[0])))
           for p, b in bank.kv.items()}
@@ -87,14 +135,16 @@ def repeat_rows(prefix: Prefix, times: int) -> Prefix:
 
 
 def is_bank(prefix: Prefix) -> bool:
+    """Whether `prefix` is a bank (`stack`) rather than one prefix."""
     return any(isinstance(b, BankKV) for b in prefix.kv.values())
 
 
 def single(bank: Prefix, index: int) -> Prefix:
     """Prefix `index` of a bank as a plain prefix (its real slots only)."""
+    index = int(row_indices(bank, [index])[0])
     kv = {}
     for placement, b in jax.device_get(bank.kv).items():
         valid = b.slot_valid[0, index]
         start = int(valid.shape[0] - valid.sum())
         kv[placement] = KV(jnp.asarray(b.key[:, index, :, start:]), jnp.asarray(b.value[:, index, :, start:]))
-    return Prefix(kv=kv, infix=bank.infix)
+    return Prefix(kv=kv, infix=bank.infix, trained_on=bank.trained_on)

@@ -54,7 +54,15 @@ class RunPlan:
 
 def start_processes(mesh: MeshOptions) -> None:
     """Joins the run's other processes (no-op for one); must come before anything touches a JAX device."""
-    sharding.initialize_distributed(mesh.coordinator_address or None, mesh.num_processes, mesh.process_id)
+    try:
+        sharding.initialize_distributed(mesh.coordinator_address or None, mesh.num_processes, mesh.process_id)
+    except ValueError as e:  # JAX's "coordinator_address should be defined": "auto" on a machine not in a cluster
+        if mesh.coordinator_address != sharding.AUTO or "coordinator_address" not in str(e):
+            raise
+        raise ConfigError(f"mesh.coordinator_address={sharding.AUTO!r} found no cluster here (JAX detects TPU pods, "
+                          "SLURM and Open MPI jobs); on one host set --config.mesh.coordinator_address='' (with a "
+                          "mesh.shape this host's devices fill), or give host:port with mesh.num_processes and "
+                          "mesh.process_id.") from None
 
 
 def prepare_offline_demo(model: ModelOptions) -> None:

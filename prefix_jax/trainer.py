@@ -24,6 +24,7 @@ from prefix_jax import checkpoint, data, evaluation, optim, partitioning, preemp
 from prefix_jax import log_filters, run_setup, sharding, train_steps
 from prefix_jax import workdir as workdir_lib
 from prefix_jax.config_checks import ConfigError
+from prefix_jax.fingerprint import lm_fingerprint  # noqa: F401  (trainer.lm_fingerprint: where it used to live)
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_init
 from prefix_jax.generate import make_generate_fn
@@ -32,30 +33,6 @@ from prefix_jax.models import sharded_load
 from prefix_jax.run_setup import RunPlan
 
 log = logging.getLogger("prefix_jax")
-
-
-def lm_fingerprint(lm_params: Any) -> str:
-    """Identifies the frozen LM by its weights, not its path: every leaf's path, shape, dtype and a corner of it.
-
-    The same checkpoint read from a Hub id or a local copy gives the same fingerprint; two fine-tunes of one
-    architecture do not. Works on host arrays and on an LM sharded over devices and processes (every process
-    must call it: the corners are gathered by one small jitted program).
-    """
-    corner = lambda x: x[tuple(slice(0, 2) for _ in x.shape)]
-    leaves = jax.tree.leaves(lm_params)
-    meshes = {x.sharding.mesh for x in leaves if isinstance(x, jax.Array) and hasattr(x.sharding, "mesh")}
-    if meshes:
-        replicated = jax.sharding.NamedSharding(next(iter(meshes)), jax.sharding.PartitionSpec())
-        corners = jax.jit(lambda t: jax.tree.map(corner, t), out_shardings=replicated)(lm_params)
-        corners = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), corners)
-    else:
-        corners = jax.tree.map(lambda x: np.asarray(corner(x)), lm_params)
-    h = hashlib.sha256()
-    for (path, leaf), (_, part) in zip(jax.tree_util.tree_flatten_with_path(lm_params)[0],
-                                       jax.tree_util.tree_flatten_with_path(corners)[0]):
-        h.update(f"{jax.tree_util.keystr(path)}|{tuple(leaf.shape)}|{leaf.dtype}|".encode())
-        h.update(np.asarray(part, np.float32).tobytes())
-    return h.hexdigest()[:32]
 
 
 def data_fingerprint(split: data.TokenizedSplit) -> str:
@@ -93,14 +70,54 @@ def run_metadata(plan: RunPlan) -> dict:
 
 
 def evaluate(plan: RunPlan, step: int, params: Any, lm_params: Any, eval_fn: Any, generate_fn: Any) -> dict:
-    """Eval-split loss, and (if configured) decoded outputs scored with the configured metrics."""
+    """Eval-split loss, and (if configured) decoded outputs scored with the configured metrics, written to a new
+    `predictions_<split>_<step>[_eval_only].jsonl` (`evaluation.predictions_path`: nothing is overwritten)."""
+    split, eval_only = plan.options.data.eval_split, plan.options.train.eval_only
+    if jax.process_index() == 0:
+        log.info("evaluating step %d on the %r split (%d examples)", step, split, len(plan.eval.split))
     result = evaluation.loss(plan.eval, plan.mesh, params, lm_params, eval_fn)
     if generate_fn is not None:
+        path = evaluation.predictions_path(plan.workdir, split, step, eval_only)
         scores = evaluation.generate_and_score(
             plan.eval, plan.mesh, plan.tokenizer, plan.spec, params, lm_params, generate_fn,
-            plan.options.eval.metrics, plan.options.eval.max_generate, plan.workdir / f"predictions_{step}.jsonl")
+            plan.options.eval.metrics, plan.options.eval.max_generate, path)
         result.update(scores)
+        if jax.process_index() == 0:
+            log.info("decoded outputs of step %d: %s", step, path)
     return result
+
+
+def default_config() -> dict | None:
+    """configs/default.py's fields (None when the repo's configs/ is not importable, e.g. an installed package)."""
+    try:
+        from configs import default
+    except ImportError:
+        return None
+    return default.get_config().to_dict()
+
+
+def config_lines(config: dict, defaults: dict | None = None, prefix: str = "") -> str:
+    """The config as `group.field = value` lines of plain Python values; with `defaults`, only the fields that
+    differ from them (the whole config when nothing differs would be empty: then it says so)."""
+    lines = []
+    for key, value in config.items():
+        default = (defaults or {}).get(key, _MISSING) if defaults is not None else _MISSING
+        if isinstance(value, dict):
+            below = None if defaults is None else (default if isinstance(default, dict) else {})
+            inner = config_lines(value, below, f"{prefix}{key}.")
+            lines += [inner] if inner else []
+        elif defaults is None or default is _MISSING or _plain(value) != _plain(default):
+            lines.append(f"  {prefix}{key} = {_plain(value)!r}")
+    text = "\n".join(lines)
+    return text if text or prefix else "  (all defaults)"
+
+
+_MISSING = object()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists alike (a config's sequences are tuples; JSON round trips make lists)."""
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclasses.dataclass
@@ -215,7 +232,8 @@ def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
                 checkpoint.set_aside(ckpt_dir, resume.corrupt_steps)
                 mngr.reload()
             if is_main:
-                log.info("config:\n%s", c.config_text)
+                log.info("config (the fields that differ from configs/default.py; every field is in %s/config.json, "
+                         "each run's in runs.jsonl):\n%s", plan.workdir, config_lines(c.config, default_config()))
                 workdir_lib.record_run(plan.workdir, c.config, "eval_only" if c.train.eval_only else "train",
                                        resume.step if resume else 0)
         state = resume.state if resume is not None else fresh_state(plan, tx)
@@ -304,12 +322,15 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
                         summary["train_loss"] = host["train_loss"]
                     if lock is not None:
                         lock.heartbeat()
+                progress.update(1)
                 if plan.eval is not None and ((c.train.eval_every and done % c.train.eval_every == 0)
                                                or done == plan.total_steps):
+                    began = time.perf_counter()
                     result = evaluate(plan, done, state.params, lm_params, eval_fn, generate_fn)
                     writer.write(done, result)
                     summary.update({k: float(v) for k, v in result.items()})
-                progress.update(1)
+                    last_time += time.perf_counter() - began  # steps_per_sec counts training steps only
+                    progress.unpause()  # and so does the bar's rate
                 if stop.should_stop(done):
                     save(done)
                     checkpoint.wait(mngr)
@@ -319,10 +340,14 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
     finally:
         progress.close()  # ends the bar's line: an error prints on a line of its own
     stop.immediate = False  # the last saves and the export finish; a signal now only ends a complete run
+    if is_main:
+        log.info("writing the last checkpoint (step %d)", end)
     checkpoint.wait(mngr)
 
     if c.train.export and is_main and end == plan.total_steps:
+        log.info("exporting the prefix (without its MLP) to %s", plan.workdir / "export")
         summary["export"] = export(plan, state.params, meta)
+        log.info("exported: %s", summary["export"])
     summary["final_step"] = int(jax.device_get(state.step))
     return summary
 
@@ -346,7 +371,12 @@ def export(plan: RunPlan, params: Any, meta: dict) -> str:
 
 
 def _summarize(window: list[dict], steps: int, seconds: float) -> dict:
-    """One log row from the metrics of the steps since the last: means over the steps that were not skipped."""
+    """One metrics.jsonl row for the `steps` steps since the last row.
+
+    `loss`, `grad_norm`, `learning_rate`, `tokens`: the last step's values (`loss` is NaN when that step was
+    skipped); `train_loss`: the mean loss over the steps of the window that were not skipped (the smoother
+    curve); `steps_per_sec`: training steps only (evaluation time is left out); `skipped_steps`: non-finite
+    steps in the window."""
     skipped = np.asarray([m["skipped"] for m in window], bool)
     row: dict = {"steps": steps, "skipped_steps": int(skipped.sum()), "steps_per_sec": steps / max(seconds, 1e-9)}
     last = window[-1]

@@ -579,7 +579,7 @@ def test_train_py_checkpoints_resumes_and_exports(tiny_llama_dir, tmp_path):
         1, 2, 3, 4]
     for run_dir in ("straight", "resumed"):
         assert (tmp_path / run_dir / "export" / "prefix.safetensors").is_file()
-        assert list((tmp_path / run_dir).glob("predictions_4.jsonl"))
+        assert list((tmp_path / run_dir).glob("predictions_validation_4.jsonl"))
     a, _ = prefix_lib.load_export(tmp_path / "straight" / "export")
     b, _ = prefix_lib.load_export(tmp_path / "resumed" / "export")
     np.testing.assert_array_equal(a.kv[DECODER].key, b.kv[DECODER].key)

@@ -47,7 +47,7 @@ def test_each_task_trains_and_exports_its_own_prefix(tiny_gpt2_dir, tmp_path):
     assert summary["final_step"] == 3 and summary["generated"] == 6
     meta = checkpoint.read_meta(checkpoint.manager(tmp_path / "run" / "checkpoints", read_only=True))
     assert meta["prefix_spec"]["tasks"] == ["describe", "name"]
-    predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions_3.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions_validation_3.jsonl").read_text().splitlines()]
     assert {p["task"] for p in predictions} == {"describe", "name"}
 
     # Each row used its own task's prefix: the bank's eval loss on one task's rows equals that task's export

@@ -141,7 +141,9 @@ def test_train_py_runs_end_to_end(tiny_t5_dir, tmp_path):
                   "--config.data.max_source_length=32", "--config.data.max_target_length=16",
                   "--config.prefix.length=4", "--config.prefix.mlp_hidden=16")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "prefix:" in out.stderr + out.stdout  # the resolved config is printed
+    log = out.stderr + out.stdout
+    assert "prefix.length = 4" in log and "!!python" not in log  # the fields that differ, as plain values
+    assert "evaluating step 6" in log and "exporting the prefix" in log  # no bar frozen at N-1/N without a word
     assert (workdir / "checkpoints" / "6").is_dir()
     assert (workdir / "export" / prefix_lib.EXPORT_WEIGHTS).is_file()
     assert [row["step"] for row in read_metrics(workdir) if "loss" in row] == [2, 4, 6]

@@ -30,6 +30,20 @@ class StackGeometry:
         return 2 * self.num_layers * self.num_heads * self.head_dim
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainedOn:
+    """The LM a prefix was trained on, as its export records it (None: not recorded, not checked).
+
+    base_model: the name or path it was loaded from (for messages: a local copy of a Hub model has another name
+    and the same weights); lm_fingerprint: `fingerprint.lm_fingerprint` of its weights; architecture: its
+    `model_type`. `fingerprint.check_fits` compares them with the LM a prefix is given to.
+    """
+
+    base_model: str | None = None
+    lm_fingerprint: str | None = None
+    architecture: str | None = None
+
+
 @flax.struct.dataclass
 class Prefix:
     """What a model consumes besides its params and the batch.
@@ -38,11 +52,17 @@ class Prefix:
     prompt_embeds: `[P, D]` virtual-token embeddings put in front of the (encoder) input, or None.
     infix: the DECODER K/V sit between source and target (`[x; INFIX; y]`): only target tokens
       attend to them, and target positions continue after them (decoder-only models).
+    trained_on: the LM it was trained on (`prefix.load_export` sets it; `make_generate_fn` then refuses another LM);
+      None for a prefix built in memory (only its shapes are checked).
+    names: a prefix bank's task names, in bank order (`prefix_bank.stack` given a mapping), so that
+      `prefix_bank.for_rows` takes names; () otherwise.
     """
 
     kv: dict[str, KV] = flax.struct.field(default_factory=dict)
     prompt_embeds: jax.Array | None = None
     infix: bool = flax.struct.field(pytree_node=False, default=False)
+    trained_on: TrainedOn | None = flax.struct.field(pytree_node=False, default=None)
+    names: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
     def length(self, placement: str) -> int:
         """P of a placement's K/V (0 when it has none)."""
