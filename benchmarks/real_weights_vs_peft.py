@@ -99,8 +99,8 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "train_loss" in r]
     window_s = [1 / r["steps_per_sec"] for r in logged[1:]]  # the first window holds the compile
-    predictions = [json.loads(line)["prediction"] for line in
-                   (workdir / f"predictions_{args.steps}.jsonl").read_text().splitlines()]
+    (written,) = workdir.glob(f"predictions_*_{args.steps}.jsonl")  # predictions_<split>_<step>.jsonl
+    predictions = [json.loads(line)["prediction"] for line in written.read_text().splitlines()]
     return {"loss_every_10": {r["step"]: r["train_loss"] for r in logged}, "step_s": statistics.median(window_s),
             "bleu": summary["bleu"], "generated": summary["generated"], "peak_rss_mib": peak_rss_mib(),
             "wall_s": wall, "predictions": predictions}
