@@ -67,7 +67,17 @@ def download_wheel(name: str, version: str, directory: Path, field: str) -> Path
     wheel = _wheel_in(directory, name, version) if directory.is_dir() else None
     if wheel is not None:
         return wheel
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_into(name, version, directory, field)
+    except hub.ModelNotFoundError:
+        if created:
+            directory.rmdir()  # a failed download leaves no trace in the cache
+        raise
+
+
+def _download_into(name: str, version: str, directory: Path, field: str) -> Path:
     with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as staging:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
                    "--disable-pip-version-check", "--quiet", "--retries", "2", "--timeout", "30", "--dest", staging,
