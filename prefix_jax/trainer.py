@@ -188,6 +188,7 @@ def run(config: Any) -> dict:
     """
     options = run_options.from_config(config)  # the only read of `config`
     log_filters.install()
+    run_setup.start_processes(options.mesh)  # before anything touches a device (StopSignal asks the process count)
     with preemption.StopSignal() as stop:
         summary = _run(options, stop)
     if stop.received is not None:
@@ -197,7 +198,6 @@ def run(config: Any) -> dict:
 
 def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
     """`run`, with `stop` catching signals throughout."""
-    run_setup.start_processes(options.mesh)  # before anything touches a device, the tiny builder included
     def offline_demo() -> None:  # after the data is read: a run refused for its data builds nothing
         with stop.deferred():  # a signal does not leave a half-built tiny model
             run_setup.prepare_offline_demo(options.model)
