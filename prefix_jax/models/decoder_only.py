@@ -77,7 +77,7 @@ class DecoderOnly(common.DecoderCache, nn.Module):
         return h, source_len
 
     def packed_hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
-        """Final hidden states `[B, L, D]` of packed rows (`data.pack_rows`): `ids` holds several examples'
+        """Final hidden states `[B, L, D]` of packed rows (`data.packed_batch`): `ids` holds several examples'
         `[x; SEP; y[:-1]]` one after another, `segment_ids` says which example each slot belongs to (0: padding).
 
         Each example sees the prefix and its own tokens only, at the positions it has when alone.
