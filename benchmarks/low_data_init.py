@@ -4,8 +4,10 @@
 
 Li & Liang (2021, Section 7.2, Figure 5) report that initialising the prefix with the activations of real
 words ("table-to-text:") beats random initialisation when training data is scarce. This trains the real
-demo model (configs/smollm2_e2e.py: SmolLM2-135M-Instruct) on the first N bundled E2E training examples for
-a fixed number of steps, once per (N, init, seed): `prefix.init=words` with `prefix.init_text=
+demo model (configs/smollm2_e2e.py: SmolLM2-135M-Instruct) on N bundled E2E training rows drawn at random
+(the seed draws the sample, as the paper samples several low-data sets; the bundled dev set is sorted by
+restaurant, so its first N rows would all describe one or two places) for a fixed number of steps, once per
+(N, init, seed): `prefix.init=words` with `prefix.init_text=
 "table-to-text:"` (as many virtual tokens as the text has) against `prefix.init=normal` with the same length,
 each through train.py's own loop, and reports greedy BLEU on the same test sources, whatever the outcome.
 """
@@ -13,7 +15,9 @@ each through train.py's own loop, and reports greedy BLEU on the same test sourc
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -24,13 +28,24 @@ import _common as c
 INIT_TEXT = "table-to-text:"
 
 
+def write_sample(source_csv: Path, size: int, seed: int, out: Path) -> Path:
+    """`size` rows of `source_csv` drawn at random with `seed` (header kept), written to `out`."""
+    with open(source_csv, newline="", encoding="utf-8") as f:
+        header, *rows = list(csv.reader(f))
+    sample = random.Random(seed).sample(rows, size)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *sample])
+    return out
+
+
 def run_one(model: str, size: int, init: str, seed: int, steps: int, sources: int, length: int, workdir: Path) -> dict:
     from configs import smollm2_e2e
     from prefix_jax import trainer
 
     config = smollm2_e2e.get_config()
     config.model.name_or_path = model
-    config.data.max_train_examples = size
+    config.data.data_files.train = str(write_sample(Path(config.data.data_files.train), size, seed,
+                                                    workdir.parent / f"train-{size}-{seed}.csv"))
     config.eval.max_generate = sources
     config.prefix.init = init
     config.prefix.init_text = INIT_TEXT if init == "words" else ""
@@ -41,7 +56,7 @@ def run_one(model: str, size: int, init: str, seed: int, steps: int, sources: in
     config.train.workdir = str(workdir)
     summary = trainer.run(config)
     return {"size": size, "init": init, "seed": seed, "bleu": summary["bleu"], "train_loss": summary["train_loss"],
-            "eval_loss": summary.get("loss")}
+            "eval_loss": summary.get("eval_loss")}
 
 
 def main() -> None:
