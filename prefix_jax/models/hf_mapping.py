@@ -178,17 +178,16 @@ def bind(table: Any, source: TensorSource, what: str) -> Any:
     the shape the config implies (`what`: where the config came from, e.g. "its config.json")."""
     present = source.names()
 
-    def resolve(src: FromHF | Zeros) -> FromHF | Zeros:
-        if isinstance(src, FromHF) and src.optional and not all(n in present for n in src.names):
-            return Zeros(src.shape)
-        for name in getattr(src, "names", ()):
-            if name not in present:
-                raise hub.ModelNotFoundError(
-                    f"checkpoint {source.where} has no tensor {name!r}: it is not the architecture its config "
-                    "names, or it was saved by an incompatible library version.")
-        return src
+    def resolve(src: FromHF) -> FromHF | Zeros:
+        return Zeros(src.shape) if src.optional and not all(n in present for n in src.names) else src
 
     bound = jax.tree.map(resolve, table, is_leaf=is_leaf)
+    missing = sorted(name for name in hf_shapes(bound) if name not in present)
+    if missing:
+        names = ", ".join(repr(n) for n in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise hub.ModelNotFoundError(
+            f"checkpoint {source.where} has no tensor {names}: it is not the architecture its config names, or it "
+            "was saved by an incompatible library version.")
     for name, expected in hf_shapes(bound).items():
         shape = source.shape(name)
         if shape != expected:
