@@ -1,6 +1,6 @@
 """Random tiny checkpoints in Hugging Face format, built without torch or network (offline demos, tests).
 
-The weights come from our own Flax initialisation, written with the architecture's `params_to_hf`;
+The weights come from our own Flax initialisation, written through the architecture's HF table (`models.params_to_hf`);
 the tokenizer is the real GPT-2 byte-level BPE bundled in data/gpt2-tokenizer (plus a `<pad>` token
 for encoder-decoders, which start decoding from it as T5 does).
 """
@@ -117,7 +117,7 @@ def build_tiny_checkpoint(directory: str | Path, architecture: str, seed: int = 
     config = arch.Config.from_hf(hf_config, set())
     params = jax.jit(arch.Model(config).init)(jax.random.PRNGKey(seed), _dummy_batch())["params"]  # one compile, not one per op
     params = _unit_norm_token_rows(params, hf_config.model_type)
-    tensors = arch.params_to_hf(params, config)
+    tensors = models.params_to_hf(params, config)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
     try:

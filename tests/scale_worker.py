@@ -18,7 +18,7 @@ from tolerances import F32_REORDERED_RTOL
 from prefix_jax import models, optim, partitioning, sharding, tiny_checkpoints, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.generate import GenerationConfig, make_generate_fn
-from prefix_jax.models import sharded_load
+from prefix_jax.models import hf_mapping, sharded_load
 
 STRATEGY = "fsdp_tensor"
 
@@ -48,7 +48,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
         params = t5.Model(cfg).init(jax.random.PRNGKey(0), batch)["params"]
         v11.mkdir(parents=True, exist_ok=True)
         hf.save_pretrained(v11)
-        save_file(t5.params_to_hf(params, cfg), str(v11 / "model.safetensors"))
+        save_file(models.params_to_hf(params, cfg), str(v11 / "model.safetensors"))
     out["t5_v11"] = v11
 
     def rewrite(name: str, source: Path, convert) -> None:
@@ -85,42 +85,25 @@ def mesh_of(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
 
 
 class ReadSpy:
-    """Wraps `sharded_load._open` and records every slice read: (tensor name, elements read)."""
+    """Wraps `hf_mapping.SafetensorsFiles.read` and records every slice read: (tensor name, elements read)."""
 
     def __init__(self):
         self.reads: list[tuple[str, int]] = []
-        self._open = sharded_load._open
+        self._read = hf_mapping.SafetensorsFiles.read
 
     def __enter__(self):
-        spy = self
+        spy, read = self, self._read
 
-        class Slice:
-            def __init__(self, inner, name):
-                self.inner, self.name = inner, name
+        def recording(source, name, index):
+            block = read(source, name, index)
+            spy.reads.append((name, block.size))
+            return block
 
-            def get_shape(self):
-                return self.inner.get_shape()
-
-            def __getitem__(self, index):
-                x = self.inner[index]
-                spy.reads.append((self.name, x.size))
-                return x
-
-        class Handle:
-            def __init__(self, inner):
-                self.inner = inner
-
-            def keys(self):
-                return self.inner.keys()
-
-            def get_slice(self, name):
-                return Slice(self.inner.get_slice(name), name)
-
-        sharded_load._open = lambda path: Handle(self._open(path))
+        hf_mapping.SafetensorsFiles.read = recording
         return self
 
     def __exit__(self, *exc):
-        sharded_load._open = self._open
+        hf_mapping.SafetensorsFiles.read = self._read
 
 
 def check_loading(root: Path) -> dict:
@@ -140,14 +123,7 @@ def check_loading(root: Path) -> dict:
                 with ReadSpy() as spy:
                     lm = sharded_load.load_sharded(str(directory), mesh, STRATEGY, dtype)
                 assert jax.tree.structure(lm.params) == jax.tree.structure(reference.params), name
-                arch = models.architecture(lm.config.architecture)
-                if not hasattr(arch, "hf_layout"):  # no block layout (Llama today): a full read, then placement
-                    for ours, ref in zip(jax.tree.leaves(lm.params), jax.tree.leaves(reference.params)):
-                        np.testing.assert_array_equal(np.asarray(jax.device_get(ours)), ref)
-                    continue
-                layout = arch.hf_layout(lm.config, set(sharded_load.Checkpoint(directory).files))
-                sources = jax.tree.leaves(layout, is_leaf=lambda x: isinstance(x, (sharded_load.FromHF,
-                                                                                    sharded_load.Zeros)))
+                sources = hf_mapping.leaves(models.open_checkpoint(str(directory), dtype, lazy=True).table)
                 expected_reads = 0
                 sharded = 0
                 for src, ours, ref in zip(sources, jax.tree.leaves(lm.params), jax.tree.leaves(reference.params)):
@@ -156,13 +132,13 @@ def check_loading(root: Path) -> dict:
                     assert np.array_equal(host.view(np.uint8), np.asarray(ref).view(np.uint8)), (name, src)
                     blocks = {tuple((s.start, s.stop) for s in index)
                               for index in ours.sharding.devices_indices_map(ours.shape).values()}
-                    if isinstance(src, sharded_load.FromHF):
+                    if isinstance(src, hf_mapping.FromHF):
                         expected_reads += len(src.names) * len(blocks)
                     if len(blocks) == 4:  # sharded 4 ways
                         sharded += 1
                         for shard in ours.addressable_shards:
                             assert shard.data.size * 4 == ours.size, (name, src, shard.data.shape)
-                        if isinstance(src, sharded_load.FromHF):
+                        if isinstance(src, hf_mapping.FromHF):
                             for tensor_name in src.names:
                                 sizes = [n for t, n in spy.reads if t == tensor_name]
                                 full = hf_sizes[name][tensor_name]
@@ -171,6 +147,34 @@ def check_loading(root: Path) -> dict:
                 assert sharded >= 5, (name, shape, sharded)
                 report[f"{name}/{dtype}/{shape}"] = {"sharded_leaves": sharded, "reads": len(spy.reads)}
     return report
+
+
+def check_process_loading(directory: Path, coordinator: str, process_id: int) -> dict:
+    """One of 2 processes x 4 devices, mesh (1, 8, 1): the LM split across the processes. This process's shards
+    equal `load_pretrained` bitwise, and it read only its devices' blocks (the bytes the loader logs)."""
+    import logging
+
+    sharding.initialize_distributed(coordinator, 2, process_id)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("prefix_jax")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    lm = sharded_load.load_sharded(str(directory), mesh_of((1, 8, 1)), STRATEGY)
+    reference = models.load_pretrained(str(directory))
+    for ours, ref in zip(jax.tree.leaves(lm.params), jax.tree.leaves(reference.params)):
+        for shard in ours.addressable_shards:
+            assert np.array_equal(np.asarray(shard.data).view(np.uint8), ref[shard.index].view(np.uint8))
+    line = next(l for l in lines if "LM loaded into its shards" in l)
+    read, total = _bytes_in(line)
+    return {"process": process_id, "architecture": lm.config.architecture, "bytes_read": read, "total_bytes": total,
+            "fraction": read / total, "log": line}
+
+
+def _bytes_in(line: str) -> tuple[int, int]:
+    numbers = [int(w) for w in line.replace(",", " ").split() if w.isdigit()]
+    return numbers[-2], numbers[-1]
 
 
 # --- training ----------------------------------------------------------------------------------------------------
@@ -332,4 +336,7 @@ CHECKS = {"loading": check_loading, "training": check_training, "memory": check_
 
 if __name__ == "__main__":
     check, root = sys.argv[1], Path(sys.argv[2])
-    print(json.dumps(CHECKS[check](root)))
+    if check == "process_loading":  # DIRECTORY COORDINATOR PROCESS_ID
+        print(json.dumps(check_process_loading(root, sys.argv[3], int(sys.argv[4]))))
+    else:
+        print(json.dumps(CHECKS[check](root)))

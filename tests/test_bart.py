@@ -14,7 +14,7 @@ from hf_fixtures import hf_decoder_cache as _hf_decoder_cache, left_pad, max_abs
 from tolerances import F32_ATOL
 from transformers import BartConfig, BartForConditionalGeneration
 
-from prefix_jax.models import CROSS, DECODER, ENCODER, KV, Prefix, bart, load_pretrained
+from prefix_jax.models import CROSS, DECODER, ENCODER, KV, Prefix, bart, load_pretrained, params_to_hf
 from prefix_jax.models.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
@@ -276,7 +276,7 @@ def test_params_round_trip_to_hf_names(plain):
     from safetensors.numpy import load_file
 
     saved = load_file(lm.model_dir / "model.safetensors")
-    ours = bart.params_to_hf(lm.params, lm.config)
+    ours = params_to_hf(lm.params, lm.config)
     assert set(ours) == set(saved)
     for name, x in saved.items():
         np.testing.assert_array_equal(ours[name], x, err_msg=name)

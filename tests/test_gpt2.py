@@ -16,7 +16,7 @@ from tolerances import F32_ATOL
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache
 
-from prefix_jax.models import DECODER, NO_PREFIX, Prefix, gpt2, load_pretrained, masks
+from prefix_jax.models import DECODER, NO_PREFIX, Prefix, gpt2, load_pretrained, masks, params_to_hf
 from prefix_jax.models.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
@@ -333,7 +333,7 @@ def test_checkpoint_layouts_and_round_trip(base, tmp_path):
     # `GPT2Model` (and the original OpenAI upload) has no "transformer." in its tensor names.
     bare = load_pretrained(str(save_tiny(hf.transformer, tmp_path / "bare")))
     jax.tree.map(np.testing.assert_array_equal, bare.params, lm.params)
-    tensors = gpt2.params_to_hf(lm.params, lm.config)
+    tensors = params_to_hf(lm.params, lm.config)
     expected = {k: v.numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     assert set(tensors) == set(expected)
     for name, value in expected.items():

@@ -27,7 +27,7 @@ from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_init, train_steps
 from prefix_jax.data import pad
 from prefix_jax.generate import GenerationConfig, make_generate_fn
-from prefix_jax.models import DECODER, KV, NO_PREFIX, Prefix, llama, load_pretrained, masks
+from prefix_jax.models import DECODER, KV, NO_PREFIX, Prefix, llama, load_pretrained, masks, params_to_hf
 from prefix_jax.models.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
@@ -453,7 +453,7 @@ def test_param_axes_match_every_leaf_exactly_once(pairs, name):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_checkpoint_round_trip(pairs, name):
     hf, lm = pairs(name)
-    tensors = llama.params_to_hf(lm.params, lm.config)
+    tensors = params_to_hf(lm.params, lm.config)
     expected = {k: v.numpy() for k, v in hf.state_dict().items()
                 if not (lm.config.tie_word_embeddings and k == "lm_head.weight")}
     assert set(tensors) == set(expected)

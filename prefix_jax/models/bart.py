@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Collection
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, encoder_decoder
+from prefix_jax.models import hf_mapping as hm
 from prefix_jax.models.attention import MultiHeadAttention
 from prefix_jax.models.dropout import Dropout
-from prefix_jax.models.hub import take
 from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
 
 POSITION_OFFSET = 2  # HF/fairseq BART: position p is row p + 2 of the position table
@@ -227,125 +226,41 @@ _EMBEDDING_NAMES = ("model.shared.weight", "model.encoder.embed_tokens.weight", 
                     "lm_head.weight")
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
-    """HF `BartForConditionalGeneration` state dict -> our params (layers stacked on a leading axis)."""
-    t = lambda name: take(tensors, name, where)
-
-    def attention(prefix: str, heads: int) -> dict:
-        K = cfg.d_model // heads
-        out = {ours: {"kernel": common.heads_in_kernel(t(f"{prefix}.{theirs}.weight"), heads, K),
-                      "bias": common.heads_in_bias(t(f"{prefix}.{theirs}.bias"), heads, K)}
-               for ours, theirs in _PROJECTIONS}
-        out["out"] = {"kernel": common.heads_out_kernel(t(f"{prefix}.out_proj.weight"), heads, K),
-                      "bias": t(f"{prefix}.out_proj.bias")}
-        return out
-
-    def norm(prefix: str) -> dict:
-        return {"scale": t(f"{prefix}.weight"), "bias": t(f"{prefix}.bias")}
-
-    def layer(stack: str, heads: int, i: int) -> dict:
-        p = f"model.{stack}.layers.{i}"
-        out = {"ffn_norm": norm(f"{p}.final_layer_norm")}
-        for ours, (attn, ln) in _SUBLAYERS.items():
-            if stack == "decoder" or ours == "self_attention":
-                out[ours] = attention(f"{p}.{attn}", heads)
-                out[f"{ours}_norm"] = norm(f"{p}.{ln}")
-        for fc in ("fc1", "fc2"):
-            out[fc] = {"kernel": common.dense_kernel(t(f"{p}.{fc}.weight")), "bias": t(f"{p}.{fc}.bias")}
-        return out
-
-    def stack(name: str, num_layers: int, heads: int) -> dict:
-        return {
-            "embed_positions": {"embedding": t(f"model.{name}.embed_positions.weight")},
-            "layernorm_embedding": norm(f"model.{name}.layernorm_embedding"),
-            "layers": common.stacked(num_layers, lambda i: layer(name, heads, i)),
-        }
-
-    embedding = next((n for n in _EMBEDDING_NAMES if n in tensors), _EMBEDDING_NAMES[0])
-    bias = tensors.get("final_logits_bias")  # a buffer: absent from some checkpoints, then zeros
-    params = {
-        "shared": {"embedding": t(embedding)},
-        "encoder": stack("encoder", cfg.encoder_layers, cfg.encoder_attention_heads),
-        "decoder": stack("decoder", cfg.decoder_layers, cfg.decoder_attention_heads),
-        "final_logits_bias": np.zeros(cfg.vocab_size, np.float32) if bias is None else bias.reshape(-1),
-    }
-    return params
-
-
-def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
-    """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
-    from prefix_jax.models import sharded_load as sl
-
+def hf_table(cfg: Config, tensor_names: Collection[str] | None = None) -> dict:
+    """The one HF mapping (`hf_mapping.FromHF` per leaf) of `BartForConditionalGeneration`: layers stacked on a
+    leading axis, torch Linear weights transposed, q/k/v/out split into heads. The token embedding is read from
+    whichever copy the checkpoint keeps (written back as `model.shared.weight`)."""
     D = cfg.d_model
 
     def stack(name: str, num_layers: int, heads: int, ffn: int) -> dict:
-        K, p = D // heads, f"model.{name}.layers.{{i}}"
-        per_layer = lambda w, *split, **kw: sl.layers(num_layers, f"{p}.{w}", *split, **kw)
-        norm = lambda n: {"scale": per_layer(f"{n}.weight", (D,)), "bias": per_layer(f"{n}.bias", (D,))}
+        K = D // heads
+        layer = lambda w, *split, **kw: hm.layers(num_layers, f"model.{name}.layers.{{i}}.{w}", *split, **kw)
+        norm = lambda n: {"scale": layer(f"{n}.weight", (D,)), "bias": layer(f"{n}.bias", (D,))}
         out: dict = {"ffn_norm": norm("final_layer_norm")}
         for ours, (attn, ln) in _SUBLAYERS.items():
             if name == "decoder" or ours == "self_attention":
-                out[ours] = {o: {"kernel": per_layer(f"{attn}.{t}.weight", (D,), (heads, K), transpose=True),
-                                 "bias": per_layer(f"{attn}.{t}.bias", (heads, K))} for o, t in _PROJECTIONS}
-                out[ours]["out"] = {"kernel": per_layer(f"{attn}.out_proj.weight", (heads, K), (D,), transpose=True),
-                                    "bias": per_layer(f"{attn}.out_proj.bias", (D,))}
+                out[ours] = {o: {"kernel": layer(f"{attn}.{t}.weight", (D,), (heads, K), transpose=True),
+                                 "bias": layer(f"{attn}.{t}.bias", (heads, K))} for o, t in _PROJECTIONS}
+                out[ours]["out"] = {"kernel": layer(f"{attn}.out_proj.weight", (heads, K), (D,), transpose=True),
+                                    "bias": layer(f"{attn}.out_proj.bias", (D,))}
                 out[f"{ours}_norm"] = norm(ln)
-        out["fc1"] = {"kernel": per_layer("fc1.weight", (D,), (ffn,), transpose=True),
-                      "bias": per_layer("fc1.bias", (ffn,))}
-        out["fc2"] = {"kernel": per_layer("fc2.weight", (ffn,), (D,), transpose=True),
-                      "bias": per_layer("fc2.bias", (D,))}
+        out["fc1"] = {"kernel": layer("fc1.weight", (D,), (ffn,), transpose=True), "bias": layer("fc1.bias", (ffn,))}
+        out["fc2"] = {"kernel": layer("fc2.weight", (ffn,), (D,), transpose=True), "bias": layer("fc2.bias", (D,))}
         base = f"model.{name}"
-        return {"embed_positions": {"embedding": sl.tensor(f"{base}.embed_positions.weight",
+        return {"embed_positions": {"embedding": hm.tensor(f"{base}.embed_positions.weight",
                                                            (cfg.max_position_embeddings + POSITION_OFFSET,), (D,))},
-                "layernorm_embedding": {"scale": sl.tensor(f"{base}.layernorm_embedding.weight", (D,)),
-                                        "bias": sl.tensor(f"{base}.layernorm_embedding.bias", (D,))},
+                "layernorm_embedding": {"scale": hm.tensor(f"{base}.layernorm_embedding.weight", (D,)),
+                                        "bias": hm.tensor(f"{base}.layernorm_embedding.bias", (D,))},
                 "layers": out}
 
-    embedding = next((n for n in _EMBEDDING_NAMES if n in tensor_names), _EMBEDDING_NAMES[0])
+    embedding = next((n for n in _EMBEDDING_NAMES if n in (tensor_names or ())), _EMBEDDING_NAMES[0])
     V = cfg.vocab_size
     return {
-        "shared": {"embedding": sl.tensor(embedding, (V,), (D,))},
+        "shared": {"embedding": hm.tensor(embedding, (V,), (D,))},
         "encoder": stack("encoder", cfg.encoder_layers, cfg.encoder_attention_heads, cfg.encoder_ffn_dim),
         "decoder": stack("decoder", cfg.decoder_layers, cfg.decoder_attention_heads, cfg.decoder_ffn_dim),
-        # A buffer [1, V]: absent from some checkpoints, then zeros.
-        "final_logits_bias": sl.tensor("final_logits_bias", (), (V,)) if "final_logits_bias" in tensor_names
-        else sl.Zeros((V,)),
+        "final_logits_bias": hm.tensor("final_logits_bias", (), (V,), optional=True),  # a [1, V] buffer
     }
-
-
-def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
-    """Inverse of `params_from_hf`: our params -> a HF BART state dict (e.g. to write a tiny checkpoint)."""
-    p = jax.tree.map(np.asarray, params)
-    out: dict[str, np.ndarray] = {"model.shared.weight": p["shared"]["embedding"],
-                                  "final_logits_bias": p["final_logits_bias"][None]}
-
-    def put_norm(prefix: str, n: Mapping, i: int | None = None) -> None:
-        pick = (lambda x: x) if i is None else (lambda x: x[i])
-        out[f"{prefix}.weight"], out[f"{prefix}.bias"] = pick(n["scale"]), pick(n["bias"])
-
-    for stack, num_layers in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
-        s, base = p[stack], f"model.{stack}"
-        out[f"{base}.embed_positions.weight"] = s["embed_positions"]["embedding"]
-        put_norm(f"{base}.layernorm_embedding", s["layernorm_embedding"])
-        layers = s["layers"]
-        for i in range(num_layers):
-            lp = f"{base}.layers.{i}"
-            put_norm(f"{lp}.final_layer_norm", layers["ffn_norm"], i)
-            for ours, (attn, ln) in _SUBLAYERS.items():
-                if ours not in layers:
-                    continue
-                a = layers[ours]
-                for proj, theirs in _PROJECTIONS:
-                    kernel_DxHxK = a[proj]["kernel"][i]
-                    out[f"{lp}.{attn}.{theirs}.weight"] = kernel_DxHxK.reshape(cfg.d_model, -1).T
-                    out[f"{lp}.{attn}.{theirs}.bias"] = a[proj]["bias"][i].reshape(-1)
-                out[f"{lp}.{attn}.out_proj.weight"] = a["out"]["kernel"][i].reshape(-1, cfg.d_model).T
-                out[f"{lp}.{attn}.out_proj.bias"] = a["out"]["bias"][i]
-                put_norm(f"{lp}.{ln}", layers[f"{ours}_norm"], i)
-            for fc in ("fc1", "fc2"):
-                out[f"{lp}.{fc}.weight"] = layers[fc]["kernel"][i].T
-                out[f"{lp}.{fc}.bias"] = layers[fc]["bias"][i]
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 # Partition rules (see prefix_jax/partitioning.py): "/"-joined param path (fullmatch, first wins) -> one

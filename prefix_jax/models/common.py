@@ -1,4 +1,4 @@
-"""Pieces every architecture shares: layer stacking, activations, the decoding cache, weight-layout conversion."""
+"""Pieces every architecture shares: layer stacking, activations, RMSNorm, the decoding cache."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prefix_jax.models import fused_attention, masks
 from prefix_jax.models.attention import empty_cache
@@ -43,6 +42,29 @@ def reject_unsupported(hf: Any, unsupported: tuple[tuple[str, Any, str], ...], m
 def same_named(hf: Any, *names: str) -> dict[str, Any]:
     """The fields of a `transformers` config that our `Config` takes under the same name, as they are."""
     return {name: getattr(hf, name) for name in names}
+
+
+class RMSNorm(nn.Module):
+    """`scale * x / rms(x)` over the last axis (param `scale`), statistics in float32.
+
+    Where the result meets the compute dtype follows each family's HF code: T5 scales in float32, then casts;
+    Llama-family norms (`cast_before_scale`) cast the normalised x to the compute dtype first, then scale in it.
+    """
+
+    epsilon: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    cast_before_scale: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        over_leading_axes = (1,) * (x.ndim - 1) + (-1,)
+        if self.cast_before_scale:
+            return scale.astype(self.dtype).reshape(over_leading_axes) * normed.astype(self.dtype)
+        return (scale.astype(jnp.float32).reshape(over_leading_axes) * normed).astype(self.dtype)
 
 
 # Rematerialization policies (`model.remat`): what the backward pass keeps of each layer's forward.
@@ -123,30 +145,3 @@ def teacher_forced_logits(model: nn.Module, batch: dict, prefix, deterministic: 
     decoder_mask = masks.shift_right(batch["target_mask"], 1)
     logits, _ = model.decode(encoded, encoded_mask, decoder_ids, decoder_mask, prefix, deterministic)
     return logits
-
-
-# --- torch layout -> ours. torch Linear weights are [out, in]; our kernels are [in, out]. ---
-
-
-def dense_kernel(w_OxI: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w_OxI.T)
-
-
-def heads_in_kernel(w_HKxD: np.ndarray, num_heads: int, head_dim: int) -> np.ndarray:
-    """q/k/v projection `[H*K, D]` -> `[D, H, K]`."""
-    return np.ascontiguousarray(w_HKxD.T.reshape(-1, num_heads, head_dim))
-
-
-def heads_in_bias(b_HK: np.ndarray, num_heads: int, head_dim: int) -> np.ndarray:
-    return b_HK.reshape(num_heads, head_dim)
-
-
-def heads_out_kernel(w_DxHK: np.ndarray, num_heads: int, head_dim: int) -> np.ndarray:
-    """Output projection `[D, H*K]` -> `[H, K, D]`."""
-    return np.ascontiguousarray(w_DxHK.T.reshape(num_heads, head_dim, -1))
-
-
-def stacked(num_layers: int, layer: Callable[[int], dict]) -> dict:
-    """Per-layer param trees -> one tree with a leading layer axis (the layout of `stack_layers`)."""
-    trees = [layer(i) for i in range(num_layers)]
-    return jax.tree.map(lambda *xs: np.stack(xs), *trees)

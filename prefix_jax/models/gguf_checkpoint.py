@@ -1,4 +1,4 @@
-"""GGUF checkpoints (llama.cpp's single-file format) as a transformers config + HF-named tensors.
+"""GGUF checkpoints (llama.cpp's single-file format) as a transformers config + a source of HF-named tensors.
 
 A GGUF file holds metadata (architecture, sizes, RoPE base, the tokenizer's vocabulary and merges) and
 named tensors (`token_embd.weight`, `blk.N.attn_q.weight`, ...), each stored as F32/F16/BF16 or in
@@ -6,31 +6,29 @@ quantized blocks (Q8_0, Q4_0/Q4_1, Q5_0/Q5_1, K-quants). Reading one here means:
 
 1. metadata -> a `transformers` config of the HF family (`LlamaConfig`, `Qwen2Config`, ...), so the
    family's own `Config.from_hf` checks it exactly as it checks a `config.json`;
-2. llama.cpp tensor names -> HF tensor names (`GGUF_TO_HF`, one table per family), with the layout
-   changes llama.cpp's converter made undone: the Q/K row permutation of its Llama RoPE layout, and
-   GPT-2's transposed Conv1D weights;
-3. each tensor dequantized with the `gguf` package (llama.cpp's own reader) and cast to the param dtype,
-   one tensor at a time, so the host never holds more than the params plus one float32 tensor.
+2. the file as one more `hf_mapping.TensorSource`: HF tensor names -> llama.cpp names through the GGUF
+   column of the family's one HF table (`hf_mapping.gguf_names`), with the layout changes llama.cpp's
+   converter made undone per tensor (the Q/K row permutation of its Llama RoPE layout, GPT-2's transposed
+   Conv1D weights); so a GGUF goes through the same table as safetensors, whole or sharded;
+3. each slice dequantized with the `gguf` package (llama.cpp's own reader), float32, then cast per block.
 
-The HF-named tensors then go through the family's one HF mapping (`params_from_hf`), as safetensors do.
+Row blocks: GGUF quantizes along each row (the input dimension of a torch `[out, in]` weight), and a block
+never spans two rows, so any set of rows is read and dequantized alone from the memory-mapped file. A slice
+costs its rows (all their columns); a permuted Q/K slice is widened to whole heads (a head's rows are
+interleaved only within the head). Sharded loading thus reads, per process, only the rows its devices need.
 The tokenizer is built from the file's tokenizer metadata with transformers' GGUF tokenizer converter
 (no torch). Nothing here imports torch.
-
-Row blocks: GGUF quantizes along each row (the input dimension of a torch `[out, in]` weight), so any
-set of output rows can be read alone; a block never spans two rows. We read whole tensors: the
-Llama family's loader places after reading (see `sharded_load`), and a GGUF file is one file, memory-mapped.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gguf
 import numpy as np
 
-from prefix_jax.models import hub, pypi_models
+from prefix_jax.models import hf_mapping, hub, pypi_models
 
 # `general.architecture` -> HF `model_type`. Mistral GGUFs say "llama" (same tensors, same permutation).
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
@@ -38,37 +36,6 @@ ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "
 # Storage types we dequantize (the `gguf` package's numpy kernels; each tested against transformers').
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
-
-# Per family: GGUF tensor name (`{i}`: layer) -> HF tensor name.
-_LLAMA_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    **{f"attn_{g}.{kind}": f"self_attn.{h}_proj.{kind}" for g, h in
-       (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for kind in ("weight", "bias")},
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    **{f"ffn_{g}.{kind}": f"mlp.{g}_proj.{kind}" for g in ("gate", "up", "down") for kind in ("weight", "bias")},
-}
-_GPT2_LAYER = {
-    "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
-    "ffn_norm.weight": "ln_2.weight", "ffn_norm.bias": "ln_2.bias",
-    "attn_qkv.weight": "attn.c_attn.weight", "attn_qkv.bias": "attn.c_attn.bias",
-    "attn_output.weight": "attn.c_proj.weight", "attn_output.bias": "attn.c_proj.bias",
-    "ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
-    "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias",
-}
-GGUF_TO_HF: dict[str, tuple[dict[str, str], str, dict[str, str]]] = {
-    # family: (whole-model names, per-layer HF prefix, per-layer names)
-    "llama": ({"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-               "output.weight": "lm_head.weight"}, "model.layers.{i}.", _LLAMA_LAYER),
-    "gpt2": ({"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
-              "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
-              "output.weight": "lm_head.weight"}, "transformer.h.{i}.", _GPT2_LAYER),
-}
-_FAMILY = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2"}
-# GPT-2's Conv1D weights are `[in, out]` in HF; llama.cpp stores them as `[out, in]`.
-_GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
-
 
 class GGUFError(hub.ModelFileError):
     """A GGUF file we cannot read: truncated, of another architecture, or of an unsupported storage type."""
@@ -193,64 +160,80 @@ def hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], p
     return AutoConfig.for_model(ARCHITECTURES[arch], **{k: v for k, v in fields.items() if v is not None})
 
 
-def hf_name(arch: str, name: str) -> str | None:
-    """The HF tensor name of GGUF tensor `name` (None: not a weight HF has, e.g. `rope_freqs`)."""
-    whole, layer_prefix, per_layer = GGUF_TO_HF[_FAMILY[arch]]
-    if name in whole:
-        return whole[name]
-    match = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    if match and match.group(2) in per_layer:
-        return layer_prefix.format(i=match.group(1)) + per_layer[match.group(2)]
-    return None
-
-
 def unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Undoes llama.cpp's Q/K row permutation (its converter interleaves the two RoPE halves of each head)."""
     rows = w.shape[0]
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantize(tensor: Any, path: Path) -> np.ndarray:
-    """One GGUF tensor as float32 in numpy (HF) axis order."""
-    qtype = tensor.tensor_type.name
-    if qtype not in SUPPORTED_TYPES:
-        raise GGUFError(f"{path}: tensor {tensor.name!r} is stored as {qtype}, which is not supported; supported: "
-                        f"{', '.join(SUPPORTED_TYPES)}. Requantize the model (llama-quantize) or use its "
-                        "safetensors.")
-    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+def _check_tied_head(reader: Any, path: Path) -> None:
+    """llama.cpp writes GPT-2's tied head out as a copy (`output.weight`), which our GPT-2 does not read: it must
+    equal `token_embd.weight` (same storage type, same bytes)."""
+    tensors = {t.name: t for t in reader.tensors}
+    head, embedding = tensors.get("output.weight"), tensors.get("token_embd.weight")
+    if head is not None and (head.tensor_type != embedding.tensor_type
+                             or not np.array_equal(head.data, embedding.data)):
+        raise GGUFError(f"{path}: its GPT-2 output.weight differs from token_embd.weight (an untied or "
+                        "differently quantized head), which our GPT-2 does not support.")
 
 
-def hf_tensors(reader: Any, arch: str, config: Any, path: Path, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """`(HF name, array in dtype)` for every tensor of the file that HF's model has, layout changes undone."""
-    permute = arch == "llama"  # qwen2/qwen3 are written in NeoX RoPE order, unpermuted
-    for tensor in reader.tensors:
-        name = hf_name(arch, tensor.name)
-        if name is None:
-            continue
-        w = dequantize(tensor, path)
-        suffix = tensor.name.split(".", 2)[-1] if tensor.name.startswith("blk.") else tensor.name
-        if permute and suffix.startswith("attn_q."):
-            w = unpermute_rope_rows(w, config.num_attention_heads)
-        elif permute and suffix.startswith("attn_k."):
-            w = unpermute_rope_rows(w, config.num_key_value_heads)
-        elif arch == "gpt2" and suffix in _GPT2_TRANSPOSED:
-            w = w.T
-        yield name, np.ascontiguousarray(w.astype(dtype))
-
-
-def read(path: Path, dtype: Any = np.float32) -> tuple[Any, dict[str, np.ndarray]]:
-    """`(transformers config, {HF name: array})` of a GGUF file, tensors dequantized to `dtype`."""
+def open_config(path: Path) -> tuple[Any, Any]:
+    """`(gguf.GGUFReader, transformers config)` of a GGUF file (its tensors are not read)."""
     reader = open_reader(path)
     meta = metadata(reader, vocabulary=False)
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
     config = hf_config(meta, shapes, path)
-    tensors = dict(hf_tensors(reader, _architecture(meta, path), config, path, dtype))
-    if config.model_type == "gpt2" and "lm_head.weight" in tensors:
-        head = tensors.pop("lm_head.weight")  # llama.cpp writes GPT-2's tied head out as a copy
-        if not np.array_equal(head, tensors.get("transformer.wte.weight")):
-            raise GGUFError(f"{path}: its GPT-2 output.weight differs from token_embd.weight (an untied or "
-                            "differently quantized head), which our GPT-2 does not support.")
-    return config, tensors
+    if config.model_type == "gpt2":
+        _check_tied_head(reader, path)
+    return reader, config
+
+
+class GGUFTensors:
+    """A GGUF file as HF-named tensors (`hf_mapping.TensorSource`), read and dequantized by row blocks.
+
+    names: HF name -> (llama.cpp name, its layout changes), from the family's HF table (`hf_mapping.gguf_names`).
+    """
+
+    def __init__(self, path: Path, reader: Any, names: dict[str, tuple[str, hf_mapping.GGUF]]):
+        self.where, self.path = str(path), path
+        self.bytes_read = 0
+        stored = {t.name: t for t in reader.tensors}
+        self._tensors = {hf: (stored[name], layout) for hf, (name, layout) in names.items() if name in stored}
+        for tensor, _ in self._tensors.values():
+            if tensor.tensor_type.name not in SUPPORTED_TYPES:
+                raise GGUFError(f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which is "
+                                f"not supported; supported: {', '.join(SUPPORTED_TYPES)}. Requantize the model "
+                                "(llama-quantize) or use its safetensors.")
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        tensor, layout = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # numpy order: [out, in]
+        return shape[::-1] if layout.transposed else shape
+
+    def total_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` in HF's layout, float32, dequantizing only the stored rows it covers."""
+        tensor, layout = self._tensors[name]
+        stored_index = index[::-1] if layout.transposed else index
+        rows = range(*stored_index[0].indices(int(tensor.shape[-1])))  # GGUF dims are innermost first
+        lo, hi = rows.start, rows.stop
+        if layout.rope_heads:  # whole heads: the permutation stays within a head
+            head_rows = int(tensor.shape[-1]) // layout.rope_heads
+            lo, hi = lo // head_rows * head_rows, -(-hi // head_rows) * head_rows
+        whole = tensor.data.ndim == 1 and tensor.tensor_type.name not in ("F32", "F16")  # 1-D, stored as bytes
+        raw = tensor.data if whole else tensor.data[lo:hi]
+        self.bytes_read += raw.nbytes
+        w = np.asarray(gguf.quants.dequantize(raw, tensor.tensor_type), dtype=np.float32)
+        w = w[lo:hi] if whole else w
+        if layout.rope_heads:
+            w = unpermute_rope_rows(w, (hi - lo) // head_rows)
+        w = w[(slice(rows.start - lo, rows.stop - lo), *stored_index[1:])]
+        return w.T if layout.transposed else w
 
 
 # --- Tokenizer ---

@@ -18,18 +18,17 @@ Prefix slots themselves have no position: their K/V are given.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Collection
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, decoder_only
+from prefix_jax.models import hf_mapping as hm
 from prefix_jax.models.attention import KV, MultiHeadAttention
 from prefix_jax.models.dropout import Dropout
-from prefix_jax.models.hub import take
 from prefix_jax.models.prefix_contract import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
 
 
@@ -198,94 +197,43 @@ class Model(decoder_only.DecoderOnly):
 _PROJECTIONS = ("query", "key", "value")  # the thirds of HF's fused `c_attn`, in order
 
 
-def _base(names: Mapping[str, Any]) -> str:
-    """`GPT2LMHeadModel` saves `transformer.h.0...`; `GPT2Model` (and the original OpenAI upload) `h.0...`."""
-    return "transformer." if any(n.startswith("transformer.") for n in names) or "wte.weight" not in names else ""
+def hf_table(cfg: Config, tensor_names: Collection[str] | None = None) -> dict:
+    """The one HF mapping (`hf_mapping.FromHF` per leaf) of `GPT2LMHeadModel` (`transformer.h.0...`; a bare
+    `GPT2Model`, as the original OpenAI upload, has `h.0...`), and of llama.cpp's GPT-2 GGUF files.
 
-
-def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
-    """HF `GPT2LMHeadModel` state dict -> our params (layers stacked on a leading axis).
-
-    GPT-2 uses `Conv1D`, whose weight is `[in, out]`: the transpose of a torch Linear's.
+    GPT-2 uses `Conv1D`, whose weight is `[in, out]`: no transpose (llama.cpp stores it transposed); q/k/v are
+    the thirds of the fused `c_attn`'s output axis. The tied head is not read (nor written).
     """
-    base = _base(tensors)
-    t = lambda name: take(tensors, base + name, where)
-    H, K = cfg.n_head, cfg.head_dim
-
-    def norm(name: str) -> dict:
-        return {"scale": t(f"{name}.weight"), "bias": t(f"{name}.bias")}
-
-    def dense(name: str) -> dict:
-        return {"kernel": np.ascontiguousarray(t(f"{name}.weight")), "bias": t(f"{name}.bias")}
-
-    def layer(i: int) -> dict:
-        p = f"h.{i}"
-        w_DxQKV = np.split(t(f"{p}.attn.c_attn.weight"), 3, axis=1)
-        b_QKV = np.split(t(f"{p}.attn.c_attn.bias"), 3)
-        attn = {name: {"kernel": common.heads_in_kernel(w.T, H, K), "bias": common.heads_in_bias(b, H, K)}
-                for name, w, b in zip(_PROJECTIONS, w_DxQKV, b_QKV)}
-        attn["out"] = {"kernel": common.heads_out_kernel(t(f"{p}.attn.c_proj.weight").T, H, K),
-                       "bias": t(f"{p}.attn.c_proj.bias")}
-        return {"ln_1": norm(f"{p}.ln_1"), "attn": attn, "ln_2": norm(f"{p}.ln_2"),
-                "c_fc": dense(f"{p}.mlp.c_fc"), "c_proj": dense(f"{p}.mlp.c_proj")}
-
-    return {
-        "wte": {"embedding": t("wte.weight")},
-        "transformer": {
-            "wpe": {"embedding": t("wpe.weight")},
-            "h": common.stacked(cfg.n_layer, layer),
-            "ln_f": norm("ln_f"),
-        },
-    }
-
-
-def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
-    """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
-    from prefix_jax.models import sharded_load as sl
-
-    base = _base(tensor_names)
+    base = hm.base_prefix(tensor_names, "wte.weight", "transformer.")
     H, K, D, inner = cfg.n_head, cfg.head_dim, cfg.n_embd, cfg.inner_dim
-    per_layer = lambda w, *split, **kw: sl.layers(cfg.n_layer, f"{base}h.{{i}}.{w}", *split, **kw)
-    norm = lambda n, layered=True: {
-        part: per_layer(f"{n}.{w}", (D,)) if layered else sl.tensor(f"{base}{n}.{w}", (D,))
-        for part, w in (("scale", "weight"), ("bias", "bias"))}
-    # Conv1D weights are [in, out]: no transpose; q/k/v are the thirds of the fused c_attn's output axis.
-    attn = {name: {"kernel": per_layer("attn.c_attn.weight", (D,), (H, K), offset=(0, j * D)),
-                   "bias": per_layer("attn.c_attn.bias", (H, K), offset=(j * D,))}
+
+    def layer(w: str, gguf: str, *split: tuple[int, ...], conv1d: bool = False, **kw) -> hm.FromHF:
+        return hm.layers(cfg.n_layer, f"{base}h.{{i}}.{w}", *split,
+                         gguf=hm.GGUF(f"blk.{{i}}.{gguf}", transposed=conv1d), **kw)
+
+    def norm(ours: str, gguf: str) -> dict:
+        return {"scale": layer(f"{ours}.weight", f"{gguf}.weight", (D,)),
+                "bias": layer(f"{ours}.bias", f"{gguf}.bias", (D,))}
+
+    attn = {name: {"kernel": layer("attn.c_attn.weight", "attn_qkv.weight", (D,), (H, K), conv1d=True,
+                                   offset=(0, j * D)),
+                   "bias": layer("attn.c_attn.bias", "attn_qkv.bias", (H, K), offset=(j * D,))}
             for j, name in enumerate(_PROJECTIONS)}
-    attn["out"] = {"kernel": per_layer("attn.c_proj.weight", (H, K), (D,)), "bias": per_layer("attn.c_proj.bias", (D,))}
-    layers = {"ln_1": norm("ln_1"), "attn": attn, "ln_2": norm("ln_2"),
-              "c_fc": {"kernel": per_layer("mlp.c_fc.weight", (D,), (inner,)),
-                       "bias": per_layer("mlp.c_fc.bias", (inner,))},
-              "c_proj": {"kernel": per_layer("mlp.c_proj.weight", (inner,), (D,)),
-                         "bias": per_layer("mlp.c_proj.bias", (D,))}}
+    attn["out"] = {"kernel": layer("attn.c_proj.weight", "attn_output.weight", (H, K), (D,), conv1d=True),
+                   "bias": layer("attn.c_proj.bias", "attn_output.bias", (D,))}
+    layers = {"ln_1": norm("ln_1", "attn_norm"), "attn": attn, "ln_2": norm("ln_2", "ffn_norm"),
+              "c_fc": {"kernel": layer("mlp.c_fc.weight", "ffn_up.weight", (D,), (inner,), conv1d=True),
+                       "bias": layer("mlp.c_fc.bias", "ffn_up.bias", (inner,))},
+              "c_proj": {"kernel": layer("mlp.c_proj.weight", "ffn_down.weight", (inner,), (D,), conv1d=True),
+                         "bias": layer("mlp.c_proj.bias", "ffn_down.bias", (D,))}}
+    whole = lambda w, gguf, *split: hm.tensor(f"{base}{w}", *split, gguf=hm.GGUF(gguf))
     return {
-        "wte": {"embedding": sl.tensor(f"{base}wte.weight", (cfg.vocab_size,), (D,))},
-        "transformer": {"wpe": {"embedding": sl.tensor(f"{base}wpe.weight", (cfg.n_positions,), (D,))},
-                        "h": layers, "ln_f": norm("ln_f", layered=False)},
+        "wte": {"embedding": whole("wte.weight", "token_embd.weight", (cfg.vocab_size,), (D,))},
+        "transformer": {"wpe": {"embedding": whole("wpe.weight", "position_embd.weight", (cfg.n_positions,), (D,))},
+                        "h": layers,
+                        "ln_f": {"scale": whole("ln_f.weight", "output_norm.weight", (D,)),
+                                 "bias": whole("ln_f.bias", "output_norm.bias", (D,))}},
     }
-
-
-def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
-    """Inverse of `params_from_hf`: our params -> a HF `GPT2LMHeadModel` state dict (tied head not written)."""
-    p = jax.tree.map(np.asarray, params)
-    stack, layers = p["transformer"], p["transformer"]["h"]
-    out: dict[str, np.ndarray] = {"transformer.wte.weight": p["wte"]["embedding"],
-                                  "transformer.wpe.weight": stack["wpe"]["embedding"],
-                                  "transformer.ln_f.weight": stack["ln_f"]["scale"],
-                                  "transformer.ln_f.bias": stack["ln_f"]["bias"]}
-    D = cfg.n_embd
-    for i in range(cfg.n_layer):
-        lp, a = f"transformer.h.{i}", layers["attn"]
-        out[f"{lp}.attn.c_attn.weight"] = np.concatenate([a[n]["kernel"][i].reshape(D, D) for n in _PROJECTIONS], 1)
-        out[f"{lp}.attn.c_attn.bias"] = np.concatenate([a[n]["bias"][i].reshape(D) for n in _PROJECTIONS])
-        out[f"{lp}.attn.c_proj.weight"] = a["out"]["kernel"][i].reshape(D, D)
-        out[f"{lp}.attn.c_proj.bias"] = a["out"]["bias"][i]
-        for ln in ("ln_1", "ln_2"):
-            out[f"{lp}.{ln}.weight"], out[f"{lp}.{ln}.bias"] = layers[ln]["scale"][i], layers[ln]["bias"][i]
-        for fc in ("c_fc", "c_proj"):
-            out[f"{lp}.mlp.{fc}.weight"], out[f"{lp}.mlp.{fc}.bias"] = layers[fc]["kernel"][i], layers[fc]["bias"][i]
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 # Partition rules (see prefix_jax/partitioning.py): "/"-joined param path (fullmatch, first wins) -> one

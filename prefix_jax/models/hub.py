@@ -331,14 +331,3 @@ def no_weights_error(model_dir: Path) -> ModelNotFoundError:
             "`AutoModel...from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)`.") if pickles else ""
     return ModelNotFoundError(f"{model_dir} holds no model.safetensors or model.safetensors.index.json (the weights "
                               f"of model.name_or_path); save the model there with `save_pretrained`.{hint}")
-
-
-def take(tensors: dict[str, np.ndarray], name: str, model_dir: str = "") -> np.ndarray:
-    """`tensors[name]`, or an error saying the checkpoint is not of the expected architecture."""
-    try:
-        return tensors[name]
-    except KeyError:
-        raise ModelNotFoundError(
-            f"checkpoint {model_dir} has no tensor {name!r}: it is not the architecture its config names, "
-            "or it was saved by an incompatible library version."
-        ) from None

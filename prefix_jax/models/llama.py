@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Collection
 
 import flax.linen as nn
 import jax
@@ -30,9 +30,9 @@ from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from prefix_jax.models import common, decoder_only
+from prefix_jax.models import hf_mapping as hm
 from prefix_jax.models.attention import KV, BankKV, attend, write_cache
 from prefix_jax.models.dropout import Dropout
-from prefix_jax.models.hub import take
 from prefix_jax.models.prefix_contract import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
 
 
@@ -262,20 +262,9 @@ def rotate(x_BxQxHxK: jax.Array, cos_BxQxK: jax.Array, sin_BxQxK: jax.Array) -> 
 # --- Layers ---
 
 
-class RMSNorm(nn.Module):
-    """`scale * x / rms(x)` over the last axis, statistics in float32 (HF: normalise, cast back, then scale)."""
-
-    eps: float
-    dtype: str
-    param_dtype: str
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        scale = scale.astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,))  # over the leading axes
-        return scale * normed.astype(self.dtype)
+def rms_norm(cfg: Config, name: str) -> common.RMSNorm:
+    """HF's Llama RMSNorm: normalise in float32, cast back, then scale."""
+    return common.RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, cast_before_scale=True, name=name)
 
 
 class LlamaAttention(nn.Module):
@@ -291,8 +280,8 @@ class LlamaAttention(nn.Module):
         k = heads(cfg.num_key_value_heads, cfg.qkv_bias, "k_proj")(x_BxQxD)
         v = heads(cfg.num_key_value_heads, cfg.qkv_bias, "v_proj")(x_BxQxD)
         if cfg.qk_norm:
-            q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="k_norm")(k)
+            q = rms_norm(cfg, "q_norm")(q)
+            k = rms_norm(cfg, "k_norm")(k)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         # Post-rotation keys/values of real tokens, for `mutable=["intermediates"]` (prefix init from text).
@@ -332,11 +321,11 @@ class LlamaBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxQxD, prefix, cache, mask_BxHxQxM, rope):
         cfg = self.config
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         h, cache = LlamaAttention(cfg, self.deterministic, name="self_attn")(
-            norm("input_layernorm")(x_BxQxD), rope, mask_BxHxQxM, prefix, cache)
+            rms_norm(cfg, "input_layernorm")(x_BxQxD), rope, mask_BxHxQxM, prefix, cache)
         x_BxQxD = x_BxQxD + h
-        mlp_input = checkpoint_name(norm("post_attention_layernorm")(x_BxQxD), "mlp_input")  # saved by remat "minimal"
+        mlp_input = checkpoint_name(rms_norm(cfg, "post_attention_layernorm")(x_BxQxD),
+                                    "mlp_input")  # saved by remat "minimal"
         x_BxQxD = x_BxQxD + LlamaMLP(cfg, name="mlp")(mlp_input)
         return x_BxQxD, cache
 
@@ -353,7 +342,7 @@ class LlamaStack(nn.Module):
         layers = common.stack_layers(LlamaBlock, cfg.num_hidden_layers, cfg.remat,
                                      in_axes=(0, 0, nn.broadcast, nn.broadcast))(cfg, deterministic, name="layers")
         x, cache = layers(x_BxQxD, prefix, cache, mask_BxHxQxM, rope_tables(cfg, positions_BxQ))
-        return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x), cache
+        return rms_norm(cfg, "norm")(x), cache
 
 
 class Model(decoder_only.DecoderOnly):
@@ -393,80 +382,58 @@ class Model(decoder_only.DecoderOnly):
                              "source or the target (data.max_source_length, data.max_target_length).")
 
 
-# --- HF checkpoints <-> our params ---
+# --- HF checkpoints <-> our params: the one table ---
 
 
-def _base(names) -> str:
-    """`*ForCausalLM` saves `model.layers.0...`; a bare `*Model` saves `layers.0...`."""
-    return "" if "embed_tokens.weight" in names else "model."
+# llama.cpp's converter interleaves the RoPE halves of each Q/K head for these (Qwen GGUFs keep HF's order).
+_GGUF_PERMUTED = ("llama", "mistral")
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
-    """HF `LlamaForCausalLM` (Mistral/Qwen2/Qwen3) state dict -> our params (layers stacked on a leading axis)."""
-    base = _base(tensors)
-    t = lambda name: take(tensors, base + name, where)
+def hf_table(cfg: Config, tensor_names: Collection[str] | None = None) -> dict:
+    """The one HF mapping (`hf_mapping.FromHF` per leaf) of `LlamaForCausalLM` (Mistral/Qwen2/Qwen3; a bare
+    `*Model` saves `layers.0...` without `model.`), and of llama.cpp's GGUF files of the family: layers stacked
+    on a leading axis, torch Linear weights transposed, q/k/v/o split into heads. A tied head is not read."""
+    base = hm.base_prefix(tensor_names, "embed_tokens.weight", "model.")
     H, N, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    permuted = cfg.model_type in _GGUF_PERMUTED
 
-    def dense(name: str, bias: bool) -> dict:
-        out = {"kernel": common.dense_kernel(t(f"{name}.weight"))}
-        if bias:
-            out["bias"] = t(f"{name}.bias")
-        return out
+    def layer(w: str, gguf: str, *split: tuple[int, ...], rope_heads: int | None = None, **kw) -> hm.FromHF:
+        return hm.layers(cfg.num_hidden_layers, f"{base}layers.{{i}}.{w}", *split,
+                         gguf=hm.GGUF(f"blk.{{i}}.{gguf}", rope_heads=rope_heads if permuted else None), **kw)
 
-    def heads_in(name: str, num_heads: int) -> dict:
-        out = {"kernel": common.heads_in_kernel(t(f"{name}.weight"), num_heads, K)}
+    def heads_in(ours: str, gguf: str, heads: int, rope: bool) -> dict:
+        rope_heads = heads if rope else None
+        out = {"kernel": layer(f"self_attn.{ours}.weight", f"attn_{gguf}.weight", (D,), (heads, K), transpose=True,
+                               rope_heads=rope_heads)}
         if cfg.qkv_bias:
-            out["bias"] = common.heads_in_bias(t(f"{name}.bias"), num_heads, K)
+            out["bias"] = layer(f"self_attn.{ours}.bias", f"attn_{gguf}.bias", (heads, K), rope_heads=rope_heads)
         return out
 
-    def layer(i: int) -> dict:
-        p = f"layers.{i}"
-        attn = {"q_proj": heads_in(f"{p}.self_attn.q_proj", H), "k_proj": heads_in(f"{p}.self_attn.k_proj", N),
-                "v_proj": heads_in(f"{p}.self_attn.v_proj", N),
-                "o_proj": {"kernel": common.heads_out_kernel(t(f"{p}.self_attn.o_proj.weight"), H, K)}}
-        if cfg.o_bias:
-            attn["o_proj"]["bias"] = t(f"{p}.self_attn.o_proj.bias")
-        if cfg.qk_norm:
-            attn["q_norm"] = {"scale": t(f"{p}.self_attn.q_norm.weight")}
-            attn["k_norm"] = {"scale": t(f"{p}.self_attn.k_norm.weight")}
-        mlp = {name: dense(f"{p}.mlp.{name}", cfg.mlp_bias) for name in ("gate_proj", "up_proj", "down_proj")}
-        return {"input_layernorm": {"scale": t(f"{p}.input_layernorm.weight")}, "self_attn": attn, "mlp": mlp,
-                "post_attention_layernorm": {"scale": t(f"{p}.post_attention_layernorm.weight")}}
+    def mlp(ours: str, gguf: str, d_in: int, d_out: int) -> dict:
+        out = {"kernel": layer(f"mlp.{ours}.weight", f"ffn_{gguf}.weight", (d_in,), (d_out,), transpose=True)}
+        if cfg.mlp_bias:
+            out["bias"] = layer(f"mlp.{ours}.bias", f"ffn_{gguf}.bias", (d_out,))
+        return out
 
-    params = {"embed_tokens": {"embedding": t("embed_tokens.weight")},
-              "model": {"layers": common.stacked(cfg.num_hidden_layers, layer), "norm": {"scale": t("norm.weight")}}}
+    attn = {"q_proj": heads_in("q_proj", "q", H, True), "k_proj": heads_in("k_proj", "k", N, True),
+            "v_proj": heads_in("v_proj", "v", N, False),
+            "o_proj": {"kernel": layer("self_attn.o_proj.weight", "attn_output.weight", (H, K), (D,), transpose=True)}}
+    if cfg.o_bias:
+        attn["o_proj"]["bias"] = layer("self_attn.o_proj.bias", "attn_output.bias", (D,))
+    if cfg.qk_norm:
+        attn["q_norm"] = {"scale": layer("self_attn.q_norm.weight", "attn_q_norm.weight", (K,))}
+        attn["k_norm"] = {"scale": layer("self_attn.k_norm.weight", "attn_k_norm.weight", (K,))}
+    layers = {"input_layernorm": {"scale": layer("input_layernorm.weight", "attn_norm.weight", (D,))},
+              "self_attn": attn,
+              "mlp": {"gate_proj": mlp("gate_proj", "gate", D, F), "up_proj": mlp("up_proj", "up", D, F),
+                      "down_proj": mlp("down_proj", "down", F, D)},
+              "post_attention_layernorm": {"scale": layer("post_attention_layernorm.weight", "ffn_norm.weight", (D,))}}
+    params = {"embed_tokens": {"embedding": hm.tensor(f"{base}embed_tokens.weight", (cfg.vocab_size,), (D,),
+                                                      gguf=hm.GGUF("token_embd.weight"))},
+              "model": {"layers": layers,
+                        "norm": {"scale": hm.tensor(f"{base}norm.weight", (D,), gguf=hm.GGUF("output_norm.weight"))}}}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": common.dense_kernel(take(tensors, "lm_head.weight", where))}
+        params["lm_head"] = {"kernel": hm.tensor("lm_head.weight", (D,), (cfg.vocab_size,), transpose=True,
+                                                 gguf=hm.GGUF("output.weight"))}
     return params
-
-
-def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
-    """Inverse of `params_from_hf`: our params -> a HF `*ForCausalLM` state dict (a tied head is not written)."""
-    p = jax.tree.map(np.asarray, params)
-    layers = p["model"]["layers"]
-    D = cfg.hidden_size
-    out: dict[str, np.ndarray] = {"model.embed_tokens.weight": p["embed_tokens"]["embedding"],
-                                  "model.norm.weight": p["model"]["norm"]["scale"]}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = p["lm_head"]["kernel"].T
-    for i in range(cfg.num_hidden_layers):
-        lp = f"model.layers.{i}"
-        a = layers["self_attn"]
-        for name in ("q_proj", "k_proj", "v_proj"):
-            kernel = a[name]["kernel"][i]  # [D, heads, K]
-            out[f"{lp}.self_attn.{name}.weight"] = kernel.reshape(D, -1).T
-            if cfg.qkv_bias:
-                out[f"{lp}.self_attn.{name}.bias"] = a[name]["bias"][i].reshape(-1)
-        out[f"{lp}.self_attn.o_proj.weight"] = a["o_proj"]["kernel"][i].reshape(-1, D).T
-        if cfg.o_bias:
-            out[f"{lp}.self_attn.o_proj.bias"] = a["o_proj"]["bias"][i]
-        if cfg.qk_norm:
-            out[f"{lp}.self_attn.q_norm.weight"] = a["q_norm"]["scale"][i]
-            out[f"{lp}.self_attn.k_norm.weight"] = a["k_norm"]["scale"][i]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[f"{lp}.mlp.{name}.weight"] = layers["mlp"][name]["kernel"][i].T
-            if cfg.mlp_bias:
-                out[f"{lp}.mlp.{name}.bias"] = layers["mlp"][name]["bias"][i]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[f"{lp}.{norm}.weight"] = layers[norm]["scale"][i]
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}

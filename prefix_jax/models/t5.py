@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Collection
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, encoder_decoder
+from prefix_jax.models import hf_mapping as hm
 from prefix_jax.models.attention import MultiHeadAttention
 from prefix_jax.models.dropout import Dropout
 from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
-from prefix_jax.models.hub import take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,22 +128,6 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
     return buckets + jnp.where(is_small, distance, large)
 
 
-class RMSNorm(nn.Module):
-    """T5's layer norm: scale only, no mean subtraction, statistics in float32."""
-
-    epsilon: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))  # over the leading axes
-        return (scale * x32).astype(self.dtype)
-
-
 class FeedForward(nn.Module):
     config: Config
     deterministic: bool
@@ -169,7 +152,7 @@ class T5Block(encoder_decoder.Block):
     def __call__(self, x_BxQxD, prefix_self, prefix_cross, cache, self_mask, self_bias, memory, cross_mask):
         cfg = self.config
         det = self.deterministic
-        norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name=name)
+        norm = lambda name: common.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name=name)
         attention = lambda name: MultiHeadAttention(
             cfg.num_heads, cfg.d_kv, cfg.d_model, use_bias=False, query_scale=1.0,
             dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -213,7 +196,7 @@ class T5Stack(encoder_decoder.Stack):
 
     def output(self, x_BxQxD, deterministic):
         cfg = self.config
-        x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxQxD)
+        x = common.RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxQxD)
         return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -249,115 +232,37 @@ _SUBLAYERS = {"encoder": (("self_attention", "SelfAttention"), ("ffn", "DenseRel
                           ("ffn", "DenseReluDense"))}
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = "") -> dict:
-    """HF `T5ForConditionalGeneration` state dict -> our params (layers stacked on a leading axis)."""
-    t = lambda name: take(tensors, name, where)
-    H, K = cfg.num_heads, cfg.d_kv
-
-    def attention(prefix: str) -> dict:
-        return {
-            "query": {"kernel": common.heads_in_kernel(t(f"{prefix}.q.weight"), H, K)},
-            "key": {"kernel": common.heads_in_kernel(t(f"{prefix}.k.weight"), H, K)},
-            "value": {"kernel": common.heads_in_kernel(t(f"{prefix}.v.weight"), H, K)},
-            "out": {"kernel": common.heads_out_kernel(t(f"{prefix}.o.weight"), H, K)},
-        }
-
-    def ffn(prefix: str) -> dict:
-        names = ("wi_0", "wi_1", "wo") if cfg.is_gated_act else ("wi", "wo")
-        return {n: {"kernel": common.dense_kernel(t(f"{prefix}.DenseReluDense.{n}.weight"))} for n in names}
-
-    def layer(stack: str, i: int) -> dict:
-        out = {}
-        for j, (ours, module) in enumerate(_SUBLAYERS[stack]):
-            p = f"{stack}.block.{i}.layer.{j}"
-            out[ours] = ffn(p) if ours == "ffn" else attention(f"{p}.{module}")
-            out[f"{ours}_norm"] = {"scale": t(f"{p}.layer_norm.weight")}
-        return out
-
-    params = {
-        "shared": {"embedding": t("shared.weight")},
-        "encoder": {
-            "relative_attention_bias": {
-                "embedding": t("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
-            "layers": common.stacked(cfg.num_encoder_layers, lambda i: layer("encoder", i)),
-            "final_norm": {"scale": t("encoder.final_layer_norm.weight")},
-        },
-        "decoder": {
-            "relative_attention_bias": {
-                "embedding": t("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
-            "layers": common.stacked(cfg.num_decoder_layers, lambda i: layer("decoder", i)),
-            "final_norm": {"scale": t("decoder.final_layer_norm.weight")},
-        },
-    }
-    if not cfg.tied_lm_head:
-        params["lm_head"] = {"kernel": common.dense_kernel(t("lm_head.weight"))}
-    return params
-
-
-def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
-    """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
-    from prefix_jax.models import sharded_load as sl
-
+def hf_table(cfg: Config, tensor_names: Collection[str] | None = None) -> dict:
+    """The one HF mapping (`hf_mapping.FromHF` per leaf) of `T5ForConditionalGeneration`: layers stacked on a
+    leading axis, torch Linear weights transposed, q/k/v/o split into heads."""
     H, K, D = cfg.num_heads, cfg.d_kv, cfg.d_model
 
     def stack(name: str, num_layers: int) -> dict:
-        layer = f"{name}.block.{{i}}.layer"
+        layer = lambda j, w, *split, **kw: hm.layers(num_layers, f"{name}.block.{{i}}.layer.{j}.{w}", *split, **kw)
         out: dict = {}
         for j, (ours, module) in enumerate(_SUBLAYERS[name]):
             if ours == "ffn":
                 wis = ("wi_0", "wi_1") if cfg.is_gated_act else ("wi",)
-                out["ffn"] = {w: {"kernel": sl.layers(num_layers, f"{layer}.{j}.DenseReluDense.{w}.weight", (D,),
-                                                      (cfg.d_ff,), transpose=True)} for w in wis}
-                out["ffn"]["wo"] = {"kernel": sl.layers(num_layers, f"{layer}.{j}.DenseReluDense.wo.weight",
-                                                        (cfg.d_ff,), (D,), transpose=True)}
+                out["ffn"] = {w: {"kernel": layer(j, f"DenseReluDense.{w}.weight", (D,), (cfg.d_ff,), transpose=True)}
+                              for w in wis}
+                out["ffn"]["wo"] = {"kernel": layer(j, "DenseReluDense.wo.weight", (cfg.d_ff,), (D,), transpose=True)}
             else:
-                w = lambda t: f"{layer}.{j}.{module}.{t}.weight"
-                out[ours] = {o: {"kernel": sl.layers(num_layers, w(t), (D,), (H, K), transpose=True)}
+                out[ours] = {o: {"kernel": layer(j, f"{module}.{t}.weight", (D,), (H, K), transpose=True)}
                              for o, t in (("query", "q"), ("key", "k"), ("value", "v"))}
-                out[ours]["out"] = {"kernel": sl.layers(num_layers, w("o"), (H, K), (D,), transpose=True)}
-            out[f"{ours}_norm"] = {"scale": sl.layers(num_layers, f"{layer}.{j}.layer_norm.weight", (D,))}
+                out[ours]["out"] = {"kernel": layer(j, f"{module}.o.weight", (H, K), (D,), transpose=True)}
+            out[f"{ours}_norm"] = {"scale": layer(j, "layer_norm.weight", (D,))}
         bias = f"{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-        return {"relative_attention_bias": {"embedding": sl.tensor(bias, (cfg.relative_attention_num_buckets,), (H,))},
-                "layers": out, "final_norm": {"scale": sl.tensor(f"{name}.final_layer_norm.weight", (D,))}}
+        return {"relative_attention_bias": {"embedding": hm.tensor(bias, (cfg.relative_attention_num_buckets,), (H,))},
+                "layers": out, "final_norm": {"scale": hm.tensor(f"{name}.final_layer_norm.weight", (D,))}}
 
     params = {
-        "shared": {"embedding": sl.tensor("shared.weight", (cfg.vocab_size,), (D,))},
+        "shared": {"embedding": hm.tensor("shared.weight", (cfg.vocab_size,), (D,))},
         "encoder": stack("encoder", cfg.num_encoder_layers),
         "decoder": stack("decoder", cfg.num_decoder_layers),
     }
     if not cfg.tied_lm_head:
-        params["lm_head"] = {"kernel": sl.tensor("lm_head.weight", (D,), (cfg.vocab_size,), transpose=True)}
+        params["lm_head"] = {"kernel": hm.tensor("lm_head.weight", (D,), (cfg.vocab_size,), transpose=True)}
     return params
-
-
-def params_to_hf(params: Mapping[str, Any], cfg: Config) -> dict[str, np.ndarray]:
-    """Inverse of `params_from_hf`: our params -> a HF T5 state dict (e.g. to write a checkpoint)."""
-    H, K = cfg.num_heads, cfg.d_kv
-    p = jax.tree.map(np.asarray, params)
-    out: dict[str, np.ndarray] = {"shared.weight": p["shared"]["embedding"]}
-
-    def attention(prefix: str, a: Mapping, i: int) -> None:
-        for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
-            out[f"{prefix}.{theirs}.weight"] = a[ours]["kernel"][i].reshape(-1, H * K).T
-        out[f"{prefix}.o.weight"] = a["out"]["kernel"][i].reshape(H * K, -1).T
-
-    for stack, num_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
-        layers = p[stack]["layers"]
-        for i in range(num_layers):
-            for j, (name, module) in enumerate(_SUBLAYERS[stack]):
-                base = f"{stack}.block.{i}.layer.{j}"
-                if name == "ffn":
-                    for w, kernel in layers["ffn"].items():
-                        out[f"{base}.DenseReluDense.{w}.weight"] = kernel["kernel"][i].T
-                else:
-                    attention(f"{base}.{module}", layers[name], i)
-                out[f"{base}.layer_norm.weight"] = layers[f"{name}_norm"]["scale"][i]
-        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
-            p[stack]["relative_attention_bias"]["embedding"]
-        out[f"{stack}.final_layer_norm.weight"] = p[stack]["final_norm"]["scale"]
-    if not cfg.tied_lm_head:
-        out["lm_head.weight"] = p["lm_head"]["kernel"].T
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 # Partition rules (see prefix_jax/partitioning.py): "/"-joined param path (fullmatch, first wins) -> one
