@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--beams", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "mixed_prefix_batch.json"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
+                                             "mixed_prefix_batch.json"))
     args = parser.parse_args()
 
     import jax

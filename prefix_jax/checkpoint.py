@@ -4,7 +4,8 @@ A checkpoint step holds two items: `state` (prefix + MLP params, optimizer state
 `meta` (JSON: base model and its fingerprint, architecture, model config, prefix spec, what makes a
 resume exact, data position, a digest of the state, the run config). No LM weight is ever written.
 
-What the metadata holds and when a run may resume from it: `checkpoint_meta`. `restore_latest_good` verifies each step against its digest and falls back to the
+What the metadata holds and when a run may resume from it: `checkpoint_meta`.
+`restore_latest_good` verifies each step against its digest and falls back to the
 previous step when the latest is unreadable or corrupt.
 """
 

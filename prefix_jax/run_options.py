@@ -78,7 +78,8 @@ class PrefixOptions:
     init_fit_steps: int = option(500, "init='words' with an MLP: Adam steps fitting its output to those activations",
                                  integer(0))
     init_fit_learning_rate: float = option(1e-3, "learning rate of those steps", number(0, above=True))
-    tie: tuple[tuple[str, ...], ...] = option((), "groups of placements sharing parameters, e.g. (('decoder', 'cross'),)")
+    tie: tuple[tuple[str, ...], ...] = option((), "groups of placements sharing parameters, e.g. "
+                                                   "(('decoder', 'cross'),)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -188,7 +188,8 @@ def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
                 mngr.reload()
             if is_main:
                 log.info("config (the fields that differ from configs/default.py; every field is in %s/config.json, "
-                         "each run's in runs.jsonl):\n%s", plan.workdir, config_lines(c.config, run_options.default_config().to_dict()))
+                         "each run's in runs.jsonl):\n%s", plan.workdir,
+                         config_lines(c.config, run_options.default_config().to_dict()))
                 workdir_lib.record_run(plan.workdir, c.config, "eval_only" if c.train.eval_only else "train",
                                        resume.step if resume else 0)
         state = resume.state if resume is not None else fresh_state(plan, tx)
