@@ -8,7 +8,7 @@ usage: python train.py --config CONFIG_FILE [--config.GROUP.FIELD=VALUE ...]
   overrides    any field, after the file: --config.train.steps=200 --config.prefix.length=10
                --config.model.name_or_path=./DIR --config.eval.metrics='("bleu", "rouge")'
 
-Every field, its default and what it means: configs/default.py (`python train.py --helpfull` lists them all).
+Every field, its default and what it means: prefix_jax/run_options.py (`python train.py --helpfull` lists them).
 The resolved config is printed at start (the fields that differ from configs/default.py) and written in full to
 <workdir>/config.json. A run writes only to train.workdir (default runs/<config file name>): config.json,
 metrics.jsonl, checkpoints/, predictions_<split>_<step>.jsonl, export/ (the trained prefix without its MLP).
@@ -38,13 +38,16 @@ HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull", "-help
 
 
 def help_text(full: bool) -> str:
-    """This command's help; `full` adds every config field with its default (from configs/default.py)."""
+    """This command's help; `full` adds every config field with its default and meaning (each declared once, in
+    prefix_jax/run_options.py)."""
     text = __doc__.strip() + "\n"
     if full:
-        from configs import default
+        from prefix_jax import run_options  # imports JAX: only for --helpfull
 
+        docs = run_options.field_docs()
         text += "\nEvery field (configs/default.py; a config file changes some of them):\n"
-        text += "".join(f"  --config.{name}={value!r}\n" for name, value in _flat(default.get_config().to_dict()))
+        text += "".join(f"  --config.{name}={value!r}  # {docs.get(name, '')}\n"
+                        for name, value in _flat(run_options.default_config().to_dict()))
     return text
 
 

@@ -1,7 +1,7 @@
 """Decoding a batch whose rows use 3 different prefixes: one mixed-batch call vs 3 single-prefix calls.
 
   python benchmarks/mixed_prefix_batch.py [--model DIR | --arch gpt2|t5|bart] [--batch 24] [--beams 1]
-      [--new 32] [--repeats 5] [--out benchmarks/mixed_prefix_batch.json]
+      [--new 32] [--repeats 5] [--out benchmarks/results/mixed_prefix_batch.json]
 
 Without --model a tiny random checkpoint of --arch is built (prefix_jax.tiny_checkpoints). The 3 prefixes are
 random, of lengths 5, 10 and 20 (every placement the model offers). "separate" decodes each task's
@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--beams", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
+                                             "mixed_prefix_batch.json"))
     args = parser.parse_args()
 
     import jax
@@ -84,7 +85,8 @@ def main() -> None:
 
     mixed_out, mixed_s = timed(mixed)
     separate_out, separate_s = timed(separate)
-    result = {"model": model_dir, "arch": lm.config.architecture, "device": str(jax.devices()[0]), "batch": batch,
+    model = args.model or f"tiny random {args.arch} (prefix_jax.tiny_checkpoints, a temporary directory)"
+    result = {"model": model, "arch": lm.config.architecture, "device": str(jax.devices()[0]), "batch": batch,
               "tasks": tasks, "prefix_lengths": [5, 10, 20], "source_len": args.source, "new_tokens": args.new,
               "beams": args.beams, "mixed_s": mixed_s, "separate_s": separate_s, "separate_over_mixed":
               separate_s / mixed_s, "identical_outputs": bool(np.array_equal(mixed_out, separate_out))}

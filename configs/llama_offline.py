@@ -9,6 +9,5 @@ from configs import default, llama_e2e
 
 def get_config():
     c = default.offline_demo(llama_e2e.get_config(), "llama")
-    c.data.target_prefix = " "  # the bundled GPT-2 BPE: words start with a space
     c.train.workdir = "runs/llama_offline"
     return c

@@ -5,38 +5,14 @@
       --config.input=inputs.jsonl --config.output=predictions.jsonl
 
 Each input row's `task` column picks its prefix (a single prefix needs no task column); rows of
-different tasks share batches.
+different tasks share batches. Every field, its default and its meaning are declared once in
+prefix_jax/run_options.py (`PredictOptions`; decoding options: `generate.GenerationConfig`).
 """
 
 import ml_collections
 
-from configs import default
+from prefix_jax import run_options
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name_or_path = ""  # the frozen LM the prefixes were trained on (HF id or local directory)
-    c.model.tokenizer = ""  # defaults to name_or_path
-    c.model.param_dtype = "float32"
-    c.model.positions_after_prefix = ml_collections.FieldReference(None, field_type=bool)  # None: from the export
-
-    # Exported prefixes (`<workdir>/export`): "DIR" (task "default") or "task=DIR,task=DIR,...".
-    c.prefixes = ""
-    c.checkpoint = ""  # or a train workdir: its latest checkpoint (task "default"); not with prefixes
-
-    c.input = "-"  # .jsonl | .csv | .txt (one source per line); "-": jsonl (or plain lines) on stdin
-    c.output = ""  # jsonl: id, task, source, prediction (+ references); "": <input>.predictions.jsonl or stdout
-    c.source_field = "source"
-    c.task_field = "task"
-    c.reference_field = "target"  # a string, or a list of references (jsonl); scored when present
-    c.id_field = "id"  # kept when present, else the row number
-    c.source_prefix = ""  # prepended to every source (e.g. "summarize: " for T5)
-    c.max_source_length = 512
-    c.batch_size = 16
-    c.metrics = ("bleu",)  # metrics.METRICS (e2e, webnlg, dart, xsum: the paper's sets); per task and over all
-    c.progress = True  # tqdm progress bar on stderr
-
-    c.generate = default.generation_options()
-    return c
+    return run_options.default_predict_config()

@@ -4,8 +4,8 @@ A checkpoint step holds two items: `state` (prefix + MLP params, optimizer state
 `meta` (JSON: base model and its fingerprint, architecture, model config, prefix spec, what makes a
 resume exact, data position, a digest of the state, the run config). No LM weight is ever written.
 
-Before a run resumes, `check_compatible` compares the metadata with the current run and names every
-field that differs; `restore_latest_good` verifies each step against its digest and falls back to the
+What the metadata holds and when a run may resume from it: `checkpoint_meta`.
+`restore_latest_good` verifies each step against its digest and falls back to the
 previous step when the latest is unreadable or corrupt.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import time
@@ -27,10 +26,6 @@ from etils import epath
 
 log = logging.getLogger("prefix_jax")
 
-# Metadata that must agree between a checkpoint and the run restoring it: what the prefix belongs to.
-IDENTITY_KEYS = ("architecture", "lm_fingerprint", "model_config", "prefix_spec")
-# The fields of `meta["resume"]` that fix the optimizer state's layout: no resume is possible across them.
-LAYOUT_KEYS = ("optim.frozen", "optim.max_grad_norm")
 CORRUPT_DIR = "corrupt_checkpoints"  # where unreadable steps are moved (never deleted)
 
 
@@ -153,47 +148,6 @@ def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | No
     if step is None:
         return None
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-
-def _normalize(value: Any) -> Any:
-    """JSON round trip, so tuples vs lists and int-vs-str keys compare equal."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Any) -> list[str]:
-    return [f"{k} (checkpoint: {_short(saved.get(k))}, this run: {_short(current.get(k))})"
-            for k in keys if _normalize(saved.get(k)) != _normalize(current.get(k))]
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(_normalize(value), sort_keys=True)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str,
-                     resume_anyway: bool = False) -> None:
-    """Refuses a checkpoint of another model or prefix, and (unless `resume_anyway`) a resume that would not
-    replay the uninterrupted run: each differing field is named. Raises `CheckpointMismatchError`."""
-    identity = _differences(saved, current, IDENTITY_KEYS)
-    if identity:
-        raise CheckpointMismatchError(
-            f"the checkpoint in {where} belongs to another model or prefix and was left untouched; differs: "
-            + "; ".join(identity) + ". Use a new train.workdir, or the model and prefix it was made with.")
-    saved_resume, current_resume = saved.get("resume", {}), current.get("resume", {})
-    layout = _differences(saved_resume, current_resume, LAYOUT_KEYS)
-    if layout:
-        raise CheckpointMismatchError(
-            f"the checkpoint in {where} has another optimizer-state layout and was left untouched; differs: "
-            + "; ".join(layout) + ". Resume with the values it was made with, or use a new train.workdir.")
-    changed = _differences(saved_resume, current_resume, sorted(set(saved_resume) | set(current_resume)))
-    if not changed:
-        return
-    if not resume_anyway:
-        raise CheckpointMismatchError(
-            f"resuming the checkpoint in {where} would not replay the interrupted run; differs: "
-            + "; ".join(changed) + ". Restore those values, use a new train.workdir, or set "
-            "--config.train.resume_anyway=True to continue with the new ones.")
-    log.warning("train.resume_anyway: resuming %s although %s", where, "; ".join(changed))
 
 
 def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, Any, dict, list[int]]:

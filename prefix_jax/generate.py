@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from prefix_jax import fingerprint, logits_processing, prefix_bank
+from prefix_jax.config_fields import check_values, integer, is_int, is_number, number, option, valid_if
 from prefix_jax.models import masks
 from prefix_jax.models.attention import collect_kv, tokens_after_prefix
 from prefix_jax.models.prefix_contract import DECODER, Prefix
@@ -24,42 +25,32 @@ from prefix_jax.models.prefix_contract import DECODER, Prefix
 _NEG = -1.0e9  # transformers' "impossible" score; finite, so sums stay ordered
 
 
+_token_id = valid_if(lambda v: v is None or (is_int(v) and v >= 0), "a token id or None")
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """Decoding settings; each means what the transformers `generate` argument of the same name means."""
 
-    max_new_tokens: int = 64
-    num_beams: int = 1
-    length_penalty: float = 1.0  # score = sum log p / (generated tokens ** length_penalty)
-    min_new_tokens: int = 0  # EOS is impossible before this many new tokens
-    no_repeat_ngram_size: int = 0  # no n-gram of this size twice in source+output (decoder-only) / output
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already seen (CTRL)
-    do_sample: bool = False  # sample instead of argmax (greedy only)
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
-    top_p: float = 1.0  # 1.0: no nucleus filter
-    seed: int = 0  # sampling seed when `generate` is given no rng
-    forced_bos_token_id: int | None = None  # first generated token (BART checkpoints use 0)
-    forced_eos_token_id: int | None = None  # last token when max_new_tokens is reached
+    max_new_tokens: int = option(64, "tokens generated at most", integer(1))
+    num_beams: int = option(1, "1: greedy (or sampling)", integer(1))
+    length_penalty: float = option(1.0, "score = sum log p / (generated tokens ** length_penalty)", number())
+    min_new_tokens: int = option(0, "EOS is impossible before this many new tokens", integer(0))
+    no_repeat_ngram_size: int = option(0, "no n-gram of this size twice in source+output (decoder-only) / output",
+                                       integer(0, "0: off"))
+    repetition_penalty: float = option(1.0, "> 1 discourages tokens already seen (CTRL)",
+                                       number(0, above=True, note="1.0: off"))
+    do_sample: bool = option(False, "sample instead of argmax (greedy only): temperature, top_k, top_p, seed")
+    temperature: float = option(1.0, "sampling temperature", number(0, above=True, note="1.0: off"))
+    top_k: int = option(0, "0: no top-k filter", integer(0, "0: off"))
+    top_p: float = option(1.0, "1.0: no nucleus filter",
+                          valid_if(lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1] (1.0: off)"))
+    seed: int = option(0, "sampling seed when `generate` is given no rng")
+    forced_bos_token_id: int | None = option(None, "first generated token (BART checkpoints use 0)", _token_id)
+    forced_eos_token_id: int | None = option(None, "last token when max_new_tokens is reached", _token_id)
 
     def __post_init__(self) -> None:
-        checks = (
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
-            ("num_beams", self.num_beams >= 1, "must be at least 1"),
-            ("min_new_tokens", 0 <= self.min_new_tokens, "must be at least 0"),
-            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "must be at least 0 (0: off)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be positive (1.0: off)"),
-            ("temperature", self.temperature > 0, "must be positive (1.0: off)"),
-            ("top_k", self.top_k >= 0, "must be at least 0 (0: off)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1.0: off)"),
-            ("forced_bos_token_id", self.forced_bos_token_id is None or self.forced_bos_token_id >= 0,
-             "must be a token id or None"),
-            ("forced_eos_token_id", self.forced_eos_token_id is None or self.forced_eos_token_id >= 0,
-             "must be a token id or None"),
-        )
-        for field, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"generate.{field}={getattr(self, field)!r} {rule}.")
+        check_values(self, GenerationConfig, "generate")
         if self.do_sample and self.num_beams > 1:
             raise ValueError(f"generate.do_sample=True with generate.num_beams={self.num_beams}: beam sampling is "
                              "not supported; use num_beams=1 to sample or do_sample=False for beam search.")

@@ -124,7 +124,7 @@ def _same_model(a: str, b: str) -> bool:
 def check_fits(meta: Mapping[str, Any], where: str, lm_name: str, lm_architecture: str,
                lm_fingerprint: Callable[[], str]) -> None:
     """A prefix only fits the LM it was trained on: same architecture and the same weights (the fingerprint its
-    run stored, `trainer.lm_fingerprint`: a copy of the LM at another path or a Hub id fits), or a one-line error.
+    run stored, `fingerprint.lm_fingerprint`: a copy of the LM at another path or a Hub id fits), or a one-line error.
     Prefixes saved without a fingerprint are matched by path."""
     base, arch, saved = meta.get("base_model"), meta.get("architecture"), meta.get("lm_fingerprint")
     if arch == lm_architecture and base is not None:
@@ -210,16 +210,10 @@ def _positions_flag(metas: Mapping[str, Mapping[str, Any]], configured: bool | N
 
 # --- The run ---
 
-def _generation_config(fields: Mapping[str, Any]) -> Any:
-    from prefix_jax.generate import GenerationConfig
-
-    return GenerationConfig.from_config(dict(fields))
-
-
-def output_path(config: Any) -> str:
-    """Where predictions go ("" = stdout), checked before anything is loaded: not the input itself, not a
-    directory, and in a directory that exists (or can be made) and is writable."""
-    c = config
+def output_path(c: Any) -> str:
+    """Where predictions go ("" = stdout) for `c` (`run_options.PredictOptions`), checked before anything is
+    loaded: not the input itself, not a directory, and in a directory that exists (or can be made) and is
+    writable."""
     out = c.output or ("" if c.input == "-" else str(Path(c.input).with_suffix(".predictions.jsonl")))
     if not out:
         return ""
@@ -264,26 +258,18 @@ def source_room(lm_config: Any, prefix: Any, max_new_tokens: int) -> int | None:
 
 
 def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase | None = None) -> dict:
-    """Loads the LM once and the prefixes, decodes every input row, writes jsonl, returns the scores."""
+    """Loads the LM once and the prefixes, decodes every input row, writes jsonl, returns the scores. `config`:
+    predict.py's ml_collections config (configs/predict.py), read once into `run_options.PredictOptions`."""
     import jax
 
-    from prefix_jax import data, log_filters, text_metrics, models, prefix_bank, trainer
+    from prefix_jax import data, fingerprint, log_filters, models, prefix_bank, run_options
     from prefix_jax.generate import make_generate_fn
 
     log_filters.install()
-    c = config
+    c = run_options.predict_from_config(config)  # the only read of `config`: every field checked and typed
     if bool(c.prefixes) == bool(c.checkpoint):
         raise PredictError("set exactly one of prefixes= (exported prefix directories) or checkpoint= (a workdir).")
-    if not c.model.name_or_path:
-        raise PredictError("model.name_or_path is empty; give the LM the prefixes were trained on.")
-    if c.batch_size < 1:
-        raise PredictError(f"batch_size={c.batch_size} must be at least 1.")
-    if c.max_source_length < 1:
-        raise PredictError(f"max_source_length={c.max_source_length} must be at least 1.")
-    for name in c.metrics:
-        if name not in text_metrics.METRICS:
-            raise PredictError(f"metrics has {name!r}; choose from {text_metrics.METRICS}.")
-    gen_cfg = _generation_config(c.generate)
+    gen_cfg = c.generate
     out_path = output_path(c)  # before anything is loaded or decoded
 
     loaded = load_exports(c.prefixes) if c.prefixes else load_checkpoint_prefixes(c.checkpoint)
@@ -303,7 +289,7 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
 
     lm = models.load_pretrained(c.model.name_or_path, c.model.param_dtype,
                                 **_positions_flag(loaded.metas, c.model.positions_after_prefix))
-    lm_fingerprint = functools.cache(lambda: trainer.lm_fingerprint(lm.params))  # computed only when needed
+    lm_fingerprint = functools.cache(lambda: fingerprint.lm_fingerprint(lm.params))  # computed only when needed
     for where, meta in loaded.metas.items():
         check_fits(meta, where, c.model.name_or_path, lm.config.architecture, lm_fingerprint)
 
@@ -339,7 +325,7 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
         progress.close()  # ends the bar's line, so an error prints on a line of its own
 
     _write(rows, predictions, out_path, stdout)
-    scores = score(rows, predictions, tuple(c.metrics))
+    scores = score(rows, predictions, c.metrics)
     return {"rows": len(rows), "tasks": loaded.tasks, "output": out_path or "stdout", "scores": scores}
 
 

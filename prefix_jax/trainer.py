@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import signal
 import sys
@@ -20,11 +19,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from prefix_jax import checkpoint, data, evaluation, optim, partitioning, preemption, prefetch, run_options
+from prefix_jax import checkpoint, checkpoint_meta, evaluation, optim, partitioning, preemption, prefetch, run_options
 from prefix_jax import log_filters, run_setup, sharding, train_steps
 from prefix_jax import workdir as workdir_lib
 from prefix_jax.config_checks import ConfigError
-from prefix_jax.fingerprint import lm_fingerprint  # noqa: F401  (trainer.lm_fingerprint: where it used to live)
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_init
 from prefix_jax.generate import make_generate_fn
@@ -33,40 +31,6 @@ from prefix_jax.models import sharded_load
 from prefix_jax.run_setup import RunPlan
 
 log = logging.getLogger("prefix_jax")
-
-
-def data_fingerprint(split: data.TokenizedSplit) -> str:
-    """The token ids of a split, hashed: a resume on other data would not replay the run."""
-    h = hashlib.sha256()
-    for source, target in zip(split.source_ids, split.target_ids):
-        h.update(np.asarray(source, np.int64).tobytes() + b"|" + np.asarray(target, np.int64).tobytes() + b"\n")
-    return h.hexdigest()[:32]
-
-
-def run_metadata(plan: RunPlan) -> dict:
-    """What a checkpoint records about where it belongs (see checkpoint.IDENTITY_KEYS) and how it was trained."""
-    lm, c = plan.lm, plan.options
-    meta = {
-        "base_model": lm.name_or_path,
-        "lm_fingerprint": lm_fingerprint(lm.params),
-        "architecture": lm.config.architecture,
-        "model_config": {k: v for k, v in dataclasses.asdict(lm.config).items()
-                         if k not in ("dtype", "param_dtype", "remat", "attention_kernel")},
-        "prefix_spec": plan.spec.to_json(),
-        "config": c.config,
-    }
-    if not c.train.eval_only:  # what must not change for a resume to replay the interrupted run
-        meta["resume"] = {
-            "data.train": data_fingerprint(plan.train.split), "train.batch_size": c.train.batch_size,
-            "data.pack_width": plan.train.pack_width,
-            "train.seed": c.train.seed, "train.steps": plan.total_steps,
-            "train.grad_accum_steps": c.train.grad_accum_steps,
-            "train.label_smoothing": c.train.label_smoothing, "model.param_dtype": c.model.param_dtype,
-            "model.compute_dtype": c.model.compute_dtype or c.model.param_dtype,
-            **{f"optim.{k}": getattr(c.optim, k) for k in ("learning_rate", "warmup_steps", "weight_decay", "b1",
-                                                           "b2", "eps", "max_grad_norm", "frozen")},
-        }
-    return meta
 
 
 def evaluate(plan: RunPlan, step: int, params: Any, lm_params: Any, eval_fn: Any, generate_fn: Any) -> dict:
@@ -85,15 +49,6 @@ def evaluate(plan: RunPlan, step: int, params: Any, lm_params: Any, eval_fn: Any
         if jax.process_index() == 0:
             log.info("decoded outputs of step %d: %s", step, path)
     return result
-
-
-def default_config() -> dict | None:
-    """configs/default.py's fields (None when the repo's configs/ is not importable, e.g. an installed package)."""
-    try:
-        from configs import default
-    except ImportError:
-        return None
-    return default.get_config().to_dict()
 
 
 def config_lines(config: dict, defaults: dict | None = None, prefix: str = "") -> str:
@@ -144,7 +99,7 @@ def find_resume(plan: RunPlan, tx: Any, meta: dict) -> Resume | None:
                           "--config.train.resume=True.")
     if saved.meta is not None:
         saved_meta = {k: v for k, v in saved.meta.items() if k != "resume"} if train.eval_only else saved.meta
-        checkpoint.check_compatible(saved_meta, meta, str(plan.workdir), train.resume_anyway)
+        checkpoint_meta.check_compatible(saved_meta, meta, str(plan.workdir), train.resume_anyway)
     template = fresh_state(plan, tx, fit_to_words=False)  # only its shapes and shardings are used
     mngr = checkpoint.manager(plan.workdir / "checkpoints", read_only=True)
     try:
@@ -212,7 +167,7 @@ def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
         shapes, learning_rate=c.optim.learning_rate, total_steps=plan.total_steps,
         warmup_steps=c.optim.warmup_steps, weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
         eps=c.optim.eps, max_grad_norm=c.optim.max_grad_norm or None, frozen=c.optim.frozen)
-    meta = run_metadata(plan)
+    meta = checkpoint_meta.run_metadata(plan)
     resume = find_resume(plan, tx, meta)  # everything above only read; the lock is the first write
 
     lock = workdir_lib.WorkdirLock(plan.workdir) if is_main else None
@@ -233,7 +188,8 @@ def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
                 mngr.reload()
             if is_main:
                 log.info("config (the fields that differ from configs/default.py; every field is in %s/config.json, "
-                         "each run's in runs.jsonl):\n%s", plan.workdir, config_lines(c.config, default_config()))
+                         "each run's in runs.jsonl):\n%s", plan.workdir,
+                         config_lines(c.config, run_options.default_config().to_dict()))
                 workdir_lib.record_run(plan.workdir, c.config, "eval_only" if c.train.eval_only else "train",
                                        resume.step if resume else 0)
         state = resume.state if resume is not None else fresh_state(plan, tx)

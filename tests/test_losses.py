@@ -257,14 +257,14 @@ def test_chunked_train_step_holds_no_full_logits():
 @pytest.mark.parametrize("value", [-1, True])  # (ml_collections refuses a float for an int field itself)
 def test_loss_chunk_tokens_is_validated_with_a_one_line_error(value):
     from configs import gpt2_e2e_offline
-    from prefix_jax import config_checks
+    from prefix_jax import config_checks, run_options
 
     config = gpt2_e2e_offline.get_config()
     config.train.loss_chunk_tokens = 0
-    config_checks.check(config)  # the default (off) is valid
+    run_options.check(config)  # the default (off) is valid
     config.train.loss_chunk_tokens = value
     with pytest.raises(config_checks.ConfigError, match=r"^train\.loss_chunk_tokens=[^\n]+$"):
-        config_checks.check(config)
+        run_options.check(config)
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])

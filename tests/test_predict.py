@@ -317,14 +317,14 @@ def test_a_copy_of_the_lm_elsewhere_fits_by_its_fingerprint(setup, tmp_path, mon
     other weights at the trained-on path do not."""
     import shutil
 
-    from prefix_jax import trainer
+    from prefix_jax import fingerprint as fingerprint_lib
 
     model_dir, exports, inputs, _, _ = setup
     meta = json.loads((Path(exports["e2e"]) / "prefix.json").read_text())
     export = tmp_path / "export"
     export.mkdir()
     (export / "prefix.safetensors").write_bytes((Path(exports["e2e"]) / "prefix.safetensors").read_bytes())
-    fingerprint = trainer.lm_fingerprint(load_pretrained(str(model_dir)).params)
+    fingerprint = fingerprint_lib.lm_fingerprint(load_pretrained(str(model_dir)).params)
     (export / "prefix.json").write_text(json.dumps({**meta, "lm_fingerprint": fingerprint}))
     shutil.copytree(model_dir, tmp_path / "copy")
     monkeypatch.chdir(tmp_path)

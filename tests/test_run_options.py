@@ -74,3 +74,37 @@ def test_build_only_loads_the_offline_demo_model_it_is_given(tmp_path):
     with pytest.raises(ValueError, match="model.name_or_path"):
         run_setup.build(options)
     assert not (tmp_path / "tiny-t5").exists()
+
+
+def test_each_field_is_declared_once_and_the_defaults_checks_and_resume_keys_come_from_it(tmp_path):
+    """configs/default.py's values are the declared defaults; each declared check rejects a bad value with one line
+    naming the field; the resume keys a checkpoint records are the fields declared to block a resume."""
+    from configs import default
+    from prefix_jax import config_fields
+    from prefix_jax.generate import GenerationConfig
+
+    config = default.get_config()
+    config.model.name_or_path, config.train.workdir = "m", str(tmp_path / "run")
+    options = run_options.from_config(config)
+    for name, cls in run_options.GROUPS.items():
+        declared = dataclasses.replace(cls(), name_or_path="m") if name == "model" else \
+            dataclasses.replace(cls(), workdir=str(tmp_path / "run")) if name == "train" else cls()
+        assert getattr(options, name) == declared, name
+        for field in dataclasses.fields(cls):
+            assert field.metadata["doc"], f"{name}.{field.name} has no doc"
+    assert options.generate == GenerationConfig()
+    assert run_options.default_predict_config().to_dict()["generate"] == config.generate.to_dict()
+
+    for key, bad in (("train.seed", -1), ("optim.b2", 1.0), ("generate.top_p", 0.0), ("data.max_target_length", 1),
+                     ("eval.metrics", ("nope",)), ("optim.frozen", ("(",))):
+        group, field = key.split(".")
+        values = {**config[group].to_dict(), field: bad}
+        with pytest.raises(ConfigError, match=rf"^{key}[ =][^\n]+$"):
+            config_fields.check_values(values, run_options.GROUPS[group], group)
+
+    assert set(run_options.RESUME_FIELDS) == {
+        "model.param_dtype", "model.compute_dtype", "data.pack_width", "train.batch_size", "train.steps",
+        "train.seed", "train.label_smoothing", "train.grad_accum_steps", "optim.learning_rate", "optim.warmup_steps",
+        "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2", "optim.eps", "optim.frozen"}
+    assert set(run_options.LAYOUT_FIELDS) == {"optim.frozen", "optim.max_grad_norm"}
+    assert set(options.resume_values()) == set(run_options.RESUME_FIELDS)
