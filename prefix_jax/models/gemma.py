@@ -259,7 +259,7 @@ def window_mask(mask_BxHxQxM: jax.Array, prefix_len: int, window: int) -> jax.Ar
     seen = jnp.cumsum(tokens.astype(jnp.int32), axis=-1)
     total = seen[..., -1:]  # real tokens up to the query, itself included
     token_distance = total - seen
-    prefix_distance = (total - 1) + (prefix_len - jnp.arange(prefix_len))
+    prefix_distance = (total - 1) + (prefix_len - jnp.arange(prefix_len)).reshape(1, 1, 1, -1)
     near = jnp.concatenate([prefix_distance < window, token_distance < window], axis=-1)
     return mask_BxHxQxM & near
 
@@ -279,7 +279,8 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        scale = (1.0 + scale.astype(jnp.float32)).reshape((1,) * (x.ndim - 1) + (-1,))  # over the leading axes
+        return (normed * scale).astype(self.dtype)
 
 
 def _norm(cfg: Config, name: str) -> RMSNorm:

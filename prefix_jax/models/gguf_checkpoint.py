@@ -33,7 +33,7 @@ import numpy as np
 from prefix_jax.models import hub, pypi_models
 
 # `general.architecture` -> HF `model_type`. Mistral GGUFs say "llama" (same tensors, same permutation).
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "gemma3": "gemma3_text"}
 
 # Storage types we dequantize (the `gguf` package's numpy kernels; each tested against transformers').
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -57,15 +57,27 @@ _GPT2_LAYER = {
     "ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
     "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias",
 }
+_GEMMA3_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    **{f"attn_{g}.weight": f"self_attn.{h}_proj.weight" for g, h in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o"))},
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    **{f"ffn_{g}.weight": f"mlp.{g}_proj.weight" for g in ("gate", "up", "down")},
+}
 GGUF_TO_HF: dict[str, tuple[dict[str, str], str, dict[str, str]]] = {
     # family: (whole-model names, per-layer HF prefix, per-layer names)
     "llama": ({"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}, "model.layers.{i}.", _LLAMA_LAYER),
+    "gemma3": ({"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"},
+               "model.layers.{i}.", _GEMMA3_LAYER),
     "gpt2": ({"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
               "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
               "output.weight": "lm_head.weight"}, "transformer.h.{i}.", _GPT2_LAYER),
 }
-_FAMILY = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2"}
+_FAMILY = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2", "gemma3": "gemma3"}
 # GPT-2's Conv1D weights are `[in, out]` in HF; llama.cpp stores them as `[out, in]`.
 _GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
@@ -169,6 +181,13 @@ def hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], p
                       n_inner=get("feed_forward_length"), layer_norm_epsilon=get("attention.layer_norm_epsilon", 1e-5),
                       **special)
         return AutoConfig.for_model("gpt2", **{k: v for k, v in fields.items() if v is not None})
+    if arch == "gemma3":  # as transformers' GGUF loader builds it: metadata over Gemma3TextConfig's defaults
+        fields = dict(vocab_size=vocab, hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length"),
+                      num_hidden_layers=get("block_count"), num_attention_heads=get("attention.head_count"),
+                      num_key_value_heads=get("attention.head_count_kv"), head_dim=get("attention.key_length"),
+                      max_position_embeddings=get("context_length"), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+                      rope_theta=get("rope.freq_base"), sliding_window=get("attention.sliding_window"), **special)
+        return AutoConfig.for_model("gemma3_text", **{k: v for k, v in fields.items() if v is not None})
     for key in ("rope.scaling.type", "attention.sliding_window"):
         value = get(key)
         if value not in (None, "none", "", 0):
@@ -235,6 +254,8 @@ def hf_tensors(reader: Any, arch: str, config: Any, path: Path, dtype: Any) -> I
             w = unpermute_rope_rows(w, config.num_key_value_heads)
         elif arch == "gpt2" and suffix in _GPT2_TRANSPOSED:
             w = w.T
+        elif arch == "gemma3" and suffix.endswith("norm.weight"):
+            w = w - 1  # llama.cpp's Gemma converter stores norm weights plus one (as transformers undoes it)
         yield name, np.ascontiguousarray(w.astype(dtype))
 
 
