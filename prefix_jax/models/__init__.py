@@ -24,6 +24,7 @@ ARCHITECTURES: dict[str, str] = {
     "mistral": "prefix_jax.models.llama",
     "qwen2": "prefix_jax.models.llama",
     "qwen3": "prefix_jax.models.llama",
+    "gemma": "prefix_jax.models.gemma", "gemma2": "prefix_jax.models.gemma", "gemma3_text": "prefix_jax.models.gemma",
 }
 
 DTYPES = ("float32", "bfloat16")

@@ -104,6 +104,7 @@ def attend(
     deterministic: bool = True,
     prefix: KV | BankKV | None = None,
     kernel: str = "einsum",
+    softcap: float | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention over an optional prefix and the keys, with a boolean mask and an additive bias.
 
@@ -118,10 +119,16 @@ def attend(
     training or when decoding. With attention dropout on, each block draws its own dropout mask: the same
     distribution as dropout on the concatenated weights, other random numbers.
 
+    `softcap` (Gemma 2's `attn_logit_softcapping`): scaled scores become `softcap * tanh(s / softcap)` before
+    the bias and the mask, as HF computes them; only the "einsum" path implements it.
+
     `kernel` (`model.attention_kernel`): "einsum" is what is described above; "jax" and "cudnn" hand the call to
     `jax.nn.dot_product_attention` (`fused_attention.attend`: the prefix copied in front of the keys) unless
     attention dropout is active, which only this path implements.
     """
+    if kernel != "einsum" and softcap is not None:
+        raise ValueError(f"attention soft-capping is only implemented by model.attention_kernel='einsum', not "
+                         f"{kernel!r}.")
     if kernel != "einsum" and (dropout is None or deterministic):
         block = None if prefix is None else _prefix_block(prefix, k_BxCxNxK.dtype)
         return fused_attention.attend(q_BxQxHxK, k_BxCxNxK, v_BxCxNxK, mask_BxHxQxM, bias_BxHxQxM, scale, kernel,
@@ -134,6 +141,8 @@ def attend(
 
     def scores(raw_BxNxGxQxX: jax.Array, slots: slice, valid_BxX: jax.Array | None = None) -> jax.Array:
         raw_BxNxGxQxX = raw_BxNxGxQxX * scale
+        if softcap is not None:
+            raw_BxNxGxQxX = softcap * jnp.tanh(raw_BxNxGxQxX / softcap)
         if bias is not None:
             raw_BxNxGxQxX = raw_BxNxGxQxX + bias[..., slots].astype(jnp.float32)
         visible = mask[..., slots]

@@ -31,7 +31,7 @@ import numpy as np
 from prefix_jax.models import hf_mapping, hub, pypi_models
 
 # `general.architecture` -> HF `model_type`. Mistral GGUFs say "llama" (same tensors, same permutation).
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "gemma3": "gemma3_text"}
 
 # Storage types we dequantize (the `gguf` package's numpy kernels; each tested against transformers').
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -136,6 +136,13 @@ def hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], p
                       n_inner=get("feed_forward_length"), layer_norm_epsilon=get("attention.layer_norm_epsilon", 1e-5),
                       **special)
         return AutoConfig.for_model("gpt2", **{k: v for k, v in fields.items() if v is not None})
+    if arch == "gemma3":  # as transformers' GGUF loader builds it: the metadata over Gemma3TextConfig's defaults
+        fields = dict(vocab_size=vocab, hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length"),
+                      num_hidden_layers=get("block_count"), num_attention_heads=get("attention.head_count"),
+                      num_key_value_heads=get("attention.head_count_kv"), head_dim=get("attention.key_length"),
+                      max_position_embeddings=get("context_length"), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+                      rope_theta=get("rope.freq_base"), sliding_window=get("attention.sliding_window"), **special)
+        return AutoConfig.for_model("gemma3_text", **{k: v for k, v in fields.items() if v is not None})
     for key in ("rope.scaling.type", "attention.sliding_window"):
         value = get(key)
         if value not in (None, "none", "", 0):
@@ -233,6 +240,8 @@ class GGUFTensors:
         if layout.rope_heads:
             w = unpermute_rope_rows(w, (hi - lo) // head_rows)
         w = w[(slice(rows.start - lo, rows.stop - lo), *stored_index[1:])]
+        if layout.plus_one:
+            w = w - 1
         return w.T if layout.transposed else w
 
 

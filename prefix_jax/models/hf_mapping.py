@@ -35,11 +35,13 @@ class GGUF:
 
     transposed: stored as the transpose of HF's tensor (GPT-2's Conv1D weights are `[in, out]` in HF).
     rope_heads: rows interleaved per head for llama.cpp's RoPE layout (Llama's Q/K): the number of heads.
+    plus_one: stored plus one (Gemma's `(1 + w)` norm weights, as llama.cpp's Gemma converters write them).
     """
 
     name: str
     transposed: bool = False
     rope_heads: int | None = None
+    plus_one: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
