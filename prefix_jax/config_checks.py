@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from etils import epath
 
+from prefix_jax import workdir as workdir_lib
 from prefix_jax.models.fused_attention import ATTENTION_KERNELS
 from prefix_jax.text_metrics import METRICS
 
@@ -146,8 +147,6 @@ def check_workdir(workdir: str) -> None:
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"train.workdir={workdir!r} is not writable (a read-only filesystem, or no permission); "
                               "a run writes its lock, metrics and checkpoints there: choose another train.workdir.")
-        from prefix_jax import workdir as workdir_lib
-
         workdir_lib.check_run_files(path)
         return
     parent = path.parent

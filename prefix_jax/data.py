@@ -314,7 +314,7 @@ def _hub_dataset(name: str, config_name: str | None, split: str) -> Any:
     Parquet export."""
     import datasets
 
-    from prefix_jax.models import hub
+    from prefix_jax import hub
 
     origin = _hub_origin(name, config_name, split)
     local = Path(name).expanduser()
@@ -353,7 +353,7 @@ def _reach_hub(name: str) -> None:
     import datasets
     from huggingface_hub import HfApi
 
-    from prefix_jax.models import hub
+    from prefix_jax import hub
 
     HfApi(endpoint=datasets.config.HF_ENDPOINT).dataset_info(name, timeout=hub.hub_timeout_s())
 
@@ -385,7 +385,7 @@ def parquet_export(name: str, config_name: str | None, split: str) -> Any:
     defined them."""
     import datasets
 
-    from prefix_jax.models import hub
+    from prefix_jax import hub
 
     origin = _hub_origin(name, config_name, split)
     try:
@@ -573,7 +573,8 @@ def load_tokenizer(path_or_name: str, field: str = TOKENIZER_FIELD) -> Any:
     checked to tokenize text sensibly."""
     from transformers import AutoTokenizer
 
-    from prefix_jax.models import gguf_checkpoint, hub
+    from prefix_jax import hub
+    from prefix_jax.models import gguf_checkpoint
 
     fix = ("save the model's tokenizer there (`AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR)`) or "
            "set model.tokenizer to a directory or Hub id that has one.")

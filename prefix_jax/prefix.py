@@ -26,11 +26,12 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from prefix_jax import fingerprint
 from prefix_jax.models import common, dropout
-from prefix_jax.models.attention import KV
-from prefix_jax.models.prefix_contract import DECODER, Prefix, StackGeometry
+from prefix_jax.models.prefix_contract import DECODER, KV, BankKV, Prefix, StackGeometry
+from prefix_jax.sharding import MODEL_AXIS
 
 METHODS = ("prefix", "prefix_direct", "embedding_only", "infix")
 # normal: N(0, 1) virtual tokens / direct prefixes and PyTorch-default MLP layers (PEFT; the paper's MLP).
@@ -253,6 +254,27 @@ def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | No
         for placement in spec.groups()[name]:
             kv[placement] = unflatten(flat, spec.geometry[placement])
     return Prefix(kv=kv, infix=spec.method == "infix")
+
+
+def kv_spec(num_heads: int, mesh: Any) -> PartitionSpec:
+    """How a materialized prefix `[layers, heads, P, head_dim]` is laid out: heads over `model` when they divide."""
+    model = dict(mesh.shape).get(MODEL_AXIS, 1)
+    if model > 1 and num_heads % model == 0:
+        return PartitionSpec(None, MODEL_AXIS)
+    return PartitionSpec()
+
+
+def constrain_kv(prefix: Prefix, mesh: Any) -> Prefix:
+    """Inside a jitted function: the prefix K/V sharded over heads like the key projection (no-op without `model`).
+
+    A prefix bank (`[L, T, H, P, K]` plus masks and row indices) stays replicated: it is small and gathered per row.
+    """
+    def constrain(x: jax.Array) -> jax.Array:
+        spec = kv_spec(x.shape[1], mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)) if spec != PartitionSpec() else x
+
+    return prefix.replace(kv={p: kv if isinstance(kv, BankKV) else jax.tree.map(constrain, kv)
+                              for p, kv in prefix.kv.items()})
 
 
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:

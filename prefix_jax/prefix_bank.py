@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax.models.attention import KV, BankKV
-from prefix_jax.models.prefix_contract import Prefix
+from prefix_jax.models.prefix_contract import KV, BankKV, Prefix
 
 
 class PrefixBankError(ValueError):

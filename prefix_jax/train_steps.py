@@ -57,7 +57,7 @@ def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: 
                ) -> tuple[jax.Array, jax.Array]:
     """(summed loss, token count) of a batch; dropout (LM and prefix) on when `rng` is given.
 
-    `shard_prefix` lays out the materialized prefix on the mesh (`partitioning.constrain_prefix`).
+    `shard_prefix` lays out the materialized prefix on the mesh (`prefix.constrain_kv`).
     `loss_chunk_tokens` > 0: the loss comes from the final hidden states at the target positions, through
     the LM head `loss_chunk_tokens` tokens at a time (`losses.chunked_token_cross_entropy`), so the float32
     `[B, T, V]` logits are never formed; 0: from the model's logits. Both give the same loss and gradient.

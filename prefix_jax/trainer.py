@@ -263,7 +263,7 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
     lm_params = plan.lm.params
     lm_sharding = sharded_load.shardings_of(lm_params)
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    shard_prefix = lambda prefix: partitioning.constrain_prefix(prefix, mesh)
+    shard_prefix = lambda prefix: prefix_lib.constrain_kv(prefix, mesh)
     step_fn = train_steps.jit_train_step(plan.lm.model, spec, tx, schedule, c.train.label_smoothing,
                                       state_sharding=replicated, lm_sharding=lm_sharding,
                                       batch_sharding=batch_sharding, grad_accum_steps=c.train.grad_accum_steps,

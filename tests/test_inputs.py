@@ -15,7 +15,8 @@ import ml_collections
 import pytest
 
 from prefix_jax import data
-from prefix_jax.models import hub, load_pretrained
+from prefix_jax import hub
+from prefix_jax.models import load_pretrained
 
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "gpt2-tokenizer"  # GPT-2's vocab + merges
 

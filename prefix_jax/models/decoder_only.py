@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import BankKV, tokens_after_prefix
-from prefix_jax.models.prefix_contract import DECODER, NO_PREFIX, Prefix, TextPositions
+from prefix_jax.models.attention import tokens_after_prefix
+from prefix_jax.models.prefix_contract import DECODER, NO_PREFIX, BankKV, Prefix, TextPositions
 
 Batch = Mapping[str, jax.Array]
 

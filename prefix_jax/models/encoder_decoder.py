@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
-from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, TextPositions
+from prefix_jax.models.attention import MultiHeadAttention, tokens_after_prefix
+from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, KV, NO_PREFIX, Prefix, TextPositions
 
 Batch = Mapping[str, jax.Array]
 

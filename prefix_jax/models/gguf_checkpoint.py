@@ -30,7 +30,8 @@ from typing import Any, Iterator
 import gguf
 import numpy as np
 
-from prefix_jax.models import hub, pypi_models
+from prefix_jax import hub
+from prefix_jax.models import pypi_models
 
 # `general.architecture` -> HF `model_type`. Mistral GGUFs say "llama" (same tensors, same permutation).
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}

@@ -27,10 +27,11 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, decoder_only
-from prefix_jax.models.attention import KV, MultiHeadAttention
+from prefix_jax.models import sharded_load as sl
+from prefix_jax.models.attention import MultiHeadAttention
 from prefix_jax.models.dropout import Dropout
-from prefix_jax.models.hub import take
-from prefix_jax.models.prefix_contract import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
+from prefix_jax.hub import take
+from prefix_jax.models.prefix_contract import DECODER, KV, DecoderOnlyPositions, StackGeometry, TextPositions
 
 
 # HF GPT2Config fields this module does not implement: (field, unsupported value, meaning).
@@ -241,8 +242,6 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
 
 def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
     """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
-    from prefix_jax.models import sharded_load as sl
-
     base = _base(tensor_names)
     H, K, D, inner = cfg.n_head, cfg.head_dim, cfg.n_embd, cfg.inner_dim
     per_layer = lambda w, *split, **kw: sl.layers(cfg.n_layer, f"{base}h.{{i}}.{w}", *split, **kw)

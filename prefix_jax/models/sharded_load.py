@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from prefix_jax.models import gguf_checkpoint, hub
+from prefix_jax import hub, models, partitioning, sharding
+from prefix_jax.models import gguf_checkpoint
 
 log = logging.getLogger("prefix_jax")
 
@@ -215,8 +216,6 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
     process reads only the blocks its own devices hold. Architectures without an `hf_layout`, and GGUF
     files (dequantized tensor by tensor), are read whole and then placed.
     """
-    from prefix_jax import models, partitioning
-
     for field, value in (("model.param_dtype", param_dtype), ("model.compute_dtype", compute_dtype)):
         if value is not None and value not in models.DTYPES:
             raise ValueError(f"{field}={value!r} is not supported; use one of {models.DTYPES}.")
@@ -227,8 +226,6 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
         arch, hf_config = models.read_config(model_dir)
     if is_gguf or not hasattr(arch, "hf_layout"):
         lm = models.load_pretrained(name_or_path, param_dtype, compute_dtype, **config_overrides)
-        from prefix_jax import sharding
-
         shardings = partitioning.lm_shardings(lm.params, models.architecture(lm.config.architecture).PARAM_AXES,
                                               strategy, mesh)
         return dataclasses.replace(lm, params=sharding.place(lm.params, shardings))

@@ -20,10 +20,11 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, encoder_decoder
+from prefix_jax.models import sharded_load as sl
 from prefix_jax.models.attention import MultiHeadAttention
 from prefix_jax.models.dropout import Dropout
 from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, StackGeometry, TextPositions
-from prefix_jax.models.hub import take
+from prefix_jax.hub import take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,8 +297,6 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: Config, where: str = 
 
 def hf_layout(cfg: Config, tensor_names: set[str]) -> dict:
     """`params_from_hf` as data, block-readable (`sharded_load.FromHF` per leaf): the same tree and values."""
-    from prefix_jax.models import sharded_load as sl
-
     H, K, D = cfg.num_heads, cfg.d_kv, cfg.d_model
 
     def stack(name: str, num_layers: int) -> dict:
