@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from prefix_jax import losses, prefix_bank
+from prefix_jax.batch import Batch
 from prefix_jax import prefix as prefix_lib
 
 
@@ -51,7 +52,7 @@ def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_Bx
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: Any, batch: dict,
+def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: Any, batch: Batch,
                rng: jax.Array | None, label_smoothing: float = 0.0,
                shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0
                ) -> tuple[jax.Array, jax.Array]:
@@ -79,7 +80,7 @@ def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: 
     return token_cross_entropy(apply(), targets, mask, label_smoothing)
 
 
-def micro_batches(batch: dict, steps: int) -> dict:
+def micro_batches(batch: Batch, steps: int) -> Batch:
     """`[B, ...]` -> `[steps, B / steps, ...]`; micro-batch j holds rows j, j + steps, ... so that each
     one is spread over all batch shards (a contiguous split would put it on a few devices)."""
     def split(x: jax.Array) -> jax.Array:
@@ -90,7 +91,7 @@ def micro_batches(batch: dict, steps: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def summed_loss_and_grads(loss_sum_fn: Callable, params: Any, batch: dict, rng: jax.Array,
+def summed_loss_and_grads(loss_sum_fn: Callable, params: Any, batch: Batch, rng: jax.Array,
                           steps: int) -> tuple[jax.Array, jax.Array, Any]:
     """Loss sum, token count and gradient of the loss sum over `steps` micro-batches (a `lax.scan`).
 
@@ -111,7 +112,7 @@ def summed_loss_and_grads(loss_sum_fn: Callable, params: Any, batch: dict, rng: 
     return total, count, grads
 
 
-def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec,
+def train_step(state: TrainState, lm_params: Any, batch: Batch, *, model: Any, spec: prefix_lib.PrefixSpec,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float = 0.0, grad_accum_steps: int = 1,
                shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0
@@ -154,7 +155,7 @@ def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, sp
                          nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1)), metrics
 
 
-def eval_step(params: Any, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec,
+def eval_step(params: Any, lm_params: Any, batch: Batch, *, model: Any, spec: prefix_lib.PrefixSpec,
               shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0) -> dict:
     """Summed loss and token count of a batch, deterministic (sum across batches, then divide)."""
     total, count = batch_loss(model, spec, params, lm_params, batch, None, shard_prefix=shard_prefix,
