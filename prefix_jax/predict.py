@@ -315,8 +315,8 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
             width = max(longest, min(max(8, -(-longest // 8) * 8), max_source))  # few compiled shapes, all fit
             padded = indices + [indices[-1]] * (c.batch_size - len(indices))  # one compiled shape per width
             ids, mask = data.pad([source_ids[i] for i in padded], width, pad_id, left=False)
-            prefix = loaded.prefix if not loaded.by_task else prefix_bank.for_rows(loaded.prefix, np.asarray(
-                [task_index[rows[i]["task"]] for i in padded], np.int32))
+            prefix = prefix_bank.for_batch(loaded.prefix, np.asarray([task_index[rows[i]["task"]] for i in padded],
+                                                                      np.int32))
             tokens = np.asarray(generate(lm_params, prefix, ids, mask))[:len(indices)]
             for i, text in zip(indices, tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)):
                 predictions[i] = text.strip()

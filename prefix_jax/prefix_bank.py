@@ -124,6 +124,12 @@ def for_rows(bank: Prefix, rows_B: jax.Array | Sequence[int | str]) -> Prefix:
     return bank.replace(kv=kv)
 
 
+def for_batch(prefix: Prefix, task_ids_B: jax.Array | Sequence[int | str] | None) -> Prefix:
+    """The K/V each row of a batch uses: a single prefix as it is (every row uses it), a bank gathered per row by
+    task id (`for_rows`). The one place a caller asks which prefix a row gets."""
+    return for_rows(prefix, task_ids_B) if is_bank(prefix) else prefix
+
+
 def repeat_rows(prefix: Prefix, times: int) -> Prefix:
     """Each row's prefix index repeated `times` times in a row (beam layout); plain prefixes unchanged."""
     if times == 1:

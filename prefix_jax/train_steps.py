@@ -41,17 +41,6 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
-                        label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """Summed cross-entropy over real target tokens, and their count (pads contribute nothing).
-
-    Label smoothing as transformers' trainer does it: `(1 - e) * nll + e * mean_v(-log p_v)`.
-    """
-    nll = losses.token_losses(logits_BxTxV.astype(jnp.float32), targets_BxT, label_smoothing)
-    mask = mask_BxT.astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
-
-
 def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: Any, batch: Batch,
                rng: jax.Array | None, label_smoothing: float = 0.0,
                shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0
@@ -65,9 +54,8 @@ def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: 
     """
     deterministic = rng is None
     prefix_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
-    prefix = prefix_lib.materialize(params, spec, prefix_rng, deterministic)
-    if spec.tasks:  # multi-task: each row attends to its own task's prefix
-        prefix = prefix_bank.for_rows(prefix, batch["task_ids"])
+    prefix = prefix_bank.for_batch(prefix_lib.materialize(params, spec, prefix_rng, deterministic),
+                                   batch.get("task_ids"))
     if shard_prefix is not None:
         prefix = shard_prefix(prefix)
     apply = functools.partial(model.apply, {"params": lm_params}, batch, prefix, deterministic=deterministic,
@@ -77,7 +65,7 @@ def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: 
         h_BxTxD = apply(method=model.target_hidden_states)
         return losses.chunked_token_cross_entropy(h_BxTxD, losses.lm_head_for(model.config, lm_params), targets, mask,
                                                   label_smoothing, loss_chunk_tokens)
-    return token_cross_entropy(apply(), targets, mask, label_smoothing)
+    return losses.token_cross_entropy(apply(), targets, mask, label_smoothing)
 
 
 def micro_batches(batch: Batch, steps: int) -> Batch:

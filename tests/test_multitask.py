@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import gpt2_e2e_offline
-from prefix_jax import checkpoint, data, trainer, train_steps
+from prefix_jax import checkpoint, data, losses, trainer, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import load_pretrained
 
@@ -64,7 +64,7 @@ def test_each_task_trains_and_exports_its_own_prefix(tiny_gpt2_dir, tmp_path):
         batcher = data.Batcher(split, 8, 48, 24, 0, left_pad_source=True)
         batch = next(batcher.eval_batches())
         single = lm.model.apply({"params": lm.params}, batch, exported)
-        total, count = train_steps.token_cross_entropy(single, batch["target_ids"], batch["target_mask"])
+        total, count = losses.token_cross_entropy(single, batch["target_ids"], batch["target_mask"])
         losses[task] = float(total / count)
 
         state = checkpoint.read_state(checkpoint.manager(tmp_path / "run" / "checkpoints", read_only=True))
@@ -76,7 +76,7 @@ def test_each_task_trains_and_exports_its_own_prefix(tiny_gpt2_dir, tmp_path):
         np.testing.assert_allclose(float(bank_total / bank_count), losses[task], rtol=1e-5)
         other = prefix_lib.load_export(tmp_path / "run" / "export" / ({"describe", "name"} - {task}).pop())[0]
         swapped = lm.model.apply({"params": lm.params}, batch, other)
-        swapped_loss = train_steps.token_cross_entropy(swapped, batch["target_ids"], batch["target_mask"])
+        swapped_loss = losses.token_cross_entropy(swapped, batch["target_ids"], batch["target_mask"])
         assert abs(float(swapped_loss[0] / swapped_loss[1]) - losses[task]) > 1e-3
 
 

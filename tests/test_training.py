@@ -11,7 +11,7 @@ import optax
 import pytest
 from transformers import T5Config
 
-from prefix_jax import optim, partitioning, train_steps
+from prefix_jax import losses, optim, partitioning, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import t5
 
@@ -166,7 +166,7 @@ def test_label_smoothing_and_padding_in_the_loss():
     mask = np.asarray([[1, 1, 1], [1, 0, 0]])
     labels = torch.tensor(np.where(mask == 1, targets, -100))
     for epsilon in (0.0, 0.1):
-        total, count = train_steps.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
+        total, count = losses.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
                                                     label_smoothing=epsilon)
         if epsilon:
             expected = float(LabelSmoother(epsilon=epsilon)({"logits": torch.tensor(logits)}, labels))
