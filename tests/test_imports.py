@@ -120,7 +120,7 @@ def function_level_imports(path: Path) -> list[tuple[str, int, str]]:
             if isinstance(node, ast.Import):
                 found += [(fn.name, node.lineno, a.name) for a in node.names if a.name.split(".")[0] == PACKAGE]
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
-                found.append((fn.name, node.lineno, node.module))
+                found += [(fn.name, node.lineno, f"{node.module}.{a.name}") for a in node.names]
     return sorted(set(found))
 
 
