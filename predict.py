@@ -25,12 +25,15 @@ Exit status:
 
 import sys
 
+from prefix_jax import host_memory
+
 HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull", "-helpfull")
 
 if __name__ == "__main__":
     if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
         print(__doc__.strip())
         sys.exit(0)
-    from prefix_jax.predict import cli
+    host_memory.reexec_with_huge_pages()  # before JAX loads: XLA's CPU temporaries on huge pages
+    from prefix_jax.predict import cli  # here, not at the top: `--help` answers without loading JAX
 
     cli()

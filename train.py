@@ -31,6 +31,8 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
+from prefix_jax import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
@@ -95,8 +97,6 @@ def _is_ours(error: BaseException) -> bool:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from prefix_jax import host_memory
-
     logging.info("%s", host_memory.status())
     try:
         flags.FLAGS(argv)
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
     except (flags.Error, OSError, AttributeError, ImportError, SyntaxError, TypeError, ValueError, KeyError) as e:
         print(f"error: {_config_error(e, argv)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from prefix_jax import preemption, trainer
+    from prefix_jax import preemption, trainer  # here, not at the top: JAX loads after the huge-pages restart
 
     if not config.train.workdir:
         config.train.workdir = str(Path("runs") / Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem)
@@ -133,7 +133,5 @@ if __name__ == "__main__":
     if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
         print(help_text(full=any(arg.lstrip("-") == "helpfull" for arg in sys.argv[1:])), end="")
         sys.exit(0)
-    from prefix_jax import host_memory
-
     host_memory.reexec_with_huge_pages()  # before JAX loads: XLA's CPU temporaries on huge pages
     sys.exit(main(sys.argv))

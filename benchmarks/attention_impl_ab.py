@@ -78,13 +78,13 @@ def variant(name: str, case: Case):
     """`f(q, k, v, pk, pv, mask, bias) -> [B, C, H, K]` for one implementation."""
     import jax
 
-    from prefix_jax.models import attention, fused_attention
+    from prefix_jax.models import attention, fused_attention, prefix_contract
 
     scale = case.head_dim**-0.5
 
     if name == "ours":
         def f(q, k, v, pk, pv, mask, bias):
-            return attention.attend(q, k, v, mask, bias, scale, prefix=attention.KV(pk, pv))
+            return attention.attend(q, k, v, mask, bias, scale, prefix=prefix_contract.KV(pk, pv))
         return f
 
     def f(q, k, v, pk, pv, mask, bias):

@@ -76,7 +76,7 @@ class RawStep:
     def __init__(self, config, steps: int):
         import jax
 
-        from prefix_jax import optim, partitioning, run_options, run_setup, sharding, trainer, train_steps
+        from prefix_jax import optim, run_options, run_setup, sharding, trainer, train_steps
         from prefix_jax import prefix as prefix_lib
         from prefix_jax.models import sharded_load
 
@@ -93,7 +93,7 @@ class RawStep:
             plan.lm.model, spec, tx, schedule, cfg.train.label_smoothing,
             state_sharding=sharding.replicated(mesh), lm_sharding=sharded_load.shardings_of(self.lm_params),
             batch_sharding=sharding.batch_sharding(mesh), grad_accum_steps=cfg.train.grad_accum_steps,
-            shard_prefix=lambda prefix: partitioning.constrain_prefix(prefix, mesh),
+            shard_prefix=lambda prefix: prefix_lib.constrain_kv(prefix, mesh),
             loss_chunk_tokens=cfg.train.loss_chunk_tokens)
         self.state = trainer.fresh_state(plan, tx)
         self.batches = [sharding.shard_batch(plan.train.train_batch(s), mesh) for s in range(steps)]

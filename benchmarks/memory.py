@@ -49,13 +49,13 @@ def full_fine_tuning_step(model):
     import jax.numpy as jnp
     import optax
 
-    from prefix_jax import train_steps
+    from prefix_jax import losses
 
     tx = optax.adamw(5e-5)
 
     def step(lm_params, opt_state, batch):
         def loss_fn(p):
-            total, count = train_steps.token_cross_entropy(model.apply({"params": p}, batch), batch["target_ids"],
+            total, count = losses.token_cross_entropy(model.apply({"params": p}, batch), batch["target_ids"],
                                                         batch["target_mask"])
             return total / jnp.maximum(count, 1.0)
 

@@ -88,11 +88,10 @@ def generate_and_score(batcher: data.Batcher, mesh: Any, tokenizer: Any, spec: p
         local = np.array_split(np.asarray(rows), batcher.process_count)[batcher.process_index]
         ids, mask = data.pad([split.source_ids[i] for i in local], batcher.source_width, batcher.pad_id,
                              batcher.left_pad_source)
-        batch = sharding.shard_batch({"ids": ids, "mask": mask}, mesh)
-        rows_prefix = prefix
-        if spec.tasks:  # each row decodes with its own task's prefix (the global batch's rows, in order)
-            rows_prefix = prefix_bank.for_rows(prefix, np.asarray([split.task_ids[i] for i in rows], np.int32))
-        tokens = _gather(generate_fn(lm_params, rows_prefix, batch["ids"], batch["mask"]))[:len(indices)]
+        batch = sharding.shard_batch({"source_ids": ids, "source_mask": mask}, mesh)
+        task_ids = None if split.task_ids is None else np.asarray([split.task_ids[i] for i in rows], np.int32)
+        rows_prefix = prefix_bank.for_batch(prefix, task_ids)  # the global batch's rows, in order
+        tokens = _gather(generate_fn(lm_params, rows_prefix, batch["source_ids"], batch["source_mask"]))[:len(indices)]
         hypotheses.extend(t.strip() for t in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True))
         bar.update(len(indices))
     bar.close()

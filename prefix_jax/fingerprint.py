@@ -15,8 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from prefix_jax.models.attention import BankKV
-from prefix_jax.models.prefix_contract import Prefix, TrainedOn
+from prefix_jax.models.prefix_contract import BankKV, Prefix, TrainedOn
 
 
 class PrefixMismatchError(ValueError):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 
+from prefix_jax import checkpoint
+
 _installed = False
 
 
 class _Drop(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        from prefix_jax import checkpoint
-
         message = record.getMessage()
         if message.startswith("Given directory is read only"):
             return False

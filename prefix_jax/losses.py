@@ -2,7 +2,7 @@
 holding the float32 `[B, T, V]` logits (`chunked_token_cross_entropy`).
 
 `chunked_token_cross_entropy(h_BxTxD, head, targets, mask)` equals
-`train_steps.token_cross_entropy(head(h), targets, mask)` (same sum, same count, same gradient w.r.t. `h`),
+`token_cross_entropy(head(h), targets, mask)` (same sum, same count, same gradient w.r.t. `h`),
 but flattens the `B*T` tokens, pads them to whole chunks of `chunk_size` tokens, and scans over the chunks:
 each step computes one chunk's `[chunk, V]` logits, reduces them to per-token losses, and drops them. The
 scan body is rematerialized (`jax.checkpoint`), so the backward pass recomputes each chunk's logits instead
@@ -105,6 +105,17 @@ def _token_losses_backward(label_smoothing, residuals, g_N):
 
 
 token_losses.defvjp(_token_losses_and_residuals, _token_losses_backward)
+
+
+def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
+                        label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy over real target tokens, and their count (pads contribute nothing).
+
+    Label smoothing as transformers' trainer does it: `(1 - e) * nll + e * mean_v(-log p_v)`.
+    """
+    nll = token_losses(logits_BxTxV.astype(jnp.float32), targets_BxT, label_smoothing)
+    mask = mask_BxT.astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
 
 
 def chunked_token_cross_entropy(h_BxTxD: jax.Array, head: LMHead, targets_BxT: jax.Array, mask_BxT: jax.Array,

@@ -8,9 +8,7 @@ from typing import Any, Mapping
 
 from etils import epath
 
-from prefix_jax.workdir import append_line
-
-METRICS_FILE = "metrics.jsonl"
+from prefix_jax.workdir import METRICS_FILE, append_line
 
 
 class MetricsWriter:

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import jax
 import optax
 
+from prefix_jax.partitioning import path_name
+
 
 def linear_schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
     """Linear warmup 0 -> peak over `warmup_steps`, then linear decay to 0 at `total_steps` (the paper's)."""
@@ -25,15 +27,14 @@ def linear_schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0) -> 
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
-def path_names(params: Any) -> Any:
+def _leaf_names(params: Any) -> Any:
     """A tree like `params` whose leaves are their '/'-joined key paths ('decoder/mlp_in/kernel')."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: path_name(path), params)
 
 
 def decay_mask(params: Any) -> Any:
     """Weight decay only on MLP kernels: never on biases, virtual-token embeddings or direct prefixes."""
-    return jax.tree.map(lambda name: name.endswith("kernel"), path_names(params))
+    return jax.tree.map(lambda name: name.endswith("kernel"), _leaf_names(params))
 
 
 def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
@@ -44,7 +45,7 @@ def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
             compiled.append(re.compile(p))
         except re.error as e:
             raise ValueError(f"optim.frozen has an invalid regex {p!r}: {e}") from None
-    names = path_names(params)
+    names = _leaf_names(params)
     every = jax.tree.leaves(names)
     for pattern in compiled:
         if not any(pattern.search(name) for name in every):  # a typo would silently freeze nothing

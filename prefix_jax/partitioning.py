@@ -7,8 +7,8 @@ does not map is replicated. Two facts keep every spec valid on every mesh: a dim
 does not divide its mesh axis is replicated instead (with a log line: GPT-2's vocab 50257), and a
 mesh axis is used at most once per leaf. The scanned `layers` axis is never sharded (the scan slices it).
 
-The trainable prefix tree and its optimizer state are replicated (they are small); the prefix K/V a
-step materializes (`[layers, heads, P, head_dim]`) are sharded over heads like the key projection.
+The trainable prefix tree and its optimizer state are replicated (they are small); how the prefix K/V a
+step materializes are laid out is `prefix.constrain_kv`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from prefix_jax.models.prefix_contract import Prefix
 from prefix_jax.sharding import FSDP_AXIS, MODEL_AXIS
 
 log = logging.getLogger("prefix_jax")
@@ -124,24 +123,3 @@ def lm_shardings(params: Any, param_axes: ParamAxes, strategy: str, mesh: Any) -
     """`NamedSharding` per LM leaf (see `lm_partition_specs`)."""
     specs = lm_partition_specs(params, param_axes, strategy, mesh)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def prefix_kv_spec(num_heads: int, mesh: Any) -> PartitionSpec:
-    """How a materialized prefix `[layers, heads, P, head_dim]` is laid out: heads over `model` when they divide."""
-    model = dict(mesh.shape).get(MODEL_AXIS, 1)
-    if model > 1 and num_heads % model == 0:
-        return PartitionSpec(None, MODEL_AXIS)
-    return PartitionSpec()
-
-
-def constrain_prefix(prefix: Prefix, mesh: Any) -> Prefix:
-    """Inside a jitted function: the prefix K/V sharded over heads like the key projection (no-op without `model`)."""
-    def constrain(x: jax.Array) -> jax.Array:
-        spec = prefix_kv_spec(x.shape[1], mesh)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)) if spec != PartitionSpec() else x
-
-    from prefix_jax.models.attention import BankKV
-
-    # A prefix bank ([L, T, H, P, K] plus masks and row indices) stays replicated: it is small and gathered per row.
-    return prefix.replace(kv={p: kv if isinstance(kv, BankKV) else jax.tree.map(constrain, kv)
-                              for p, kv in prefix.kv.items()})

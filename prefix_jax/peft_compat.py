@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax.models.attention import KV
-from prefix_jax.models.prefix_contract import DECODER, Prefix, StackGeometry
+from prefix_jax.models.prefix_contract import DECODER, KV, Prefix, StackGeometry
 from prefix_jax.prefix import flatten, unflatten
 
 ADAPTER_CONFIG = "adapter_config.json"

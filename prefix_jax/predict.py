@@ -22,7 +22,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
+
+from prefix_jax import checkpoint, data, fingerprint, host_memory, log_filters, models, prefix_bank, run_options, text_metrics
+from prefix_jax import prefix as prefix_lib
+from prefix_jax.generate import make_generate_fn
+from prefix_jax.models.prefix_contract import DECODER, ENCODER
 
 DEFAULT_TASK = "default"
 log = logging.getLogger("prefix_jax")
@@ -44,8 +50,6 @@ def _parse_references(value: Any) -> list[str] | None:
 
 def _input_text(path: str, stdin: io.TextIOBase | None) -> tuple[str, str, str]:
     """(text, kind, how to name it in errors) of the input file or stdin, decoded as UTF-8 (a BOM dropped)."""
-    from prefix_jax import data
-
     if path == "-":
         stream = stdin or sys.stdin
         raw = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode()
@@ -68,8 +72,6 @@ def read_rows(path: str, source_field: str, task_field: str, reference_field: st
               multi_task: bool, stdin: io.TextIOBase | None = None) -> list[dict]:
     """Rows `{id, task, source, references, where}` from jsonl / csv / txt (or stdin: jsonl, else one source a
     line); `where` names the row's line (`line 4`, `row 3 (line 4)`), as do the errors."""
-    from prefix_jax import data
-
     text, kind, where = _input_text(path, stdin)
     if kind == "txt":
         if multi_task:
@@ -149,8 +151,6 @@ class Prefixes:
 
 def load_prefix(directory: str) -> tuple[Any, dict]:
     """An export (`prefix.json` + `prefix.safetensors`)."""
-    from prefix_jax import prefix as prefix_lib
-
     path = Path(directory).expanduser()
     if (path / prefix_lib.EXPORT_META).is_file():
         return prefix_lib.load_export(path)
@@ -160,8 +160,6 @@ def load_prefix(directory: str) -> tuple[Any, dict]:
 
 def load_exports(spec: str) -> Prefixes:
     """`prefixes=DIR` or `task=DIR,...`: the exports, stacked into one bank when there are several."""
-    from prefix_jax import prefix_bank
-
     directories = parse_prefixes(spec)
     loaded = {task: load_prefix(d) for task, d in directories.items()}
     tasks = list(loaded)
@@ -173,9 +171,6 @@ def load_exports(spec: str) -> Prefixes:
 def load_checkpoint_prefixes(workdir: str) -> Prefixes:
     """The materialized prefix of the latest checkpoint in `workdir/checkpoints` (a multi-task run's: one per
     task, picked by each row's task column, as with exports)."""
-    from prefix_jax import checkpoint
-    from prefix_jax import prefix as prefix_lib
-
     directory = Path(workdir).expanduser().absolute() / "checkpoints"  # Orbax wants absolute paths
     if not directory.is_dir():
         raise PredictError(f"checkpoint={workdir!r} has no checkpoints/ directory.")
@@ -238,8 +233,6 @@ def output_path(c: Any) -> str:
 def source_room(lm_config: Any, prefix: Any, max_new_tokens: int) -> int | None:
     """The most source tokens that fit the LM's position table with `prefix` and `max_new_tokens` generated
     tokens (None: no table, e.g. T5); a one-line error when the generated tokens alone do not fit."""
-    from prefix_jax.models import DECODER, ENCODER
-
     limit = lm_config.max_positions
     if limit is None:
         return None
@@ -260,11 +253,6 @@ def source_room(lm_config: Any, prefix: Any, max_new_tokens: int) -> int | None:
 def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase | None = None) -> dict:
     """Loads the LM once and the prefixes, decodes every input row, writes jsonl, returns the scores. `config`:
     predict.py's ml_collections config (configs/predict.py), read once into `run_options.PredictOptions`."""
-    import jax
-
-    from prefix_jax import data, fingerprint, log_filters, models, prefix_bank, run_options
-    from prefix_jax.generate import make_generate_fn
-
     log_filters.install()
     c = run_options.predict_from_config(config)  # the only read of `config`: every field checked and typed
     if bool(c.prefixes) == bool(c.checkpoint):
@@ -315,8 +303,8 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
             width = max(longest, min(max(8, -(-longest // 8) * 8), max_source))  # few compiled shapes, all fit
             padded = indices + [indices[-1]] * (c.batch_size - len(indices))  # one compiled shape per width
             ids, mask = data.pad([source_ids[i] for i in padded], width, pad_id, left=False)
-            prefix = loaded.prefix if not loaded.by_task else prefix_bank.for_rows(loaded.prefix, np.asarray(
-                [task_index[rows[i]["task"]] for i in padded], np.int32))
+            prefix = prefix_bank.for_batch(loaded.prefix, np.asarray([task_index[rows[i]["task"]] for i in padded],
+                                                                      np.int32))
             tokens = np.asarray(generate(lm_params, prefix, ids, mask))[:len(indices)]
             for i, text in zip(indices, tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)):
                 predictions[i] = text.strip()
@@ -343,8 +331,6 @@ def _log_truncated(rows: Sequence[Mapping[str, Any]], tokenizer: Any, source_pre
 
 def score(rows: Sequence[Mapping[str, Any]], predictions: Sequence[str], names: tuple[str, ...]) -> dict:
     """Metrics per task (and over all rows when there are several tasks), over rows that have references."""
-    from prefix_jax import text_metrics
-
     scored = [(r["task"], p, r["references"]) for r, p in zip(rows, predictions) if r["references"]]
     if not scored or not names:
         return {}
@@ -403,11 +389,9 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def cli() -> None:
     """`python -m prefix_jax.predict --config configs/predict.py ...` (or the repo's predict.py)."""
-    import logging
-
-    from prefix_jax import host_memory
-
-    host_memory.reexec_with_huge_pages()  # before JAX loads: XLA's CPU temporaries on huge pages (see there)
+    # XLA's CPU temporaries on huge pages (see there): the repository's predict.py restarts before JAX loads;
+    # `python -m prefix_jax.predict` restarts here, JAX imported but not started (no backend, no threads).
+    host_memory.reexec_with_huge_pages()
     from absl import app
     from ml_collections import config_flags
 

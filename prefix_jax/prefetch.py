@@ -16,6 +16,8 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
+from prefix_jax.batch import Batch
+
 _POLL_S = 0.05  # how often a blocked producer looks whether it was told to stop
 
 
@@ -34,7 +36,7 @@ _DONE = object()
 class Prefetcher:
     """Iterates `(step, make_batch(step))` for `step` in `[start, end)`, keeping up to `depth` ready ahead."""
 
-    def __init__(self, make_batch: Callable[[int], Any], start: int, end: int, depth: int = 2):
+    def __init__(self, make_batch: Callable[[int], Batch], start: int, end: int, depth: int = 2):
         if depth < 1:
             raise PrefetchError(f"depth={depth} must be at least 1 (batches prepared ahead); use e.g. 2.")
         self._make_batch = make_batch
@@ -68,10 +70,10 @@ class Prefetcher:
                 return
         self._put(_DONE)
 
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
+    def __iter__(self) -> Iterator[tuple[int, Batch]]:
         return self
 
-    def __next__(self) -> tuple[int, Any]:
+    def __next__(self) -> tuple[int, Batch]:
         if self._finished:
             raise StopIteration
         while True:

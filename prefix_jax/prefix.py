@@ -26,11 +26,12 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from prefix_jax import fingerprint
+from prefix_jax import fingerprint, prefix_bank
 from prefix_jax.models import common, dropout
-from prefix_jax.models.attention import KV
-from prefix_jax.models.prefix_contract import DECODER, Prefix, StackGeometry
+from prefix_jax.models.prefix_contract import DECODER, KV, BankKV, Prefix, StackGeometry
+from prefix_jax.sharding import MODEL_AXIS
 
 METHODS = ("prefix", "prefix_direct", "embedding_only", "infix")
 # normal: N(0, 1) virtual tokens / direct prefixes and PyTorch-default MLP layers (PEFT; the paper's MLP).
@@ -166,6 +167,29 @@ def stack_tasks(per_task: Sequence[Mapping[str, Any]]) -> dict:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *per_task)
 
 
+def split_tasks(params: Mapping[str, Any], spec: PrefixSpec) -> dict[str, dict]:
+    """Per task, its single-task tree (for `single_task(spec)`): `{task: tree}` in `spec.tasks` order, or
+    `{"": params}` for a single-task spec. With `join_tasks`, the one place per-task work is split and joined."""
+    if not spec.tasks:
+        return {"": dict(params)}
+    return {task: task_params(params, spec, task) for task in spec.tasks}
+
+
+def task_ids(spec: PrefixSpec, examples: Sequence[Any]) -> list[int] | None:
+    """Each example's prefix index in `spec.tasks` (from its `task`), the rows' `task_ids`; None for one task."""
+    if not spec.tasks:
+        return None
+    index = {task: i for i, task in enumerate(spec.tasks)}
+    return [index[e.task] for e in examples]
+
+
+def join_tasks(per_task: Mapping[str, Any], spec: PrefixSpec) -> dict:
+    """Inverse of `split_tasks`: per-task trees (in `spec.tasks` order) -> the params of `spec`."""
+    if not spec.tasks:
+        return per_task[""]
+    return stack_tasks([per_task[task] for task in spec.tasks])
+
+
 def init_params(spec: PrefixSpec, rng: jax.Array) -> dict:
     """Random trainable params (float32), per `spec.init` ("words" starts random: see `prefix_init`).
 
@@ -230,8 +254,6 @@ def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | No
     Multi-task specs give a prefix bank (`prefix_bank.stack`, one prefix per task in `spec.tasks` order, named by
     task); `prefix_bank.for_rows(prefix, task_ids or task names)` then gives each row its task's prefix."""
     if spec.tasks:
-        from prefix_jax import prefix_bank
-
         one = single_task(spec)
         if rng is None:
             per_task = jax.vmap(lambda p: materialize(p, one, None, deterministic))(params)
@@ -253,6 +275,27 @@ def materialize(params: Mapping[str, Any], spec: PrefixSpec, rng: jax.Array | No
         for placement in spec.groups()[name]:
             kv[placement] = unflatten(flat, spec.geometry[placement])
     return Prefix(kv=kv, infix=spec.method == "infix")
+
+
+def kv_spec(num_heads: int, mesh: Any) -> PartitionSpec:
+    """How a materialized prefix `[layers, heads, P, head_dim]` is laid out: heads over `model` when they divide."""
+    model = dict(mesh.shape).get(MODEL_AXIS, 1)
+    if model > 1 and num_heads % model == 0:
+        return PartitionSpec(None, MODEL_AXIS)
+    return PartitionSpec()
+
+
+def constrain_kv(prefix: Prefix, mesh: Any) -> Prefix:
+    """Inside a jitted function: the prefix K/V sharded over heads like the key projection (no-op without `model`).
+
+    A prefix bank (`[L, T, H, P, K]` plus masks and row indices) stays replicated: it is small and gathered per row.
+    """
+    def constrain(x: jax.Array) -> jax.Array:
+        spec = kv_spec(x.shape[1], mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)) if spec != PartitionSpec() else x
+
+    return prefix.replace(kv={p: kv if isinstance(kv, BankKV) else jax.tree.map(constrain, kv)
+                              for p, kv in prefix.kv.items()})
 
 
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:

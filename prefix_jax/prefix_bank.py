@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax.models.attention import KV, BankKV
-from prefix_jax.models.prefix_contract import Prefix
+from prefix_jax.models.prefix_contract import KV, BankKV, Prefix
 
 
 class PrefixBankError(ValueError):
@@ -123,6 +122,12 @@ def for_rows(bank: Prefix, rows_B: jax.Array | Sequence[int | str]) -> Prefix:
     kv = {p: b._replace(rows=jnp.broadcast_to(rows_B, (b.key.shape[0], rows_B.shape[0])))
           for p, b in bank.kv.items()}
     return bank.replace(kv=kv)
+
+
+def for_batch(prefix: Prefix, task_ids_B: jax.Array | Sequence[int | str] | None) -> Prefix:
+    """The K/V each row of a batch uses: a single prefix as it is (every row uses it), a bank gathered per row by
+    task id (`for_rows`). The one place a caller asks which prefix a row gets."""
+    return for_rows(prefix, task_ids_B) if is_bank(prefix) else prefix
 
 
 def repeat_rows(prefix: Prefix, times: int) -> Prefix:

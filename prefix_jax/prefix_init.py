@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from prefix_jax.models.attention import KV, collect_kv
+from prefix_jax.models.attention import collect_kv
+from prefix_jax.models.prefix_contract import KV
 from prefix_jax.prefix import PrefixSpec, flatten, mlp
 
 

@@ -209,10 +209,9 @@ def build(options: RunOptions, before_lm: Callable[[], None] = lambda: None) -> 
     train_split = eval_split if train_examples is None else tokenize(train_examples, d.train_split)
     if d.task_field:
         spec = dataclasses.replace(spec, tasks=task_names(o, saved, train_split, eval_split))
-        for split in (train_split, eval_split):
-            if split is not None:
-                index = {task: i for i, task in enumerate(spec.tasks)}
-                split.task_ids = [index[e.task] for e in split.examples]
+    for split in (train_split, eval_split):
+        if split is not None:
+            split.task_ids = prefix_lib.task_ids(spec, split.examples)
     widths = [data.padded_lengths(s, d.max_source_length, d.max_target_length)
               for s in (train_split, eval_split) if s is not None]
     source_width, target_width = max(w[0] for w in widths), max(w[1] for w in widths)

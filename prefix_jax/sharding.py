@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from prefix_jax.batch import Batch
+
 DATA_AXIS, FSDP_AXIS, MODEL_AXIS = "data", "fsdp", "model"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS, MODEL_AXIS)
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over both: FSDP is data parallelism with sharded weights
@@ -131,7 +133,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
     return global_batch_size // jax.process_count()
 
 
-def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def shard_batch(local_batch: Batch, mesh: Mesh) -> Batch:
     """This process's rows of the global batch -> global arrays sharded over `data` x `fsdp`."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

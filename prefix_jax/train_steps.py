@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from prefix_jax import losses, prefix_bank
+from prefix_jax.batch import Batch
 from prefix_jax import prefix as prefix_lib
 
 
@@ -40,33 +41,21 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
-                        label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """Summed cross-entropy over real target tokens, and their count (pads contribute nothing).
-
-    Label smoothing as transformers' trainer does it: `(1 - e) * nll + e * mean_v(-log p_v)`.
-    """
-    nll = losses.token_losses(logits_BxTxV.astype(jnp.float32), targets_BxT, label_smoothing)
-    mask = mask_BxT.astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
-
-
-def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: Any, batch: dict,
+def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: Any, batch: Batch,
                rng: jax.Array | None, label_smoothing: float = 0.0,
                shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0
                ) -> tuple[jax.Array, jax.Array]:
     """(summed loss, token count) of a batch; dropout (LM and prefix) on when `rng` is given.
 
-    `shard_prefix` lays out the materialized prefix on the mesh (`partitioning.constrain_prefix`).
+    `shard_prefix` lays out the materialized prefix on the mesh (`prefix.constrain_kv`).
     `loss_chunk_tokens` > 0: the loss comes from the final hidden states at the target positions, through
     the LM head `loss_chunk_tokens` tokens at a time (`losses.chunked_token_cross_entropy`), so the float32
     `[B, T, V]` logits are never formed; 0: from the model's logits. Both give the same loss and gradient.
     """
     deterministic = rng is None
     prefix_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
-    prefix = prefix_lib.materialize(params, spec, prefix_rng, deterministic)
-    if spec.tasks:  # multi-task: each row attends to its own task's prefix
-        prefix = prefix_bank.for_rows(prefix, batch["task_ids"])
+    prefix = prefix_bank.for_batch(prefix_lib.materialize(params, spec, prefix_rng, deterministic),
+                                   batch.get("task_ids"))
     if shard_prefix is not None:
         prefix = shard_prefix(prefix)
     apply = functools.partial(model.apply, {"params": lm_params}, batch, prefix, deterministic=deterministic,
@@ -76,10 +65,10 @@ def batch_loss(model: Any, spec: prefix_lib.PrefixSpec, params: Any, lm_params: 
         h_BxTxD = apply(method=model.target_hidden_states)
         return losses.chunked_token_cross_entropy(h_BxTxD, losses.lm_head_for(model.config, lm_params), targets, mask,
                                                   label_smoothing, loss_chunk_tokens)
-    return token_cross_entropy(apply(), targets, mask, label_smoothing)
+    return losses.token_cross_entropy(apply(), targets, mask, label_smoothing)
 
 
-def micro_batches(batch: dict, steps: int) -> dict:
+def micro_batches(batch: Batch, steps: int) -> Batch:
     """`[B, ...]` -> `[steps, B / steps, ...]`; micro-batch j holds rows j, j + steps, ... so that each
     one is spread over all batch shards (a contiguous split would put it on a few devices)."""
     def split(x: jax.Array) -> jax.Array:
@@ -90,7 +79,7 @@ def micro_batches(batch: dict, steps: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def summed_loss_and_grads(loss_sum_fn: Callable, params: Any, batch: dict, rng: jax.Array,
+def summed_loss_and_grads(loss_sum_fn: Callable, params: Any, batch: Batch, rng: jax.Array,
                           steps: int) -> tuple[jax.Array, jax.Array, Any]:
     """Loss sum, token count and gradient of the loss sum over `steps` micro-batches (a `lax.scan`).
 
@@ -111,7 +100,7 @@ def summed_loss_and_grads(loss_sum_fn: Callable, params: Any, batch: dict, rng: 
     return total, count, grads
 
 
-def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec,
+def train_step(state: TrainState, lm_params: Any, batch: Batch, *, model: Any, spec: prefix_lib.PrefixSpec,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float = 0.0, grad_accum_steps: int = 1,
                shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0
@@ -154,7 +143,7 @@ def train_step(state: TrainState, lm_params: Any, batch: dict, *, model: Any, sp
                          nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1)), metrics
 
 
-def eval_step(params: Any, lm_params: Any, batch: dict, *, model: Any, spec: prefix_lib.PrefixSpec,
+def eval_step(params: Any, lm_params: Any, batch: Batch, *, model: Any, spec: prefix_lib.PrefixSpec,
               shard_prefix: Callable[[Any], Any] | None = None, loss_chunk_tokens: int = 0) -> dict:
     """Summed loss and token count of a batch, deterministic (sum across batches, then divide)."""
     total, count = batch_loss(model, spec, params, lm_params, batch, None, shard_prefix=shard_prefix,

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from prefix_jax import checkpoint, checkpoint_meta, evaluation, optim, partitioning, preemption, prefetch, run_options
+from prefix_jax import checkpoint, checkpoint_meta, evaluation, optim, preemption, prefetch, run_options
 from prefix_jax import log_filters, run_setup, sharding, train_steps
 from prefix_jax import workdir as workdir_lib
 from prefix_jax.config_checks import ConfigError
@@ -120,13 +120,10 @@ def fresh_state(plan: RunPlan, tx: Any, *, fit_to_words: bool = True) -> train_s
         init = lambda p: prefix_init.init_from_text(one, p, plan.lm.model, plan.lm.params, plan.init_ids,
                                                     prefix_options.init_fit_steps,
                                                     prefix_options.init_fit_learning_rate)
-        if spec.tasks:
-            fitted = [init(prefix_lib.task_params(params, spec, task)) for task in spec.tasks]
-            params = prefix_lib.stack_tasks([f[0] for f in fitted])
-            report = dict(zip(spec.tasks, (f[1] for f in fitted)))
-        else:
-            params, report = init(params)
-        log.info("prefix initialised from %r: %s", prefix_options.init_text, report)
+        fitted = {task: init(task_params) for task, task_params in prefix_lib.split_tasks(params, spec).items()}
+        params = prefix_lib.join_tasks({task: f[0] for task, f in fitted.items()}, spec)
+        report = {task: f[1] for task, f in fitted.items()}
+        log.info("prefix initialised from %r: %s", prefix_options.init_text, report.get("", report))
     return sharding.replicate(train_steps.init_state(params, tx, state_rng), plan.mesh)
 
 
@@ -219,7 +216,7 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
     lm_params = plan.lm.params
     lm_sharding = sharded_load.shardings_of(lm_params)
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    shard_prefix = lambda prefix: partitioning.constrain_prefix(prefix, mesh)
+    shard_prefix = lambda prefix: prefix_lib.constrain_kv(prefix, mesh)
     step_fn = train_steps.jit_train_step(plan.lm.model, spec, tx, schedule, c.train.label_smoothing,
                                       state_sharding=replicated, lm_sharding=lm_sharding,
                                       batch_sharding=batch_sharding, grad_accum_steps=c.train.grad_accum_steps,
@@ -316,13 +313,10 @@ def export(plan: RunPlan, params: Any, meta: dict) -> str:
     spec, directory = plan.spec, plan.workdir / "export"
     export_meta = {k: meta[k] for k in ("base_model", "lm_fingerprint", "architecture", "model_config")}
     export_meta["step"] = plan.total_steps
-    params = jax.device_get(params)
-    if not spec.tasks:
-        return str(prefix_lib.export(params, spec, directory, export_meta))
     one = prefix_lib.single_task(spec)
-    for task in spec.tasks:
-        prefix_lib.export(prefix_lib.task_params(params, spec, task), one, directory / task,
-                          {**export_meta, "task": task})
+    for task, task_params in prefix_lib.split_tasks(jax.device_get(params), spec).items():
+        prefix_lib.export(task_params, one, directory / task if task else directory,
+                          {**export_meta, "task": task} if task else export_meta)
     return str(directory)
 
 

@@ -25,6 +25,7 @@ LOCK_FILE = ".lock"  # local disks: held with flock, so a crashed run never leav
 REMOTE_LOCK_FILE = "lock.json"  # object stores: an owner record refreshed while the run lives
 RUNS_FILE = "runs.jsonl"  # one line per run started in this workdir
 CONFIG_FILE = "config.json"  # the config of the run that created the workdir
+METRICS_FILE = "metrics.jsonl"  # `metrics_file.MetricsWriter` writes it
 
 
 class WorkdirBusyError(ValueError):
@@ -38,8 +39,6 @@ class WorkdirError(ValueError):
 def check_run_files(workdir: Path) -> None:
     """Refuses a local workdir whose run files (config.json, metrics.jsonl, runs.jsonl, .lock) are symbolic links
     out of it: a run would write through them into files it does not own. `.lock` may be no link at all."""
-    from prefix_jax.metrics_file import METRICS_FILE
-
     root = workdir.resolve()
     for name in (CONFIG_FILE, METRICS_FILE, RUNS_FILE, LOCK_FILE):
         path = workdir / name

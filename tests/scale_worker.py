@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tolerances import F32_REORDERED_RTOL
 
-from prefix_jax import models, optim, partitioning, sharding, tiny_checkpoints, train_steps
+from prefix_jax import hub, models, optim, partitioning, sharding, tiny_checkpoints, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.models import hf_mapping, sharded_load
@@ -112,7 +112,7 @@ def check_loading(root: Path) -> dict:
     checkpoints = build_checkpoints(root)
     references = {(name, dtype): models.load_pretrained(str(directory), dtype)
                   for name, directory in checkpoints.items() for dtype in ("float32", "bfloat16")}
-    hf_sizes = {name: {n: x.size for n, x in models.hub.read_safetensors(directory).items()}
+    hf_sizes = {name: {n: x.size for n, x in hub.read_safetensors(directory).items()}
                 for name, directory in checkpoints.items()}
     report = {}
     for shape in ((2, 4, 1), (2, 1, 4)):
@@ -204,7 +204,7 @@ def train_on(directory: Path, shape: tuple[int, int, int], steps: int = 3) -> di
     tx, schedule = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10)
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     lm_sharding = sharded_load.shardings_of(lm.params)
-    shard_prefix = lambda prefix: partitioning.constrain_prefix(prefix, mesh)
+    shard_prefix = lambda prefix: prefix_lib.constrain_kv(prefix, mesh)
     step = train_steps.jit_train_step(lm.model, spec, tx, schedule, state_sharding=replicated, lm_sharding=lm_sharding,
                                    batch_sharding=batch_sharding, shard_prefix=shard_prefix)
     grad_fn = jax.jit(jax.grad(lambda p, lm_params, batch, rng: train_steps.batch_loss(

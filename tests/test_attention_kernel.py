@@ -23,7 +23,8 @@ from prefix_jax import prefix as prefix_lib
 from prefix_jax.config_checks import ConfigError
 from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.models import KV, Prefix, fused_attention
-from prefix_jax.models.attention import BankKV, attend
+from prefix_jax.models.attention import attend
+from prefix_jax.models.prefix_contract import BankKV
 from prefix_jax.models.fused_attention import AttentionKernelError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from tolerances import F32_ATOL
 from transformers import BartConfig, BartForConditionalGeneration
 
 from prefix_jax.models import CROSS, DECODER, ENCODER, KV, Prefix, bart, load_pretrained, params_to_hf
-from prefix_jax.models.hub import ModelNotFoundError
+from prefix_jax.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
 B, S, T, P = 3, 11, 7, 5

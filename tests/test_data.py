@@ -53,10 +53,10 @@ def test_webnlg_and_hub_layouts():
 
     webnlg = datasets.Dataset.from_list([{"input": ["Aarhus_Airport | cityServed | Aarhus", "Aarhus | country | Denmark"],
                                           "target": "Aarhus Airport serves Aarhus, Denmark."}])
-    (example,) = data._table_to_text_from_hub("webnlg", webnlg, "train")
+    (example,) = data.table_to_text_examples("webnlg", webnlg, "train")
     assert example.source == "Aarhus_Airport : cityServed : Aarhus | Aarhus : country : Denmark"
     e2e = datasets.Dataset.from_list([{"meaning_representation": "name[Zizzi], eatType[pub]", "human_reference": "Zizzi is a pub."}])
-    assert data._table_to_text_from_hub("e2e", e2e, "train")[0].source == "name : Zizzi | eatType : pub"
+    assert data.table_to_text_examples("e2e", e2e, "train")[0].source == "name : Zizzi | eatType : pub"
 
 
 def fields_config(tmp_path: Path, **kw) -> ml_collections.ConfigDict:

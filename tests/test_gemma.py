@@ -10,7 +10,6 @@ prefix sliding out of view as HF's cache makes it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 

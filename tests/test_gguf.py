@@ -25,7 +25,8 @@ from gguf_fixtures import EOS, FAMILIES, SEP, WRITABLE_TYPES, llama_cpp_permute,
 from tolerances import F32_ATOL
 
 from prefix_jax import data
-from prefix_jax.models import gguf_checkpoint, hub, load_pretrained
+from prefix_jax import hub
+from prefix_jax.models import gguf_checkpoint, load_pretrained
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE, TARGET = [5, 7, 9, 11, 13], [17, 19, 23, 29, EOS]

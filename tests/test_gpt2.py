@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache
 
 from prefix_jax.models import DECODER, NO_PREFIX, Prefix, gpt2, load_pretrained, masks, params_to_hf
-from prefix_jax.models.hub import ModelNotFoundError
+from prefix_jax.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
 B, S, T, P = 3, 9, 6, 4

@@ -15,7 +15,8 @@ import ml_collections
 import pytest
 
 from prefix_jax import data
-from prefix_jax.models import hub, load_pretrained
+from prefix_jax import hub
+from prefix_jax.models import load_pretrained
 
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "gpt2-tokenizer"  # GPT-2's vocab + merges
 
@@ -412,7 +413,7 @@ def test_hub_parquet_export_address():
     """For a Hub id the same listing runs on the `refs/convert/parquet` revision (nothing is fetched here)."""
     from huggingface_hub.utils import parse_hf_uri
 
-    _, root, url = data._parquet_export_location("GEM/e2e_nlg")
+    _, root, url = data.parquet_export_location("GEM/e2e_nlg")
     uri = parse_hf_uri(f"{url}/e2e_nlg/train/0000.parquet")
     assert (uri.type, uri.id, uri.revision, uri.path_in_repo) == (
         "dataset", "GEM/e2e_nlg", "refs/convert/parquet", "e2e_nlg/train/0000.parquet")

@@ -28,7 +28,7 @@ from prefix_jax import prefix_init, train_steps
 from prefix_jax.data import pad
 from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.models import DECODER, KV, NO_PREFIX, Prefix, llama, load_pretrained, masks, params_to_hf
-from prefix_jax.models.hub import ModelNotFoundError
+from prefix_jax.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
 B, S, T, P = 3, 9, 6, 4

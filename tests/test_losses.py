@@ -53,7 +53,7 @@ HEADS = [dict(vocab_axis=0), dict(vocab_axis=1, with_bias=True, scale=D**-0.5)]
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
 def test_loss_and_hidden_gradient_equal_the_logits_path(head_kwargs, label_smoothing, chunk_size):
     h, head, targets, mask = random_case(**head_kwargs)
-    ref = lambda h, head, t, m: train_steps.token_cross_entropy(reference_logits(h, head), t, m, label_smoothing)
+    ref = lambda h, head, t, m: losses.token_cross_entropy(reference_logits(h, head), t, m, label_smoothing)
     ours = lambda h, head, t, m: losses.chunked_token_cross_entropy(h, head, t, m, label_smoothing, chunk_size)
     (ref_total, ref_count), (total, count) = ref(h, head, targets, mask), ours(h, head, targets, mask)
     assert float(count) == float(ref_count) == float(mask.sum())
@@ -85,7 +85,7 @@ def test_neither_pass_holds_the_full_logits():
     targets = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     mask = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     chunked = mean_loss(lambda *a: losses.chunked_token_cross_entropy(*a, chunk_size=chunk))
-    full = mean_loss(lambda h, head, t, m: train_steps.token_cross_entropy(head.logits(h), t, m))
+    full = mean_loss(lambda h, head, t, m: losses.token_cross_entropy(head.logits(h), t, m))
     grad = lambda f: jax.grad(f)  # d loss / d hidden states only, as prefix tuning asks
     full_bytes, chunked_bytes = temp_bytes(grad(full), h, head, targets, mask), temp_bytes(grad(chunked), h, head,
                                                                                           targets, mask)
@@ -161,7 +161,7 @@ def test_lm_head_for_reproduces_each_models_loss(name):
 
     logits, h = logits_and_stack_output(params)
     h = h[:, -batch["target_ids"].shape[1]:]  # decoder-only stacks run over [source; target]
-    ref_total, _ = train_steps.token_cross_entropy(logits, batch["target_ids"], batch["target_mask"], 0.1)
+    ref_total, _ = losses.token_cross_entropy(logits, batch["target_ids"], batch["target_mask"], 0.1)
     head = losses.lm_head_for(config, params)
     total, _ = losses.chunked_token_cross_entropy(h, head, batch["target_ids"], batch["target_mask"], 0.1, 3)
     assert np.isfinite(float(ref_total))
@@ -280,7 +280,7 @@ def test_token_losses_value_and_written_out_gradient_equal_torch(epsilon):
     mask = (np.arange(4)[None] < np.array([4, 2, 1])[:, None]).astype(np.int32)
 
     def mean_loss(l):
-        total, count = train_steps.token_cross_entropy(l, jnp.asarray(targets), jnp.asarray(mask), epsilon)
+        total, count = losses.token_cross_entropy(l, jnp.asarray(targets), jnp.asarray(mask), epsilon)
         return total / count
 
     loss, grad = jax.value_and_grad(mean_loss)(jnp.asarray(logits))

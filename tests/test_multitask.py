@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import gpt2_e2e_offline
-from prefix_jax import checkpoint, data, trainer, train_steps
+from prefix_jax import checkpoint, data, losses, trainer, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import load_pretrained
 
@@ -55,7 +55,7 @@ def test_each_task_trains_and_exports_its_own_prefix(tiny_gpt2_dir, tmp_path):
     lm = load_pretrained(str(tiny_gpt2_dir))
     tokenizer = data.load_tokenizer(str(tiny_gpt2_dir))
     examples = data.read_examples(config.data, "validation")
-    losses = {}
+    per_task_loss = {}
     for task in ("describe", "name"):
         exported, export_meta = prefix_lib.load_export(tmp_path / "run" / "export" / task)
         assert export_meta["task"] == task
@@ -64,8 +64,8 @@ def test_each_task_trains_and_exports_its_own_prefix(tiny_gpt2_dir, tmp_path):
         batcher = data.Batcher(split, 8, 48, 24, 0, left_pad_source=True)
         batch = next(batcher.eval_batches())
         single = lm.model.apply({"params": lm.params}, batch, exported)
-        total, count = train_steps.token_cross_entropy(single, batch["target_ids"], batch["target_mask"])
-        losses[task] = float(total / count)
+        total, count = losses.token_cross_entropy(single, batch["target_ids"], batch["target_mask"])
+        per_task_loss[task] = float(total / count)
 
         state = checkpoint.read_state(checkpoint.manager(tmp_path / "run" / "checkpoints", read_only=True))
         spec = prefix_lib.PrefixSpec.from_json(meta["prefix_spec"])
@@ -73,11 +73,11 @@ def test_each_task_trains_and_exports_its_own_prefix(tiny_gpt2_dir, tmp_path):
         bank_batch = next(data.Batcher(split, 8, 48, 24, 0, left_pad_source=True).eval_batches())
         bank_total, bank_count = train_steps.batch_loss(lm.model, spec, jax.device_get(state["params"]), lm.params,
                                                      bank_batch, None)
-        np.testing.assert_allclose(float(bank_total / bank_count), losses[task], rtol=1e-5)
+        np.testing.assert_allclose(float(bank_total / bank_count), per_task_loss[task], rtol=1e-5)
         other = prefix_lib.load_export(tmp_path / "run" / "export" / ({"describe", "name"} - {task}).pop())[0]
         swapped = lm.model.apply({"params": lm.params}, batch, other)
-        swapped_loss = train_steps.token_cross_entropy(swapped, batch["target_ids"], batch["target_mask"])
-        assert abs(float(swapped_loss[0] / swapped_loss[1]) - losses[task]) > 1e-3
+        swapped_loss = losses.token_cross_entropy(swapped, batch["target_ids"], batch["target_mask"])
+        assert abs(float(swapped_loss[0] / swapped_loss[1]) - per_task_loss[task]) > 1e-3
 
 
 def test_a_task_column_needs_the_fields_format_and_known_tasks(tiny_gpt2_dir, tmp_path):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from gguf_fixtures import random_model, write_gguf
 
-from prefix_jax.models import hub, load_pretrained, pypi_models
+from prefix_jax import hub
+from prefix_jax.models import load_pretrained, pypi_models
 
 NAME, VERSION = "tiny-model-pkg", "0.1.0"
 

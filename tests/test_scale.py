@@ -99,8 +99,8 @@ def test_a_dimension_that_does_not_divide_its_mesh_axis_is_replicated_with_a_log
     specs = partitioning.lm_partition_specs(shapes, arch.PARAM_AXES, "fsdp_tensor",
                                             AbstractMesh((1, 1, 8), sharding.MESH_AXES))
     assert specs["transformer"]["h"]["attn"]["query"]["kernel"] == PartitionSpec()
-    assert partitioning.prefix_kv_spec(4, AbstractMesh((1, 2, 4), sharding.MESH_AXES)) == PartitionSpec(None, "model")
-    assert partitioning.prefix_kv_spec(4, AbstractMesh((1, 1, 8), sharding.MESH_AXES)) == PartitionSpec()
+    assert prefix_lib.kv_spec(4, AbstractMesh((1, 2, 4), sharding.MESH_AXES)) == PartitionSpec(None, "model")
+    assert prefix_lib.kv_spec(4, AbstractMesh((1, 1, 8), sharding.MESH_AXES)) == PartitionSpec()
 
 
 def test_mesh_shape_resolves_minus_one_and_rejects_bad_shapes():

@@ -9,7 +9,8 @@ import pytest
 from tolerances import F32_ATOL
 
 from prefix_jax.models import masks
-from prefix_jax.models.attention import KV, BankKV, attend
+from prefix_jax.models.attention import attend
+from prefix_jax.models.prefix_contract import KV, BankKV
 
 B, Q, S, P, H, K = 3, 5, 6, 4, 2, 8
 

@@ -15,7 +15,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.models.t5 import modeling_t5
 
 from prefix_jax.models import CROSS, DECODER, ENCODER, Prefix, load_pretrained, t5
-from prefix_jax.models.hub import ModelNotFoundError
+from prefix_jax.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
 B, S, T, P = 3, 11, 7, 5

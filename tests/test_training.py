@@ -11,7 +11,7 @@ import optax
 import pytest
 from transformers import T5Config
 
-from prefix_jax import optim, train_steps
+from prefix_jax import losses, optim, partitioning, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import t5
 
@@ -109,7 +109,7 @@ def test_adamw_equals_torch_adamw_with_decay_only_on_mlp_kernels(method):
     params = prefix_lib.init_params(spec_for(cfg, method), jax.random.PRNGKey(0))
     lr, wd, steps = 1e-2, 0.3, 3
     tx, schedule = optim.make_optimizer(params, learning_rate=lr, total_steps=10, weight_decay=wd, max_grad_norm=None)
-    names = optim.path_names(params)
+    names = jax.tree_util.tree_map_with_path(lambda path, _: partitioning.path_name(path), params)
     mlp_kernels = {f"{p}/{layer}/kernel" for p in ("encoder", "decoder", "cross") for layer in ("mlp_in", "mlp_out")}
     flat_names = jax.tree.leaves(names)
     assert set(flat_names) >= mlp_kernels if method == "prefix" else not set(flat_names) & mlp_kernels
@@ -166,7 +166,7 @@ def test_label_smoothing_and_padding_in_the_loss():
     mask = np.asarray([[1, 1, 1], [1, 0, 0]])
     labels = torch.tensor(np.where(mask == 1, targets, -100))
     for epsilon in (0.0, 0.1):
-        total, count = train_steps.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
+        total, count = losses.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
                                                     label_smoothing=epsilon)
         if epsilon:
             expected = float(LabelSmoother(epsilon=epsilon)({"logits": torch.tensor(logits)}, labels))

@@ -10,9 +10,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from prefix_jax.models import gguf_checkpoint, hf_mapping, hub
-from prefix_jax.models.attention import KV
-from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, NO_PREFIX, PLACEMENTS, Prefix, StackGeometry
+from prefix_jax import hub
+from prefix_jax.models import gguf_checkpoint, hf_mapping
+from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, KV, NO_PREFIX, PLACEMENTS, Prefix, StackGeometry
 
 # HF `model_type` -> our module. Each module defines `Config` (with `from_hf`), `Model`, `PARAM_AXES` and `hf_table`
 # (its one HF mapping, `hf_mapping`).

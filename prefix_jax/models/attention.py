@@ -9,7 +9,7 @@ padding layout, so batch size and beam expansion cannot change it. Nor is it cop
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,30 +18,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import fused_attention
 from prefix_jax.models.dropout import Dropout
+from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, KV, BankKV
 
 # Finite, so a row whose keys are all masked (a pad query) softmaxes to uniform instead of NaN.
 _MASKED_SCORE = -1e30
-
-
-class KV(NamedTuple):
-    """Keys and values of a prefix: `[..., H, P, K]` each (a leading layer axis when stacked)."""
-
-    key: jax.Array
-    value: jax.Array
-
-
-class BankKV(NamedTuple):
-    """J prefixes in one array and which one each row uses (see `prefix_jax.prefix_bank`).
-
-    key/value `[..., J, H, P, K]`: prefixes shorter than the longest are right-aligned, their leading
-    slots empty; slot_valid `[..., J, P]` marks the real slots; rows `[..., B]` is each row's prefix index.
-    (A leading layer axis on all four when stacked, so scanning over layers slices them together.)
-    """
-
-    key: jax.Array
-    value: jax.Array
-    slot_valid: jax.Array
-    rows: jax.Array
 
 
 def _rows_of(bank: BankKV) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -247,8 +227,6 @@ class MultiHeadAttention(nn.Module):
 
 def _placement_of(path: Sequence[Any]) -> str:
     """The placement whose attention sowed the K/V at `path` (from the module names the models use)."""
-    from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER  # prefix_contract imports KV from here
-
     names = [str(getattr(k, "key", k)) for k in path]
     if "cross_attention" in names:
         return CROSS

@@ -12,17 +12,15 @@ cache, deterministic) -> (final hidden states, cache)`).
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prefix_jax.batch import Batch
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import BankKV, tokens_after_prefix
-from prefix_jax.models.prefix_contract import DECODER, NO_PREFIX, Prefix, TextPositions
+from prefix_jax.models.attention import tokens_after_prefix
+from prefix_jax.models.prefix_contract import DECODER, NO_PREFIX, BankKV, Prefix, TextPositions
 
-Batch = Mapping[str, jax.Array]
 
 
 class DecoderOnly(common.DecoderCache, nn.Module):

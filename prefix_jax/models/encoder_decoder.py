@@ -13,17 +13,17 @@ prefix): a stack with absolute positions reads the queries' positions, one with 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prefix_jax.batch import Batch
 from prefix_jax.models import common, masks
-from prefix_jax.models.attention import KV, MultiHeadAttention, tokens_after_prefix
-from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, NO_PREFIX, Prefix, TextPositions
+from prefix_jax.models.attention import MultiHeadAttention, tokens_after_prefix
+from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, KV, NO_PREFIX, Prefix, TextPositions
 
-Batch = Mapping[str, jax.Array]
 
 
 def stack_masks(key_valid_BxC: jax.Array, num_queries: int, prefix: KV | None, is_decoder: bool,

@@ -30,14 +30,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-import numpy as np
 
 from prefix_jax.models import common, decoder_only
 from prefix_jax.models import hf_mapping as hm
-from prefix_jax.models.attention import KV, BankKV, attend, write_cache
+from prefix_jax.models.attention import attend, write_cache
 from prefix_jax.models.dropout import Dropout
 from prefix_jax.models.llama import rope_tables, rotate
-from prefix_jax.models.prefix_contract import DECODER, DecoderOnlyPositions, StackGeometry
+from prefix_jax.models.prefix_contract import DECODER, KV, BankKV, DecoderOnlyPositions, StackGeometry
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")

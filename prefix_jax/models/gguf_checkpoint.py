@@ -28,7 +28,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from prefix_jax.models import hf_mapping, hub, pypi_models
+from prefix_jax import hub
+from prefix_jax.models import hf_mapping, pypi_models
 
 # `general.architecture` -> HF `model_type`. Mistral GGUFs say "llama" (same tensors, same permutation).
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "gemma3": "gemma3_text"}

@@ -27,9 +27,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from prefix_jax.models import common, decoder_only
 from prefix_jax.models import hf_mapping as hm
-from prefix_jax.models.attention import KV, MultiHeadAttention
+from prefix_jax.models.attention import MultiHeadAttention
 from prefix_jax.models.dropout import Dropout
-from prefix_jax.models.prefix_contract import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
+from prefix_jax.models.prefix_contract import DECODER, KV, DecoderOnlyPositions, StackGeometry, TextPositions
 
 
 # HF GPT2Config fields this module does not implement: (field, unsupported value, meaning).

@@ -23,7 +23,7 @@ from typing import Any, Collection, Mapping, Protocol
 import jax
 import numpy as np
 
-from prefix_jax.models import hub
+from prefix_jax import hub
 
 # (start, stop) per dimension of a block of our array.
 Bounds = tuple[tuple[int, int], ...]

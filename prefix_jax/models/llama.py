@@ -31,9 +31,9 @@ import numpy as np
 
 from prefix_jax.models import common, decoder_only
 from prefix_jax.models import hf_mapping as hm
-from prefix_jax.models.attention import KV, BankKV, attend, write_cache
+from prefix_jax.models.attention import attend, write_cache
 from prefix_jax.models.dropout import Dropout
-from prefix_jax.models.prefix_contract import DECODER, DecoderOnlyPositions, StackGeometry, TextPositions
+from prefix_jax.models.prefix_contract import DECODER, KV, BankKV, DecoderOnlyPositions, StackGeometry, TextPositions
 
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

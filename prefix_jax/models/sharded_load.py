@@ -9,7 +9,6 @@ as bfloat16 never exists in float32. The result equals `load_pretrained` + place
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 

@@ -1,0 +1,103 @@
+"""`Batcher`: fixed-shape batches of a tokenized split, addressed by step (train) or enumerated (eval).
+
+Batches are drawn by a seeded per-epoch permutation and addressed by step, so a resumed run sees exactly the
+batches an uninterrupted run would have seen; each process materializes only its own rows."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+from prefix_jax.batch import Batch
+from prefix_jax.data.records import DataError
+from prefix_jax.data.token_ids import TokenizedSplit, pack_rows, packed_batch, pad
+
+
+@dataclasses.dataclass
+class Batcher:
+    """Fixed-shape batches of a tokenized split, addressed by step (train) or enumerated (eval).
+
+    Each process materializes only its own rows of the global batch.
+    """
+
+    split: TokenizedSplit
+    global_batch_size: int
+    source_width: int
+    target_width: int
+    pad_id: int
+    left_pad_source: bool
+    seed: int = 0
+    process_index: int = 0
+    process_count: int = 1
+    pack_width: int = 0  # > 0: training batches are `global_batch_size` packed rows of this many tokens
+    separator_id: int = 0  # packed rows: the token that starts each target (the model's separator)
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size % self.process_count:
+            raise DataError(f"train.batch_size={self.global_batch_size} must be a multiple of the number of "
+                            f"processes ({self.process_count}).")
+        self._packed_epochs: dict[int, list[list[int]]] = {}
+        self._rows_per_epoch: int | None = None
+
+    def packed_epoch(self, epoch: int) -> list[list[int]]:
+        """The rows (example indices) of `epoch`'s shuffled examples packed `pack_width` tokens at a time."""
+        if epoch not in self._packed_epochs:
+            lengths = [len(s) + len(t) for s, t in zip(self.split.source_ids, self.split.target_ids)]
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+            self._packed_epochs = {epoch: pack_rows(lengths, order, self.pack_width)}  # one epoch kept
+        return self._packed_epochs[epoch]
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.global_batch_size // self.process_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Whole global batches per epoch (packed: of the first epoch's rows; later epochs, shuffled otherwise,
+        pack into about as many: a shortfall is filled with empty rows, an excess dropped like a partial batch)."""
+        if self.pack_width and self._rows_per_epoch is None:
+            self._rows_per_epoch = len(self.packed_epoch(0))
+        units = self._rows_per_epoch if self.pack_width else len(self.split)
+        return units // self.global_batch_size
+
+    def position(self, step: int) -> dict[str, int]:
+        """Where in the data step `step` reads: epoch and batch within the epoch."""
+        return {"epoch": step // self.steps_per_epoch, "batch": step % self.steps_per_epoch}
+
+    def _rows(self, indices: np.ndarray) -> Batch:
+        local = np.array_split(indices, self.process_count)[self.process_index]
+        src_ids, src_mask = pad([self.split.source_ids[i] for i in local], self.source_width, self.pad_id,
+                                self.left_pad_source)
+        tgt_ids, tgt_mask = pad([self.split.target_ids[i] for i in local], self.target_width, self.pad_id, False)
+        batch = {"source_ids": src_ids, "source_mask": src_mask, "target_ids": tgt_ids, "target_mask": tgt_mask}
+        if self.split.task_ids is not None:
+            batch["task_ids"] = np.asarray([self.split.task_ids[i] for i in local], np.int32)
+        return batch
+
+    def train_batch(self, step: int) -> Batch:
+        """This process's rows of the global batch of `step` (epochs reshuffle with seed (seed, epoch))."""
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the training split has {len(self.split)} examples, fewer than one batch of "
+                            f"train.batch_size={self.global_batch_size}.")
+        pos = self.position(step)
+        start = pos["batch"] * self.global_batch_size
+        if self.pack_width:
+            rows = self.packed_epoch(pos["epoch"])[start:start + self.global_batch_size]
+            rows += [[]] * (self.global_batch_size - len(rows))
+            local = [rows[i] for i in np.array_split(np.arange(len(rows)), self.process_count)[self.process_index]]
+            return packed_batch(self.split, local, self.pack_width, self.separator_id, self.pad_id)
+        order = np.random.default_rng([self.seed, pos["epoch"]]).permutation(len(self.split))
+        return self._rows(order[start:start + self.global_batch_size])
+
+    def eval_batches(self) -> Iterator[Batch]:
+        """Every example once, in order; the last batch is filled with fully masked rows."""
+        n = len(self.split)
+        for start in range(0, n, self.global_batch_size):
+            indices = np.arange(start, min(start + self.global_batch_size, n))
+            batch = self._rows(indices)
+            short = self.local_batch_size - batch["source_ids"].shape[0]
+            if short:
+                batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+            yield batch

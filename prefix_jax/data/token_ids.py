@@ -1,0 +1,132 @@
+"""Examples -> token ids (truncated, counted), and ids -> fixed-width padded or packed rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from prefix_jax.batch import Batch
+from prefix_jax.data.records import DataError, Example
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+    """Token ids of a split; ragged until batched."""
+
+    source_ids: list[list[int]]
+    target_ids: list[list[int]]
+    examples: list[Example]
+    task_ids: list[int] | None = None  # multi-task: each example's prefix index (batches carry it)
+
+    def __len__(self) -> int:
+        return len(self.source_ids)
+
+
+def tokenize(examples: Sequence[Example], tokenizer: Any, max_source_length: int, max_target_length: int,
+             encoder_decoder: bool, source_prefix: str = "", target_prefix: str = "", name: str = "") -> TokenizedSplit:
+    """Source and target ids, truncated (with `name`, how many were cut is logged). Encoder-decoders get the
+    tokenizer's special tokens (T5: `</s>`, BART: `<s> ... </s>`); decoder-only targets end with EOS (the
+    separator is added by the model)."""
+    sources = [source_prefix + e.source for e in examples]
+    targets = [target_prefix + e.target for e in examples]
+    if encoder_decoder:
+        src_full = tokenizer(sources)["input_ids"]
+        tgt_full = tokenizer(targets)["input_ids"]
+        src = _truncated(tokenizer, sources, src_full, max_source_length)
+        tgt = _truncated(tokenizer, targets, tgt_full, max_target_length)
+    else:
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no eos token; decoder-only targets need one to end generation.")
+        src_full = tokenizer(sources, add_special_tokens=False)["input_ids"]
+        tgt_full = [ids + [tokenizer.eos_token_id] for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
+        src = [ids[:max_source_length] for ids in src_full]
+        tgt = [_cut(ids, max_target_length) for ids in tgt_full]
+    if name:
+        for what, full, limit, field in (("sources", src_full, max_source_length, "data.max_source_length"),
+                                         ("targets", tgt_full, max_target_length, "data.max_target_length")):
+            cut = sum(len(ids) > limit for ids in full)
+            if cut:
+                logging.getLogger("prefix_jax").warning(
+                    "%s: %d of %d %s are longer than %s=%d tokens and were truncated (the longest has %d)", name, cut,
+                    len(full), what, field, limit, max(len(ids) for ids in full))
+    return TokenizedSplit(list(src), list(tgt), list(examples))
+
+
+def _cut(ids: Sequence[int], limit: int) -> list[int]:
+    """`ids` cut to `limit` tokens, keeping the last one (the EOS the sequence ends with)."""
+    ids = list(ids)
+    return ids if len(ids) <= limit else ids[:limit - 1] + ids[-1:]
+
+
+def _truncated(tokenizer: Any, texts: Sequence[str], full: Sequence[list[int]], limit: int) -> list[list[int]]:
+    """`full` with the rows longer than `limit` tokenized again by the tokenizer's own truncation (which keeps
+    its special tokens)."""
+    long = [i for i, ids in enumerate(full) if len(ids) > limit]
+    out = [list(ids) for ids in full]
+    if long:
+        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=limit)["input_ids"]
+        for i, ids in zip(long, cut):
+            out[i] = list(ids)
+    return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def padded_lengths(split: TokenizedSplit, max_source_length: int, max_target_length: int) -> tuple[int, int]:
+    """Static batch widths: the longest sequence rounded up to a multiple of 8, capped by the maxima."""
+    longest_source = max((len(s) for s in split.source_ids), default=1)
+    longest_target = max((len(t) for t in split.target_ids), default=1)
+    return (min(max_source_length, _round_up(longest_source, 8)), min(max_target_length, _round_up(longest_target, 8)))
+
+
+def pad(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged ids -> `[N, width]` ids and 0/1 mask, padded on the left or the right."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        row = list(row)[:width]
+        sl = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, sl] = row
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def pack_rows(lengths: Sequence[int], order: Sequence[int], width: int) -> list[list[int]]:
+    """Example indices packed into rows of at most `width` tokens, in `order`: each example joins the current
+    row when it fits, else starts the next one (deterministic; the order within and across rows is kept)."""
+    rows: list[list[int]] = []
+    used = width
+    for i in order:
+        if lengths[i] > width:
+            raise DataError(f"an example of {lengths[i]} tokens does not fit data.pack_width={width}; raise it.")
+        if used + lengths[i] > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(int(i))
+        used += lengths[i]
+    return rows
+
+
+def packed_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], width: int, separator_id: int,
+                 pad_id: int) -> Batch:
+    """Packed decoder-only rows: each example's `[x; SEP; y[:-1]]` after the previous one (`ids`), which example
+    each slot holds (`segment_ids`: 1, 2, ...; 0 padding), and what each slot predicts (`target_ids`, counted
+    where `target_mask` is 1: the target side of each example, as in unpacked batches)."""
+    shape = (len(rows), width)
+    ids, segment_ids = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32)
+    target_ids, target_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32)
+    for r, indices in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(indices, start=1):
+            source, target = list(split.source_ids[i]), list(split.target_ids[i])
+            sequence = source + [separator_id] + target[:-1]
+            end = start + len(sequence)
+            ids[r, start:end], segment_ids[r, start:end] = sequence, segment
+            target_ids[r, start + len(source):end], target_mask[r, start + len(source):end] = target, 1
+            start = end
+    return {"ids": ids, "segment_ids": segment_ids, "target_ids": target_ids, "target_mask": target_mask}
