@@ -40,7 +40,8 @@ class Case:
 
     `config`: fields of our model config replaced for this case (e.g. positions_after_prefix); `left`: sources
     left-padded (decoder-only); `infix`: the prefix as an infix (decoder-only); `layers`/`projection`: the PEFT
-    model's layer count (encoder-decoder) or prefix MLP (decoder-only).
+    model's layer count (encoder-decoder) or prefix MLP (decoder-only); `gradients`: (decoder-only) PEFT's
+    prefix parameters, loss and gradients are compared too, not only the logits of its `prompt_embeddings`.
     """
     variant: str
     config: tuple[tuple[str, object], ...] = ()
@@ -48,6 +49,7 @@ class Case:
     infix: bool = False
     layers: int | None = None
     projection: bool = True
+    gradients: bool = True
     slow: bool = False
 
     @property
@@ -55,7 +57,7 @@ class Case:
         parts = [self.variant] + [f"{k}={v}" for k, v in self.config]
         parts += ["left"] * self.left + ["infix"] * self.infix
         parts += [f"layers={self.layers}"] * (self.layers is not None)
-        parts += ["no_projection"] * (not self.projection)
+        parts += ["no_projection"] * (not self.projection) + ["logits_only"] * (not self.gradients)
         return "-".join(parts)
 
 
@@ -435,7 +437,7 @@ FAMILIES: tuple[Family, ...] = (
                                         save_tiny)},
                 logits=tuple(case(v, left=left) for v in ("base", "variant") for left in (False, True)),
                 past_key_values=(case("base"), case("base", left=True)),
-                peft=(case("base", projection=True),),
+                peft=(case("base", gradients=False),),  # llama's cases compare gradients (the same shell)
                 padding_side=(case("base"),),
                 incremental=(case("base"), case("base", infix=True)),
                 embedding_only=(case("base"),),

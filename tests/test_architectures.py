@@ -72,7 +72,8 @@ def test_prefix_matches_hf_past_key_values(family, case, tiny_hf):
 @pytest.mark.parametrize("family, case", cases("peft"))
 def test_matches_peft_prefix_tuning(family, case, tiny_hf, tmp_path):
     """PEFT's prefix tuning (MLP reparameterization or not): our logits from its `prompt_embeddings`
-    (peft_compat) equal its own; decoder-only also from its prefix parameters, with the loss and their gradients."""
+    (peft_compat) equal its own; decoder-only cases with `gradients` also from its prefix parameters, with the loss
+    and their gradients."""
     if family.encoder_decoder:
         check_peft_seq2seq(family, case, tmp_path)
     else:
@@ -144,28 +145,20 @@ def check_peft_causal(family: Family, case: Case, hf, lm) -> None:
     P = family.sizes.P
     peft_model, spec, params = peft_and_ours(hf, lm, case.projection, seed=6, P=P)
     x = family.batch(7)
-    labels = torch.full_like(x.ids, -100)
-    for b, s in enumerate(x.starts):
-        n = int(x.batch["target_mask"][b].sum())
-        labels[b, s + 1:s + 1 + n] = torch.as_tensor(x.batch["target_ids"][b, :n])
-    out = peft_model(input_ids=x.ids, attention_mask=x.mask, labels=labels)  # PEFT ignores padding for positions:
-    out.loss.backward()  # HF's rows are packed to the left; ours is padding-independent: left-pad it
-    ref_logits, ref_loss = family.target_logits(out.logits, x.starts), float(out.loss)
-    ref_grads = peft_grads(peft_model, case.projection)
-    ours_batch = x.ours(left=True)
-
-    def loss_fn(p):
-        total, count = train_steps.batch_loss(lm.model, spec, p, lm.params, ours_batch, None)
-        return total / count
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    logits = lm.model.apply({"params": lm.params}, ours_batch, prefix_lib.materialize(params, spec))
-    assert max_abs_diff(logits, ref_logits, x.valid) < family.tolerance
-    assert abs(float(loss) - ref_loss) < family.tolerance
-    for path, ours_g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        theirs_g = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
-        scale = np.abs(theirs_g).max()
-        assert scale > 1e-6 and max_abs_diff(ours_g, theirs_g) < F32_ATOL * max(1.0, scale), jax.tree_util.keystr(path)
+    ours_batch = x.ours(left=True)  # HF's rows packed to the left (PEFT ignores padding for positions); ours any way
+    if case.gradients:
+        labels = torch.full_like(x.ids, -100)
+        for b, s in enumerate(x.starts):
+            n = int(x.batch["target_mask"][b].sum())
+            labels[b, s + 1:s + 1 + n] = torch.as_tensor(x.batch["target_ids"][b, :n])
+        out = peft_model(input_ids=x.ids, attention_mask=x.mask, labels=labels)
+        out.loss.backward()
+        ref_logits, ref_loss = family.target_logits(out.logits, x.starts), float(out.loss.detach())
+        check_peft_loss_and_gradients(family, lm, spec, params, ours_batch, x.valid, ref_logits, ref_loss,
+                                      peft_grads(peft_model, case.projection))
+    else:
+        with torch.no_grad():
+            ref_logits = family.target_logits(peft_model(input_ids=x.ids, attention_mask=x.mask).logits, x.starts)
     # The adapter's `prompt_embeddings` (MLP output) through peft_compat give the same logits.
     prompt_embeddings = peft_prompt_embeddings(peft_model, P)
     geometry = lm.config.prefix_geometry()[DECODER]
@@ -173,6 +166,24 @@ def check_peft_causal(family: Family, case: Case, hf, lm) -> None:
     compat = prefix_from_peft(prompt_embeddings, geometry, seq2seq=False)
     ours = lm.model.apply({"params": lm.params}, ours_batch, compat)
     assert max_abs_diff(ours, ref_logits, x.valid) < family.tolerance
+
+
+def check_peft_loss_and_gradients(family: Family, lm, spec, params, batch, valid, ref_logits, ref_loss,
+                                  ref_grads) -> None:
+    """Our prefix holding PEFT's parameters: its logits, mean loss and parameter gradients equal PEFT's."""
+
+    def loss_fn(p):
+        total, count = train_steps.batch_loss(lm.model, spec, p, lm.params, batch, None)
+        return total / count
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    logits = lm.model.apply({"params": lm.params}, batch, prefix_lib.materialize(params, spec))
+    assert max_abs_diff(logits, ref_logits, valid) < family.tolerance
+    assert abs(float(loss) - ref_loss) < family.tolerance
+    for path, ours_g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        theirs_g = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
+        scale = np.abs(theirs_g).max()
+        assert scale > 1e-6 and max_abs_diff(ours_g, theirs_g) < F32_ATOL * max(1.0, scale), jax.tree_util.keystr(path)
 
 
 @pytest.mark.parametrize("family, case", cases("padding_side"))
