@@ -1,5 +1,6 @@
-"""Shared test set-up: CPU only, quiet logs, one compilation cache per session, strict broadcasting, markers
-for the slow checks the default run skips, and the tiny checkpoints and trained run several files share."""
+"""Shared test set-up: CPU only, quiet logs, one compilation cache per session, strict broadcasting, marker
+for the slow checks the default run skips (each marked at its test), and the tiny checkpoints, tiny HF models
+and trained run several files share."""
 
 import atexit
 import os
@@ -49,41 +50,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long checks (training to convergence, multi-process); run with -m slow")
 
 
-# Cases of parametrized tests that run only with -m slow: each has a sibling case checking the same behaviour
-# in the default run (another beam count, variant or architecture), so the default run stays a few minutes.
-SLOW_CASES = (
-    "test_decoding_options.py::test_encoder_decoder_matches_generate[1-",
-    "test_decoding_options.py::test_encoder_decoder_matches_generate[3-bart-",
-    "test_decoding_options.py::test_gpt2_with_prefix_matches_generate[True-1-",
-    "test_generate.py::test_prefix_survives_batch_size_padding_side_and_beams[3]",
-    "test_generate.py::test_decoder_prefix_matches_transformers_generate_given_the_prefix_as_its_cache[1-1.0]",
-    "test_bart.py::test_incremental_decoding_matches_teacher_forcing[False]",
-    "test_bart.py::test_logits_match_transformers_with_padding[scaled]",
-    "test_bart.py::test_matches_peft_seq2seq_prefix_tuning[3]",
-    "test_losses.py::test_chunked_train_step_equals_the_logits_step[0.1-2-3-tasks0-bart]",
-    "test_losses.py::test_chunked_train_step_equals_the_logits_step[0.1-2-3-tasks0-llama-untied]",
-    "test_losses.py::test_chunked_train_step_equals_the_logits_step[0.1-2-3-tasks0-t5-",  # gpt2 stays
-    "test_prefix_bank.py::test_mixed_decoding_equals_separate_runs[bart_hf_positions-",
-    "test_attention_kernel.py::test_logits_and_prefix_gradients_equal_einsum[t5]",  # bart: the same shell + bias
-    "test_attention_kernel.py::test_decoding_gives_the_same_tokens[t5-3]",  # llama-3: the same while-loop
-    "test_attention_kernel.py::test_decoding_gives_the_same_tokens[gpt2-1]",
-    "test_attention_kernel.py::test_prefix_bank_logits_equal_einsum[t5]",  # llama; bias + bank: the one-call test
-    "test_bf16_paths.py::test_bf16_step_keeps_softmax_norms_loss_and_prefix_gradient_in_float32[t5-",  # bart
-    "test_prefix_bank.py::test_mixed_batch_logits_equal_separate_runs[bart]",  # bart_hf_positions: the same shell
-    "test_prefix_bank.py::test_mixed_batch_logits_equal_separate_runs[t5]",
-    "test_dropout.py::test_training_loss_equals_flax_dropout[bart]",  # t5: the encoder-decoder shell
-    "test_dropout.py::test_training_loss_equals_flax_dropout[llama]",  # gpt2: attention dropout
-)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        node = item.nodeid.split("tests/", 1)[-1]
-        if node.startswith(SLOW_CASES):
-            item.add_marker(pytest.mark.slow)
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
     """`tiny_checkpoint(architecture)`: the random tiny checkpoint of `prefix_jax.tiny_checkpoints` (HF layout, bundled
@@ -124,8 +90,9 @@ def trained_t5_run(tiny_t5_dir, tmp_path_factory) -> tuple[Path, dict]:
     Shared read-only by the tests that inspect a run's files or must leave a user's run untouched: a test
     that writes into a run copies it first.
     """
+    from helpers import small_config
+
     from prefix_jax import trainer
-    from test_pipeline import small_config
 
     workdir = tmp_path_factory.mktemp("trained") / "run"
     return workdir, trainer.run(small_config(tiny_t5_dir, workdir))
@@ -135,3 +102,24 @@ def trained_t5_run(tiny_t5_dir, tmp_path_factory) -> tuple[Path, dict]:
 def trained_workdir(trained_t5_run) -> Path:
     """The workdir of `trained_t5_run`: the 'pre-existing' user data every bad input must leave untouched."""
     return trained_t5_run[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """`tiny_hf(family, variant)`: (the random tiny HF model of `families.FAMILY[family].variants[variant]`, our
+    `load_pretrained` of its saved files), built once per session. Tests may patch the HF model (monkeypatch undoes
+    it) but never change its weights."""
+    from families import FAMILY
+
+    from prefix_jax.models import load_pretrained
+
+    built = {}
+
+    def get(family: str, variant: str):
+        if (family, variant) not in built:
+            directory = tmp_path_factory.mktemp(f"{family}-{variant}")
+            hf = FAMILY[family].build(variant, directory)
+            built[family, variant] = hf, load_pretrained(str(directory))
+        return built[family, variant]
+
+    return get

@@ -216,8 +216,9 @@ def test_attention_dropout_in_training_uses_the_einsum_path(monkeypatch):
 # --- Whole models ---
 
 
-@pytest.mark.parametrize("architecture", ["t5", "llama", pytest.param("gpt2", marks=pytest.mark.slow),
-                                          pytest.param("bart", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("architecture", [  # default: llama; t5 and bart: the same shell + bias
+    "llama", pytest.param("t5", marks=pytest.mark.slow), pytest.param("gpt2", marks=pytest.mark.slow),
+    pytest.param("bart", marks=pytest.mark.slow)])
 def test_logits_and_prefix_gradients_equal_einsum(architecture, monkeypatch):
     """Teacher-forced logits (padded rows included: no NaN anywhere) and the loss gradient w.r.t. the prefix
     parameters (MLP reparameterization, every placement the model has)."""
@@ -255,8 +256,9 @@ def random_prefix(config, seed: int, length: int) -> Prefix:
     return Prefix(kv=kv)
 
 
-@pytest.mark.parametrize("architecture", ["t5", "llama", pytest.param("gpt2", marks=pytest.mark.slow),
-                                          pytest.param("bart", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("architecture", [  # default: llama; bias + bank: the one-call test
+    "llama", pytest.param("t5", marks=pytest.mark.slow), pytest.param("gpt2", marks=pytest.mark.slow),
+    pytest.param("bart", marks=pytest.mark.slow)])
 def test_prefix_bank_logits_equal_einsum(architecture):
     """Rows using prefixes of lengths 1, 3 and 2 (empty slots masked per row), padded rows among them."""
     config, lm_params, _, _ = lm(architecture)
@@ -270,7 +272,9 @@ def test_prefix_bank_logits_equal_einsum(architecture):
     np.testing.assert_allclose(logits["jax"][valid], logits["einsum"][valid], rtol=F32_REORDERED_RTOL, atol=F32_ATOL)
 
 
-@pytest.mark.parametrize("architecture,beams", [("gpt2", 1), ("t5", 3), ("llama", 3),
+@pytest.mark.parametrize("architecture,beams", [("llama", 3),  # the same while-loop as the slow ones
+                                                pytest.param("gpt2", 1, marks=pytest.mark.slow),
+                                                pytest.param("t5", 3, marks=pytest.mark.slow),
                                                 pytest.param("bart", 3, marks=pytest.mark.slow),
                                                 pytest.param("gpt2", 3, marks=pytest.mark.slow),
                                                 pytest.param("llama", 1, marks=pytest.mark.slow)])

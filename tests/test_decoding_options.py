@@ -217,8 +217,9 @@ def _hf_generate(hf, src, mask, beams, options, **extra):
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=_ID)
-@pytest.mark.parametrize("which", ["t5", "bart"])
-@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("beams,which", [(3, "t5"), pytest.param(3, "bart", marks=pytest.mark.slow),
+                                         pytest.param(1, "t5", marks=pytest.mark.slow),
+                                         pytest.param(1, "bart", marks=pytest.mark.slow)])
 def test_encoder_decoder_matches_generate(which, beams, options, request):
     hf, lm = request.getfixturevalue(which)
     eos = lm.config.eos_token_id
@@ -251,8 +252,9 @@ def _gpt2_hf_cache(kv, batch):
 @pytest.mark.parametrize("options", [COMBINED] + [pytest.param(o, marks=pytest.mark.slow) for o in SINGLE
                                                   if "forced_bos_token_id" not in o] +
                          [pytest.param(dict(forced_eos_token_id="eos"), marks=pytest.mark.slow)], ids=_ID)
-@pytest.mark.parametrize("beams", [1, 3])
-@pytest.mark.parametrize("with_prefix", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("with_prefix,beams", [(True, 3), pytest.param(True, 1, marks=pytest.mark.slow),
+                                              pytest.param(False, 1, marks=pytest.mark.slow),
+                                              pytest.param(False, 3, marks=pytest.mark.slow)])
 def test_gpt2_with_prefix_matches_generate(gpt2, beams, options, with_prefix):
     """HF given the prefix as its cache (and P leading ones in the mask), from `[source, SEP]`."""
     hf, lm = gpt2

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, cpu_env, run_processes
 from tolerances import F32_REORDERED_RTOL
 
 from prefix_jax.metrics_file import read_metrics
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def args(model_dir: Path, workdir: Path) -> list[str]:
@@ -24,11 +21,6 @@ def args(model_dir: Path, workdir: Path) -> list[str]:
             "--config.train.log_every=1", "--config.optim.warmup_steps=1", "--config.data.max_train_examples=64",
             "--config.data.max_eval_examples=16", "--config.data.max_source_length=32",
             "--config.data.max_target_length=16", "--config.eval.max_generate=8", "--config.generate.max_new_tokens=8"]
-
-
-def env(devices: int) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
 
 
 def losses(workdir: Path) -> list[float]:
@@ -42,14 +34,14 @@ def final_eval(workdir: Path) -> dict:
 @pytest.fixture(scope="module")
 def one_device(tiny_t5_dir, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("one")
-    out = subprocess.run(args(tiny_t5_dir, workdir), env=env(1), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(args(tiny_t5_dir, workdir), env=cpu_env(1), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir
 
 
 @pytest.mark.slow
 def test_eight_devices_match_one(tiny_t5_dir, one_device, tmp_path):
-    out = subprocess.run(args(tiny_t5_dir, tmp_path) + ["--config.mesh.num_devices=8"], env=env(8),
+    out = subprocess.run(args(tiny_t5_dir, tmp_path) + ["--config.mesh.num_devices=8"], env=cpu_env(8),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     np.testing.assert_allclose(losses(tmp_path), losses(one_device), rtol=F32_REORDERED_RTOL)
@@ -60,16 +52,8 @@ def test_eight_devices_match_one(tiny_t5_dir, one_device, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one(tiny_t5_dir, one_device, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(args(tiny_t5_dir, tmp_path) + [
-        f"--config.mesh.coordinator_address=127.0.0.1:{port}", "--config.mesh.num_processes=2",
-        f"--config.mesh.process_id={i}"], env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    for returncode, _, err in run_processes(args(tiny_t5_dir, tmp_path), num_processes=2, devices_each=4):
+        assert returncode == 0, err[-3000:]
     np.testing.assert_allclose(losses(tmp_path), losses(one_device), rtol=F32_REORDERED_RTOL)
     np.testing.assert_allclose(final_eval(tmp_path)["eval_loss"], final_eval(one_device)["eval_loss"],
                                rtol=F32_REORDERED_RTOL)
@@ -84,9 +68,9 @@ def test_a_checkpoint_resumes_on_another_topology(tiny_t5_dir, one_device, tmp_p
     for first, second, name in ((eight, [], "8-then-1"), ([], eight, "1-then-8")):
         workdir = tmp_path / name
         out = subprocess.run(args(tiny_t5_dir, workdir) + first + ["--config.train.stop_at=2"],
-                             env=env(8 if first else 1), capture_output=True, text=True, timeout=600)
+                             env=cpu_env(8 if first else 1), capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
-        out = subprocess.run(args(tiny_t5_dir, workdir) + second, env=env(8 if second else 1), capture_output=True,
+        out = subprocess.run(args(tiny_t5_dir, workdir) + second, env=cpu_env(8 if second else 1), capture_output=True,
                              text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "resumed from step 2" in out.stderr

@@ -65,7 +65,8 @@ DROPOUT_FIELDS = {"gpt2": dict(resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2),
                   "llama": dict(attention_dropout=0.2)}
 
 
-@pytest.mark.parametrize("arch", sorted(DROPOUT_FIELDS))
+@pytest.mark.parametrize("arch", [  # t5: the encoder-decoder shell; gpt2: attention dropout
+    pytest.param(a, marks=[pytest.mark.slow] if a in ("bart", "llama") else []) for a in sorted(DROPOUT_FIELDS)])
 def test_training_loss_equals_flax_dropout(arch, tiny_checkpoint, monkeypatch):
     """A training loss with every dropout on (LM and prefix) is bitwise what it was with `flax.linen.Dropout` and
     `jax.random.bernoulli`: the same rng paths, the same masks (so the same gradients)."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 from hf_fixtures import max_abs_diff, random_kv as _random_kv, save_tiny
-from test_llama import (B, EOS, P, S, SEP, T, VOCAB, hf_prefix_cache, jnp_batch, left_padded, packed, peft_and_ours,
+from gemma_inputs import (B, EOS, P, S, SEP, T, VOCAB, hf_prefix_cache, jnp_batch, left_padded, packed, peft_and_ours,
                         peft_grads, random_batch, target_logits, until_eos, with_prefix_mask)
 from tolerances import F32_ATOL
 

@@ -74,7 +74,7 @@ def random_prefix(lm, length=4, seed=0) -> Prefix:
     return Prefix(kv=kv)
 
 
-@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("beams", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_prefix_survives_batch_size_padding_side_and_beams(t5_pair, beams):
     _, lm = t5_pair
     prefix = random_prefix(lm)
@@ -90,7 +90,7 @@ def test_prefix_survives_batch_size_padding_side_and_beams(t5_pair, beams):
     assert not np.array_equal(batched, plain)  # the prefix steers decoding
 
 
-@pytest.mark.parametrize("beams,length_penalty", [(1, 1.0), (3, 0.6)])
+@pytest.mark.parametrize("beams,length_penalty", [pytest.param(1, 1.0, marks=pytest.mark.slow), (3, 0.6)])
 def test_decoder_prefix_matches_transformers_generate_given_the_prefix_as_its_cache(t5_pair, beams, length_penalty):
     """HF fed the prefix as its cache: self-attention K/V `[B * beams, H, P, K]` per layer, P placeholder decoder
     ids before the start token (so only the start token is new) and a decoder mask of ones over them."""

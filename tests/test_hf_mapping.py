@@ -23,7 +23,8 @@ from gguf_fixtures import random_model, write_gguf
 from hf_fixtures import save_state_dict
 
 from prefix_jax import models, sharding, tiny_checkpoints
-from prefix_jax.models import gpt2, hf_mapping, hub, llama, sharded_load
+from prefix_jax import hub
+from prefix_jax.models import gpt2, hf_mapping, llama, sharded_load
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_LIKE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)

@@ -1,8 +1,10 @@
-"""Llama-family decoders (Llama, Mistral, Qwen2, Qwen3): parity with transformers and PEFT, with a prefix.
+"""Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) beyond the shared contract (test_architectures.py):
+configs read per variant, RoPE, the real-word init, generation against HF, param axes, export, sharded and
+bfloat16 checkpoints, refused options, the sliding window, and train.py on the tiny Llama.
 
-Tiny random checkpoints (float32, eager attention) cover grouped-query attention (4 query / 2 K/V heads),
-an explicit head_dim != hidden / heads, llama3 and linear rope scaling, tied and untied heads, q/k/v
-(and output) biases, Qwen3's q/k norms and a Mistral sliding window.
+Tiny random checkpoints (families.LLAMA_VARIANTS; float32, eager attention) cover grouped-query attention
+(4 query / 2 K/V heads), an explicit head_dim != hidden / heads, llama3 and linear rope scaling, tied and untied
+heads, q/k/v (and output) biases, Qwen3's q/k norms and a Mistral sliding window.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import copy
 import dataclasses
 import functools
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,141 +20,39 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_fixtures import left_pad, max_abs_diff, random_kv as _random_kv, save_tiny
+from families import (FAMILY, LLAMA_EOS as EOS, LLAMA_VARIANTS as VARIANTS, SEP, hf_prefix_cache, left_padded,
+                      llama_config as hf_config, random_llama as random_tiny)
+from hf_fixtures import max_abs_diff, random_kv as _random_kv, save_tiny
+from helpers import REPO, run_cli
 from tolerances import F32_ATOL
-from transformers.cache_utils import DynamicCache
 
 from prefix_jax import prefix as prefix_lib
-from prefix_jax import prefix_init, train_steps
+from prefix_jax import prefix_init
 from prefix_jax.data import pad
 from prefix_jax.generate import GenerationConfig, make_generate_fn
-from prefix_jax.models import DECODER, KV, NO_PREFIX, Prefix, llama, load_pretrained, masks, params_to_hf
-from prefix_jax.hub import ModelNotFoundError
-from prefix_jax.peft_compat import prefix_from_peft
+from prefix_jax.models import DECODER, KV, NO_PREFIX, Prefix, llama, load_pretrained, params_to_hf
 
-B, S, T, P = 3, 9, 6, 4
-VOCAB, SEP, EOS = 101, 1, 2
+LLAMA = FAMILY["llama"]
+B, S, T, P = dataclasses.astuple(LLAMA.sizes)
+VOCAB = LLAMA.vocab
 random_kv = functools.partial(_random_kv, length=P)
-REPO = Path(__file__).resolve().parent.parent
+with_prefix_mask = LLAMA.with_prefix_mask
 
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=0.5, high_freq_factor=2.0,
-                   original_max_position_embeddings=16)  # with head_dim 16, every llama3 branch is taken
-# name -> (HF class name prefix, config fields beyond the common ones)
-VARIANTS = {
-    "llama": ("Llama", dict(num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True,
-                            rope_parameters=LLAMA3_ROPE)),
-    "llama_tied": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=True,
-                                 rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0))),
-    "mistral": ("Mistral", dict(num_key_value_heads=2, sliding_window=64)),
-    "qwen2": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True,
-                            rope_parameters=dict(rope_type="default", rope_theta=1e6))),
-    "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=16)),
-}
-
-
-def hf_config(name: str, **kw):
-    prefix, fields = VARIANTS[name]
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=64, bos_token_id=SEP, eos_token_id=EOS, initializer_range=0.2,
-                attn_implementation="eager")
-    return getattr(transformers, f"{prefix}Config")(**{**base, **fields, **kw})
-
-
-def random_tiny(name: str, seed: int = 0, **kw):
-    """A tiny HF model with every parameter random (norm scales and biases included)."""
-    torch.manual_seed(seed)
-    cfg = hf_config(name, **kw)
-    hf = getattr(transformers, f"{VARIANTS[name][0]}ForCausalLM")(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return hf
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """name -> (HF model, our PretrainedLM), built on first use."""
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            hf = random_tiny(name)
-            built[name] = hf, load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp(name))))
-        return built[name]
-
-    return get
-
+@pytest.fixture
+def pairs(tiny_hf):
+    """name -> (HF model, our PretrainedLM), built once per session."""
+    return lambda name: tiny_hf("llama", name)
 
 def random_batch(seed: int = 0) -> dict[str, np.ndarray]:
     """Right-padded, ragged sources and targets (pads are id 0)."""
-    rng = np.random.default_rng(seed)
-    smask = np.ones((B, S), np.int32)
-    smask[1, 6:] = 0
-    smask[2, 2:] = 0
-    tmask = np.ones((B, T), np.int32)
-    tmask[0, 3:] = 0
-    tmask[2, 5:] = 0
-    src = rng.integers(3, VOCAB, (B, S)).astype(np.int32) * smask
-    tgt = rng.integers(3, VOCAB, (B, T)).astype(np.int32) * tmask
-    return dict(source_ids=src, source_mask=smask, target_ids=tgt, target_mask=tmask)
-
-
-def left_padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    ids, mask = left_pad(batch["source_ids"], batch["source_mask"])
-    return dict(batch, source_ids=ids, source_mask=mask)
-
+    return LLAMA.batch(seed).batch
 
 def jnp_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
-
-def packed(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """HF inputs: per example `[source real tokens, SEP, target real tokens]`, right-padded; and source lengths."""
-    width = S + 1 + T
-    ids, mask = torch.zeros(B, width, dtype=torch.long), torch.zeros(B, width, dtype=torch.long)
-    starts = []
-    for b in range(B):
-        src = batch["source_ids"][b][batch["source_mask"][b] == 1]
-        tgt = batch["target_ids"][b][batch["target_mask"][b] == 1]
-        row = [*src, SEP, *tgt]
-        ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), 1
-        starts.append(len(src))
-    return ids, mask, starts
-
-
-def target_logits(hf_logits: torch.Tensor, starts: list[int], offset: int = 0) -> np.ndarray:
-    """HF logits at our target slots: target t of example b is HF position `offset + starts[b] + t`."""
-    return np.stack([hf_logits[b, offset + s: offset + s + T].detach().numpy() for b, s in enumerate(starts)])
-
-
-def hf_prefix_cache(k: torch.Tensor, v: torch.Tensor, rows: int = B) -> DynamicCache:
-    """A prefix as HF takes it: a cache holding `[rows, N, P, K]` per layer (a fresh one per call)."""
-    e = lambda x: x[None].expand(rows, -1, -1, -1).clone()
-    return DynamicCache([(e(k[i]), e(v[i])) for i in range(k.shape[0])])
-
-
-def with_prefix_mask(mask: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.ones(mask.shape[0], P, dtype=torch.long), mask], 1)
-
-
 def run(lm, batch, prefix=NO_PREFIX, config=None):
     model = lm.model if config is None else llama.Model(config)
     return model.apply({"params": lm.params}, jnp_batch(batch), prefix)
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-@pytest.mark.parametrize("left", [False, True])
-def test_logits_match_transformers_with_padding(pairs, name, left):
-    hf, lm = pairs(name)
-    batch = random_batch(1)
-    ids, mask, starts = packed(batch)
-    with torch.no_grad():
-        ref = target_logits(hf(input_ids=ids, attention_mask=mask).logits, starts)
-    ours = run(lm, left_padded(batch) if left else batch)
-    assert ours.shape == (B, T, VOCAB) and ours.dtype == jnp.float32
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
-    assert np.abs(ref).max() > 1.0  # weights large enough for the comparison to mean something
-
 
 def test_configs_are_read_as_the_variants_say(pairs):
     expect = {  # (query heads, K/V heads, head_dim, qkv bias, o bias, q/k norm, tied, rope type, window)
@@ -169,117 +68,14 @@ def test_configs_are_read_as_the_variants_say(pairs):
                c.tie_word_embeddings, c.rope_type, c.sliding_window)
         assert got == want, name
         assert c.architecture == VARIANTS[name][0].lower()
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_prefix_matches_hf_past_key_values(pairs, name):
-    """A prefix == HF given it as a cache of length P; real tokens at P.. (ours left-padded, HF packed right)."""
-    hf, lm = pairs(name)
-    batch = random_batch(2)
-    geometry = lm.config.prefix_geometry()[DECODER]
-    assert (geometry.num_heads, geometry.head_dim) == (lm.config.num_key_value_heads, lm.config.head_dim)
-    kv, (k, v) = random_kv(geometry, 3)
-    ids, mask, starts = packed(batch)
-    with torch.no_grad():
-        ref = target_logits(hf(input_ids=ids, attention_mask=with_prefix_mask(mask),
-                               cache=hf_prefix_cache(k, v)).logits, starts)
-    ours = run(lm, left_padded(batch), Prefix(kv={DECODER: kv}))
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
-    assert max_abs_diff(run(lm, batch), ref, batch["target_mask"]) > 1e-2  # the prefix really acts
-
-
-def peft_and_ours(hf, lm, projection: bool, seed: int):
-    """A PEFT prefix-tuning model on `hf`, and our spec + params holding exactly its prefix parameters."""
-    from peft import PrefixTuningConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(hf), PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection, encoder_hidden_size=24)).eval()
-    encoder = peft_model.prompt_encoder["default"]
-    geometry = lm.config.prefix_geometry()[DECODER]
-    token_dim = geometry.num_heads * geometry.head_dim  # PEFT's virtual-token width for GQA (peft#1901)
-    weight = lambda t: jnp.asarray(t.detach().numpy())
-    if projection:
-        spec = prefix_lib.PrefixSpec(P, (DECODER,), {DECODER: geometry}, token_dim, method="prefix", mlp_hidden=24)
-        first, _, last = encoder.transform
-        params = {DECODER: {"embedding": weight(encoder.embedding.weight),
-                            "mlp_in": {"kernel": weight(first.weight).T, "bias": weight(first.bias)},
-                            "mlp_out": {"kernel": weight(last.weight).T, "bias": weight(last.bias)}}}
-    else:
-        spec = prefix_lib.PrefixSpec(P, (DECODER,), {DECODER: geometry}, token_dim, method="prefix_direct")
-        params = {DECODER: {"kv": weight(encoder.embedding.weight)}}
-    return peft_model, spec, params
-
-
-def peft_grads(peft_model, projection: bool) -> dict:
-    """PEFT's prefix gradients in our param layout."""
-    encoder = peft_model.prompt_encoder["default"]
-    grad = lambda t: t.grad.numpy()
-    if not projection:
-        return {DECODER: {"kv": grad(encoder.embedding.weight)}}
-    first, _, last = encoder.transform
-    return {DECODER: {"embedding": grad(encoder.embedding.weight),
-                      "mlp_in": {"kernel": grad(first.weight).T, "bias": grad(first.bias)},
-                      "mlp_out": {"kernel": grad(last.weight).T, "bias": grad(last.bias)}}}
-
-
-@pytest.mark.parametrize("name, projection", [
-    ("llama", True), ("qwen3", False), pytest.param("qwen2", True, marks=pytest.mark.slow),
-    pytest.param("llama", False, marks=pytest.mark.slow), pytest.param("qwen3", True, marks=pytest.mark.slow),
-    pytest.param("qwen2", False, marks=pytest.mark.slow), pytest.param("mistral", True, marks=pytest.mark.slow)])
-def test_matches_peft_prefix_tuning_logits_loss_and_gradient(pairs, name, projection):
-    hf, lm = pairs(name)
-    peft_model, spec, params = peft_and_ours(hf, lm, projection, seed=6)
-    batch = random_batch(7)
-    ids, mask, starts = packed(batch)  # PEFT ignores padding for positions: pack to the right
-    labels = torch.full_like(ids, -100)
-    for b, s in enumerate(starts):
-        n = int(batch["target_mask"][b].sum())
-        labels[b, s + 1:s + 1 + n] = torch.as_tensor(batch["target_ids"][b, :n])
-    out = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    ref_logits, ref_loss, ref_grads = target_logits(out.logits, starts), float(out.loss), peft_grads(peft_model,
-                                                                                                      projection)
-
-    ours_batch = jnp_batch(left_padded(batch))  # ours is padding-independent: left-pad it
-
-    def loss_fn(p):
-        total, count = train_steps.batch_loss(lm.model, spec, p, lm.params, ours_batch, None)
-        return total / count
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    logits = lm.model.apply({"params": lm.params}, ours_batch, prefix_lib.materialize(params, spec))
-    assert max_abs_diff(logits, ref_logits, batch["target_mask"]) < F32_ATOL
-    assert abs(float(loss) - ref_loss) < F32_ATOL
-    for path, ours_g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        theirs_g = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
-        scale = np.abs(theirs_g).max()
-        assert scale > 1e-6 and max_abs_diff(ours_g, theirs_g) < F32_ATOL * max(1.0, scale), jax.tree_util.keystr(path)
-    # The adapter's `prompt_embeddings` (MLP output) through peft_compat give the same logits.
-    with torch.no_grad():
-        tokens = peft_model.prompt_tokens["default"][None, :P]
-        prompt_embeddings = peft_model.prompt_encoder["default"](tokens)[0].numpy()
-    compat = prefix_from_peft(prompt_embeddings, lm.config.prefix_geometry()[DECODER], seq2seq=False)
-    assert max_abs_diff(run(lm, left_padded(batch), compat), ref_logits, batch["target_mask"]) < F32_ATOL
-
-
-def test_padding_side_does_not_matter(pairs):
-    _, lm = pairs("llama")
-    batch = random_batch(8)
-    kv = random_kv(lm.config.prefix_geometry()[DECODER], 9)[0]
-    prompt = jnp.asarray(np.random.default_rng(10).normal(size=(P, 32)), jnp.float32)
-    for prefix in (Prefix(), Prefix(kv={DECODER: kv}), Prefix(kv={DECODER: kv}, infix=True),
-                   Prefix(prompt_embeds=prompt)):
-        right, left = run(lm, batch, prefix), run(lm, left_padded(batch), prefix)
-        assert max_abs_diff(right, left, batch["target_mask"]) < F32_ATOL
-
+        geometry = c.prefix_geometry()[DECODER]  # a prefix holds K/V heads (GQA), not query heads
+        assert (geometry.num_heads, geometry.head_dim) == (c.num_key_value_heads, c.head_dim), name
 
 def rotate_keys(key_LxNxPxK: jax.Array, cfg: llama.Config, shift: int) -> jax.Array:
     """Keys rotated as if moved by `shift` positions."""
     cos, sin = llama.rope_tables(cfg, jnp.full((1, 1), shift, jnp.int32))
     return jax.vmap(lambda k_NxPxK: llama.rotate(jnp.swapaxes(k_NxPxK, 0, 1)[None], cos, sin)[0].swapaxes(0, 1))(
         key_LxNxPxK)
-
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_rope_tokens_at_p_equal_tokens_at_zero_with_keys_rotated_back(pairs, name):
@@ -293,7 +89,6 @@ def test_rope_tokens_at_p_equal_tokens_at_zero_with_keys_rotated_back(pairs, nam
     assert max_abs_diff(run(lm, batch, Prefix(kv={DECODER: back}), from_zero), at_p, batch["target_mask"]) < F32_ATOL
     # Not a tautology: unrotated keys at 0.. give other logits.
     assert max_abs_diff(run(lm, batch, Prefix(kv={DECODER: kv}), from_zero), at_p, batch["target_mask"]) > 1e-3
-
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_words_init_is_the_text_in_the_input(pairs, name):
@@ -317,33 +112,6 @@ def test_words_init_is_the_text_in_the_input(pairs, name):
     ours = run(lm, batch, Prefix(kv={DECODER: kv}))
     assert max_abs_diff(ours, run(lm, written), batch["target_mask"]) < F32_ATOL
 
-
-@pytest.mark.parametrize("infix", [False, True])
-def test_incremental_decoding_matches_teacher_forcing(pairs, infix):
-    _, lm = pairs("llama")
-    cfg, model, params = lm.config, lm.model, {"params": lm.params}
-    batch = jnp_batch(left_padded(random_batch(11)))
-    prefix = Prefix(kv={DECODER: random_kv(cfg.prefix_geometry()[DECODER], 12)[0]}, infix=infix)
-    full = model.apply(params, batch, prefix)
-    capacity = S + T
-    cache = model.init_cache(B, capacity)
-    valid = jnp.concatenate([batch["source_mask"].astype(bool), jnp.zeros((B, T), bool)], axis=1)
-    source_positions = masks.token_positions(batch["source_mask"], 0 if infix else P)
-    _, cache = model.apply(params, batch["source_ids"], source_positions, valid, prefix, cache, True, not infix,
-                           method=model.decode)
-    first_target_position = jnp.sum(batch["source_mask"], axis=1) + P
-    inputs = masks.shift_right(batch["target_ids"], cfg.separator_token_id)
-    step = jax.jit(lambda ids, positions, valid, cache: model.apply(params, ids, positions, valid, prefix, cache,
-                                                                     method=model.decode))
-    steps = []
-    for t in range(T):
-        valid = valid.at[:, S + t].set(True)
-        logits, cache = step(inputs[:, t:t + 1], (first_target_position + t)[:, None], valid, cache)
-        steps.append(logits)
-    assert cache["self"]["key"].shape == (2, B, capacity, cfg.num_key_value_heads, cfg.head_dim)
-    assert max_abs_diff(jnp.concatenate(steps, axis=1), full, batch["target_mask"]) < F32_ATOL
-
-
 @pytest.fixture(scope="module")
 def generating(tmp_path_factory):
     """A tiny GQA Llama whose EOS is likely after a few tokens, so hypotheses finish at various steps."""
@@ -355,7 +123,6 @@ def generating(tmp_path_factory):
         hf.lm_head.weight[EOS] = 2.5 * direction / direction.norm()
     return hf, load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp("llama_gen"))))
 
-
 def generation_sources():
     """Left-padded sources (HF's decoder-only generate wants left padding)."""
     g = torch.Generator().manual_seed(0)
@@ -365,10 +132,8 @@ def generation_sources():
     mask[2, :6] = 0
     return src * mask, mask
 
-
 def until_eos(rows: np.ndarray) -> list[list[int]]:
     return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows.tolist()]
-
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, beams):
@@ -391,7 +156,6 @@ def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, beams):
     plain = np.asarray(fn(lm.params, NO_PREFIX, jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
     assert not np.array_equal(ours, plain)  # the prefix steers decoding
 
-
 @pytest.mark.parametrize("kind", ["infix", "embedding_only"])
 def test_greedy_generation_is_the_argmax_of_teacher_forcing(generating, kind):
     """For placements HF cannot take as a cache: each decoded token is what our full model predicts there."""
@@ -410,19 +174,6 @@ def test_greedy_generation_is_the_argmax_of_teacher_forcing(generating, kind):
     forced = np.asarray(run(lm, batch, prefix)).argmax(-1)
     np.testing.assert_array_equal(forced[valid], tokens[valid])
 
-
-def test_embedding_only_prompt_matches_hf_inputs_embeds(pairs):
-    hf, lm = pairs("qwen2")
-    batch = random_batch(18)
-    prompt = torch.randn(P, 32, generator=torch.Generator().manual_seed(19))
-    ids, mask, starts = packed(batch)
-    with torch.no_grad():
-        embeds = torch.cat([prompt[None].expand(B, -1, -1), hf.model.embed_tokens(ids)], dim=1)
-        ref = target_logits(hf(inputs_embeds=embeds, attention_mask=with_prefix_mask(mask)).logits, starts, offset=P)
-    ours = run(lm, left_padded(batch), Prefix(prompt_embeds=jnp.asarray(prompt.numpy())))
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
-
-
 def test_infix_hides_kv_from_source_and_shifts_target(pairs):
     _, lm = pairs("llama")
     model, params = lm.model, {"params": lm.params}
@@ -438,7 +189,6 @@ def test_infix_hides_kv_from_source_and_shifts_target(pairs):
     assert max_abs_diff(h_a[:, :S], h_none[:, :S], batch["source_mask"]) < F32_ATOL
     assert max_abs_diff(h_a[:, S:], h_b[:, S:], batch["target_mask"]) > 1e-2
 
-
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_param_axes_match_every_leaf_exactly_once(pairs, name):
     _, lm = pairs(name)
@@ -448,7 +198,6 @@ def test_param_axes_match_every_leaf_exactly_once(pairs, name):
         assert len(rules) == 1, (joined, rules)
         assert len(rules[0]) == leaf.ndim, (joined, rules[0], leaf.shape)
         assert rules[0][0] == "layers" if joined.startswith("model/layers/") else "layers" not in rules[0]
-
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_checkpoint_round_trip(pairs, name):
@@ -460,7 +209,6 @@ def test_checkpoint_round_trip(pairs, name):
     for key, value in expected.items():
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)
 
-
 def test_sharded_bfloat16_checkpoint_loads(pairs, tmp_path):
     hf, lm32 = pairs("qwen3")
     copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
@@ -471,15 +219,6 @@ def test_sharded_bfloat16_checkpoint_loads(pairs, tmp_path):
     batch = random_batch(40)
     ours16 = run(lm16, batch)
     assert max_abs_diff(ours16.astype(jnp.float32), run(lm32, batch), batch["target_mask"]) < 0.2
-
-
-def test_missing_tensor_is_a_clear_error(tmp_path):
-    from hf_fixtures import save_state_dict
-
-    save_state_dict(random_tiny("llama"), tmp_path, drop="layers.1.mlp.up_proj")
-    with pytest.raises(ModelNotFoundError, match=r"model\.layers\.1\.mlp\.up_proj"):
-        load_pretrained(str(tmp_path))
-
 
 @pytest.mark.parametrize("name, fields, field", [
     ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0)), "rope_type"),
@@ -497,7 +236,6 @@ def test_unsupported_options_are_clear_errors(name, fields, field):
     with pytest.raises(ValueError, match=field):
         llama.Config.from_hf(cfg, set())
 
-
 def test_sliding_window_is_read_and_refused_when_exceeded(pairs):
     assert llama.Config.from_hf(hf_config("qwen2", use_sliding_window=True, sliding_window=24,
                                           max_window_layers=1), set()).sliding_window == 24
@@ -512,7 +250,6 @@ def test_sliding_window_is_read_and_refused_when_exceeded(pairs):
     exact = dataclasses.replace(lm.config, sliding_window=S + T + P)
     assert max_abs_diff(run(lm, batch, Prefix(kv={DECODER: kv}), exact), run(lm, batch, Prefix(kv={DECODER: kv})),
                         batch["target_mask"]) == 0.0
-
 
 @pytest.mark.slow
 def test_tiny_llama_checkpoint_matches_transformers(tiny_llama_dir):
@@ -529,7 +266,6 @@ def test_tiny_llama_checkpoint_matches_transformers(tiny_llama_dir):
     ours = run(lm, batch)
     assert max_abs_diff(ours, ref) < F32_ATOL and np.abs(ref).std() > 0.3  # unit-scale logits: a prefix can steer them
 
-
 def offline_args(model_dir, workdir, *extra: str) -> list[str]:
     """train.py flags: configs/llama_offline.py on a few examples, a few steps."""
     return ["--config", str(REPO / "configs/llama_offline.py"), f"--config.model.name_or_path={model_dir}",
@@ -538,7 +274,6 @@ def offline_args(model_dir, workdir, *extra: str) -> list[str]:
             "--config.optim.warmup_steps=1", "--config.data.max_train_examples=32", "--config.data.max_eval_examples=8",
             "--config.data.max_source_length=32", "--config.data.max_target_length=16",
             "--config.eval.max_generate=4", "--config.generate.max_new_tokens=6", *extra]
-
 
 @pytest.mark.slow
 def test_words_init_prefix_trains_and_exports_in_process(tiny_llama_dir, tmp_path):
@@ -560,7 +295,6 @@ def test_words_init_prefix_trains_and_exports_in_process(tiny_llama_dir, tmp_pat
     exported, meta = prefix_lib.load_export(summary["export"])
     assert meta["architecture"] == "llama"
     assert exported.kv[DECODER].key.shape == (2, 2, 6, 16)  # [layers, K/V heads, "table-to-text:" tokens, head_dim]
-
 
 @pytest.mark.slow
 def test_train_py_checkpoints_resumes_and_exports(tiny_llama_dir, tmp_path):
@@ -584,12 +318,3 @@ def test_train_py_checkpoints_resumes_and_exports(tiny_llama_dir, tmp_path):
     b, _ = prefix_lib.load_export(tmp_path / "resumed" / "export")
     np.testing.assert_array_equal(a.kv[DECODER].key, b.kv[DECODER].key)
 
-
-def run_cli(*args: str):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)

@@ -202,12 +202,18 @@ def _train_step(model, spec, lm_params, batch, **kwargs):
 
 
 STEP_CASES = [  # (label_smoothing, grad_accum_steps, loss_chunk_tokens, tasks): all at once, then simpler cases
-    (0.1, 2, 3, ("a", "b")),
-    pytest.param(0.0, 1, 5, (), marks=pytest.mark.slow), pytest.param(0.1, 1, 64, (), marks=pytest.mark.slow)]
+    (0.1, 2, 3, ("a", "b")), (0.0, 1, 5, ()), (0.1, 1, 64, ())]
+STEP_MODELS = ["t5-v1.0-tied-scaled", "bart", "gpt2", "llama-untied"]
 
 
-@pytest.mark.parametrize("name", ["t5-v1.0-tied-scaled", "bart", "gpt2", "llama-untied"])
-@pytest.mark.parametrize("label_smoothing,grad_accum_steps,chunk,tasks", STEP_CASES)
+def _step_params() -> list:
+    """Every case on every model; by default only the first (all at once) on GPT-2, the rest with -m slow."""
+    return [pytest.param(*case, name, id=f"{case[0]}-{case[1]}-{case[2]}-tasks{i}-{name}",
+                         marks=[] if (i, name) == (0, "gpt2") else [pytest.mark.slow])
+            for name in STEP_MODELS for i, case in enumerate(STEP_CASES)]
+
+
+@pytest.mark.parametrize("label_smoothing,grad_accum_steps,chunk,tasks,name", _step_params())
 def test_chunked_train_step_equals_the_logits_step(name, label_smoothing, grad_accum_steps, chunk, tasks):
     model, spec, lm_params, batch = _step_inputs(name, tasks)
     kwargs = dict(label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps)

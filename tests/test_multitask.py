@@ -8,13 +8,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import REPO, multitask_config
 
-from configs import gpt2_e2e_offline
 from prefix_jax import checkpoint, data, losses, trainer, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models import load_pretrained
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def two_task_file(path: Path, n: int = 24) -> Path:
@@ -26,19 +24,6 @@ def two_task_file(path: Path, n: int = 24) -> Path:
         rows.append({"task": "name", "source": e.source, "target": e.source.split(" | ")[0].split(" : ")[1]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def multitask_config(model_dir: Path, workdir: Path, train_file: Path):
-    c = gpt2_e2e_offline.get_config()
-    c.model.name_or_path, c.model.create_tiny = str(model_dir), ""
-    c.data.format, c.data.task_field = "fields", "task"
-    c.data.data_files.train = c.data.data_files.validation = str(train_file)
-    c.data.max_source_length, c.data.max_target_length = 48, 24
-    c.prefix.length, c.prefix.mlp_hidden = 4, 16
-    c.eval.max_generate, c.generate.max_new_tokens = 6, 6
-    c.train.workdir, c.train.steps, c.train.batch_size, c.train.log_every = str(workdir), 3, 8, 1
-    c.optim.warmup_steps = 1
-    return c
 
 
 def test_each_task_trains_and_exports_its_own_prefix(tiny_gpt2_dir, tmp_path):

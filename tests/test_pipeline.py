@@ -2,54 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import REPO, losses, run_cli, small_config, tree_digest
 
-from configs import t5_offline
 from prefix_jax import checkpoint, trainer
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.metrics_file import read_metrics
 from prefix_jax.models import load_pretrained
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def small_config(model_dir: Path, workdir: Path, **train):
-    """The tiny T5 run most trainer tests share. Keep `train.steps` at its default (6) where a test can: the
-    step count is a constant of the learning-rate schedule inside the compiled step, so runs with the same count
-    reuse one compiled program (the session's XLA cache) and runs with another compile their own."""
-    c = t5_offline.get_config()
-    c.model.name_or_path = str(model_dir)
-    c.model.create_tiny = ""
-    c.data.max_source_length, c.data.max_target_length = 32, 16
-    c.data.max_train_examples, c.data.max_eval_examples = 64, 8
-    c.prefix.length, c.prefix.mlp_hidden = 4, 16
-    c.optim.warmup_steps = 1
-    c.train.workdir = str(workdir)
-    c.train.batch_size, c.train.steps, c.train.log_every, c.train.eval_every, c.train.save_every = 4, 6, 1, 0, 3
-    for k, v in train.items():
-        c.train[k] = v
-    return c
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in read_metrics(workdir) if "loss" in row}
-
-
-def tree_digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(directory)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.slow
@@ -123,12 +87,6 @@ def test_bad_values_are_clear_errors(tiny_t5_dir, tmp_path):
         with pytest.raises(ValueError, match=named.replace(".", r"\.")):
             trainer.run(c)
         assert not (tmp_path / f"bad-{field}").exists()  # nothing written before the config is known good
-
-
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
 
 
 def test_train_py_runs_end_to_end(tiny_t5_dir, tmp_path):

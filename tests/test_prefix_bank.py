@@ -74,6 +74,9 @@ def _batch(seed=0):
                 target_ids=jnp.asarray(rng.integers(3, VOCAB, (B, T))), target_mask=jnp.asarray(target_mask))
 
 
+@pytest.mark.parametrize("lm", [  # bart_hf_positions: the same encoder-decoder shell as t5 and bart
+    pytest.param("t5", marks=pytest.mark.slow), pytest.param("bart", marks=pytest.mark.slow), "bart_hf_positions",
+    "gpt2", "llama"], indirect=True)
 def test_mixed_batch_logits_equal_separate_runs(lm):
     _, lm = lm
     prefixes = _prefixes(lm)
@@ -104,6 +107,8 @@ def test_bank_round_trips_its_prefixes(lm):
 
 
 @pytest.mark.parametrize("beams", [1, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("lm", ["t5", "bart", pytest.param("bart_hf_positions", marks=pytest.mark.slow), "gpt2", "llama"],
+                         indirect=True)
 def test_mixed_decoding_equals_separate_runs(lm, beams):
     which, lm = lm
     if beams == 1 and which in ("bart", "t5", "llama"):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import REPO, cpu_env, run_processes
 from jax.sharding import AbstractMesh, PartitionSpec
 from tolerances import F32_REORDERED_RTOL
 
@@ -27,8 +26,6 @@ from prefix_jax import prefix as prefix_lib
 from prefix_jax.metrics_file import read_metrics
 from prefix_jax.models import common, t5
 from prefix_jax.tiny_checkpoints import TINY_ARCHITECTURES, _dummy_batch, _tiny_hf_config, bundled_gpt2_tokenizer
-
-REPO = Path(__file__).resolve().parent.parent
 MESHES = [(2, 2, 2), (1, 8, 1), (1, 1, 8), (2, 4, 1), (1, 2, 4), (8, 1, 1)]
 
 
@@ -211,8 +208,8 @@ def test_gradient_accumulation_with_uneven_token_counts_equals_one_big_step():
 
 
 def env(devices: int) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+    """A scale check's environment: `devices` CPU devices, the repository importable (for scale_worker.py)."""
+    return cpu_env(devices, PYTHONPATH=str(REPO))
 
 
 def run_worker(check: str, root: Path) -> dict:
@@ -271,23 +268,16 @@ def test_two_processes_with_fsdp_across_them_match_one_device(tiny_t5_dir, tmp_p
     one = subprocess.run(base + [f"--config.train.workdir={tmp_path / 'one'}"], env=env(1), capture_output=True,
                          text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(base + [
-        f"--config.train.workdir={tmp_path / 'two'}", "--config.mesh.shape=(1, 8, 1)",
-        f"--config.mesh.coordinator_address=127.0.0.1:{port}", "--config.mesh.num_processes=2",
-        f"--config.mesh.process_id={i}"], env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    outputs = run_processes(base + [f"--config.train.workdir={tmp_path / 'two'}", "--config.mesh.shape=(1, 8, 1)"],
+                            num_processes=2, devices_each=4, PYTHONPATH=str(REPO))
+    for returncode, _, err in outputs:
+        assert returncode == 0, err[-3000:]
     losses = lambda w: [row["loss"] for row in read_metrics(w) if "loss" in row]
     evals = lambda w: [row["eval_loss"] for row in read_metrics(w) if "eval_loss" in row]
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=F32_REORDERED_RTOL)
     np.testing.assert_allclose(evals(tmp_path / "two"), evals(tmp_path / "one"), rtol=F32_REORDERED_RTOL)
     # Each process read only its devices' blocks: about half of the checkpoint (replicated norms/biases twice).
-    for _, err in outputs:
+    for _, _, err in outputs:
         line = next(l for l in err.splitlines() if "LM loaded into its shards" in l)
         read, total = _read_bytes(line)
         assert 0.4 * total < read < 0.6 * total, line

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO, losses, multitask_config, run_cli, small_config, tree_digest
 
 import train as train_cli
 from prefix_jax import checkpoint, data, trainer, train_steps, workdir
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.metrics_file import read_metrics
 from prefix_jax.preemption import EXIT_PREEMPTED, Preempted
-from test_pipeline import REPO, losses, run_cli, small_config, tree_digest
 
 
 def _set(config, dotted: str, value) -> None:
@@ -427,8 +427,6 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_export(tin
 @pytest.mark.parametrize("task", ["../../escape", "ABS", ".", "a/b"])
 def test_a_task_name_never_escapes_the_workdir(tiny_gpt2_dir, tmp_path, task):
     """Task names become export/<task>/: one that is a path is refused before anything is written."""
-    from test_multitask import multitask_config
-
     victim = tmp_path / "other_export"
     victim.mkdir()
     (victim / "prefix.json").write_text("another run's export")

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import small_config
 
 from prefix_jax import fingerprint, prefix_bank
 from prefix_jax import prefix as prefix_lib
@@ -117,8 +118,6 @@ def test_a_bank_of_prefixes_for_different_lms_is_refused(gpt2, gpt2_export, tiny
 def test_eval_only_never_overwrites_the_training_runs_predictions(tiny_t5_dir, trained_t5_run, tmp_path, caplog):
     """The eval-only command on the training run's own split and step writes beside its predictions, not over them
     (it wrote `predictions_<step>.jsonl`, the training run's file), and a second eval-only run beside the first."""
-    from test_pipeline import small_config
-
     shutil.copytree(trained_t5_run[0], tmp_path / "run")
     trained = tmp_path / "run" / "predictions_validation_6.jsonl"
     before = trained.read_bytes()
