@@ -13,3 +13,10 @@ BF16_LOGITS_RTOL = 0.03
 # float32, relative to the largest logit: a real pretrained model, many layers deep (30 for SmolLM2-135M), where
 # rounding differences accumulate over depth. Measured: 1.4e-6 (SmolLM2-135M GGUF vs transformers, logits up to 34).
 F32_DEEP_RTOL = 1e-5
+# Weight-only quantized frozen LM (prefix_jax.quantize) vs the same LM in float32, on the 2-layer width-64 tiny
+# models of tests/test_quantize.py (random weights, Zipf-like token ids), over every target position:
+# max |log p_q - log p_f32| and mean KL(p_f32 || p_q). PROVISIONAL (being measured).
+INT8_MAX_DLOGP = 1.0
+INT8_KL = 1.0
+INT4_MAX_DLOGP = 5.0
+INT4_KL = 5.0
