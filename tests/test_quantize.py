@@ -111,11 +111,12 @@ def test_int8_scales_are_per_output_channel_and_int4_per_group_along_the_contrac
     flat = {n: v for n, v in qz._with_aux_leaves(quantized(architecture, "int8")[1])}
     flat4 = {n: v for n, v in qz._with_aux_leaves(quantized(architecture, "int4")[1])}
     for name, leaf in flat.items():
-        kernel = np.asarray(_lookup(params, name))  # [L, in..., out...]
+        kernel = np.asarray(_lookup(params, name))
         q, scale = np.asarray(leaf.array.qvalue, np.float32), np.asarray(leaf.array.scale)
         # qwix's symmetric int8: the largest |w| of each output channel maps to 127.5 (rounded, clipped to 127 or
         # -128): the scale is absmax / 127.5 over the contraction axes, and every value is within half a step.
-        contraction = tuple(a for a in range(1, kernel.ndim) if scale.shape[a] == 1)
+        contraction = (1, 2) if name.endswith(("o_proj/kernel", "attn/out/kernel")) else (1,)  # [L, in..., out...]
+        assert scale.shape == tuple(1 if a in contraction else n for a, n in enumerate(kernel.shape)), name
         np.testing.assert_allclose(scale, np.abs(kernel).max(axis=contraction, keepdims=True) / 127.5, rtol=1e-6)
         np.testing.assert_allclose(q * scale, kernel, rtol=0, atol=float(scale.max()) * 0.5001)
         assert np.abs(q).max() in (127, 128)
@@ -130,24 +131,26 @@ def _lookup(tree, name: str):
     return tree
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
-def test_prefix_learns_on_a_quantized_lm_whose_values_stay_bitwise_unchanged(architecture):
+# (architecture, the last of 20 losses below this fraction of the first): the tiny GPT-2's tied head of std 0.1
+# gives flat logits, which a prefix sharpens slowly (float32 alike).
+@pytest.mark.parametrize("architecture,fraction", [("llama", 0.5), ("gpt2", 0.9)])
+def test_prefix_learns_on_a_quantized_lm_whose_values_stay_bitwise_unchanged(architecture, fraction):
     cfg, _, _ = tiny(architecture)
     qmodel, qparams = quantized(architecture, "int4")
     before = jax.tree.map(np.array, qparams)
     spec = spec_for(cfg)
     params = prefix_lib.init_params(spec, jax.random.key(1))
-    tx, schedule = optim.make_optimizer(params, learning_rate=3e-2, total_steps=20)
+    tx, schedule = optim.make_optimizer(params, learning_rate=1e-1, total_steps=20)
     step = train_steps.jit_train_step(qmodel, spec, tx, schedule)
     state = train_steps.init_state(params, tx, jax.random.key(2))
     # A task a prefix can learn on a frozen random LM: whatever the source, answer one fixed sentence.
     batch = {**text_batch(np.random.default_rng(3)),
              "target_ids": jnp.tile(jnp.arange(T, dtype=jnp.int32) * 7 % VOCAB + 3, (B, 1))}
     losses = []
-    for _ in range(12):
+    for _ in range(20):
         state, metrics = step(state, qparams, batch)
         losses.append(float(metrics["loss"]))
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < fraction * losses[0] and all(np.diff(losses) < 0), losses
     assert float(metrics["grad_norm"]) > 0
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), qparams, before)
     assert jax.tree.structure(qparams) == jax.tree.structure(before)
