@@ -100,10 +100,12 @@ def _int4_tiles(module: str, how: qwix_qarray.HowToQuantize, kernel_shape: tuple
 
 
 def quantized_model(model: nn.Module, lm_params: Any, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
-                    field: str = "model.quantize_group_size") -> nn.Module:
+                    field: str = "model.quantize_group_size", int4_calibration: str = "absmax") -> nn.Module:
     """`model` whose Dense kernels (`quantized_modules`) are read as quantized `mode` weights; `model` for none.
 
-    `lm_params` (arrays or shapes) only names the modules; `group_size` is int4's group along the contraction.
+    `lm_params` (arrays or shapes) only names the modules; `group_size` is int4's group along the contraction;
+    `int4_calibration` qwix's weight calibration for int4: "absmax" (symmetric) or "minmax" (a scale and a zero
+    point per group, as GGUF's Q4_1 blocks).
     """
     check_mode(mode)
     if mode == "none":
@@ -121,7 +123,8 @@ def quantized_model(model: nn.Module, lm_params: Any, mode: str, group_size: int
         module = path.rsplit("/", 1)[0]
         per_layer_shape = tuple(leaf.array.qvalue.shape[_layer_axes(leaf):])
         tiles = _int4_tiles(module, leaf.how, per_layer_shape, group_size, field)
-        rules.append(qwix.QuantizationRule(module_path=re.escape(module), weight_qtype=jnp.int4, tile_size=tiles))
+        rules.append(qwix.QuantizationRule(module_path=re.escape(module), weight_qtype=jnp.int4, tile_size=tiles,
+                                           weight_calibration_method=int4_calibration))
     return _wrap(model, rules)
 
 
@@ -184,8 +187,7 @@ def quantized_bytes(lm_params: Any) -> dict[str, int]:
     for leaf in jax.tree_util.tree_leaves(lm_params, is_leaf=lambda x: isinstance(x, WithAux)):
         if isinstance(leaf, WithAux):
             q = leaf.array
-            bits = jnp.iinfo(q.qvalue.dtype).bits
-            totals["quantized"] += int(np.prod(q.qvalue.shape)) * bits // 8 + _nbytes(q.scale)
+            totals["quantized"] += _nbytes(q.qvalue) + _nbytes(q.scale)
             if q.zero_point is not None:
                 totals["quantized"] += _nbytes(q.zero_point)
         else:
@@ -194,7 +196,9 @@ def quantized_bytes(lm_params: Any) -> dict[str, int]:
 
 
 def _nbytes(x: Any) -> int:
-    return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+    """Bytes of an array, int4 counted packed (half a byte a value)."""
+    bits = jnp.iinfo(x.dtype).bits if jnp.issubdtype(x.dtype, jnp.integer) else 8 * jnp.dtype(x.dtype).itemsize
+    return int(np.prod(x.shape)) * bits // 8
 
 
 def float_kernel_bytes(qmodel: nn.Module, lm_params: Any) -> int:
