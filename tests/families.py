@@ -392,6 +392,48 @@ def random_llama(name: str, seed: int = 0, **kw):
     return hf
 
 
+GEMMA_WINDOW = 6  # shorter than prefix + text (4 + up to 16): every check runs past the sliding window
+# name -> (HF config class name prefix, config fields beyond the common ones). Gemma 1: multi-query attention,
+# head_dim != hidden / heads; Gemma 2: grouped queries, query_pre_attn_scalar != head_dim, small soft-caps (capping
+# changes the numbers), sliding/global layers; Gemma 3: q/k norms, a RoPE base per layer type, linear RoPE scaling
+# on the global layers.
+GEMMA_VARIANTS = {
+    "gemma": ("Gemma", dict(num_key_value_heads=1, head_dim=16, hidden_act="gelu_pytorch_tanh",
+                            rope_parameters=dict(rope_type="default", rope_theta=500.0))),
+    "gemma2": ("Gemma2", dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=GEMMA_WINDOW,
+                              layer_types=["sliding_attention", "full_attention"])),
+    "gemma3_text": ("Gemma3Text", dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                       final_logit_softcapping=4.0, sliding_window=GEMMA_WINDOW,
+                                       layer_types=["sliding_attention", "full_attention"],
+                                       rope_parameters={"full_attention": dict(rope_type="linear", rope_theta=1e6,
+                                                                               factor=2.0),
+                                                        "sliding_attention": dict(rope_type="default",
+                                                                                  rope_theta=100.0)})),
+}
+GEMMA_EOS = 2
+
+
+def gemma_config(name: str, **kw):
+    """The tiny config of Gemma variant `name` (a key of GEMMA_VARIANTS), fields overridden by `kw`."""
+    prefix, fields = GEMMA_VARIANTS[name]
+    base = dict(vocab_size=101, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, bos_token_id=SEP, eos_token_id=GEMMA_EOS, pad_token_id=0,
+                initializer_range=0.2, attn_implementation="eager")
+    return getattr(transformers, f"{prefix}Config")(**{**base, **fields, **kw})
+
+
+def random_gemma(name: str, seed: int = 0, **kw):
+    """A tiny HF Gemma of variant `name` with every parameter random (norm weights included)."""
+    torch.manual_seed(seed)
+    model_class = getattr(transformers, f"{GEMMA_VARIANTS[name][0].removesuffix('Text')}ForCausalLM")
+    hf = model_class(gemma_config(name, **kw)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
 _ENC_DEC = (ENCODER, DECODER, CROSS)
 _AFTER = "positions_after_prefix"
 
@@ -455,6 +497,22 @@ FAMILIES: tuple[Family, ...] = (
                 incremental=(case("llama"), case("llama", infix=True)),
                 embedding_only=(case("qwen2"),),
                 missing_tensor=("llama", "layers.1.mlp.up_proj", r"model\.layers\.1\.mlp\.up_proj")),
+    DecoderOnly(name="gemma", hf_class="GemmaForCausalLM", encoder_decoder=False, placements=(DECODER,),
+                sizes=Sizes(B=3, S=9, T=6, P=4), vocab=101, cache_keyword="cache", padding_kv_seed=9,
+                variants={name: (lambda name=name: (random_gemma(name), save_tiny)) for name in GEMMA_VARIANTS},
+                logits=tuple(case(v, left=left) for v in sorted(GEMMA_VARIANTS) for left in (False, True)),
+                # in sliding layers too: the prefix slides out of the window as HF's cache makes it
+                past_key_values=tuple(case(v, left=True) for v in sorted(GEMMA_VARIANTS)),
+                # PEFT 0.21.2's prefix tuning: logits, loss and gradients (Gemma 1's MQA too, with -m slow)
+                peft=(case("gemma2"), case("gemma3_text"), case("gemma", slow=True)),
+                # padding side, incremental decoding and embedding-only are new to Gemma: -m slow, so the default
+                # set runs what test_gemma ran (generation there decodes incrementally past the window)
+                padding_side=(case("gemma2", slow=True),),
+                incremental=(case("gemma2", slow=True), case("gemma2", infix=True, slow=True)),
+                # HF scales token ids' embeddings by sqrt(hidden) and takes inputs_embeds as they are, as ours
+                # takes prompt vectors
+                embedding_only=(case("gemma3_text", slow=True),),
+                missing_tensor=("gemma2", "layers.1.mlp.up_proj", r"model\.layers\.1\.mlp\.up_proj")),
 )
 FAMILY = {f.name: f for f in FAMILIES}
 

@@ -3,7 +3,7 @@ logits with padding, a prefix given to HF as its cache, PEFT's prefix tuning, pa
 an embedding-only prompt, and a clear error for a missing tensor.
 
 The families, their variants and which cases run (slow or not) are rows of `families.FAMILIES`; what only one
-family has lives in its own file (test_t5.py, test_bart.py, test_gpt2.py, test_llama.py).
+family has lives in its own file (test_t5.py, test_bart.py, test_gpt2.py, test_llama.py, test_gemma.py).
 """
 
 from __future__ import annotations

@@ -1,15 +1,18 @@
-"""Gemma 1/2/3 decoders: parity with transformers (and PEFT where it works), with a prefix, past the window.
+"""Gemma 1/2/3 decoders beyond the shared contract (test_architectures.py): configs read per variant, the
+sliding-window mask rule, generation against HF (greedy and beams) past the window, a train step, param axes,
+export, refused options, and the real Gemma 3 270M GGUF (slow).
 
-Tiny random checkpoints (float32, eager attention): Gemma 1 with multi-query attention (4 query heads, 1 K/V
-head) and head_dim 16 != hidden / heads; Gemma 2 with grouped queries, `query_pre_attn_scalar` != head_dim,
-small soft-caps (so capping changes the numbers) and sliding/global layers; Gemma 3 with q/k norms, its own
-RoPE base per layer type and linear RoPE scaling on the global layers. The sliding window (6) is shorter than
-prefix + text (4 + up to 16), so every parity test below also checks inputs longer than the window, with the
-prefix sliding out of view as HF's cache makes it.
+Tiny random checkpoints (families.GEMMA_VARIANTS; float32, eager attention): Gemma 1 with multi-query attention
+(4 query heads, 1 K/V head) and head_dim 16 != hidden / heads; Gemma 2 with grouped queries,
+`query_pre_attn_scalar` != head_dim, small soft-caps (so capping changes the numbers) and sliding/global layers;
+Gemma 3 with q/k norms, its own RoPE base per layer type and linear RoPE scaling on the global layers. The sliding
+window (6) is shorter than prefix + text (4 + up to 16), so the contract's parity checks and generation here run
+on inputs longer than the window, with the prefix sliding out of view as HF's cache makes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -19,10 +22,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_fixtures import max_abs_diff, random_kv as _random_kv, save_tiny
-from gemma_inputs import (B, EOS, P, S, SEP, T, VOCAB, hf_prefix_cache, jnp_batch, left_padded, packed, peft_and_ours,
-                        peft_grads, random_batch, target_logits, until_eos, with_prefix_mask)
-from tolerances import F32_ATOL
+from families import (FAMILY, GEMMA_EOS as EOS, GEMMA_VARIANTS as VARIANTS, GEMMA_WINDOW as WINDOW, SEP,
+                      gemma_config as hf_config, hf_prefix_cache, random_gemma as random_tiny)
+from hf_fixtures import random_kv as _random_kv, save_tiny
 
 from prefix_jax import optim, train_steps
 from prefix_jax import prefix as prefix_lib
@@ -30,103 +32,35 @@ from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax import models
 from prefix_jax.models import DECODER, NO_PREFIX, Prefix, gemma, load_pretrained
 
+GEMMA = FAMILY["gemma"]
+B, S, T, P = dataclasses.astuple(GEMMA.sizes)
+VOCAB = GEMMA.vocab
 random_kv = functools.partial(_random_kv, length=P)
-WINDOW = 6
-# name -> (HF class name prefix, config fields beyond the common ones)
-VARIANTS = {
-    "gemma": ("Gemma", dict(num_key_value_heads=1, head_dim=16, hidden_act="gelu_pytorch_tanh",
-                            rope_parameters=dict(rope_type="default", rope_theta=500.0))),
-    "gemma2": ("Gemma2", dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12,
-                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=WINDOW,
-                              layer_types=["sliding_attention", "full_attention"])),
-    "gemma3": ("Gemma3Text", dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                                  final_logit_softcapping=4.0, sliding_window=WINDOW,
-                                  layer_types=["sliding_attention", "full_attention"],
-                                  rope_parameters={"full_attention": dict(rope_type="linear", rope_theta=1e6,
-                                                                          factor=2.0),
-                                                   "sliding_attention": dict(rope_type="default",
-                                                                             rope_theta=100.0)})),
-}
 
 
-def hf_config(name: str, **kw):
-    prefix, fields = VARIANTS[name]
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=64, bos_token_id=SEP, eos_token_id=EOS, pad_token_id=0,
-                initializer_range=0.2, attn_implementation="eager")
-    return getattr(transformers, f"{prefix}Config")(**{**base, **fields, **kw})
+@pytest.fixture
+def pairs(tiny_hf):
+    """name -> (HF model, our PretrainedLM), built once per session (the contract's models)."""
+    return lambda name: tiny_hf("gemma", name)
 
 
-def random_tiny(name: str, seed: int = 0, **kw):
-    """A tiny HF model with every parameter random (norm weights included)."""
-    torch.manual_seed(seed)
-    hf = getattr(transformers, f"{VARIANTS[name][0].removesuffix('Text')}ForCausalLM")(hf_config(name, **kw)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return hf
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """name -> (HF model, our PretrainedLM), built on first use."""
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            hf = random_tiny(name)
-            built[name] = hf, load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp(name))))
-        return built[name]
-
-    return get
-
-
-def run(lm, batch, prefix=NO_PREFIX, config=None):
-    model = lm.model if config is None else gemma.Model(config)
-    return model.apply({"params": lm.params}, jnp_batch(batch), prefix)
+def run(lm, batch: dict[str, np.ndarray], prefix=NO_PREFIX):
+    return lm.model.apply({"params": lm.params}, {k: jnp.asarray(v) for k, v in batch.items()}, prefix)
 
 
 def test_configs_are_read_as_the_variants_say(pairs):
     expect = {  # (K/V heads, head_dim, score scale, attn cap, final cap, sandwich, q/k norm, layer types, window)
         "gemma": (1, 16, None, None, None, False, False, ("full_attention",) * 2, None),
         "gemma2": (2, 8, 12.0, 2.0, 3.0, True, False, ("sliding_attention", "full_attention"), WINDOW),
-        "gemma3": (2, 16, 16.0, None, 4.0, True, True, ("sliding_attention", "full_attention"), WINDOW),
+        "gemma3_text": (2, 16, 16.0, None, 4.0, True, True, ("sliding_attention", "full_attention"), WINDOW),
     }
     for name, want in expect.items():
         c = pairs(name)[1].config
         got = (c.num_key_value_heads, c.head_dim, c.query_pre_attn_scalar, c.attn_logit_softcapping,
                c.final_logit_softcapping, c.sandwich_norms, c.qk_norm, c.layer_types, c.sliding_window)
         assert got == want, name
-    c = pairs("gemma3")[1].config
+    c = pairs("gemma3_text")[1].config
     assert (c.rope_theta, c.rope_type, c.rope_factor, c.rope_local_theta) == (1e6, "linear", 2.0, 100.0)
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-@pytest.mark.parametrize("left", [False, True])
-def test_logits_match_transformers_with_padding(pairs, name, left):
-    hf, lm = pairs(name)
-    batch = random_batch(1)
-    ids, mask, starts = packed(batch)
-    with torch.no_grad():
-        ref = target_logits(hf(input_ids=ids, attention_mask=mask).logits, starts)
-    ours = run(lm, left_padded(batch) if left else batch)
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
-    assert np.abs(ref).max() > 1.0
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_prefix_matches_hf_past_key_values(pairs, name):
-    """A prefix == HF given it as a cache of length P (in sliding layers too: it slides out of the window)."""
-    hf, lm = pairs(name)
-    batch = random_batch(2)
-    kv, (k, v) = random_kv(lm.config.prefix_geometry()[DECODER], 3)
-    ids, mask, starts = packed(batch)
-    with torch.no_grad():
-        ref = target_logits(hf(input_ids=ids, attention_mask=with_prefix_mask(mask),
-                               cache=hf_prefix_cache(k, v)).logits, starts)
-    ours = run(lm, left_padded(batch), Prefix(kv={DECODER: kv}))
-    assert max_abs_diff(ours, ref, batch["target_mask"]) < F32_ATOL
-    assert max_abs_diff(run(lm, batch), ref, batch["target_mask"]) > 1e-2  # the prefix really acts
 
 
 def test_prefix_in_a_sliding_layer_is_visible_only_within_the_window():
@@ -170,7 +104,11 @@ def generation_sources():
     return src * mask, mask
 
 
-@pytest.mark.parametrize("name, beams", [("gemma2", 1), ("gemma3", 1), ("gemma3", 3)])
+def until_eos(rows: np.ndarray) -> list[list[int]]:
+    return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows.tolist()]
+
+
+@pytest.mark.parametrize("name, beams", [("gemma2", 1), ("gemma3_text", 1), ("gemma3_text", 3)])
 def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, name, beams):
     hf, lm = generating(name)
     new = 10
@@ -213,35 +151,6 @@ def test_train_step_runs_and_the_loss_falls(pairs):
     assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses  # soft-capped logits fall slowly
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
-def test_matches_peft_prefix_tuning_logits_loss_and_gradient(pairs, name):
-    hf, lm = pairs(name)
-    peft_model, spec, params = peft_and_ours(hf, lm, True, seed=6)
-    batch = random_batch(7)
-    ids, mask, starts = packed(batch)
-    labels = torch.full_like(ids, -100)
-    for b, s in enumerate(starts):
-        n = int(batch["target_mask"][b].sum())
-        labels[b, s + 1:s + 1 + n] = torch.as_tensor(batch["target_ids"][b, :n])
-    out = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    ref_logits, ref_loss, ref_grads = target_logits(out.logits, starts), float(out.loss), peft_grads(peft_model, True)
-    ours_batch = jnp_batch(left_padded(batch))
-
-    def loss_fn(p):
-        total, count = train_steps.batch_loss(lm.model, spec, p, lm.params, ours_batch, None)
-        return total / count
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    logits = lm.model.apply({"params": lm.params}, ours_batch, prefix_lib.materialize(params, spec))
-    assert max_abs_diff(logits, ref_logits, batch["target_mask"]) < F32_ATOL
-    assert abs(float(loss) - ref_loss) < F32_ATOL
-    for path, ours_g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        theirs_g = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
-        scale = np.abs(theirs_g).max()
-        assert scale > 1e-6 and max_abs_diff(ours_g, theirs_g) < F32_ATOL * max(1.0, scale), jax.tree_util.keystr(path)
-
-
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_param_axes_match_every_leaf_exactly_once(pairs, name):
     _, lm = pairs(name)
@@ -262,11 +171,11 @@ def test_checkpoint_round_trip(pairs, name):
 
 
 @pytest.mark.parametrize("name, fields, field", [
-    ("gemma3", dict(rope_parameters={"full_attention": dict(rope_type="yarn", rope_theta=1e6, factor=8.0),
+    ("gemma3_text", dict(rope_parameters={"full_attention": dict(rope_type="yarn", rope_theta=1e6, factor=8.0),
                                      "sliding_attention": dict(rope_type="default", rope_theta=1e4)}), "rope_type"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
     ("gemma2", dict(hidden_activation="bogus"), "hidden_act"),
-    ("gemma3", dict(layer_types=["sliding_attention", "chunked_attention"]), "layer_types"),
+    ("gemma3_text", dict(layer_types=["sliding_attention", "chunked_attention"]), "layer_types"),
 ])
 def test_unsupported_options_are_clear_errors(name, fields, field):
     cfg = hf_config(name)
