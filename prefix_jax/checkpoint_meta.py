@@ -18,7 +18,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from prefix_jax import checkpoint, data
-from prefix_jax.fingerprint import lm_fingerprint
 from prefix_jax.run_options import LAYOUT_FIELDS
 from prefix_jax.run_setup import RunPlan
 
@@ -41,7 +40,7 @@ def run_metadata(plan: RunPlan) -> dict:
     lm, c = plan.lm, plan.options
     meta = {
         "base_model": lm.name_or_path,
-        "lm_fingerprint": lm_fingerprint(lm.params),
+        "lm_fingerprint": plan.lm_fingerprint,  # the float checkpoint's, with model.quantize too
         "architecture": lm.config.architecture,
         "model_config": {k: v for k, v in dataclasses.asdict(lm.config).items()
                          if k not in ("dtype", "param_dtype", "remat", "attention_kernel")},
@@ -50,7 +49,8 @@ def run_metadata(plan: RunPlan) -> dict:
     }
     if not c.train.eval_only:  # what must not change for a resume to replay the interrupted run
         resolved = {"train.steps": plan.total_steps, "data.pack_width": plan.train.pack_width,
-                    "model.compute_dtype": c.model.compute_dtype or c.model.param_dtype}  # as the run uses them
+                    "model.compute_dtype": c.model.compute_dtype or c.model.param_dtype,  # as the run uses them
+                    "model.quantize_group_size": c.model.quantize_group_size if c.model.quantize == "int4" else None}
         meta["resume"] = {"data.train": data_fingerprint(plan.train.split),
                           **{key: resolved.get(key, value) for key, value in c.resume_values().items()}}
     return meta

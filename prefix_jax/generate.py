@@ -300,13 +300,14 @@ def generate(model: Any, lm_params: Any, prefix: Prefix, source_ids: jax.Array, 
     return search(start, cache, step, prompt, cfg, config.eos_token_id, pad, rng)
 
 
-def make_generate_fn(model: Any, cfg: GenerationConfig) -> Callable:
+def make_generate_fn(model: Any, cfg: GenerationConfig, lm_fingerprint: str | None = None) -> Callable:
     """`fn(lm_params, prefix, source_ids, source_mask, rng=None) -> tokens`, jitted; the LM stays an argument.
 
     `model`: the Flax module (`lm.model`) or the `models.PretrainedLM` itself (then errors name it). Each call
     first checks that the prefix fits the LM (`fingerprint.check_fits`): its shapes, and for a prefix read by
     `prefix.load_export` the architecture and weights it was trained on; a mismatch is a
-    `fingerprint.PrefixMismatchError` naming both. The weights' fingerprint is computed once per `lm_params`.
+    `fingerprint.PrefixMismatchError` naming both. The weights' fingerprint is computed once per `lm_params`,
+    unless given: `lm_fingerprint`, for an LM whose params are not its checkpoint's (quantized: the float one's).
     """
     lm_name = getattr(model, "name_or_path", None)
     module = getattr(model, "model", model)
@@ -318,7 +319,9 @@ def make_generate_fn(model: Any, cfg: GenerationConfig) -> Callable:
            rng: jax.Array | None = None) -> jax.Array:
         known = None
         traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(lm_params))
-        if prefix.trained_on is not None and prefix.trained_on.lm_fingerprint and not traced:
+        if lm_fingerprint is not None:
+            known = lm_fingerprint
+        elif prefix.trained_on is not None and prefix.trained_on.lm_fingerprint and not traced:
             if not (seen and seen[0][0] is lm_params):
                 seen[:] = [(lm_params, fingerprint.lm_fingerprint(lm_params))]
             known = seen[0][1]

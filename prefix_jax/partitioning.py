@@ -116,7 +116,7 @@ def lm_partition_specs(params: Any, param_axes: ParamAxes, strategy: str, mesh: 
     axes = logical_axes(params, param_axes)
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf, names: _spec(path_name(path), tuple(leaf.shape), names, rules, sizes),
-        params, axes, is_leaf=lambda x: hasattr(x, "shape"))
+        params, axes)  # down to the arrays: a quantized kernel (qwix WithAux) has a shape but holds two
 
 
 def lm_shardings(params: Any, param_axes: ParamAxes, strategy: str, mesh: Any) -> Any:

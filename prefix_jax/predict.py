@@ -27,6 +27,7 @@ import numpy as np
 
 from prefix_jax import checkpoint, data, fingerprint, host_memory, log_filters, models, prefix_bank, run_options, text_metrics
 from prefix_jax import prefix as prefix_lib
+from prefix_jax import quantize
 from prefix_jax.generate import make_generate_fn
 from prefix_jax.models.prefix_contract import DECODER, ENCODER
 
@@ -293,8 +294,11 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
     _log_truncated(rows, tokenizer, c.source_prefix, max_source, lm.config.is_encoder_decoder)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    generate = make_generate_fn(lm.model, gen_cfg)
-    lm_params = jax.device_put(lm.params)
+    # model.quantize: kernels quantized one at a time from the host copy; the float LM never goes to a device.
+    qmodel = quantize.quantized_model(lm.model, lm.params, c.model.quantize, c.model.quantize_group_size)
+    known = lm_fingerprint() if qmodel is not lm.model else None  # the float weights' (what exports record)
+    generate = make_generate_fn(qmodel, gen_cfg, known)
+    lm_params = jax.device_put(quantize.quantize_params(qmodel, lm.params))
     predictions: list[str | None] = [None] * len(rows)
     progress = _progress(len(rows), c.progress)
     try:

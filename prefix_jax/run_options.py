@@ -23,6 +23,7 @@ from prefix_jax.config_fields import LAYOUT, REPLAY, ConfigError, integer, numbe
 from prefix_jax.config_fields import check_values, config_dict, docs, resume_fields, typed
 from prefix_jax.generate import GenerationConfig
 from prefix_jax.models.fused_attention import ATTENTION_KERNELS
+from prefix_jax.quantize import MODES as QUANTIZE_MODES
 from prefix_jax.text_metrics import METRICS
 
 _text = lambda valid: valid_if(lambda v: isinstance(v, str) and v.strip() != "", valid)  # noqa: E731
@@ -43,6 +44,14 @@ def _regexes(field: str, patterns: Any) -> str | None:
     return None
 
 
+# The frozen LM's weight-only quantization (prefix_jax/quantize.py), the same fields in train and predict configs.
+_QUANTIZE = ("none", "weight-only frozen LM: none | int8 (a scale per output channel) | int4 (a scale per group)",
+             one_of(*QUANTIZE_MODES, valid=f"one of {QUANTIZE_MODES}"))
+# 64, not 128: 128 does not divide SmolLM2's width 576; 64 divides it and every common hidden, MLP and head size.
+_GROUP_SIZE = (64, "int4: consecutive contraction values per scale (must divide every hidden, MLP and head size)",
+               integer(1))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """`model`: the frozen LM and how it computes."""
@@ -58,6 +67,8 @@ class ModelOptions:
         "einsum", "einsum (ours) | jax (jax.nn.dot_product_attention) | cudnn (fused cuDNN: NVIDIA GPU, bf16)",
         one_of(*ATTENTION_KERNELS, valid=f"one of {ATTENTION_KERNELS}"))
     positions_after_prefix: bool | None = option(None, "None: the paper's choice for the architecture")
+    quantize: str = option(*_QUANTIZE, REPLAY)
+    quantize_group_size: int = option(*_GROUP_SIZE, REPLAY)
     create_tiny: str = option("", "offline demos: build a random tiny checkpoint of this architecture if missing")
 
 
@@ -217,6 +228,8 @@ class PredictModelOptions:
     tokenizer: str = option("", "defaults to name_or_path")
     param_dtype: str = option("float32", "float32 | bfloat16", _DTYPE)
     positions_after_prefix: bool | None = option(None, "None: as the prefixes were trained")
+    quantize: str = option(*_QUANTIZE)
+    quantize_group_size: int = option(*_GROUP_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)

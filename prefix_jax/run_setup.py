@@ -18,9 +18,10 @@ from typing import Any, Callable
 import jax
 from etils import epath
 
-from prefix_jax import checkpoint, config_checks, data, models, sharding, tiny_checkpoints
+from prefix_jax import checkpoint, config_checks, data, models, partitioning, quantize, sharding, tiny_checkpoints
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.config_checks import ConfigError
+from prefix_jax.fingerprint import lm_fingerprint
 from prefix_jax.models import common, sharded_load
 from prefix_jax.run_options import DataOptions, MeshOptions, ModelOptions, PrefixOptions, RunOptions
 
@@ -40,7 +41,8 @@ class RunPlan:
     """Everything a run derives from its options before the first step; the loop reads only this."""
 
     options: RunOptions
-    lm: models.PretrainedLM
+    lm: models.PretrainedLM  # with `model.quantize`: its model and params quantized (`quantize_lm`)
+    lm_fingerprint: str  # of the float checkpoint's weights, quantized or not: a prefix fits the float LM too
     tokenizer: Any
     spec: prefix_lib.PrefixSpec
     mesh: Any
@@ -80,6 +82,27 @@ def load_lm(model: ModelOptions, mesh: Any, lm_partitioning: str) -> models.Pret
         overrides["positions_after_prefix"] = bool(model.positions_after_prefix)
     return sharded_load.load_sharded(model.name_or_path, mesh, lm_partitioning, model.param_dtype,
                                      model.compute_dtype or None, **overrides)
+
+
+def quantize_lm(lm: models.PretrainedLM, model: ModelOptions, mesh: Any, lm_partitioning: str) -> models.PretrainedLM:
+    """`lm` with its Dense kernels quantized as `model.quantize` says (`prefix_jax.quantize`), laid out on `mesh`
+    by the architecture's partition rules extended to the quantized leaves; `lm` itself for "none".
+
+    Each kernel is quantized from its float shards by one jitted program (its scales computed where the kernel
+    lies), so besides the float LM just loaded only one quantized kernel at a time is new on the devices.
+    """
+    qmodel = quantize.quantized_model(lm.model, lm.params, model.quantize, model.quantize_group_size)
+    if qmodel is lm.model:
+        return lm
+    qparams = quantize.quantize_params(qmodel, lm.params)
+    axes = quantize.quantized_param_axes(models.architecture(lm.config.architecture).PARAM_AXES)
+    qparams = jax.device_put(qparams, partitioning.lm_shardings(qparams, axes, lm_partitioning, mesh))
+    sizes = quantize.quantized_bytes(qparams)
+    log.info("LM quantized (%s%s): %d bytes of quantized kernels (values and scales) for %d float bytes; %d bytes "
+             "stay float (embeddings, norms, biases, LM head)", model.quantize,
+             f", groups of {model.quantize_group_size}" if model.quantize == "int4" else "", sizes["quantized"],
+             quantize.float_kernel_bytes(qmodel, lm.params), sizes["float"])
+    return dataclasses.replace(lm, model=qmodel, params=qparams)
 
 
 def init_text_ids(prefix: PrefixOptions, tokenizer: Any) -> list[int]:
@@ -197,6 +220,8 @@ def build(options: RunOptions, before_lm: Callable[[], None] = lambda: None) -> 
     before_lm()
     mesh = sharding.mesh_from_config(o.mesh)  # before the LM: it is loaded straight into its shards
     lm = load_lm(o.model, mesh, o.mesh.lm_partitioning)
+    fingerprint = lm_fingerprint(lm.params)  # the float weights': what an export records
+    lm = quantize_lm(lm, o.model, mesh, o.mesh.lm_partitioning)
     tokenizer = data.load_tokenizer(o.model.tokenizer or str(lm.model_dir),
                                     field="model.tokenizer" if o.model.tokenizer else "model.name_or_path")
     init_ids = init_text_ids(o.prefix, tokenizer)
@@ -239,5 +264,5 @@ def build(options: RunOptions, before_lm: Callable[[], None] = lambda: None) -> 
     total = t.steps or math.ceil(t.epochs * train.steps_per_epoch)
     if total < 1:
         raise ConfigError(f"train.steps={t.steps} / train.epochs={t.epochs} give no step to run.")
-    return RunPlan(o, lm, tokenizer, spec, mesh, train, batcher(eval_split, eval_size) if eval_split else None,
+    return RunPlan(o, lm, fingerprint, tokenizer, spec, mesh, train, batcher(eval_split, eval_size) if eval_split else None,
                    total, workdir, init_ids, saved)

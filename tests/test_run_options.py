@@ -95,15 +95,16 @@ def test_each_field_is_declared_once_and_the_defaults_checks_and_resume_keys_com
     assert options.generate == GenerationConfig()
     assert run_options.default_predict_config().to_dict()["generate"] == config.generate.to_dict()
 
-    for key, bad in (("train.seed", -1), ("optim.b2", 1.0), ("generate.top_p", 0.0), ("data.max_target_length", 1),
-                     ("eval.metrics", ("nope",)), ("optim.frozen", ("(",))):
+    for key, bad in (("train.seed", -1), ("model.quantize", "int3"), ("optim.b2", 1.0), ("generate.top_p", 0.0),
+                     ("data.max_target_length", 1), ("eval.metrics", ("nope",)), ("optim.frozen", ("(",))):
         group, field = key.split(".")
         values = {**config[group].to_dict(), field: bad}
         with pytest.raises(ConfigError, match=rf"^{key}[ =][^\n]+$"):
             config_fields.check_values(values, run_options.GROUPS[group], group)
 
     assert set(run_options.RESUME_FIELDS) == {
-        "model.param_dtype", "model.compute_dtype", "data.pack_width", "train.batch_size", "train.steps",
+        "model.param_dtype", "model.compute_dtype", "model.quantize", "model.quantize_group_size",
+        "data.pack_width", "train.batch_size", "train.steps",
         "train.seed", "train.label_smoothing", "train.grad_accum_steps", "optim.learning_rate", "optim.warmup_steps",
         "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2", "optim.eps", "optim.frozen"}
     assert set(run_options.LAYOUT_FIELDS) == {"optim.frozen", "optim.max_grad_norm"}
