@@ -33,7 +33,10 @@ SOURCE, TARGET = [5, 7, 9, 11, 13], [17, 19, 23, 29, EOS]
 
 
 # The default run: every family at Q8_0, every storage type on Llama; the rest of the matrix is slow.
-CASES = [pytest.param(family, qtype, marks=() if qtype == "Q8_0" or family == "llama" else pytest.mark.slow)
+# Default set: every family in Q8_0, and llama also in F32 and Q4_1 (the demo's type); the rest in the slow set.
+CASES = [pytest.param(family, qtype, marks=() if qtype == "Q8_0" or (family, qtype) in (("llama", "F32"),
+                                                                                      ("llama", "Q4_1"))
+                      else pytest.mark.slow)
          for family in FAMILIES for qtype in WRITABLE_TYPES]
 
 

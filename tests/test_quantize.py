@@ -78,7 +78,7 @@ def spec_for(cfg) -> prefix_lib.PrefixSpec:
                                  mlp_hidden=32)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", pytest.param("t5", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode,max_dlogp,kl", [("int8", INT8_MAX_DLOGP, INT8_KL), ("int4", INT4_MAX_DLOGP, INT4_KL)])
 def test_quantized_log_probs_are_near_float32(architecture, mode, max_dlogp, kl):
     _, model, params = tiny(architecture)
