@@ -20,7 +20,7 @@ from hf_fixtures import hf_decoder_cache, left_pad, save_state_dict, save_tiny
 from tolerances import F32_ATOL
 from transformers.cache_utils import DynamicCache
 
-from prefix_jax.models import CROSS, DECODER, ENCODER, Prefix
+from prefix_jax.models import CROSS, DECODER, ENCODER
 
 HIDDEN = 32  # d_model of every tiny model here
 

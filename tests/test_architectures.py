@@ -23,7 +23,7 @@ from tolerances import F32_ATOL
 
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import train_steps
-from prefix_jax.models import DECODER, NO_PREFIX, Prefix, load_pretrained, masks
+from prefix_jax.models import DECODER, Prefix, load_pretrained, masks
 from prefix_jax.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
