@@ -521,3 +521,19 @@ def cases(check: str) -> list:
     """`pytest.param(family, case)` for every family's cases of `check`, the slow ones marked slow."""
     return [pytest.param(f, c, id=f"{f.name}-{c.id}", marks=[pytest.mark.slow] if c.slow else [])
             for f in FAMILIES for c in getattr(f, check)]
+
+
+def left_padded_generation_sources(rows: int, width: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random sources for decoder-only `generate` parity (HF's decoder-only generate wants left
+    padding): row 1 has 3 pads, row 2 has 6."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(3, vocab, (rows, width), generator=g)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return src * mask, mask
+
+
+def until_eos(rows: np.ndarray, eos: int) -> list[list[int]]:
+    """Each row cut after its first `eos` (kept), or whole."""
+    return [row[:row.index(eos) + 1] if eos in row else row for row in rows.tolist()]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from families import (FAMILY, GEMMA_EOS as EOS, GEMMA_VARIANTS as VARIANTS, GEMMA_WINDOW as WINDOW, SEP,
+from families import (FAMILY, left_padded_generation_sources, until_eos, GEMMA_EOS as EOS, GEMMA_VARIANTS as VARIANTS, GEMMA_WINDOW as WINDOW, SEP,
                       gemma_config as hf_config, hf_prefix_cache, random_gemma as random_tiny)
 from hf_fixtures import random_kv as _random_kv, save_tiny
 
@@ -96,16 +96,7 @@ def generating(tmp_path_factory):
 
 
 def generation_sources():
-    g = torch.Generator().manual_seed(0)
-    src = torch.randint(3, VOCAB, (B, S), generator=g)
-    mask = torch.ones(B, S, dtype=torch.long)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    return src * mask, mask
-
-
-def until_eos(rows: np.ndarray) -> list[list[int]]:
-    return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows.tolist()]
+    return left_padded_generation_sources(B, S, VOCAB)
 
 
 @pytest.mark.parametrize("name, beams", [("gemma2", 1), ("gemma3_text", 1), ("gemma3_text", 3)])
@@ -126,8 +117,8 @@ def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, name, bea
             out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=hf_prefix_cache(k, v, beams),
                               max_new_tokens=new, num_beams=beams, do_sample=False, eos_token_id=EOS, pad_token_id=0)
         ref.append(out[0, ids.shape[1]:].tolist())
-    assert until_eos(ours) == [r[:r.index(EOS) + 1] if EOS in r else r for r in ref]
-    assert not all(len(r) < 3 for r in until_eos(ours))
+    assert until_eos(ours, EOS) == [r[:r.index(EOS) + 1] if EOS in r else r for r in ref]
+    assert not all(len(r) < 3 for r in until_eos(ours, EOS))
 
 
 def test_train_step_runs_and_the_loss_falls(pairs):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from families import (FAMILY, LLAMA_EOS as EOS, LLAMA_VARIANTS as VARIANTS, SEP, hf_prefix_cache, left_padded,
+from families import (FAMILY, left_padded_generation_sources, until_eos, LLAMA_EOS as EOS, LLAMA_VARIANTS as VARIANTS, SEP, hf_prefix_cache, left_padded,
                       llama_config as hf_config, random_llama as random_tiny)
 from hf_fixtures import max_abs_diff, random_kv as _random_kv, save_tiny
 from helpers import REPO, run_cli
@@ -124,16 +124,7 @@ def generating(tmp_path_factory):
     return hf, load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp("llama_gen"))))
 
 def generation_sources():
-    """Left-padded sources (HF's decoder-only generate wants left padding)."""
-    g = torch.Generator().manual_seed(0)
-    src = torch.randint(3, VOCAB, (B, S), generator=g)
-    mask = torch.ones(B, S, dtype=torch.long)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    return src * mask, mask
-
-def until_eos(rows: np.ndarray) -> list[list[int]]:
-    return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows.tolist()]
+    return left_padded_generation_sources(B, S, VOCAB)
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, beams):
@@ -151,8 +142,8 @@ def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, beams):
         ref = hf.generate(input_ids=ids, attention_mask=attention, cache=hf_prefix_cache(k, v, B * beams),
                           max_new_tokens=new, num_beams=beams, do_sample=False, eos_token_id=EOS,
                           pad_token_id=0)[:, P + S + 1:].numpy()
-    assert until_eos(ours) == until_eos(ref)
-    assert any(EOS in row for row in until_eos(ours)) and not all(len(r) < 3 for r in until_eos(ours))
+    assert until_eos(ours, EOS) == until_eos(ref, EOS)
+    assert any(EOS in row for row in until_eos(ours, EOS)) and not all(len(r) < 3 for r in until_eos(ours, EOS))
     plain = np.asarray(fn(lm.params, NO_PREFIX, jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
     assert not np.array_equal(ours, plain)  # the prefix steers decoding
 
