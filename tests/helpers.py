@@ -70,6 +70,12 @@ def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+def users_env(**extra: str) -> dict[str, str]:
+    """`cpu_env()` with XLA compiling as it does for a user (none of the tests' compile-time settings, see
+    conftest.py): for the runs that stand for the user's commands."""
+    return cpu_env(XLA_FLAGS=os.environ.get("PREFIX_JAX_TEST_USERS_XLA_FLAGS", ""), **extra)
+
+
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`python train.py ARGS` on CPU, offline; its output captured."""
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=cpu_env(),

@@ -10,7 +10,6 @@ newcomer following the README would.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import users_env
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -65,7 +65,7 @@ def test_every_readme_code_block_runs(tmp_path):
     copy = tmp_path / "repo"
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "runs", "artifacts", "__pycache__",
                                                               ".benchmarks", "*.egg-info"))
-    env = {**os.environ, "PYTHONPATH": str(copy), "PREFIX_JAX_HUGE_PAGES": "0", "HF_HUB_OFFLINE": "1"}
+    env = users_env(PYTHONPATH=str(copy), PREFIX_JAX_HUGE_PAGES="0")
     ran = 0
     for i, (kind, lang, code) in enumerate(blocks(README.read_text())):
         if kind == "python":

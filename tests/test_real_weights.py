@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import users_env
 from tolerances import F32_DEEP_RTOL
 
 from prefix_jax import data
@@ -73,7 +74,7 @@ def test_smollm2_learns_e2e_in_60_packed_steps(smollm2, tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/smollm2_e2e.py"),
                            "--config.train.steps=60", f"--config.train.workdir={workdir}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+                          cwd=REPO, env=users_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
