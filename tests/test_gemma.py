@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from families import (FAMILY, left_padded_generation_sources, until_eos, GEMMA_EOS as EOS, GEMMA_VARIANTS as VARIANTS, GEMMA_WINDOW as WINDOW, SEP,
-                      gemma_config as hf_config, hf_prefix_cache, random_gemma as random_tiny)
+from families import (FAMILY, hf_generate_unpadded, left_padded_generation_sources, until_eos, GEMMA_EOS as EOS,
+                      GEMMA_VARIANTS as VARIANTS, GEMMA_WINDOW as WINDOW, gemma_config as hf_config,
+                      random_gemma as random_tiny)
 from hf_fixtures import random_kv as _random_kv, save_tiny
 
 from prefix_jax import optim, train_steps
@@ -107,17 +108,7 @@ def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, name, bea
     kv, (k, v) = random_kv(lm.config.prefix_geometry()[DECODER], 13)
     fn = make_generate_fn(lm.model, GenerationConfig(new, beams))
     ours = np.asarray(fn(lm.params, Prefix(kv={DECODER: kv}), jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
-    # HF one row at a time, unpadded: its sliding-window mask counts cache slots, so left pads between the cached
-    # prefix and the source would count as distance there (ours counts real tokens: HF's unpadded result).
-    ref = []
-    for b in range(B):
-        row = src[b][mask[b] == 1]
-        ids = torch.cat([torch.zeros(P, dtype=torch.long), row, torch.tensor([SEP])])[None]
-        with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=hf_prefix_cache(k, v, beams),
-                              max_new_tokens=new, num_beams=beams, do_sample=False, eos_token_id=EOS, pad_token_id=0)
-        ref.append(out[0, ids.shape[1]:].tolist())
-    assert until_eos(ours, EOS) == [r[:r.index(EOS) + 1] if EOS in r else r for r in ref]
+    assert until_eos(ours, EOS) == hf_generate_unpadded(hf, src, mask, (k, v), new, beams, EOS)
     assert not all(len(r) < 3 for r in until_eos(ours, EOS))
 
 
