@@ -132,9 +132,10 @@ def test_the_export_without_names_uses_the_canonical_prefixes(checkpoint):
 # --- GGUF: one more source of HF-named tensors ---
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3"])
 def test_an_f32_gguf_reads_as_the_same_tensors_as_the_safetensors(family, tmp_path):
-    """llama.cpp names, Llama's Q/K row permutation and GPT-2's transposes undone through the table's GGUF column:
+    """llama.cpp names, Llama's Q/K row permutation, GPT-2's transposes and Phi-3's fused attn_qkv / ffn_up (read
+    by row blocks) undone through the table's GGUF column:
     an F32 GGUF loads bitwise as the safetensors of the same model, whole and by blocks."""
     model = random_model(family)
     path = write_gguf(model, tmp_path / f"{family}.gguf", "F32")

@@ -1,6 +1,6 @@
 """Phi-3 decoders beyond the shared contract (test_architectures.py): configs read per variant, partial rotary
 positions, longrope's short factors and its refused long range, generation against HF (greedy and beams), param
-axes, the export re-fusing `qkv_proj` / `gate_up_proj`, and refused options.
+axes, the export re-fusing `qkv_proj` / `gate_up_proj`, a partial-rotary GGUF, and refused options.
 
 Tiny random checkpoints (families.PHI3_VARIANTS; float32, eager attention, 4 query / 2 K/V heads of 8 dims):
 `phi3` with full rotary, default RoPE, an untied head and a sliding window (6) on every layer, shorter than prefix +
@@ -22,6 +22,7 @@ import torch
 from families import (FAMILY, PHI3_EOS as EOS, PHI3_SHORT_FACTOR, PHI3_VARIANTS as VARIANTS, PHI3_WINDOW as WINDOW,
                       hf_generate_unpadded, left_padded_generation_sources, phi3_config as hf_config,
                       random_phi3 as random_tiny, until_eos)
+from gguf_fixtures import write_gguf
 from hf_fixtures import max_abs_diff, random_kv as _random_kv, save_tiny
 from tolerances import F32_ATOL
 
@@ -51,6 +52,23 @@ def test_configs_are_read_as_the_variants_say(pairs):
     hf = pairs("phi3_partial")[0]
     assert c.rope_attention_factor == pytest.approx(float(hf.model.rotary_emb.attention_scaling), rel=1e-12)
     assert c.rope_attention_factor > 1.05  # sqrt(1 + ln 2 / ln 32): visible in the logits
+
+
+def test_a_phi4_mini_config_reads_with_its_legacy_rope_scaling():
+    """Phi-4 mini's config.json (shapes, `partial_rotary_factor` 0.75, `rope_scaling` {"type": "longrope", ...}:
+    transformers keeps `type` next to `rope_type`): 96 of 128 dims rotated, the attention factor of a 32x context
+    extension."""
+    import transformers
+
+    hf = transformers.Phi3Config(
+        vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24,
+        num_key_value_heads=8, max_position_embeddings=131072, original_max_position_embeddings=4096,
+        partial_rotary_factor=0.75, sliding_window=262144, tie_word_embeddings=True, pad_token_id=199999,
+        bos_token_id=199999, eos_token_id=199999,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48})
+    c = phi3.Config.from_hf(hf, set())
+    assert (c.rotary_dim, c.rope_type, c.max_positions, c.sliding_window) == (96, "longrope", 4096, 262144)
+    assert c.rope_attention_factor == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5)
 
 
 def test_partial_rotary_leaves_the_last_dims_as_they_are():
@@ -160,3 +178,29 @@ def test_unsupported_options_are_clear_errors(fields, field):
         object.__setattr__(cfg, key, value)
     with pytest.raises(ValueError, match=field):
         phi3.Config.from_hf(cfg, set())
+
+
+def test_a_partial_rotary_gguf_loads_as_its_safetensors(tmp_path):
+    """llama.cpp's phi3 files: fused attn_qkv / ffn_up, the rotary dims in rope.dimension_count (transformers' own
+    GGUF loader drops them, so it is not the reference here: the safetensors of the same model are)."""
+    hf = random_tiny("phi3", sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=500.0,
+                                                                      partial_rotary_factor=0.75))
+    path = write_gguf(hf, tmp_path / "phi3.gguf", "F32")
+    from_gguf, from_safetensors = load_pretrained(str(path)), load_pretrained(str(save_tiny(hf, tmp_path / "hf")))
+    assert (from_gguf.config.rotary_dim, from_gguf.config.sliding_window) == (6, None)
+    x = PHI3.batch(5)
+    ours = from_gguf.model.apply({"params": from_gguf.params}, x.ours())
+    assert max_abs_diff(ours, PHI3.reference(hf, x), x.valid) < F32_ATOL
+    assert max_abs_diff(ours, from_safetensors.model.apply({"params": from_safetensors.params}, x.ours())) == 0
+
+
+def test_a_longrope_gguf_is_refused_by_name(tmp_path):
+    import gguf
+    from prefix_jax.models import gguf_checkpoint
+
+    path = write_gguf(random_tiny("phi3"), tmp_path / "phi3.gguf", "F32")
+    reader = gguf.GGUFReader(str(path))
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    shapes["rope_factors_short.weight"] = (3,)
+    with pytest.raises(gguf_checkpoint.GGUFError, match="rope_factors_short/long.weight .*longrope"):
+        gguf_checkpoint.hf_config(gguf_checkpoint.metadata(reader, vocabulary=False), shapes, path)

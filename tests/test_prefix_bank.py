@@ -122,8 +122,8 @@ def test_bank_round_trips_its_prefixes(lm):
 
 
 @pytest.mark.parametrize("beams", [1, pytest.param(3, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("lm", ["t5", "bart", pytest.param("bart_hf_positions", marks=pytest.mark.slow), "gpt2", "llama",
-                                "gemma2", pytest.param("phi3", marks=pytest.mark.slow)], indirect=True)
+@pytest.mark.parametrize("lm", ["t5", "bart", pytest.param("bart_hf_positions", marks=pytest.mark.slow), "gpt2",
+                                "llama", "gemma2", pytest.param("phi3", marks=pytest.mark.slow)], indirect=True)
 def test_mixed_decoding_equals_separate_runs(lm, beams):
     which, lm = lm
     if beams == 1 and which in ("bart", "t5", "llama"):

@@ -1,6 +1,6 @@
 """Settings that must not change the numbers, or only within a stated bound, for every architecture:
-`model.remat` (none / full / minimal: the same loss and gradients; Gemma and Phi-3 too) and `model.compute_dtype=bfloat16` with
-float32 weights (logits within `BF16_LOGITS_RTOL` of float32; softmax, norms and the loss still in float32)."""
+`model.remat` (none / full / minimal: the same loss and gradients; Gemma and Phi-3 too) and
+`model.compute_dtype=bfloat16` with float32 weights (logits within `BF16_LOGITS_RTOL` of float32; softmax, norms and the loss still in float32)."""
 
 from __future__ import annotations
 

@@ -172,9 +172,9 @@ class Config(DecoderOnlyPositions):
 def _rope_fields(hf: Any) -> dict:
     """`rope_parameters` (transformers 5; `rope_scaling` + `rope_theta` in older configs) -> our rope fields."""
     params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params.pop("type")
-    rope_type = {"su": "longrope"}.get(params.get("rope_type", "default"), params.get("rope_type", "default"))
+    legacy_type = params.pop("type", None)  # older configs' name for rope_type (transformers may keep both)
+    rope_type = params.get("rope_type") or legacy_type or "default"
+    rope_type = {"su": "longrope"}.get(rope_type, rope_type)
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_parameters.rope_type={rope_type!r} (rope_scaling) is not supported for phi3; use one "
                          f"of {ROPE_TYPES}.")

