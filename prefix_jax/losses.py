@@ -172,7 +172,7 @@ def lm_head_for(config: Any, lm_params: Any) -> LMHead:
         return LMHead(lm_params["shared"]["embedding"], 0, lm_params["final_logits_bias"], 1.0, dtype)
     if kind == "gpt2":
         return LMHead(lm_params["wte"]["embedding"], 0, None, 1.0, dtype)
-    if kind == "llama":
+    if kind in ("llama", "phi3"):  # Phi-3: Llama's head
         if config.tie_word_embeddings:
             return LMHead(lm_params["embed_tokens"]["embedding"], 0, None, 1.0, dtype)
         return LMHead(lm_params["lm_head"]["kernel"], 1, None, 1.0, dtype)

@@ -434,6 +434,38 @@ def random_gemma(name: str, seed: int = 0, **kw):
     return hf
 
 
+PHI3_WINDOW = 6  # shorter than prefix + text (4 + up to 16): the window variant's checks run past it
+PHI3_SHORT_FACTOR = [1.0, 1.5, 3.0]  # longrope's per-frequency factors for 6 rotary dims (3 frequencies)
+# name -> config fields beyond the common ones. phi3: full rotary, default RoPE, untied head, a sliding window on
+# every layer (Phi-3 mini 4k); phi3_partial: partial_rotary_factor 0.75 (6 of 8 dims rotated), longrope (its short
+# factors and attention factor: original context 32 of 64), tied head (Phi-4 mini's shape of config).
+PHI3_VARIANTS = {
+    "phi3": dict(sliding_window=PHI3_WINDOW, rope_parameters=dict(rope_type="default", rope_theta=500.0)),
+    "phi3_partial": dict(tie_word_embeddings=True, original_max_position_embeddings=32,
+                         rope_parameters=dict(rope_type="longrope", rope_theta=500.0, partial_rotary_factor=0.75,
+                                              short_factor=PHI3_SHORT_FACTOR, long_factor=[4.0, 8.0, 16.0])),
+}
+PHI3_EOS = 2
+
+
+def phi3_config(name: str, **kw):
+    """The tiny config of Phi-3 variant `name` (a key of PHI3_VARIANTS), fields overridden by `kw`."""
+    base = dict(vocab_size=101, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=SEP, eos_token_id=PHI3_EOS,
+                pad_token_id=0, initializer_range=0.2, attn_implementation="eager")
+    return transformers.Phi3Config(**{**base, **PHI3_VARIANTS[name], **kw})
+
+
+def random_phi3(name: str, seed: int = 0, **kw):
+    """A tiny HF Phi-3 of variant `name` with every parameter random (norm weights included)."""
+    torch.manual_seed(seed)
+    hf = transformers.Phi3ForCausalLM(phi3_config(name, **kw)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
 _ENC_DEC = (ENCODER, DECODER, CROSS)
 _AFTER = "positions_after_prefix"
 
@@ -513,6 +545,20 @@ FAMILIES: tuple[Family, ...] = (
                 # takes prompt vectors
                 embedding_only=(case("gemma3_text", slow=True),),
                 missing_tensor=("gemma2", "layers.1.mlp.up_proj", r"model\.layers\.1\.mlp\.up_proj")),
+    DecoderOnly(name="phi3", hf_class="Phi3ForCausalLM", encoder_decoder=False, placements=(DECODER,),
+                sizes=Sizes(B=3, S=9, T=6, P=4), vocab=101, cache_keyword="cache", padding_kv_seed=9,
+                variants={name: (lambda name=name: (random_phi3(name), save_tiny)) for name in PHI3_VARIANTS},
+                expect={"phi3": dict(rotary_dim=8, rope_type="default", sliding_window=PHI3_WINDOW),
+                        "phi3_partial": dict(rotary_dim=6, rope_type="longrope", sliding_window=None,
+                                             original_max_position_embeddings=32, tie_word_embeddings=True)},
+                logits=tuple(case(v, left=left) for v in sorted(PHI3_VARIANTS) for left in (False, True)),
+                # past the window too: the prefix slides out of view as HF's cache makes it
+                past_key_values=tuple(case(v, left=True) for v in sorted(PHI3_VARIANTS)),
+                peft=(case("phi3_partial"), case("phi3", projection=False, slow=True)),
+                padding_side=(case("phi3"),),
+                incremental=(case("phi3"), case("phi3_partial", infix=True, slow=True)),
+                embedding_only=(case("phi3_partial", slow=True),),
+                missing_tensor=("phi3", "layers.1.self_attn.qkv_proj", r"model\.layers\.1\.self_attn\.qkv_proj")),
 )
 FAMILY = {f.name: f for f in FAMILIES}
 
@@ -537,3 +583,21 @@ def left_padded_generation_sources(rows: int, width: int, vocab: int) -> tuple[t
 def until_eos(rows: np.ndarray, eos: int) -> list[list[int]]:
     """Each row cut after its first `eos` (kept), or whole."""
     return [row[:row.index(eos) + 1] if eos in row else row for row in rows.tolist()]
+
+
+def hf_generate_unpadded(hf, src: torch.Tensor, mask: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], new: int,
+                         beams: int, eos: int) -> list[list[int]]:
+    """HF's `generate` after a prefix given as its cache (`kv`: torch K, V `[L, N, P, K]`), one row at a time,
+    unpadded: P placeholder ids stand for the cached slots, then the row's real source tokens and SEP. (HF's
+    sliding-window mask counts cache slots, so left pads between prefix and source would count as distance there;
+    ours counts real tokens, which is HF's unpadded result.) Each row is cut after its first `eos`, as `until_eos`."""
+    P = kv[0].shape[2]
+    out = []
+    for b in range(src.shape[0]):
+        ids = torch.cat([torch.zeros(P, dtype=torch.long), src[b][mask[b] == 1], torch.tensor([SEP])])[None]
+        with torch.no_grad():
+            tokens = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=hf_prefix_cache(*kv, beams),
+                                 max_new_tokens=new, num_beams=beams, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=0)
+        out.append(tokens[0, ids.shape[1]:].tolist())
+    return [row[:row.index(eos) + 1] if eos in row else row for row in out]

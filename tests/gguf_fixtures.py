@@ -32,6 +32,7 @@ FAMILIES = {  # name -> HF config: GQA + permuted Q/K (llama), biases + tied hea
     "mistral": lambda: _llama_like("Mistral", num_key_value_heads=1),
     "qwen2": lambda: _llama_like("Qwen2", tie_word_embeddings=True),
     "qwen3": lambda: _llama_like("Qwen3"),
+    "phi3": lambda: _llama_like("Phi3", pad_token_id=0),  # fused attn_qkv and ffn_up (gate + up)
     # transformers reads a GPT-2 GGUF's vocabulary size from its tokenizer and keeps n_positions at 1024 (it maps
     # context_length to n_ctx): the tiny GPT-2 has the bundled GPT-2 tokenizer's 50257 tokens and 1024 positions.
     "gpt2": lambda: transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=32, n_layer=2, n_head=4,
@@ -58,6 +59,7 @@ _LLAMA_LAYER = {  # HF name inside `model.layers.N.` -> llama.cpp name inside `b
                                                                    ("output", "o")) for kind in ("weight", "bias")},
     "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
     **{f"mlp.{g}_proj.weight": f"ffn_{g}.weight" for g in ("gate", "up", "down")},
+    "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",  # Phi-3's fused
 }
 _GPT2_LAYER = {"ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias", "ln_2.weight": "ffn_norm.weight",
                "ln_2.bias": "ffn_norm.bias", "attn.c_attn.weight": "attn_qkv.weight",
@@ -116,7 +118,8 @@ def add_gpt2_tokenizer(writer: gguf.GGUFWriter) -> None:
 
 def write_gguf(model: transformers.PreTrainedModel, path: Path, qtype: str = "F32", architecture: str | None = None,
                tokenizer: bool = False, skip_permute: bool = False) -> Path:
-    """`model` (a tiny Llama/Mistral/Qwen2/Qwen3/GPT-2 `*ForCausalLM`) written as a GGUF file of `qtype` tensors."""
+    """`model` (a tiny Llama/Mistral/Qwen2/Qwen3/Phi-3/GPT-2 `*ForCausalLM`) written as a GGUF file of `qtype`
+    tensors."""
     cfg = model.config
     arch = architecture or {"mistral": "llama"}.get(cfg.model_type, cfg.model_type)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -138,7 +141,8 @@ def write_gguf(model: transformers.PreTrainedModel, path: Path, qtype: str = "F3
         writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        writer.add_rope_dimension_count(head_dim)
+        rotary = cfg.rope_parameters.get("partial_rotary_factor", 1.0) * head_dim  # Phi-3: the rotated dims
+        writer.add_rope_dimension_count(int(rotary))
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
@@ -147,6 +151,8 @@ def write_gguf(model: transformers.PreTrainedModel, path: Path, qtype: str = "F3
     else:
         writer.add_bos_token_id(cfg.bos_token_id)
         writer.add_eos_token_id(cfg.eos_token_id)
+        if cfg.model_type == "phi3":  # Phi3Config's default pad id (32000) is past the tiny vocabulary
+            writer.add_pad_token_id(cfg.pad_token_id)
     seen = set()
     for name, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen and name == "lm_head.weight" and arch != "gpt2":

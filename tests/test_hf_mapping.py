@@ -24,7 +24,7 @@ from hf_fixtures import save_state_dict
 
 from prefix_jax import models, sharding, tiny_checkpoints
 from prefix_jax import hub
-from prefix_jax.models import gpt2, hf_mapping, llama, sharded_load
+from prefix_jax.models import gpt2, hf_mapping, llama, phi3, sharded_load
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_LIKE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
@@ -56,6 +56,7 @@ HF_VARIANTS = {
     "llama_bare": _hf("Llama", head=False, **LLAMA_LIKE, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2": _hf("Qwen2", **LLAMA_LIKE, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": _hf("Qwen3", **LLAMA_LIKE, num_key_value_heads=2, head_dim=16),
+    "phi3": _hf("Phi3", **LLAMA_LIKE, num_key_value_heads=2, pad_token_id=0),  # fused qkv_proj, gate_up_proj
 }
 CASES = list(tiny_checkpoints.TINY_ARCHITECTURES) + list(HF_VARIANTS)
 
@@ -131,9 +132,10 @@ def test_the_export_without_names_uses_the_canonical_prefixes(checkpoint):
 # --- GGUF: one more source of HF-named tensors ---
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3"])
 def test_an_f32_gguf_reads_as_the_same_tensors_as_the_safetensors(family, tmp_path):
-    """llama.cpp names, Llama's Q/K row permutation and GPT-2's transposes undone through the table's GGUF column:
+    """llama.cpp names, Llama's Q/K row permutation, GPT-2's transposes and Phi-3's fused attn_qkv / ffn_up (read
+    by row blocks) undone through the table's GGUF column:
     an F32 GGUF loads bitwise as the safetensors of the same model, whole and by blocks."""
     model = random_model(family)
     path = write_gguf(model, tmp_path / f"{family}.gguf", "F32")
@@ -174,6 +176,8 @@ PLANTED = {  # case -> (module, leaf path, the wrong entry)
               lambda src: dataclasses.replace(src, transpose=not src.transpose)),  # a square [64, 64] kernel
     "gpt2": (gpt2, ("transformer", "h", "attn", "key", "kernel"),
              lambda src: dataclasses.replace(src, offset=(0, 2 * src.split[0][0]))),  # key read from value's third
+    "phi3": (phi3, ("model", "layers", "self_attn", "k_proj", "kernel"),  # keys read from the values' slice
+             lambda src: dataclasses.replace(src, offset=(0, src.offset[1] + src.split[1][0] * src.split[1][1]))),
 }
 
 

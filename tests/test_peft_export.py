@@ -13,8 +13,8 @@ import torch
 from hf_fixtures import max_abs_diff, random_kv, save_tiny
 from safetensors.numpy import load_file
 from tolerances import F32_ATOL
-from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, T5Config, \
-    T5ForConditionalGeneration
+from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, Phi3Config, \
+    Phi3ForCausalLM, T5Config, T5ForConditionalGeneration
 
 from prefix_jax.models import CROSS, DECODER, ENCODER, KV, Prefix, load_pretrained
 from prefix_jax.peft_compat import PEFT_TENSOR, PeftExportError, export_peft, load_peft
@@ -30,7 +30,12 @@ def _noisy(hf, scale=0.2):
 
 
 def _tiny(which: str):
-    torch.manual_seed({"gpt2": 0, "bart": 1, "t5": 2}[which])
+    torch.manual_seed({"gpt2": 0, "bart": 1, "t5": 2, "phi3": 3}[which])
+    if which == "phi3":  # grouped K/V heads (PEFT's token_dim is then heads x head_dim of the K/V), partial rotary
+        return _noisy(Phi3ForCausalLM(Phi3Config(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            rope_parameters=dict(rope_type="default", rope_theta=100.0, partial_rotary_factor=0.5))))
     if which == "gpt2":
         return _noisy(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                                       bos_token_id=1, eos_token_id=2)))
@@ -87,10 +92,10 @@ def _decoder_prefix(lm, seed, tie_halves=False):
     return kv
 
 
-@pytest.mark.parametrize("which", ["gpt2", "bart", "t5"])
+@pytest.mark.parametrize("which", ["gpt2", "bart", "t5", "phi3"])
 def test_exported_adapter_gives_our_logits_in_peft(which, tmp_path):
     hf = _tiny(which)
-    seq2seq = which != "gpt2"
+    seq2seq = which in ("bart", "t5")
     lm = load_pretrained(str(save_tiny(hf, tmp_path / which)),
                          **({"positions_after_prefix": True} if which == "bart" else {}))
     kv = _decoder_prefix(lm, 4, tie_halves=which == "t5")

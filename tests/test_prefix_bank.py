@@ -1,5 +1,6 @@
-"""A batch mixing rows of 3 prefixes of different lengths == 3 separate single-prefix runs (T5, BART, GPT-2, Llama),
-teacher-forced and decoded (greedy and beam); each prefix of a bank gets gradients from its own rows only."""
+"""A batch mixing rows of 3 prefixes of different lengths == 3 separate single-prefix runs (T5, BART, GPT-2, Llama,
+Gemma 2 and Phi-3 with sliding windows shorter than prefix + text), teacher-forced and decoded (greedy and beam); each
+prefix of a bank gets gradients from its own rows only."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 from hf_fixtures import random_kv, save_tiny
 from tolerances import F32_ATOL
-from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig, \
-    LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import BartConfig, BartForConditionalGeneration, Gemma2Config, Gemma2ForCausalLM, GPT2Config, \
+    GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, T5Config, T5ForConditionalGeneration
 
 from prefix_jax import prefix_bank
 from prefix_jax.generate import GenerationConfig, make_generate_fn
@@ -19,6 +20,7 @@ from prefix_jax.models import DECODER, Prefix, load_pretrained
 
 VOCAB, S, T, NEW = 40, 6, 4, 6
 LENGTHS = (2, 5, 3)
+WINDOW = 4  # Gemma 2's and Phi-3's sliding window: prefixes slide out of view at different steps
 ROWS = np.array([0, 1, 2, 1, 0, 2])  # every prefix on two rows, interleaved
 B = len(ROWS)
 
@@ -39,6 +41,19 @@ def _hf(which):
         return _noisy(LlamaForCausalLM(LlamaConfig(
             vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=2)), scale=0.1)
+    if which == "gemma2":  # a sliding layer then a global one, soft-capping
+        return _noisy(Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=4, query_pre_attn_scalar=4, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0, max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+            scale=0.1)
+    if which == "phi3":  # partial rotary, every layer sliding
+        return _noisy(Phi3ForCausalLM(Phi3Config(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32, sliding_window=WINDOW, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0, rope_parameters=dict(rope_type="default", rope_theta=100.0, partial_rotary_factor=0.5))),
+            scale=0.1)
     if which.startswith("bart"):
         return _noisy(BartForConditionalGeneration(BartConfig(
             vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
@@ -48,7 +63,7 @@ def _hf(which):
         decoder_start_token_id=0)), scale=0.1)
 
 
-@pytest.fixture(scope="module", params=["t5", "bart", "bart_hf_positions", "gpt2", "llama"])
+@pytest.fixture(scope="module", params=["t5", "bart", "bart_hf_positions", "gpt2", "llama", "gemma2", "phi3"])
 def lm(request, tmp_path_factory):
     which = request.param  # also set by tests that parametrize `lm` indirectly
     overrides = {"positions_after_prefix": True} if which == "bart_hf_positions" else {}
@@ -76,7 +91,7 @@ def _batch(seed=0):
 
 @pytest.mark.parametrize("lm", [  # bart_hf_positions: the same encoder-decoder shell as t5 and bart
     pytest.param("t5", marks=pytest.mark.slow), pytest.param("bart", marks=pytest.mark.slow), "bart_hf_positions",
-    "gpt2", "llama"], indirect=True)
+    "gpt2", "llama", "gemma2", pytest.param("phi3", marks=pytest.mark.slow)], indirect=True)
 def test_mixed_batch_logits_equal_separate_runs(lm):
     _, lm = lm
     prefixes = _prefixes(lm)
@@ -107,12 +122,12 @@ def test_bank_round_trips_its_prefixes(lm):
 
 
 @pytest.mark.parametrize("beams", [1, pytest.param(3, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("lm", ["t5", "bart", pytest.param("bart_hf_positions", marks=pytest.mark.slow), "gpt2", "llama"],
-                         indirect=True)
+@pytest.mark.parametrize("lm", ["t5", "bart", pytest.param("bart_hf_positions", marks=pytest.mark.slow), "gpt2",
+                                "llama", "gemma2", pytest.param("phi3", marks=pytest.mark.slow)], indirect=True)
 def test_mixed_decoding_equals_separate_runs(lm, beams):
     which, lm = lm
     if beams == 1 and which in ("bart", "t5", "llama"):
-        pytest.skip("slow-only: greedy runs by default on GPT-2 and BART (HF positions); beam on all five")
+        pytest.skip("slow-only: greedy runs by default on GPT-2, BART (HF positions) and Gemma 2; beam on all")
     prefixes = _prefixes(lm)
     bank = prefix_bank.for_rows(prefix_bank.stack(prefixes), ROWS)
     batch = _batch(1)

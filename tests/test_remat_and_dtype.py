@@ -1,6 +1,6 @@
 """Settings that must not change the numbers, or only within a stated bound, for every architecture:
-`model.remat` (none / full / minimal: the same loss and gradients) and `model.compute_dtype=bfloat16` with
-float32 weights (logits within `BF16_LOGITS_RTOL` of float32; softmax, norms and the loss still in float32)."""
+`model.remat` (none / full / minimal: the same loss and gradients; Gemma and Phi-3 too) and
+`model.compute_dtype=bfloat16` with float32 weights (logits within `BF16_LOGITS_RTOL` of float32; softmax, norms and the loss still in float32)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from families import gemma_config, phi3_config
 from tolerances import BF16_LOGITS_RTOL, F32_REORDERED_RTOL
 
 from prefix_jax import models, train_steps
@@ -18,14 +19,21 @@ from prefix_jax.models import common
 from prefix_jax.tiny_checkpoints import TINY_ARCHITECTURES, _tiny_hf_config, bundled_gpt2_tokenizer
 
 VOCAB, B, S, T = 64, 4, 10, 6
-# An encoder-decoder and a decoder-only model by default; the other two architectures in the slow set.
-# By default the cheapest (GPT-2: the decoder-only shell); the encoder-decoder shell, T5 and Llama run with -m slow.
-ARCHITECTURES = [pytest.param(a, marks=() if a == "gpt2" else pytest.mark.slow) for a in TINY_ARCHITECTURES]
+# By default the cheapest (GPT-2: the decoder-only shell) and Gemma 2 (its own block: sandwich norms, soft-caps, a
+# sliding layer); the encoder-decoder shell, T5, Llama and Phi-3 (Llama's block) run with -m slow.
+FAMILY_CONFIGS = {"gemma2": lambda: gemma_config("gemma2"), "phi3": lambda: phi3_config("phi3_partial")}
+ARCHITECTURES = [pytest.param(a, marks=() if a in ("gpt2", "gemma2") else pytest.mark.slow)
+                 for a in (*TINY_ARCHITECTURES, *FAMILY_CONFIGS)]
 
 
 def small_lm(architecture: str, **config_overrides):
-    """The tiny architecture (2 layers, width 64) with a 64-token vocabulary; (config, model, lm params, spec)."""
-    hf = _tiny_hf_config(architecture, bundled_gpt2_tokenizer(with_pad=architecture != "gpt2", eos_after_text=False))
+    """The tiny architecture (2 layers, width 64; Gemma 2 and Phi-3: the contract's width-32 variants `gemma2` and
+    `phi3_partial`) with a 64-token vocabulary; (config, model, lm params, spec)."""
+    if architecture in FAMILY_CONFIGS:
+        hf = FAMILY_CONFIGS[architecture]()
+    else:
+        hf = _tiny_hf_config(architecture, bundled_gpt2_tokenizer(with_pad=architecture != "gpt2",
+                                                                  eos_after_text=False))
     hf.vocab_size, hf.pad_token_id, hf.eos_token_id, hf.bos_token_id = VOCAB, 0, 1, 1
     if architecture in ("t5", "bart"):
         hf.decoder_start_token_id = 0

@@ -25,6 +25,7 @@ ARCHITECTURES: dict[str, str] = {
     "qwen2": "prefix_jax.models.llama",
     "qwen3": "prefix_jax.models.llama",
     "gemma": "prefix_jax.models.gemma", "gemma2": "prefix_jax.models.gemma", "gemma3_text": "prefix_jax.models.gemma",
+    "phi3": "prefix_jax.models.phi3",
 }
 
 DTYPES = ("float32", "bfloat16")

@@ -32,7 +32,8 @@ from prefix_jax import hub
 from prefix_jax.models import hf_mapping, pypi_models
 
 # `general.architecture` -> HF `model_type`. Mistral GGUFs say "llama" (same tensors, same permutation).
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "gemma3": "gemma3_text"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "gemma3": "gemma3_text",
+                 "phi3": "phi3"}
 
 # Storage types we dequantize (the `gguf` package's numpy kernels; each tested against transformers').
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -144,6 +145,8 @@ def hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], p
                       max_position_embeddings=get("context_length"), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
                       rope_theta=get("rope.freq_base"), sliding_window=get("attention.sliding_window"), **special)
         return AutoConfig.for_model("gemma3_text", **{k: v for k, v in fields.items() if v is not None})
+    if arch == "phi3":
+        return _phi3_config(get, vocab, tensor_shapes, special, path)
     for key in ("rope.scaling.type", "attention.sliding_window"):
         value = get(key)
         if value not in (None, "none", "", 0):
@@ -166,6 +169,28 @@ def hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], p
     if arch in ("qwen2", "qwen3"):
         fields["use_sliding_window"] = False
     return AutoConfig.for_model(ARCHITECTURES[arch], **{k: v for k, v in fields.items() if v is not None})
+
+
+def _phi3_config(get: Any, vocab: int, tensor_shapes: dict[str, tuple[int, ...]], special: dict, path: Path) -> Any:
+    """A `Phi3Config` from a phi3 GGUF's metadata: partial rotary from `rope.dimension_count`, the sliding window
+    from `attention.sliding_window` (as the model's config.json has it; transformers' GGUF loader drops it)."""
+    from transformers import AutoConfig
+
+    if "rope_factors_short.weight" in tensor_shapes or "rope_factors_long.weight" in tensor_shapes:
+        raise GGUFError(f"{path}: has rope_factors_short/long.weight (Phi-3 longrope), which is not supported from "
+                        "GGUF; load the model's safetensors directory instead.")
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    head_dim = hidden // heads
+    fields = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"), num_attention_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads), max_position_embeddings=get("context_length"),
+        original_max_position_embeddings=get("rope.scaling.original_context_length"),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon"), sliding_window=get("attention.sliding_window") or None,
+        rope_parameters={"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0)),
+                         "partial_rotary_factor": (get("rope.dimension_count") or head_dim) / head_dim},
+        tie_word_embeddings="output.weight" not in tensor_shapes, **special)
+    return AutoConfig.for_model("phi3", **{k: v for k, v in fields.items() if v is not None})
 
 
 def unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:

@@ -252,11 +252,16 @@ def rope_tables(cfg: Config, positions_BxQ: jax.Array) -> tuple[jax.Array, jax.A
     return jnp.cos(angles_BxQxK).astype(cfg.dtype), jnp.sin(angles_BxQxK).astype(cfg.dtype)
 
 
-def rotate(x_BxQxHxK: jax.Array, cos_BxQxK: jax.Array, sin_BxQxK: jax.Array) -> jax.Array:
-    """RoPE in the `rotate_half` layout: the two halves of the head dim form the rotated pairs."""
-    half = x_BxQxHxK.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BxQxHxK[..., half:], x_BxQxHxK[..., :half]], axis=-1)
-    return x_BxQxHxK * cos_BxQxK[:, :, None] + rotated * sin_BxQxK[:, :, None]
+def rotate(x_BxQxHxK: jax.Array, cos_BxQxR: jax.Array, sin_BxQxR: jax.Array) -> jax.Array:
+    """RoPE in the `rotate_half` layout over the first R dims of each head (R = K unless the tables are partial,
+    as Phi-3's `partial_rotary_factor` makes them): the two halves of those dims form the rotated pairs, the rest
+    pass unchanged."""
+    dim = cos_BxQxR.shape[-1]
+    x_rot, x_pass = x_BxQxHxK[..., :dim], x_BxQxHxK[..., dim:]
+    half = dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos_BxQxR[:, :, None] + rotated * sin_BxQxR[:, :, None]
+    return out if dim == x_BxQxHxK.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 # --- Layers ---
@@ -349,6 +354,7 @@ class Model(decoder_only.DecoderOnly):
     """A Llama-family LM in the decoder-only shell (`decoder_only.DecoderOnly`: batch, prefix and methods)."""
 
     config: Config
+    stack_class = LlamaStack  # Phi-3 (`models/phi3.py`) swaps in its own stack of Llama's blocks
 
     def setup(self) -> None:
         cfg = self.config
@@ -357,7 +363,7 @@ class Model(decoder_only.DecoderOnly):
         unit = nn.initializers.normal(cfg.hidden_size**-0.5)
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                      embedding_init=unit, name="embed_tokens")
-        self.model = LlamaStack(cfg, name="model")
+        self.model = self.stack_class(cfg, name="model")
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     kernel_init=unit, name="lm_head")
