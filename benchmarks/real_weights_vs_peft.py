@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import _common as c
+import numpy as np
 
 DEMO = "configs/smollm2_e2e.py"
 
@@ -66,10 +67,12 @@ def examples_of(batch: dict) -> list[dict]:
         return [{"source": s[sm == 1].tolist(), "target": t[tm == 1].tolist()} for s, sm, t, tm in
                 zip(batch["source_ids"], batch["source_mask"], batch["target_ids"], batch["target_mask"])]
     out = []
-    for ids, seg, tgt, tmask in zip(batch["ids"], batch["segment_ids"], batch["target_ids"], batch["target_mask"]):
+    for ids, seg, slots, tgt, tmask in zip(batch["ids"], batch["segment_ids"], batch["target_slots"],
+                                           batch["target_ids"], batch["target_mask"]):
         for k in range(1, int(seg.max()) + 1):
-            mine = seg == k  # [x; SEP; y[:-1]]: the source where no target is predicted, then the targets
-            out.append({"source": ids[mine & (tmask == 0)].tolist(), "target": tgt[mine & (tmask == 1)].tolist()})
+            mine = (seg[slots] == k) & (tmask == 1)  # the targets, predicted at this example's slots
+            source = ids[(seg == k) & (np.arange(len(seg)) < slots[mine].min())]  # [x; SEP; y[:-1]]: x first
+            out.append({"source": source.tolist(), "target": tgt[mine].tolist()})
     return out
 
 

@@ -40,13 +40,30 @@ class Batcher:
                             f"processes ({self.process_count}).")
         self._packed_epochs: dict[int, list[list[int]]] = {}
         self._rows_per_epoch: int | None = None
+        self._targets_per_row: int | None = None
+
+    def _pack(self, epoch: int, targets_per_row: int) -> list[list[int]]:
+        lengths = [len(s) + len(t) for s, t in zip(self.split.source_ids, self.split.target_ids)]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+        return pack_rows(lengths, order, self.pack_width, [len(t) for t in self.split.target_ids], targets_per_row)
+
+    @property
+    def targets_per_row(self) -> int:
+        """Target slots the loss reads per packed row (K of `packed_batch`): the most target tokens a row of the
+        first epoch's packing holds, rounded up to a multiple of 8 (at most `pack_width`). Every epoch is packed
+        with this budget, so the first epoch's rows are exactly those packed without it; a later epoch's row
+        that would hold more targets is closed early."""
+        if self._targets_per_row is None:
+            targets = [len(t) for t in self.split.target_ids]
+            fullest = max(sum(targets[i] for i in row) for row in self._pack(0, 0))
+            self._targets_per_row = min(self.pack_width, -(-fullest // 8) * 8)
+        return self._targets_per_row
 
     def packed_epoch(self, epoch: int) -> list[list[int]]:
-        """The rows (example indices) of `epoch`'s shuffled examples packed `pack_width` tokens at a time."""
+        """The rows (example indices) of `epoch`'s shuffled examples packed `pack_width` tokens (and
+        `targets_per_row` target tokens) at a time."""
         if epoch not in self._packed_epochs:
-            lengths = [len(s) + len(t) for s, t in zip(self.split.source_ids, self.split.target_ids)]
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
-            self._packed_epochs = {epoch: pack_rows(lengths, order, self.pack_width)}  # one epoch kept
+            self._packed_epochs = {epoch: self._pack(epoch, self.targets_per_row)}  # one epoch kept
         return self._packed_epochs[epoch]
 
     @property
@@ -87,7 +104,8 @@ class Batcher:
             rows = self.packed_epoch(pos["epoch"])[start:start + self.global_batch_size]
             rows += [[]] * (self.global_batch_size - len(rows))
             local = [rows[i] for i in np.array_split(np.arange(len(rows)), self.process_count)[self.process_index]]
-            return packed_batch(self.split, local, self.pack_width, self.separator_id, self.pad_id)
+            return packed_batch(self.split, local, self.pack_width, self.separator_id, self.pad_id,
+                                self.targets_per_row)
         order = np.random.default_rng([self.seed, pos["epoch"]]).permutation(len(self.split))
         return self._rows(order[start:start + self.global_batch_size])
 
