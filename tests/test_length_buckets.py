@@ -73,3 +73,24 @@ def test_bucketed_eval_loss_and_decoding_equal_unbucketed(gpt2_setup, monkeypatc
         evaluation.generate_and_score(b, mesh, ids_text, spec, params, lm.params, generate_fn, (), predictions_path=path)
         decoded[name] = [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
     assert decoded["plain"] == decoded["bucketed"] and len(decoded["plain"]) == len(split)
+
+
+@pytest.mark.slow
+def test_train_py_with_packing_and_length_buckets_runs_end_to_end(tiny_gpt2_dir, tmp_path, caplog):
+    """The demo's settings on the tiny GPT-2: packed training rows (target slots), bucketed eval and decoding."""
+    from configs import gpt2_e2e_offline
+
+    from prefix_jax import trainer
+
+    c = gpt2_e2e_offline.get_config()
+    c.model.name_or_path, c.model.create_tiny = str(tiny_gpt2_dir), ""
+    c.data.max_train_examples, c.data.max_eval_examples = 32, 12
+    c.data.max_source_length, c.data.max_target_length = 32, 16
+    c.data.pack, c.data.pack_width, c.eval.length_buckets = True, 64, 2
+    c.eval.max_generate, c.generate.max_new_tokens = 4, 6
+    c.train.workdir, c.train.steps, c.train.batch_size, c.train.log_every = str(tmp_path), 2, 2, 1
+    c.optim.warmup_steps = 1
+    with caplog.at_level("INFO", logger="prefix_jax"):
+        summary = trainer.run(c)
+    assert summary["final_step"] == 2 and summary["generated"] == 4 and np.isfinite(summary["eval_loss"])
+    assert any("eval loss:" in r.message and "shapes" in r.message for r in caplog.records)
