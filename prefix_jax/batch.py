@@ -6,8 +6,9 @@ host, `jax.Array`s once placed. Which fields a batch holds (shape letters as in 
   source_ids, source_mask   `[B, S]` int32 (mask 1 on real tokens)     training, evaluation and decoding
   target_ids, target_mask   `[B, T]` int32                               training and evaluation
   task_ids                  `[B]` int32: each row's prefix in a bank     multi-task data only
-  ids, segment_ids          `[B, W]` int32: packed decoder-only rows (`data.packed_batch`; with target_ids and
-                            target_mask `[B, W]`: what each slot predicts)
+  ids, segment_ids          `[B, W]` int32: packed decoder-only rows (`data.packed_batch`)
+  target_slots              `[B, K]` int32: packed rows only, the slot whose hidden state predicts each of
+                            target_ids / target_mask `[B, K]` (K target slots per row)
 """
 
 from __future__ import annotations
@@ -30,3 +31,4 @@ class Batch(TypedDict, total=False):
     task_ids: Array
     ids: Array
     segment_ids: Array
+    target_slots: Array

@@ -43,12 +43,16 @@ def predictions_path(workdir: Path, split: str, step: int, eval_only: bool) -> P
 def loss(batcher: data.Batcher, mesh: Any, params: Any, lm_params: Any, eval_fn: Callable) -> dict:
     """Token-level loss and perplexity over every example of the split."""
     totals = np.zeros(2)
-    bar = _progress(-(-len(batcher.split) // batcher.global_batch_size), "eval loss", "batch")
+    bar = _progress(batcher.num_eval_batches, "eval loss", "batch")
+    shapes = set()
     for local in batcher.eval_batches():
+        shapes.add((local["source_ids"].shape[1], local["target_ids"].shape[1]))
         out = jax.device_get(eval_fn(params, lm_params, sharding.shard_batch(local, mesh)))
         totals += (float(out["loss_sum"]), float(out["tokens"]))
         bar.update(1)
     bar.close()
+    log.info("eval loss: %d batches in %d shapes (source, target widths; one compiled program each): %s",
+             batcher.num_eval_batches, len(shapes), sorted(shapes))
     mean = totals[0] / max(totals[1], 1.0)
     return {"eval_loss": float(mean), "eval_perplexity": float(np.exp(min(mean, 50.0))),
             "eval_tokens": float(totals[1])}
@@ -80,21 +84,23 @@ def generate_and_score(batcher: data.Batcher, mesh: Any, tokenizer: Any, spec: p
     chosen = unique_sources(split, limit)
     prefix = prefix_lib.materialize(params, spec)
     size = batcher.global_batch_size
-    hypotheses: list[str] = []
+    decoded: dict[int, str] = {}
+    widths = set()
     bar = _progress(len(chosen), "decoding", "source")
-    for start in range(0, len(chosen), size):
-        indices = chosen[start:start + size]
-        rows = indices + [indices[-1]] * (size - len(indices))  # full batches: one compiled shape
-        local = np.array_split(np.asarray(rows), batcher.process_count)[batcher.process_index]
-        ids, mask = data.pad([split.source_ids[i] for i in local], batcher.source_width, batcher.pad_id,
-                             batcher.left_pad_source)
-        batch = sharding.shard_batch({"source_ids": ids, "source_mask": mask}, mesh)
+    for indices, local in batcher.source_batches(chosen):  # grouped by source width with eval.length_buckets
+        widths.add(local["source_ids"].shape[1])
+        rows = indices + [indices[-1]] * (size - len(indices))  # what source_batches filled the batch with
+        batch = sharding.shard_batch(local, mesh)
         task_ids = None if split.task_ids is None else np.asarray([split.task_ids[i] for i in rows], np.int32)
         rows_prefix = prefix_bank.for_batch(prefix, task_ids)  # the global batch's rows, in order
         tokens = _gather(generate_fn(lm_params, rows_prefix, batch["source_ids"], batch["source_mask"]))[:len(indices)]
-        hypotheses.extend(t.strip() for t in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True))
+        texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+        decoded.update((i, t.strip()) for i, t in zip(indices, texts))
         bar.update(len(indices))
     bar.close()
+    log.info("decoding: %d sources in %d source widths (one compiled program each): %s", len(chosen), len(widths),
+             sorted(widths))
+    hypotheses = [decoded[i] for i in chosen]
     references = [list(split.examples[i].references or (split.examples[i].target,)) for i in chosen]
     scores = text_metrics.compute(metric_names, hypotheses, references) if metric_names else {}
     for i, hypothesis in list(zip(chosen, hypotheses))[:3]:  # what the numbers mean, in the log

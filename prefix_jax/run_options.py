@@ -161,6 +161,9 @@ class EvalOptions:
     metrics: tuple[str, ...] = option(("bleu",), "text_metrics.METRICS: bleu | rouge | the paper's sets",
                                       _known_metrics)
     max_generate: int = option(0, "distinct sources decoded per evaluation; 0: all", integer(0, "0: all"))
+    length_buckets: int = option(0, "eval loss and decoding batches padded to the smallest of this many widths per "
+                                    "side, from the eval data's lengths (one compiled program each); 0: one width",
+                                 integer(0, "0: one width"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -264,5 +264,6 @@ def build(options: RunOptions, before_lm: Callable[[], None] = lambda: None) -> 
     total = t.steps or math.ceil(t.epochs * train.steps_per_epoch)
     if total < 1:
         raise ConfigError(f"train.steps={t.steps} / train.epochs={t.epochs} give no step to run.")
-    return RunPlan(o, lm, fingerprint, tokenizer, spec, mesh, train, batcher(eval_split, eval_size) if eval_split else None,
+    eval_batcher = batcher(eval_split, eval_size, length_buckets=o.eval.length_buckets) if eval_split else None
+    return RunPlan(o, lm, fingerprint, tokenizer, spec, mesh, train, eval_batcher,
                    total, workdir, init_ids, saved)

@@ -53,13 +53,18 @@ def lm_and_spec(request, tiny_checkpoint):
     return lm, spec, prefix_lib.init_params(spec, jax.random.PRNGKey(0))
 
 
-def packed_vs_unpacked(lm, spec, params) -> tuple[tuple, tuple]:
+TARGETS_PER_ROW = 16  # the loss reads 16 of a row's 40 slots
+
+
+def packed_vs_unpacked(lm, spec, params, corrupt=lambda batch: batch) -> tuple[tuple, tuple]:
     split = random_split(lm.config.vocab_size)
     lengths = [len(s) + len(t) for s, t in zip(split.source_ids, split.target_ids)]
-    rows = data.pack_rows(lengths, range(len(split)), WIDTH)
+    rows = data.pack_rows(lengths, range(len(split)), WIDTH, [len(t) for t in split.target_ids], TARGETS_PER_ROW)
     assert max(len(r) for r in rows) >= 2  # rows really hold several examples
-    packed = data.packed_batch(split, rows, WIDTH, lm.config.separator_token_id, 0)
-    return loss_and_grads(lm, spec, params, packed), loss_and_grads(lm, spec, params, unpacked_batch(split))
+    packed = data.packed_batch(split, rows, WIDTH, lm.config.separator_token_id, 0, TARGETS_PER_ROW)
+    assert packed["target_slots"].shape == (len(rows), TARGETS_PER_ROW)
+    return (loss_and_grads(lm, spec, params, corrupt(packed)),
+            loss_and_grads(lm, spec, params, unpacked_batch(split)))
 
 
 def assert_close_trees(a, b) -> None:
@@ -75,15 +80,18 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(lm_and_spec):
     assert_close_trees(p_grads, u_grads)
 
 
-@pytest.mark.parametrize("bug", ["attention crosses segments", "positions do not restart"])
+@pytest.mark.parametrize("bug", ["attention crosses segments", "positions do not restart", "target slots shifted"])
 def test_planted_packing_bugs_break_the_equality(lm_and_spec, monkeypatch, bug):
+    corrupt = lambda batch: batch
     if bug == "attention crosses segments":
         real = masks.packed_attention_mask
         monkeypatch.setattr(masks, "packed_attention_mask", lambda seg, p: real((seg > 0).astype(seg.dtype), p))
-    else:
+    elif bug == "positions do not restart":
         monkeypatch.setattr(masks, "segment_positions",
                             lambda seg, start=0: jnp.asarray(start).reshape(-1, 1) + jnp.arange(seg.shape[1])[None])
-    (p_sum, _, _), (u_sum, _, _) = packed_vs_unpacked(*lm_and_spec)
+    else:  # each target read from the next slot's hidden state
+        corrupt = lambda batch: {**batch, "target_slots": np.minimum(batch["target_slots"] + 1, WIDTH - 1)}
+    (p_sum, _, _), (u_sum, _, _) = packed_vs_unpacked(*lm_and_spec, corrupt)
     assert abs(p_sum - u_sum) > 10 * F32_REORDERED_RTOL * abs(u_sum)  # the equality test fails by far
 
 
@@ -105,6 +113,10 @@ def test_packed_batches_are_addressed_by_step_and_cover_the_epoch():
     lengths = [len(s) + len(t) for s, t in zip(split.source_ids, split.target_ids)]
     assert sorted(i for r in rows for i in r) == list(range(40))  # each example once
     assert all(sum(lengths[i] for i in r) <= WIDTH for r in rows)
+    targets = [len(t) for t in split.target_ids]
+    assert rows == data.pack_rows(lengths, np.random.default_rng([3, 0]).permutation(40), WIDTH)  # budget not binding
+    assert max(sum(targets[i] for i in r) for r in rows) <= batcher.targets_per_row < WIDTH
+    assert all(sum(targets[i] for i in r) <= batcher.targets_per_row for r in batcher.packed_epoch(1))
     assert batcher.steps_per_epoch == len(rows) // 4
     first = batcher.train_batch(1)
     assert all(np.array_equal(first[k], make().train_batch(1)[k]) for k in first)  # a fresh batcher: the same
@@ -115,6 +127,9 @@ def test_packed_batches_are_addressed_by_step_and_cover_the_epoch():
     assert np.array_equal(np.concatenate([h["ids"] for h in halves]), first["ids"])
     with pytest.raises(data.DataError, match="data.pack_width=8"):
         data.pack_rows(lengths, range(40), 8)
+    tight = data.pack_rows(lengths, range(40), WIDTH, targets, 12)  # a target budget closes rows early
+    assert all(sum(targets[i] for i in r) <= 12 for r in tight) and len(tight) > len(data.pack_rows(
+        lengths, range(40), WIDTH))
 
 
 @pytest.mark.parametrize("what,options,config,method", [

@@ -9,6 +9,7 @@ One module per job:
   examples       `read_examples`: a split as the data config describes it (files or Hub, format, tasks)
   tokenizers     tokenizers checked to exist and to round-trip text
   token_ids      tokenize, pad, pack
+  buckets        length buckets: the few widths eval and decoding batches are padded to
   batcher        `Batcher`: static-shape batches by step (a resumed run sees exactly the batches an
                  uninterrupted run would have seen)
 

@@ -96,37 +96,55 @@ def pad(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> t
     return ids, mask
 
 
-def pack_rows(lengths: Sequence[int], order: Sequence[int], width: int) -> list[list[int]]:
+def pack_rows(lengths: Sequence[int], order: Sequence[int], width: int, target_lengths: Sequence[int] = (),
+              targets_per_row: int = 0) -> list[list[int]]:
     """Example indices packed into rows of at most `width` tokens, in `order`: each example joins the current
-    row when it fits, else starts the next one (deterministic; the order within and across rows is kept)."""
+    row when it fits, else starts the next one (deterministic; the order within and across rows is kept).
+
+    `targets_per_row` > 0 (with each example's `target_lengths`): a row also holds at most that many target tokens,
+    the static number of slots the loss reads per row (`packed_batch`)."""
     rows: list[list[int]] = []
-    used = width
+    used = used_targets = width
     for i in order:
+        targets = target_lengths[i] if targets_per_row else 0
         if lengths[i] > width:
             raise DataError(f"an example of {lengths[i]} tokens does not fit data.pack_width={width}; raise it.")
-        if used + lengths[i] > width:
+        if targets > targets_per_row:
+            raise DataError(f"an example with {targets} target tokens does not fit {targets_per_row} target slots "
+                            "per packed row.")
+        if used + lengths[i] > width or (targets_per_row and used_targets + targets > targets_per_row):
             rows.append([])
-            used = 0
+            used = used_targets = 0
         rows[-1].append(int(i))
         used += lengths[i]
+        used_targets += targets
     return rows
 
 
 def packed_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], width: int, separator_id: int,
-                 pad_id: int) -> Batch:
+                 pad_id: int, targets_per_row: int = 0) -> Batch:
     """Packed decoder-only rows: each example's `[x; SEP; y[:-1]]` after the previous one (`ids`), which example
-    each slot holds (`segment_ids`: 1, 2, ...; 0 padding), and what each slot predicts (`target_ids`, counted
-    where `target_mask` is 1: the target side of each example, as in unpacked batches)."""
-    shape = (len(rows), width)
+    each slot holds (`segment_ids`: 1, 2, ...; 0 padding), and the targets compacted to `targets_per_row` (K;
+    0: `width`) entries per row: `target_slots` `[B, K]` says which slot predicts each of `target_ids` (counted
+    where `target_mask` is 1: the target side of each example, as in unpacked batches; unused entries point at
+    slot 0, masked). The loss then reads K slots of a row, not all `width`."""
+    targets_per_row = targets_per_row or width
+    shape, compact = (len(rows), width), (len(rows), targets_per_row)
     ids, segment_ids = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32)
-    target_ids, target_mask = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32)
+    target_slots, target_ids = np.zeros(compact, np.int32), np.full(compact, pad_id, np.int32)
+    target_mask = np.zeros(compact, np.int32)
     for r, indices in enumerate(rows):
-        start = 0
+        start = filled = 0
         for segment, i in enumerate(indices, start=1):
             source, target = list(split.source_ids[i]), list(split.target_ids[i])
             sequence = source + [separator_id] + target[:-1]
             end = start + len(sequence)
             ids[r, start:end], segment_ids[r, start:end] = sequence, segment
-            target_ids[r, start + len(source):end], target_mask[r, start + len(source):end] = target, 1
-            start = end
-    return {"ids": ids, "segment_ids": segment_ids, "target_ids": target_ids, "target_mask": target_mask}
+            if filled + len(target) > targets_per_row:
+                raise DataError(f"packed row {r} holds more than {targets_per_row} target tokens; pack it with "
+                                "pack_rows(..., targets_per_row).")
+            target_slots[r, filled:filled + len(target)] = np.arange(start + len(source), end)
+            target_ids[r, filled:filled + len(target)], target_mask[r, filled:filled + len(target)] = target, 1
+            start, filled = end, filled + len(target)
+    return {"ids": ids, "segment_ids": segment_ids, "target_slots": target_slots, "target_ids": target_ids,
+            "target_mask": target_mask}

@@ -94,8 +94,10 @@ class DecoderOnly(common.DecoderCache, nn.Module):
 
     def target_hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
         """Final hidden states `[B, T, D]` of the target side: position t predicts `target_ids[:, t]` (packed
-        rows: every slot, `target_mask` marks the target ones)."""
+        rows: the `K` slots `target_slots` names, so the LM head and the loss read those only)."""
         h, source_len = self.hidden_states(batch, prefix, deterministic)
+        if "target_slots" in batch:
+            return jnp.take_along_axis(h, batch["target_slots"][..., None], axis=1)
         return h[:, source_len:]
 
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic=True) -> jax.Array:
