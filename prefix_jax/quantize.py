@@ -88,15 +88,16 @@ def _int4_tiles(module: str, how: qwix_qarray.HowToQuantize, kernel_shape: tuple
                 group_size: int, field: str) -> dict[int, int]:
     """qwix tile sizes giving groups of `group_size` consecutive values along the flattened contraction axes.
 
-    The innermost contraction axis is tiled by `group_size` when it is at least that long; when it is shorter
-    (an output projection's head_dim), it stays whole and the next contraction axis out is tiled by
+    The innermost contraction axis is tiled by `group_size` when it is at least that long (any outer
+    contraction axis, an output projection's heads, by 1: a group never spans heads); when it is shorter (an
+    output projection's head_dim), it stays whole and the next contraction axis out is tiled by
     `group_size // head_dim`, so that a group still covers `group_size` values.
     """
     contraction = [a for a in range(len(kernel_shape)) if a not in how.channelwise_axes]
     inner = contraction[-1]
     size = kernel_shape[inner]
-    if size % group_size == 0:
-        return {inner: group_size}
+    if size % group_size == 0:  # outer contraction axes (an output projection's heads): one group each
+        return {inner: group_size, **{outer: 1 for outer in contraction[:-1]}}
     if len(contraction) > 1 and group_size % size == 0:
         outer, heads_per_group = contraction[-2], group_size // size
         if kernel_shape[outer] % heads_per_group == 0:

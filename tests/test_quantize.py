@@ -123,6 +123,10 @@ def test_int8_scales_are_per_output_channel_and_int4_per_group_along_the_contrac
         scale4 = np.asarray(flat4[name].array.scale)
         groups = int(np.prod(kernel.shape)) // int(np.prod(scale4.shape))
         assert groups == GROUP, (name, kernel.shape, scale4.shape)
+    # A group as long as a head (16): the innermost contraction axis is tiled, and a group never spans heads.
+    _, model, _ = tiny(architecture)
+    for name, leaf in qz._with_aux_leaves(qz._abstract(qz.quantized_model(model, params, "int4", 16))):
+        assert int(np.prod(leaf.array.qvalue.shape)) // int(np.prod(leaf.array.scale.shape)) == 16, name
 
 
 def _lookup(tree, name: str):
