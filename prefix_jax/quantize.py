@@ -1,22 +1,31 @@
-"""Weight-only quantization of the frozen LM (`model.quantize = none | int8 | int4`), with Google's qwix.
+"""Weight-only quantization of the frozen LM (`model.quantize = none | int8 | int4 | gguf`), with Google's qwix.
 
 What is quantized: the kernel of every `nn.Dense` / `nn.DenseGeneral` of the LM (attention projections, MLP),
 except the LM head. int8: one scale per output channel (absmax over the contraction axes). int4: one scale per
-group of `group_size` consecutive values along the contraction axes (per output channel). What stays float:
+group of `group_size` consecutive values along the contraction axes (per output channel; a group never spans
+two heads of an output projection). gguf: a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks (32 values along the
+contraction, a float16 scale, and a float16 min for Q4_1) kept as they are (`GGUFBlocks`); a kernel stored
+otherwise (K-quants, Q5_x, F16/F32) is dequantized and quantized to int8, said in the log. What stays float:
 embeddings (looked up, and the tied LM head `Embed.attend` reads them), an untied `lm_head` (kept float so the
 chunked loss `losses.lm_head_for` reads it as today; it is one matrix), norms, biases, position tables.
 
 How: qwix's post-training-quantization provider (`qwix.PtqProvider`) intercepts `jax.lax.dot_general` inside
 the LM's methods. A quantized kernel is a `WithAux(QArray(qvalue int8/int4, scale float))` leaf of the params
-tree: that tree is what the jitted step takes as its explicit LM argument and what is sharded. In a matmul with
-a float activation qwix dequantizes the weight in the dot (`qwix._src.core.dot_general._slow_dot_general`):
-on GPU/TPU XLA fuses it into the matmul; on CPU it is a per-layer temporary inside the layer scan, never a
-float copy of the whole LM.
+tree (gguf: `WithAux(GGUFBlocks)`): that tree is what the jitted step takes as its explicit LM argument and what
+is sharded. In a matmul with a float activation the weight is dequantized in the dot (qwix's
+`_slow_dot_general`; `_gguf_dot_general` for kept blocks): on GPU/TPU XLA fuses it into the matmul; on CPU it
+is a per-layer temporary inside the layer scan, never a float copy of the whole LM.
+
+Where: on the host, never on a device. `quantize_host` is qwix's `qarray.quantize` in numpy, bitwise (tested
+against qwix jitted). Loading a checkpoint quantizes on load (`on_load`: one more transform of the family's HF
+table, `hf_mapping.Transformed`), each kernel block quantized as it is read and placed straight into its shard
+(`models.load_pretrained(..., quantize=)`, `sharded_load.load_sharded(..., quantize=)`).
 
 Use:
-    qmodel = quantized_model(model, lm_params, "int8")      # the model whose methods read quantized kernels
-    qparams = quantize_params(qmodel, lm_params)             # the LM argument of every step
-    logits = qmodel.apply({"params": qparams}, batch, prefix)
+    lm = models.load_pretrained(path, quantize="int8")      # lm.model reads quantized kernels, lm.params holds them
+    logits = lm.model.apply({"params": lm.params}, batch, prefix)
+    qmodel = quantized_model(model, lm_params, "int4", 64)   # or: quantize params already in memory
+    qparams = quantize_params(qmodel, lm_params)
 """
 
 from __future__ import annotations
