@@ -199,7 +199,8 @@ def check_quantized_loading(root: Path) -> dict:
                 floats = [(s, d) for s, d in spy.placed if s in kernel_shapes and "float" in d]
                 assert not floats and len(spy.placed) == len(jax.tree.leaves(after)), (arch, mode, shape, floats)
                 assert lm.float_fingerprint == whole.float_fingerprint
-                split = sum(any(x.sharding.spec) for x in jax.tree.leaves(lm.params) if jnp.issubdtype(x.dtype, jnp.integer))
+                split = sum(any(x.sharding.spec) for x in jax.tree.leaves(lm.params)
+                            if jnp.issubdtype(x.dtype, jnp.integer))
                 report[f"{arch}/{mode}/{shape}"] = {"sharded_int_leaves": split, "placed": len(spy.placed)}
                 assert split >= 3, report
     return report

@@ -124,8 +124,8 @@ def quantize_on_load(opened: OpenCheckpoint, dtype: Any, mode: str, group_size: 
         return model, opened.table, ""
     from prefix_jax import fingerprint, quantize  # qwix: only quantized loads import it
 
-    qmodel, table = quantize.on_load(model, opened.table, opened.source, mode, group_size or quantize.DEFAULT_GROUP_SIZE,
-                                     dtype)
+    group_size = group_size or quantize.DEFAULT_GROUP_SIZE
+    qmodel, table = quantize.on_load(model, opened.table, opened.source, mode, group_size, dtype)
     return qmodel, table, fingerprint.lm_fingerprint(hf_mapping.unread(opened.table, opened.source, dtype))
 
 
