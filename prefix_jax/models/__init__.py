@@ -129,13 +129,6 @@ def quantize_on_load(opened: OpenCheckpoint, dtype: Any, mode: str, group_size: 
     return qmodel, table, fingerprint.lm_fingerprint(hf_mapping.unread(opened.table, opened.source, dtype))
 
 
-def quantized_param_axes(param_axes: Any) -> tuple:
-    """`PARAM_AXES` extended to quantized kernels (`prefix_jax.quantize.quantized_param_axes`)."""
-    from prefix_jax import quantize
-
-    return quantize.quantized_param_axes(param_axes)
-
-
 def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
                     quantize: str = "none", quantize_group_size: int | None = None,
                     **config_overrides: Any) -> PretrainedLM:

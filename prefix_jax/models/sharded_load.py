@@ -71,7 +71,11 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
     opened = models.open_checkpoint(name_or_path, param_dtype, compute_dtype, lazy=True, **config_overrides)
     dtype = np.dtype(jax.numpy.dtype(param_dtype))
     model, table, fingerprint = models.quantize_on_load(opened, dtype, quantize, quantize_group_size)
-    axes = models.quantized_param_axes(opened.arch.PARAM_AXES) if quantize != "none" else opened.arch.PARAM_AXES
+    axes = opened.arch.PARAM_AXES
+    if quantize != "none":  # qwix: only quantized loads import it
+        from prefix_jax.quantize import quantized_param_axes
+
+        axes = quantized_param_axes(axes)
     shardings = partitioning.lm_shardings(hf_mapping.shapes(table, dtype), axes, strategy, mesh)
     params = place(table, opened.source, shardings, dtype)
     log.info("LM loaded into its shards (%s on mesh %s): process %d read %d of the checkpoint's %d bytes",
