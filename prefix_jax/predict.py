@@ -27,7 +27,6 @@ import numpy as np
 
 from prefix_jax import checkpoint, data, fingerprint, host_memory, log_filters, models, prefix_bank, run_options, text_metrics
 from prefix_jax import prefix as prefix_lib
-from prefix_jax import quantize
 from prefix_jax.generate import make_generate_fn
 from prefix_jax.models.prefix_contract import DECODER, ENCODER
 
@@ -276,9 +275,12 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
         elif row["task"] not in task_index:
             raise PredictError(f"{row['where']}: task {row['task']!r} has no prefix; loaded: {loaded.tasks}.")
 
-    lm = models.load_pretrained(c.model.name_or_path, c.model.param_dtype,
+    # model.quantize: kernels quantized on the host as they are read; the float LM never goes to a device.
+    lm = models.load_pretrained(c.model.name_or_path, c.model.param_dtype, quantize=c.model.quantize,
+                                quantize_group_size=c.model.quantize_group_size,
                                 **_positions_flag(loaded.metas, c.model.positions_after_prefix))
-    lm_fingerprint = functools.cache(lambda: fingerprint.lm_fingerprint(lm.params))  # computed only when needed
+    # The float weights' (what exports record); computed only when needed.
+    lm_fingerprint = functools.cache(lambda: lm.float_fingerprint or fingerprint.lm_fingerprint(lm.params))
     for where, meta in loaded.metas.items():
         check_fits(meta, where, c.model.name_or_path, lm.config.architecture, lm_fingerprint)
 
@@ -294,11 +296,9 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
     _log_truncated(rows, tokenizer, c.source_prefix, max_source, lm.config.is_encoder_decoder)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    # model.quantize: kernels quantized one at a time from the host copy; the float LM never goes to a device.
-    qmodel = quantize.quantized_model(lm.model, lm.params, c.model.quantize, c.model.quantize_group_size)
-    known = lm_fingerprint() if qmodel is not lm.model else None  # the float weights' (what exports record)
-    generate = make_generate_fn(qmodel, gen_cfg, known)
-    lm_params = jax.device_put(quantize.quantize_params(qmodel, lm.params))
+    known = lm_fingerprint() if c.model.quantize != "none" else None  # params are not the float weights
+    generate = make_generate_fn(lm.model, gen_cfg, known)
+    lm_params = jax.device_put(lm.params)
     predictions: list[str | None] = [None] * len(rows)
     progress = _progress(len(rows), c.progress)
     try:

@@ -1,40 +1,56 @@
-"""Weight-only quantization of the frozen LM (`model.quantize = none | int8 | int4`), with Google's qwix.
+"""Weight-only quantization of the frozen LM (`model.quantize = none | int8 | int4 | gguf`), with Google's qwix.
 
 What is quantized: the kernel of every `nn.Dense` / `nn.DenseGeneral` of the LM (attention projections, MLP),
 except the LM head. int8: one scale per output channel (absmax over the contraction axes). int4: one scale per
-group of `group_size` consecutive values along the contraction axes (per output channel). What stays float:
+group of `group_size` consecutive values along the contraction axes (per output channel; a group never spans
+two heads of an output projection). gguf: a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks (32 values along the
+contraction, a float16 scale, and a float16 min for Q4_1) kept as they are (`GGUFBlocks`); a kernel stored
+otherwise (K-quants, Q5_x, F16/F32) is dequantized and quantized to int8, said in the log. What stays float:
 embeddings (looked up, and the tied LM head `Embed.attend` reads them), an untied `lm_head` (kept float so the
 chunked loss `losses.lm_head_for` reads it as today; it is one matrix), norms, biases, position tables.
 
 How: qwix's post-training-quantization provider (`qwix.PtqProvider`) intercepts `jax.lax.dot_general` inside
 the LM's methods. A quantized kernel is a `WithAux(QArray(qvalue int8/int4, scale float))` leaf of the params
-tree: that tree is what the jitted step takes as its explicit LM argument and what is sharded. In a matmul with
-a float activation qwix dequantizes the weight in the dot (`qwix._src.core.dot_general._slow_dot_general`):
-on GPU/TPU XLA fuses it into the matmul; on CPU it is a per-layer temporary inside the layer scan, never a
-float copy of the whole LM.
+tree (gguf: `WithAux(GGUFBlocks)`): that tree is what the jitted step takes as its explicit LM argument and what
+is sharded. In a matmul with a float activation the weight is dequantized in the dot (qwix's
+`_slow_dot_general`; `_gguf_dot_general` for kept blocks): on GPU/TPU XLA fuses it into the matmul; on CPU it
+is a per-layer temporary inside the layer scan, never a float copy of the whole LM.
+
+Where: on the host, never on a device. `quantize_host` is qwix's `qarray.quantize` in numpy, bitwise (tested
+against qwix jitted). Loading a checkpoint quantizes on load (`on_load`: one more transform of the family's HF
+table, `hf_mapping.Transformed`), each kernel block quantized as it is read and placed straight into its shard
+(`models.load_pretrained(..., quantize=)`, `sharded_load.load_sharded(..., quantize=)`).
 
 Use:
-    qmodel = quantized_model(model, lm_params, "int8")      # the model whose methods read quantized kernels
-    qparams = quantize_params(qmodel, lm_params)             # the LM argument of every step
-    logits = qmodel.apply({"params": qparams}, batch, prefix)
+    lm = models.load_pretrained(path, quantize="int8")      # lm.model reads quantized kernels, lm.params holds them
+    logits = lm.model.apply({"params": lm.params}, batch, prefix)
+    qmodel = quantized_model(model, lm_params, "int4", 64)   # or: quantize params already in memory
+    qparams = quantize_params(qmodel, lm_params)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import flax.struct
 import qwix
+from qwix._src.core import dot_general as qwix_dot_general
 from qwix._src.core import qarray as qwix_qarray
 from qwix._src.providers.ptq import WithAux
 
 from prefix_jax.partitioning import path_name
 
-MODES = ("none", "int8", "int4")
+log = logging.getLogger("prefix_jax")
+
+MODES = ("none", "int8", "int4", "gguf")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
 DEFAULT_GROUP_SIZE = 128
 # Model methods run under `model.apply(..., method=...)` anywhere (train, eval, decoding, prefix init).
@@ -67,9 +83,9 @@ def _init_batch() -> dict:
     return {"source_ids": ones, "source_mask": ones, "target_ids": ones, "target_mask": ones}
 
 
-def _wrap(model: nn.Module, rules: list[qwix.QuantizationRule]) -> nn.Module:
+def _wrap(model: nn.Module, rules: list[qwix.QuantizationRule], **provider: Any) -> nn.Module:
     methods = [m for m in _APPLIED_METHODS if hasattr(type(model), m)]
-    return qwix.quantize_model(model, qwix.PtqProvider(rules), methods=methods)
+    return qwix.quantize_model(model, qwix.PtqProvider(rules, **provider), methods=methods)
 
 
 def _abstract(qmodel: nn.Module) -> Any:
@@ -81,15 +97,16 @@ def _int4_tiles(module: str, how: qwix_qarray.HowToQuantize, kernel_shape: tuple
                 group_size: int, field: str) -> dict[int, int]:
     """qwix tile sizes giving groups of `group_size` consecutive values along the flattened contraction axes.
 
-    The innermost contraction axis is tiled by `group_size` when it is at least that long; when it is shorter
-    (an output projection's head_dim), it stays whole and the next contraction axis out is tiled by
+    The innermost contraction axis is tiled by `group_size` when it is at least that long (any outer
+    contraction axis, an output projection's heads, by 1: a group never spans heads); when it is shorter (an
+    output projection's head_dim), it stays whole and the next contraction axis out is tiled by
     `group_size // head_dim`, so that a group still covers `group_size` values.
     """
     contraction = [a for a in range(len(kernel_shape)) if a not in how.channelwise_axes]
     inner = contraction[-1]
     size = kernel_shape[inner]
-    if size % group_size == 0:
-        return {inner: group_size}
+    if size % group_size == 0:  # outer contraction axes (an output projection's heads): one group each
+        return {inner: group_size, **{outer: 1 for outer in contraction[:-1]}}
     if len(contraction) > 1 and group_size % size == 0:
         outer, heads_per_group = contraction[-2], group_size // size
         if kernel_shape[outer] % heads_per_group == 0:
@@ -113,9 +130,10 @@ def quantized_model(model: nn.Module, lm_params: Any, mode: str, group_size: int
     modules = quantized_modules(lm_params)
     if not modules:
         raise QuantizeError(f"model.quantize={mode!r}: this LM has no Dense kernel to quantize.")
-    if mode == "int8":
+    if mode in ("int8", "gguf"):  # gguf: each kernel's leaf (`on_load`) says how it is read in the matmul
+        provider = {"_dot_general_fn": _gguf_dot_general} if mode == "gguf" else {}
         return _wrap(model, [qwix.QuantizationRule(module_path="|".join(map(re.escape, modules)),
-                                                   weight_qtype=jnp.int8)])
+                                                   weight_qtype=jnp.int8)], **provider)
     # int4: qwix needs each module's tiling; the contraction axes are read off an int8 pass (per layer).
     abstract8 = _abstract(quantized_model(model, lm_params, "int8"))
     rules = []
@@ -142,18 +160,86 @@ def _layer_axes(leaf: WithAux) -> int:
     return extra
 
 
-def _quantize_leaf(kernel: jax.Array, leaf: WithAux) -> WithAux:
-    quantize = lambda w: qwix_qarray.quantize(w, leaf.how)
-    if _layer_axes(leaf):  # stacked layers: each layer its own scales
-        quantize = jax.vmap(quantize)
-    return leaf.replace(array=quantize(kernel))
+def _groups(leaf: WithAux, shape: tuple[int, ...], tiles: dict[int, int] | None = None) -> tuple[int, ...]:
+    """Per axis of a (stacked) kernel of `shape`, the length of one scale's group: 1 for a layer or output axis,
+    the tile for a tiled contraction axis, the whole axis for an untiled contraction axis."""
+    layer_axes = _layer_axes(leaf)
+    tiles = dict(leaf.how.tiled_axes) if tiles is None else tiles
+    groups = []
+    for axis, size in enumerate(shape):
+        per_layer = axis - layer_axes
+        if per_layer < 0 or per_layer in leaf.how.channelwise_axes:
+            groups.append(1)
+        else:
+            groups.append(int(tiles.get(per_layer, size)))
+    return tuple(groups)
+
+
+def quantize_host(kernel: np.ndarray, groups: tuple[int, ...], qtype: Any, calibration: str = "absmax") -> dict:
+    """`kernel` (numpy, float32/bfloat16/float16) quantized on the host as qwix's `qarray.quantize` does it on a
+    device, bitwise: one scale (and, for "minmax", one zero point) per group of `groups[a]` consecutive values
+    along each axis `a`. Returns {"qvalue", "scale"[, "zero_point"]} as numpy arrays (int8 / ml_dtypes int4).
+
+    Each operation is rounded to the kernel's dtype as XLA's CPU backend rounds it (a float32 computation, then a
+    cast), and a division by a constant is a multiplication by its float32 reciprocal (XLA's simplifier rewrites
+    it so); tests/test_quantize.py checks this against qwix's jitted `quantize`, float32 and bfloat16.
+    """
+    dtype = kernel.dtype
+    if not np.issubdtype(dtype, np.floating) and dtype not in (ml_dtypes.bfloat16,):
+        raise QuantizeError(f"cannot quantize a kernel of dtype {dtype}")
+    in_dtype = lambda x: np.asarray(x, np.float32).astype(dtype)  # one op's result, rounded as XLA rounds it
+    f32 = lambda x: np.asarray(x, np.float32)
+    split = [d for n, g in zip(kernel.shape, groups) for d in (n // g, g)]
+    reduced = tuple(range(1, len(split), 2))
+    x = kernel.reshape(split)
+    info = jnp.iinfo(qtype)
+    tiny_sqrt = in_dtype(np.sqrt(f32(ml_dtypes.finfo(dtype).tiny)))
+    if calibration == "absmax":
+        absmax = np.max(np.abs(x), axis=reduced, keepdims=True)
+        scale = in_dtype(f32(absmax) * _reciprocal(info.max + 0.5))
+        scale = np.where(scale < tiny_sqrt, np.ones_like(scale), scale)
+        zero_point = None
+        q = in_dtype(f32(x) * (np.float32(1) / f32(scale)))  # as XLA rewrites x / broadcast(scale)
+    elif calibration == "minmax":
+        low = np.minimum(np.min(x, axis=reduced, keepdims=True), np.zeros((), dtype))
+        high = np.maximum(np.max(x, axis=reduced, keepdims=True), np.zeros((), dtype))
+        scale = in_dtype(f32(in_dtype(f32(high) - f32(low))) * _reciprocal(info.max - info.min))
+        scale = np.where(scale < tiny_sqrt, np.ones_like(scale), scale)
+        zero_point = in_dtype(np.float32(info.min) - f32(in_dtype(f32(low) / f32(scale))))
+        zero_point = _to_int(zero_point, qtype)
+        q = in_dtype(f32(in_dtype(f32(x) / f32(scale))) + f32(zero_point.astype(np.int8)))
+    else:
+        raise QuantizeError(f"unknown calibration {calibration!r}")
+    out = {"qvalue": _to_int(q, qtype).reshape(kernel.shape),
+           "scale": scale.reshape([n // g for n, g in zip(kernel.shape, groups)])}
+    if zero_point is not None:
+        out["zero_point"] = zero_point.reshape(out["scale"].shape)
+    return out
+
+
+def _reciprocal(constant: float) -> np.float32:
+    return np.float32(1) / np.float32(constant)
+
+
+def _to_int(x: np.ndarray, qtype: Any) -> np.ndarray:
+    """Rounded half to even and saturated, as `jnp.round(x).astype(qtype)`."""
+    info = jnp.iinfo(qtype)
+    return np.clip(np.round(np.asarray(x, np.float32)), info.min, info.max).astype(np.int8).astype(jnp.dtype(qtype))
+
+
+def _quantize_leaf(kernel: np.ndarray, leaf: WithAux) -> WithAux:
+    """`kernel` (the whole stacked kernel, host) as the quantized leaf `leaf` (abstract) describes."""
+    parts = quantize_host(kernel, _groups(leaf, kernel.shape), leaf.how.qtype, leaf.how.calibration_method)
+    return leaf.replace(array=qwix_qarray.QArray(parts["qvalue"], parts["scale"], parts.get("zero_point"),
+                                                 leaf.how.qtype))
 
 
 def quantize_params(qmodel: nn.Module, lm_params: Any) -> Any:
     """The float LM params with every kernel `qmodel` quantizes replaced by its quantized `WithAux` leaf.
 
-    One kernel at a time (a jitted quantization each), so only one float kernel is transient on a device.
-    Kernels must be floating point (float32/bfloat16/float16); other leaves are returned as they are.
+    On the host, kernel by kernel (`quantize_host`): no float kernel is put on a device; the leaves come back
+    as numpy arrays. Kernels must be floating point (float32/bfloat16/float16); other leaves are returned as
+    they are. (Loading a checkpoint quantizes on load instead: `quantized_table`.)
     """
     if not hasattr(type(qmodel), "_unquantized_type"):
         return lm_params
@@ -163,19 +249,199 @@ def quantize_params(qmodel: nn.Module, lm_params: Any) -> Any:
         target = abstract.get(name)
         if target is None:
             return value
-        if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise QuantizeError(f"model.quantize: LM param {name} is {value.dtype}, not floating point; "
-                                "load a float (fp32/bf16/fp16) LM to quantize it.")
-        if tuple(value.shape) != tuple(target.array.qvalue.shape):
-            raise QuantizeError(f"model.quantize: LM param {name} has shape {tuple(value.shape)}, the model "
-                                f"expects {tuple(target.array.qvalue.shape)}.")
-        return jax.jit(lambda w: _quantize_leaf(w, target))(value)
+        _check_kernel(name, value.dtype, tuple(value.shape), target)
+        return _quantize_leaf(np.asarray(value), target)
 
     out = jax.tree_util.tree_map_with_path(leaf, lm_params)
     missing = set(abstract) - {path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(lm_params)[0]}
     if missing:
         raise QuantizeError(f"model.quantize: LM params lack {sorted(missing)[:3]}.")
     return out
+
+
+def _check_kernel(name: str, dtype: Any, shape: tuple[int, ...], target: WithAux) -> None:
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise QuantizeError(f"model.quantize: LM param {name} is {dtype}, not floating point; "
+                            "load a float (fp32/bf16/fp16) LM to quantize it.")
+    if shape != tuple(target.array.qvalue.shape):
+        raise QuantizeError(f"model.quantize: LM param {name} has shape {shape}, the model "
+                            f"expects {tuple(target.array.qvalue.shape)}.")
+
+
+# --- Quantizing on load: one more transform of the HF table (`hf_mapping.Transformed`) ---
+
+# GGUF storage types whose blocks `model.quantize="gguf"` keeps: the type of their integer values.
+GGUF_KEPT = {"Q8_0": jnp.int8, "Q4_0": jnp.int4, "Q4_1": jnp.uint4}
+GGUF_BLOCK = 32  # values per block along a row (the contraction), one float16 scale (and min) each
+
+
+@flax.struct.dataclass
+class GGUFBlocks:
+    """A kernel kept as a GGUF file stores it: integer values (Q8_0: int8; Q4_0: int4, the stored nibble - 8;
+    Q4_1: uint4, the nibble) and one float16 scale (Q4_1: and one float16 min) per 32-value block along the
+    contraction. Its weights are `qvalue * scale (+ min)` in float32, as llama.cpp dequantizes them."""
+
+    qvalue: Any
+    scale: Any
+    min: Any = None
+
+    shape = property(lambda self: self.qvalue.shape)
+    ndim = property(lambda self: self.qvalue.ndim)
+    dtype = property(lambda self: jnp.dtype(jnp.float32))
+
+
+def dequantize_blocks(blocks: GGUFBlocks) -> jax.Array:
+    """The float32 weights of `blocks`, bitwise as the `gguf` package dequantizes the file's blocks."""
+    w = qwix_qarray.call_with_generic_broadcast(jnp.multiply, blocks.scale.astype(jnp.float32),
+                                                blocks.qvalue.astype(jnp.float32))
+    if blocks.min is not None:
+        w = qwix_qarray.call_with_generic_broadcast(jnp.add, w, blocks.min.astype(jnp.float32))
+    return w
+
+
+def _gguf_dot_general(lhs: jax.Array, rhs: Any, dimension_numbers: Any, precision: Any = None,
+                      preferred_element_type: Any = None, **kwargs: Any) -> jax.Array:
+    """qwix's dot_general, and for a kernel kept as GGUF blocks: dequantized in the matmul (as qwix's own path
+    does for a float activation), at the activation's dtype as a float kernel is promoted."""
+    if isinstance(rhs, GGUFBlocks):
+        return jax.lax.dot_general(lhs, dequantize_blocks(rhs).astype(lhs.dtype), dimension_numbers,
+                                   precision=precision, preferred_element_type=preferred_element_type, **kwargs)
+    return qwix_dot_general.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                        preferred_element_type=preferred_element_type, **kwargs)
+
+
+Bounds = tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class OnLoad:
+    """How one kernel is made while the checkpoint is read (the `how` of an `hf_mapping.Transformed` leaf).
+
+    Quantized (int8/int4): from float blocks read through the table, on the host, each block widened to whole
+    groups so its scales are the whole kernel's (`quantize_host`). Kept (`gguf_type`): the file's own integer
+    values, scales and mins, read through the same table (transposes, splits, row permutations apply to them
+    value by value; a scale is read at its block's first value).
+    """
+
+    leaf: WithAux  # abstract: qwix's `how` and the kernel's shape
+    groups: tuple[int, ...]  # per axis of the stacked kernel: the values one scale covers (`_groups`)
+    dtype: Any  # the float param dtype (a quantized kernel's scale dtype)
+    gguf_type: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.leaf.array.qvalue.shape)
+
+    def parts(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Each array of the leaf: its shape and dtype."""
+        scale_shape = tuple(n // g for n, g in zip(self.shape, self.groups))
+        if self.gguf_type:
+            out = {"qvalue": jax.ShapeDtypeStruct(self.shape, GGUF_KEPT[self.gguf_type]),
+                   "scale": jax.ShapeDtypeStruct(scale_shape, jnp.float16)}
+            if self.gguf_type == "Q4_1":
+                out["min"] = jax.ShapeDtypeStruct(scale_shape, jnp.float16)
+            return out
+        out = {"qvalue": jax.ShapeDtypeStruct(self.shape, self.leaf.how.qtype),
+               "scale": jax.ShapeDtypeStruct(scale_shape, self.dtype)}
+        if self.leaf.how.calibration_method == "minmax":
+            out["zero_point"] = jax.ShapeDtypeStruct(scale_shape, self.leaf.how.qtype)
+        return out
+
+    def covering(self, part: str, bounds: Bounds) -> Bounds:
+        """The kernel's block (whole groups) that `bounds` of `part` is made from."""
+        if part == "qvalue":
+            if self.gguf_type:
+                return bounds  # stored per value
+            return tuple((lo // g * g, -(-hi // g) * g) for (lo, hi), g in zip(bounds, self.groups))
+        return tuple((lo * g, hi * g) for (lo, hi), g in zip(bounds, self.groups))
+
+    def compute(self, read: Callable[..., np.ndarray], kernel_bounds: Bounds, part: str) -> dict[str, np.ndarray]:
+        """Parts of the kernel block `kernel_bounds` (at least `part`); `read(bounds, stored=None)` reads through
+        the table: float values, or a GGUF file's stored "values" / "scale" / "min" per value."""
+        if not self.gguf_type:
+            return quantize_host(read(kernel_bounds), self.groups, self.leaf.how.qtype,
+                                 self.leaf.how.calibration_method)
+        if part == "qvalue":
+            values = read(kernel_bounds, "values")
+            return {"qvalue": values.astype(np.int8).astype(jnp.dtype(GGUF_KEPT[self.gguf_type]))}
+        per_value = read(kernel_bounds, part)
+        return {part: per_value[tuple(slice(None, None, g) for g in self.groups)]}
+
+    def take(self, part: str, computed: np.ndarray, kernel_bounds: Bounds, bounds: Bounds) -> np.ndarray:
+        """The block `bounds` of `part` out of `computed`, made from `kernel_bounds`."""
+        if part == "qvalue":
+            origin = [lo for lo, _ in kernel_bounds]
+        else:
+            origin = [lo // g for (lo, _), g in zip(kernel_bounds, self.groups)]
+        return computed[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(bounds, origin))]
+
+    def assemble(self, parts: dict[str, Any]) -> WithAux:
+        """The params leaf from its parts (arrays, numpy arrays or shapes)."""
+        if self.gguf_type:
+            return self.leaf.replace(array=GGUFBlocks(parts["qvalue"], parts["scale"], parts.get("min")))
+        return self.leaf.replace(array=qwix_qarray.QArray(parts["qvalue"], parts["scale"], parts.get("zero_point"),
+                                                          self.leaf.how.qtype))
+
+    def split(self, leaf: WithAux) -> dict[str, Any]:
+        """The parts of a leaf shaped as `assemble` makes it (e.g. its shardings)."""
+        array = leaf.array
+        return {part: getattr(array, "zero_point" if part == "zero_point" else part) for part in self.parts()}
+
+
+def on_load(model: nn.Module, table: Any, source: Any, mode: str, group_size: int, dtype: Any,
+            int4_calibration: str = "absmax") -> tuple[nn.Module, Any]:
+    """(the quantized model, `table` with each kernel it quantizes made on load: `hf_mapping.Transformed`);
+    `(model, table)` for "none". `table` is bound to `source` (`hf_mapping.bind`); `dtype` the float params'.
+
+    "gguf": a kernel whose layers are all stored as Q8_0 / Q4_0 / Q4_1 keeps the file's blocks; any other
+    (K-quants, Q5_x, F16/F32) is dequantized and quantized to int8 per output channel, said in the log.
+    """
+    from prefix_jax.models import hf_mapping  # the table's types (hf_mapping imports nothing from here)
+
+    check_mode(mode)
+    if mode == "none":
+        return model, table
+    if mode == "gguf" and not hasattr(source, "storage_type"):
+        raise QuantizeError(f"model.quantize='gguf' keeps a GGUF file's own blocks, but {source.where} is not a "
+                            "GGUF checkpoint; use model.quantize=int8 or int4.")
+    shapes = hf_mapping.shapes(table, dtype)
+    qmodel = quantized_model(model, shapes, mode, group_size, int4_calibration=int4_calibration)
+    abstract = dict(_with_aux_leaves(_abstract(qmodel)))
+    requantized: list[str] = []
+
+    def transform(path: tuple, src: Any) -> Any:
+        name = path_name(path)
+        target = abstract.get(name)
+        if target is None:
+            return src
+        if isinstance(src, hf_mapping.Zeros):
+            raise QuantizeError(f"model.quantize: {name} is missing from the checkpoint (zeros); it cannot be "
+                                "quantized.")
+        _check_kernel(name, np.dtype(dtype), tuple(src.shape), target)
+        if mode != "gguf":
+            return hf_mapping.Transformed(src, OnLoad(target, _groups(target, src.shape), np.dtype(dtype)))
+        stored = {source.storage_type(n) for n in src.names}
+        kind = stored.pop() if len(stored) == 1 else None
+        if kind not in GGUF_KEPT:
+            requantized.append(f"{name} ({'/'.join(sorted(stored | {kind} - {None}))})")
+            how = dataclasses.replace(target.how, qtype=jnp.int8, tiled_axes={})
+            int8 = target.replace(how=how)
+            return hf_mapping.Transformed(src, OnLoad(int8, _groups(int8, src.shape), np.dtype(dtype)))
+        per_layer = tuple(src.shape[_layer_axes(target):])
+        try:
+            tiles = _int4_tiles(name.rsplit("/", 1)[0], target.how, per_layer, GGUF_BLOCK, "model.quantize")
+        except QuantizeError:
+            raise QuantizeError(f"model.quantize='gguf': {src.names[0]} is stored in {GGUF_BLOCK}-value {kind} blocks "
+                                f"that do not tile the contraction of {name} (shape {per_layer}); use "
+                                "model.quantize=int8 or int4.") from None
+        return hf_mapping.Transformed(src, OnLoad(target, _groups(target, src.shape, tiles), np.dtype(dtype), kind))
+
+    out = jax.tree_util.tree_map_with_path(transform, table, is_leaf=hf_mapping.is_leaf)
+    if requantized:
+        log.info("model.quantize='gguf': %d kernels are not stored as Q8_0/Q4_0/Q4_1 blocks; dequantized and "
+                 "quantized to int8 per output channel: %s", len(requantized), ", ".join(requantized[:6]) +
+                 (" ..." if len(requantized) > 6 else ""))
+    return qmodel, out
 
 
 def quantized_bytes(lm_params: Any) -> dict[str, int]:
@@ -185,11 +451,8 @@ def quantized_bytes(lm_params: Any) -> dict[str, int]:
     """
     totals = {"quantized": 0, "float": 0}
     for leaf in jax.tree_util.tree_leaves(lm_params, is_leaf=lambda x: isinstance(x, WithAux)):
-        if isinstance(leaf, WithAux):
-            q = leaf.array
-            totals["quantized"] += _nbytes(q.qvalue) + _nbytes(q.scale)
-            if q.zero_point is not None:
-                totals["quantized"] += _nbytes(q.zero_point)
+        if isinstance(leaf, WithAux):  # int values, scales, zero points / mins
+            totals["quantized"] += sum(_nbytes(x) for x in jax.tree_util.tree_leaves(leaf.array))
         else:
             totals["float"] += _nbytes(leaf)
     return totals
@@ -216,9 +479,10 @@ def quantized_param_axes(param_axes: Any) -> tuple:
     extra = []
     for pattern, names in param_axes:
         if pattern.endswith("kernel"):
-            extra.append((pattern + "/array/(qvalue|scale)", names))
+            extra.append((pattern + "/array/(qvalue|scale|zero_point|min)", names))
     return tuple(extra) + tuple(param_axes)
 
 
-__all__ = ["MODES", "DEFAULT_GROUP_SIZE", "QuantizeError", "check_mode", "quantized_modules", "quantized_model",
-           "quantize_params", "quantized_bytes", "float_kernel_bytes", "quantized_param_axes", "WithAux"]
+__all__ = ["MODES", "DEFAULT_GROUP_SIZE", "GGUF_KEPT", "GGUFBlocks", "OnLoad", "QuantizeError", "check_mode",
+           "dequantize_blocks", "float_kernel_bytes", "on_load", "quantize_host", "quantize_params", "quantized_bytes",
+           "quantized_model", "quantized_modules", "quantized_param_axes", "WithAux"]

@@ -45,7 +45,8 @@ def _regexes(field: str, patterns: Any) -> str | None:
 
 
 # The frozen LM's weight-only quantization (prefix_jax/quantize.py), the same fields in train and predict configs.
-_QUANTIZE = ("none", "weight-only frozen LM: none | int8 (a scale per output channel) | int4 (a scale per group)",
+_QUANTIZE = ("none", "weight-only frozen LM: none | int8 (a scale per output channel) | int4 (a scale per group) | "
+             "gguf (a GGUF file's own Q8_0/Q4_0/Q4_1 blocks kept; other types int8)",
              one_of(*QUANTIZE_MODES, valid=f"one of {QUANTIZE_MODES}"))
 # 64, not 128: 128 does not divide SmolLM2's width 576; 64 divides it and every common hidden, MLP and head size.
 _GROUP_SIZE = (64, "int4: consecutive contraction values per scale (must divide every hidden, MLP and head size)",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 from etils import epath
 
-from prefix_jax import checkpoint, config_checks, data, models, partitioning, quantize, sharding, tiny_checkpoints
+from prefix_jax import checkpoint, config_checks, data, models, quantize, sharding, tiny_checkpoints
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.config_checks import ConfigError
 from prefix_jax.fingerprint import lm_fingerprint
@@ -41,7 +41,7 @@ class RunPlan:
     """Everything a run derives from its options before the first step; the loop reads only this."""
 
     options: RunOptions
-    lm: models.PretrainedLM  # with `model.quantize`: its model and params quantized (`quantize_lm`)
+    lm: models.PretrainedLM  # with `model.quantize`: its model and params quantized on load (`load_lm`)
     lm_fingerprint: str  # of the float checkpoint's weights, quantized or not: a prefix fits the float LM too
     tokenizer: Any
     spec: prefix_lib.PrefixSpec
@@ -76,33 +76,21 @@ def prepare_offline_demo(model: ModelOptions) -> None:
 
 
 def load_lm(model: ModelOptions, mesh: Any, lm_partitioning: str) -> models.PretrainedLM:
-    """The frozen LM `model` names, its params read straight into their shards on `mesh`."""
+    """The frozen LM `model` names, its params read straight into their shards on `mesh`; with `model.quantize`,
+    its Dense kernels quantized on the host as they are read (`prefix_jax.quantize.on_load`), so no float kernel
+    is ever on a device."""
     overrides = {"remat": common.remat_policy(model.remat), "attention_kernel": model.attention_kernel}
     if model.positions_after_prefix is not None:
         overrides["positions_after_prefix"] = bool(model.positions_after_prefix)
-    return sharded_load.load_sharded(model.name_or_path, mesh, lm_partitioning, model.param_dtype,
-                                     model.compute_dtype or None, **overrides)
-
-
-def quantize_lm(lm: models.PretrainedLM, model: ModelOptions, mesh: Any, lm_partitioning: str) -> models.PretrainedLM:
-    """`lm` with its Dense kernels quantized as `model.quantize` says (`prefix_jax.quantize`), laid out on `mesh`
-    by the architecture's partition rules extended to the quantized leaves; `lm` itself for "none".
-
-    Each kernel is quantized from its float shards by one jitted program (its scales computed where the kernel
-    lies), so besides the float LM just loaded only one quantized kernel at a time is new on the devices.
-    """
-    qmodel = quantize.quantized_model(lm.model, lm.params, model.quantize, model.quantize_group_size)
-    if qmodel is lm.model:
-        return lm
-    qparams = quantize.quantize_params(qmodel, lm.params)
-    axes = quantize.quantized_param_axes(models.architecture(lm.config.architecture).PARAM_AXES)
-    qparams = jax.device_put(qparams, partitioning.lm_shardings(qparams, axes, lm_partitioning, mesh))
-    sizes = quantize.quantized_bytes(qparams)
-    log.info("LM quantized (%s%s): %d bytes of quantized kernels (values and scales) for %d float bytes; %d bytes "
-             "stay float (embeddings, norms, biases, LM head)", model.quantize,
-             f", groups of {model.quantize_group_size}" if model.quantize == "int4" else "", sizes["quantized"],
-             quantize.float_kernel_bytes(qmodel, lm.params), sizes["float"])
-    return dataclasses.replace(lm, model=qmodel, params=qparams)
+    lm = sharded_load.load_sharded(model.name_or_path, mesh, lm_partitioning, model.param_dtype,
+                                   model.compute_dtype or None, model.quantize, model.quantize_group_size, **overrides)
+    if model.quantize != "none":
+        sizes = quantize.quantized_bytes(lm.params)
+        log.info("LM quantized on load (%s%s): %d bytes of quantized kernels (values and scales); %d bytes stay "
+                 "float (embeddings, norms, biases, LM head)", model.quantize,
+                 f", groups of {model.quantize_group_size}" if model.quantize == "int4" else "", sizes["quantized"],
+                 sizes["float"])
+    return lm
 
 
 def init_text_ids(prefix: PrefixOptions, tokenizer: Any) -> list[int]:
@@ -220,8 +208,7 @@ def build(options: RunOptions, before_lm: Callable[[], None] = lambda: None) -> 
     before_lm()
     mesh = sharding.mesh_from_config(o.mesh)  # before the LM: it is loaded straight into its shards
     lm = load_lm(o.model, mesh, o.mesh.lm_partitioning)
-    fingerprint = lm_fingerprint(lm.params)  # the float weights': what an export records
-    lm = quantize_lm(lm, o.model, mesh, o.mesh.lm_partitioning)
+    fingerprint = lm.float_fingerprint or lm_fingerprint(lm.params)  # the float weights': what an export records
     tokenizer = data.load_tokenizer(o.model.tokenizer or str(lm.model_dir),
                                     field="model.tokenizer" if o.model.tokenizer else "model.name_or_path")
     init_ids = init_text_ids(o.prefix, tokenizer)

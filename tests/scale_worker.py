@@ -149,9 +149,68 @@ def check_loading(root: Path) -> dict:
     return report
 
 
-def check_process_loading(directory: Path, coordinator: str, process_id: int) -> dict:
-    """One of 2 processes x 4 devices, mesh (1, 8, 1): the LM split across the processes. This process's shards
-    equal `load_pretrained` bitwise, and it read only its devices' blocks (the bytes the loader logs)."""
+class PlacementSpy:
+    """Wraps `jax.make_array_from_callback` (the one way the loader places arrays): the shape and dtype of each."""
+
+    def __init__(self):
+        self.placed: list[tuple[tuple[int, ...], str]] = []
+        self._make = jax.make_array_from_callback
+
+    def __enter__(self):
+        def recording(shape, sharding, callback, *args, **kwargs):
+            out = self._make(shape, sharding, callback, *args, **kwargs)
+            self.placed.append((tuple(out.shape), str(out.dtype)))
+            return out
+
+        jax.make_array_from_callback = recording
+        return self
+
+    def __exit__(self, *exc):
+        jax.make_array_from_callback = self._make
+
+
+QUANTIZED_MESHES = ((1, 8, 1), (1, 1, 4), (2, 2, 2))  # fsdp over the contraction; tensor; both
+
+
+def check_quantized_loading(root: Path) -> dict:
+    """Quantize on load into shards == the one-device host load == quantize-after-load, bitwise, on meshes that split
+    kernels along their contraction (fsdp) and their outputs (tensor); no float kernel is ever placed."""
+    from prefix_jax import quantize as qz
+
+    checkpoints = {arch: tiny_checkpoints.build_tiny_checkpoint(root / arch, arch) for arch in ("llama", "gpt2")}
+    report = {}
+    for arch, directory in checkpoints.items():
+        float_lm = models.load_pretrained(str(directory))
+        for mode in ("int8", "int4"):
+            qmodel = qz.quantized_model(float_lm.model, float_lm.params, mode, 32)
+            after = qz.quantize_params(qmodel, float_lm.params)  # today's order: float load, then quantize
+            whole = models.load_pretrained(str(directory), quantize=mode, quantize_group_size=32)
+            kernel_shapes = {tuple(leaf.array.qvalue.shape) for _, leaf in qz._with_aux_leaves(after)}
+            for ours, ref in zip(jax.tree.leaves(whole.params), jax.tree.leaves(after)):
+                assert ours.dtype == ref.dtype and np.array_equal(np.asarray(ours), np.asarray(ref)), (arch, mode)
+            for shape in QUANTIZED_MESHES:
+                with PlacementSpy() as spy:
+                    lm = sharded_load.load_sharded(str(directory), mesh_of(shape), STRATEGY, quantize=mode,
+                                                   quantize_group_size=32)
+                assert jax.tree.structure(lm.params) == jax.tree.structure(after), (arch, mode, shape)
+                for ours, ref in zip(jax.tree.leaves(lm.params), jax.tree.leaves(after)):
+                    host = np.asarray(jax.device_get(ours))
+                    assert host.dtype == ref.dtype and np.array_equal(host, np.asarray(ref)), (arch, mode, shape)
+                floats = [(s, d) for s, d in spy.placed if s in kernel_shapes and "float" in d]
+                assert not floats and len(spy.placed) == len(jax.tree.leaves(after)), (arch, mode, shape, floats)
+                assert lm.float_fingerprint == whole.float_fingerprint
+                split = sum(any(x.sharding.spec) for x in jax.tree.leaves(lm.params)
+                            if jnp.issubdtype(x.dtype, jnp.integer))
+                report[f"{arch}/{mode}/{shape}"] = {"sharded_int_leaves": split, "placed": len(spy.placed)}
+                assert split >= 3, report
+    return report
+
+
+def check_process_loading(directory: Path, coordinator: str, process_id: int, mode: str = "none",
+                          shape: tuple[int, int, int] = (1, 8, 1)) -> dict:
+    """One of 2 processes x 4 devices, mesh `shape` (default (1, 8, 1): the LM split across the processes). This
+    process's shards equal `load_pretrained` (quantized on load with `mode`) bitwise, and it read only its devices'
+    blocks (the bytes the loader logs)."""
     import logging
 
     sharding.initialize_distributed(coordinator, 2, process_id)
@@ -161,15 +220,16 @@ def check_process_loading(directory: Path, coordinator: str, process_id: int) ->
     logger = logging.getLogger("prefix_jax")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    lm = sharded_load.load_sharded(str(directory), mesh_of((1, 8, 1)), STRATEGY)
-    reference = models.load_pretrained(str(directory))
+    lm = sharded_load.load_sharded(str(directory), mesh_of(shape), STRATEGY, quantize=mode, quantize_group_size=32)
+    reference = models.load_pretrained(str(directory), quantize=mode, quantize_group_size=32)
     for ours, ref in zip(jax.tree.leaves(lm.params), jax.tree.leaves(reference.params)):
         for shard in ours.addressable_shards:
-            assert np.array_equal(np.asarray(shard.data).view(np.uint8), ref[shard.index].view(np.uint8))
+            assert np.array_equal(np.asarray(shard.data).astype(np.float32), ref[shard.index].astype(np.float32))
+            assert shard.data.dtype == ref.dtype
     line = next(l for l in lines if "LM loaded into its shards" in l)
     read, total = _bytes_in(line)
-    return {"process": process_id, "architecture": lm.config.architecture, "bytes_read": read, "total_bytes": total,
-            "fraction": read / total, "log": line}
+    return {"process": process_id, "architecture": lm.config.architecture, "quantize": mode, "mesh": list(shape),
+            "bytes_read": read, "total_bytes": total, "fraction": read / total, "log": line}
 
 
 def _bytes_in(line: str) -> tuple[int, int]:
@@ -332,11 +392,13 @@ def check_generation(root: Path) -> dict:
 
 
 CHECKS = {"loading": check_loading, "training": check_training, "memory": check_memory,
-          "generation": check_generation}
+          "generation": check_generation, "quantized_loading": check_quantized_loading}
 
 if __name__ == "__main__":
     check, root = sys.argv[1], Path(sys.argv[2])
-    if check == "process_loading":  # DIRECTORY COORDINATOR PROCESS_ID
-        print(json.dumps(check_process_loading(root, sys.argv[3], int(sys.argv[4]))))
+    if check == "process_loading":  # DIRECTORY COORDINATOR PROCESS_ID [QUANTIZE [MESH]]
+        extra = sys.argv[5:]
+        print(json.dumps(check_process_loading(root, sys.argv[3], int(sys.argv[4]), *extra[:1],
+                                               *[tuple(json.loads(m)) for m in extra[1:2]])))
     else:
         print(json.dumps(CHECKS[check](root)))

@@ -123,6 +123,10 @@ def test_int8_scales_are_per_output_channel_and_int4_per_group_along_the_contrac
         scale4 = np.asarray(flat4[name].array.scale)
         groups = int(np.prod(kernel.shape)) // int(np.prod(scale4.shape))
         assert groups == GROUP, (name, kernel.shape, scale4.shape)
+    # A group as long as a head (16): the innermost contraction axis is tiled, and a group never spans heads.
+    _, model, _ = tiny(architecture)
+    for name, leaf in qz._with_aux_leaves(qz._abstract(qz.quantized_model(model, params, "int4", 16))):
+        assert int(np.prod(leaf.array.qvalue.shape)) // int(np.prod(leaf.array.scale.shape)) == 16, name
 
 
 def _lookup(tree, name: str):
@@ -206,3 +210,127 @@ def test_bad_settings_are_one_line_errors_naming_the_field():
     with pytest.raises(qz.QuantizeError, match=r"^model.quantize: LM param .*kernel is int32, not floating"):
         qz.quantize_params(qmodel, as_int)
     assert qz.quantized_model(model, params, "none") is model and qz.quantize_params(model, params) is params
+
+
+# --- Quantizing on the host, on load (the float kernel never on a device) ---------------------------------------
+
+
+def _qwix_on_device(qmodel, params) -> dict:
+    """What `quantize_params` did before quantizing moved to the host: qwix's `quantize`, jitted per kernel on the
+    device (vmapped over the stacked layers)."""
+    from qwix._src.core import qarray
+
+    abstract = dict(qz._with_aux_leaves(qz._abstract(qmodel)))
+    out = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        target = abstract.get(qz.path_name(path))
+        if target is not None:
+            quantize = lambda w, how=target.how: qarray.quantize(w, how)
+            out[qz.path_name(path)] = jax.jit(jax.vmap(quantize) if qz._layer_axes(target) else quantize)(value)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_host_quantization_equals_qwix_jitted_quantize_bitwise(dtype):
+    """int8, int4 (absmax) and int4 minmax (a zero point per group), on the tiny Llama in float32 and bfloat16."""
+    _, model, params = tiny("llama")
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    for mode, calibration in (("int8", "absmax"), ("int4", "absmax"), ("int4", "minmax")):
+        qmodel = qz.quantized_model(model, params, mode, GROUP, int4_calibration=calibration)
+        reference = _qwix_on_device(qmodel, params)
+        host = dict(qz._with_aux_leaves(qz.quantize_params(qmodel, params)))
+        assert set(host) == set(reference) and reference
+        for name, ref in reference.items():
+            got = host[name].array
+            assert isinstance(got.qvalue, np.ndarray), name  # made on the host
+            for part in ("qvalue", "scale", "zero_point"):
+                a, b = getattr(ref, part), getattr(got, part)
+                assert (a is None) == (b is None), (name, part)
+                if a is not None:
+                    a = np.asarray(a)
+                    assert a.dtype == b.dtype and np.array_equal(a.astype(np.float32), b.astype(np.float32)), (
+                        mode, calibration, name, part)
+
+
+@pytest.mark.parametrize("architecture", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
+def test_quantize_on_load_equals_quantize_after_load_bitwise(tiny_checkpoint, architecture):
+    """`load_pretrained(..., quantize=)` (each kernel quantized as the table reads it) == loading the float LM and
+    quantizing it; the float weights' fingerprint is known without them."""
+    from prefix_jax import fingerprint, models
+
+    directory = tiny_checkpoint(architecture)
+    float_lm = models.load_pretrained(str(directory))
+    for mode in ("int8", "int4"):
+        loaded = models.load_pretrained(str(directory), quantize=mode, quantize_group_size=GROUP)
+        after = qz.quantize_params(qz.quantized_model(float_lm.model, float_lm.params, mode, GROUP), float_lm.params)
+        assert jax.tree.structure(loaded.params) == jax.tree.structure(after)
+        for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(after)):
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a).astype(np.float32), b.astype(np.float32))
+        assert loaded.float_fingerprint == fingerprint.lm_fingerprint(float_lm.params)
+
+
+GGUF_KEPT_CASES = [pytest.param("Q8_0", marks=pytest.mark.slow), pytest.param("Q4_0", marks=pytest.mark.slow), "Q4_1"]
+
+
+@functools.cache
+def _gguf_file(family: str, storage: str):
+    import tempfile
+    from pathlib import Path
+
+    from gguf_fixtures import random_model, write_gguf
+
+    return write_gguf(random_model(family), Path(tempfile.mkdtemp()) / f"{family}_{storage}.gguf", storage)
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("storage", GGUF_KEPT_CASES)
+def test_gguf_blocks_are_kept_bitwise_and_give_the_dequantized_models_logits(family, storage):
+    """model.quantize=gguf: every Dense kernel keeps the file's integer values and float16 scales (and mins):
+    dequantized they are the float loader's weights bitwise, the stored scales are the file's, and the logits equal
+    the dequantized float model's (llama: permuted Q/K rows, GQA, o_proj blocks across heads; gpt2: transposed,
+    fused c_attn)."""
+    import gguf as gguf_lib
+
+    from prefix_jax import models
+
+    path = _gguf_file(family, storage)
+    float_lm = models.load_pretrained(str(path))
+    kept = models.load_pretrained(str(path), quantize="gguf")
+    leaves = dict(qz._with_aux_leaves(kept.params))
+    assert leaves and all(isinstance(leaf.array, qz.GGUFBlocks) for leaf in leaves.values())
+    for name, leaf in leaves.items():
+        blocks = leaf.array
+        assert blocks.qvalue.dtype == qz.GGUF_KEPT[storage] and blocks.scale.dtype == np.float16, name
+        assert (blocks.min is not None) == (storage == "Q4_1")
+        np.testing.assert_array_equal(np.asarray(jax.jit(qz.dequantize_blocks)(blocks)), _lookup(float_lm.params, name))
+    if family == "llama":  # the stored bytes themselves: ffn_gate's first block of row 0, layer 0
+        reader = gguf_lib.GGUFReader(str(path))
+        row = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate.weight").data[0]
+        gate = leaves["model/layers/mlp/gate_proj/kernel"].array  # [layer, in, out]: blocks along `in`
+        assert gate.scale[0, 0, 0] == row[:2].view(np.float16)[0]
+        if storage == "Q4_1":
+            assert gate.min[0, 0, 0] == row[2:4].view(np.float16)[0]
+    batch = text_batch(np.random.default_rng(0))
+    ref, got = log_probs(float_lm.model, float_lm.params, batch), log_probs(kept.model, kept.params, batch)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5)
+
+
+def test_gguf_other_storage_types_are_requantized_to_int8_said_in_the_log(caplog):
+    from prefix_jax import models
+
+    with caplog.at_level("INFO", logger="prefix_jax"):
+        kept = models.load_pretrained(str(_gguf_file("llama", "Q5_0")), quantize="gguf")
+    leaves = dict(qz._with_aux_leaves(kept.params))
+    assert all(leaf.array.qvalue.dtype == jnp.int8 and leaf.array.scale.shape[1] == 1 for leaf in leaves.values())
+    assert any("not stored as Q8_0/Q4_0/Q4_1 blocks" in r.getMessage() and "(Q5_0)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_bad_quantize_on_load_is_one_line_naming_the_field(tiny_checkpoint):
+    from prefix_jax import models
+
+    with pytest.raises(qz.QuantizeError, match=r"^model.quantize='gguf' keeps a GGUF file's own blocks, but .* is "
+                                               r"not a GGUF checkpoint; use model.quantize=int8 or int4\.$"):
+        models.load_pretrained(str(tiny_checkpoint("llama")), quantize="gguf")
+    with pytest.raises(qz.QuantizeError, match=r"^model.quantize_group_size=48 does not divide"):
+        models.load_pretrained(str(tiny_checkpoint("llama")), quantize="int4", quantize_group_size=48)

@@ -234,6 +234,15 @@ def test_sharded_loading_equals_the_loader_bitwise_reading_only_each_shard(model
 
 
 @pytest.mark.slow
+def test_quantize_on_load_into_shards_equals_quantize_after_load_bitwise(models_root):
+    """Llama and GPT-2, int8 and int4, meshes (1,8,1) (fsdp: kernels split along their contraction), (1,1,4)
+    (tensor) and (2,2,2): every quantized leaf equals the one-device host load and today's float load + quantize,
+    bitwise; every array the loader placed is a quantized part or a float non-kernel (no float kernel)."""
+    report = run_worker("quantized_loading", models_root)
+    assert len(report) == 2 * 2 * 3 and all(r["sharded_int_leaves"] >= 3 for r in report.values())
+
+
+@pytest.mark.slow
 def test_training_on_sharded_meshes_matches_one_device(models_root):
     """(8,1,1), (2,4,1), (2,1,4), (1,2,4): losses, prefix gradients, eval loss (dropout on), LM unchanged."""
     report = run_worker("training", models_root)

@@ -41,6 +41,9 @@ class PretrainedLM:
     model: Any
     params: dict
     hf_config: Any
+    # The float checkpoint's `fingerprint.lm_fingerprint`, set when the params are quantized on load (from corners
+    # read through the table: no float LM is loaded); "" otherwise (compute it from `params`).
+    float_fingerprint: str = ""
 
 
 def architecture(model_type: str, field: str = "model.name_or_path") -> Any:
@@ -113,13 +116,30 @@ def open_checkpoint(name_or_path: str, param_dtype: str = "float32", compute_dty
     return OpenCheckpoint(model_dir, arch, hf_config, config, hf_mapping.bind(table, source, what), source)
 
 
+def quantize_on_load(opened: OpenCheckpoint, dtype: Any, mode: str, group_size: int | None) -> tuple[Any, Any, str]:
+    """(model, table, float fingerprint) of an opened checkpoint under `model.quantize=mode`: for "none" its
+    model and table (fingerprint ""); else the quantized model, the table whose kernels are quantized as they
+    are read (`prefix_jax.quantize.on_load`), and the float weights' fingerprint from corners read through it."""
+    model = opened.arch.Model(opened.config)
+    if mode == "none":
+        return model, opened.table, ""
+    from prefix_jax import fingerprint, quantize  # qwix: only quantized loads import it
+
+    group_size = group_size or quantize.DEFAULT_GROUP_SIZE
+    qmodel, table = quantize.on_load(model, opened.table, opened.source, mode, group_size, dtype)
+    return qmodel, table, fingerprint.lm_fingerprint(hf_mapping.unread(opened.table, opened.source, dtype))
+
+
 def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
+                    quantize: str = "none", quantize_group_size: int | None = None,
                     **config_overrides: Any) -> PretrainedLM:
-    """Loads a checkpoint (see `open_checkpoint`) as our model + params (host numpy arrays)."""
+    """Loads a checkpoint (see `open_checkpoint`) as our model + params (host numpy arrays). `quantize`
+    (`model.quantize`): each kernel quantized on the host as it is read (`quantize_on_load`)."""
     opened = open_checkpoint(name_or_path, param_dtype, compute_dtype, **config_overrides)
-    params = hf_mapping.load(opened.table, opened.source, np.dtype(jax.numpy.dtype(param_dtype)))
-    return PretrainedLM(name_or_path, opened.model_dir, opened.config, opened.arch.Model(opened.config), params,
-                        opened.hf_config)
+    dtype = np.dtype(jax.numpy.dtype(param_dtype))
+    model, table, fingerprint = quantize_on_load(opened, dtype, quantize, quantize_group_size)
+    params = hf_mapping.load(table, opened.source, dtype)
+    return PretrainedLM(name_or_path, opened.model_dir, opened.config, model, params, opened.hf_config, fingerprint)
 
 
 def params_to_hf(params: Any, config: Any) -> dict[str, np.ndarray]:

@@ -249,8 +249,14 @@ class GGUFTensors:
     def total_bytes(self) -> int:
         return self.path.stat().st_size
 
-    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        """`tensor[index]` in HF's layout, float32, dequantizing only the stored rows it covers."""
+    def storage_type(self, name: str) -> str:
+        """How the file stores HF tensor `name` ("F32", "Q8_0", "Q4_K", ...)."""
+        return self._tensors[name][0].tensor_type.name
+
+    def read(self, name: str, index: tuple[slice, ...], stored: str | None = None) -> np.ndarray:
+        """`tensor[index]` in HF's layout, float32, dequantizing only the stored rows it covers. `stored`
+        ("values" / "scale" / "min", for Q8_0 / Q4_0 / Q4_1 only): instead, the block's stored integer (int8: a
+        Q4_0 nibble minus 8, a Q4_1 nibble) or its float16 scale / min, repeated for each value of its block."""
         tensor, layout = self._tensors[name]
         stored_index = index[::-1] if layout.transposed else index
         rows = range(*stored_index[0].indices(int(tensor.shape[-1])))  # GGUF dims are innermost first
@@ -261,14 +267,46 @@ class GGUFTensors:
         whole = tensor.data.ndim == 1 and tensor.tensor_type.name not in ("F32", "F16")  # 1-D, stored as bytes
         raw = tensor.data if whole else tensor.data[lo:hi]
         self.bytes_read += raw.nbytes
-        w = np.asarray(gguf.quants.dequantize(raw, tensor.tensor_type), dtype=np.float32)
+        if stored is None:
+            w = np.asarray(gguf.quants.dequantize(raw, tensor.tensor_type), dtype=np.float32)
+        else:
+            w = stored_blocks(raw, tensor.tensor_type.name, stored, self.where, tensor.name)
         w = w[lo:hi] if whole else w
         if layout.rope_heads:
             w = unpermute_rope_rows(w, (hi - lo) // head_rows)
         w = w[(slice(rows.start - lo, rows.stop - lo), *stored_index[1:])]
         if layout.plus_one:
+            if stored is not None:
+                raise GGUFError(f"{self.where}: {tensor.name} is stored plus one; its blocks cannot be kept.")
             w = w - 1
         return w.T if layout.transposed else w
+
+
+# Bytes of one 32-value block: Q8_0 = f16 scale + 32 int8; Q4_0 = f16 scale + 16 bytes of nibbles; Q4_1 = f16
+# scale + f16 min + 16 bytes of nibbles (value j of a block: low nibble of byte j for j < 16, else the high
+# nibble of byte j - 16), as llama.cpp's ggml-quants writes them.
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def stored_blocks(raw: np.ndarray, kind: str, part: str, where: str, tensor: str) -> np.ndarray:
+    """Rows of a Q8_0/Q4_0/Q4_1 tensor (`raw`: their bytes, `[rows, bytes per row]`) as stored: "values" (int8:
+    Q8_0's integers, a Q4_0 nibble - 8, a Q4_1 nibble), "scale" or "min" (float16, once per value of a block)."""
+    if kind not in _BLOCK_BYTES or (part == "min" and kind != "Q4_1"):
+        raise GGUFError(f"{where}: {tensor} is stored as {kind}; its {part} cannot be kept (only Q8_0, Q4_0 and "
+                        "Q4_1 blocks are).")
+    rows = raw.reshape(raw.shape[0], -1, _BLOCK_BYTES[kind])  # [rows, blocks, bytes]
+    if part in ("scale", "min"):
+        at = 0 if part == "scale" else 2
+        x = rows[..., at:at + 2].copy().view(np.float16)  # [rows, blocks, 1]
+        return np.repeat(x, 32, axis=-1).reshape(raw.shape[0], -1)
+    if kind == "Q8_0":
+        values = rows[..., 2:].view(np.int8)
+    else:
+        nibbles = rows[..., 2 if kind == "Q4_0" else 4:]
+        values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.int8)
+        if kind == "Q4_0":
+            values = values - np.int8(8)
+    return values.reshape(raw.shape[0], -1)
 
 
 # --- Tokenizer ---

@@ -84,6 +84,23 @@ class Zeros:
     shape: tuple[int, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class Transformed:
+    """A leaf made from `src`'s blocks as they are read: a kernel quantized on load (`prefix_jax.quantize.on_load`).
+
+    `how` (`quantize.OnLoad`) says its parts (`parts()`: name -> shape/dtype; `assemble(parts)` -> the leaf,
+    `split(leaf)` -> its parts), which block of `src` a block of a part is made from (`covering`), how
+    (`compute(read, bounds, part)`, reading through this table) and which piece of it the block is (`take`).
+    """
+
+    src: FromHF
+    how: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.src.shape
+
+
 def tensor(name: str, *split: tuple[int, ...], transpose: bool = False, offset: tuple[int, ...] | None = None,
            optional: bool = False, gguf: GGUF | None = None) -> FromHF:
     """One HF tensor -> one leaf (see `FromHF`)."""
@@ -98,7 +115,7 @@ def layers(num_layers: int, name: str, *split: tuple[int, ...], transpose: bool 
 
 
 def is_leaf(x: Any) -> bool:
-    return isinstance(x, (FromHF, Zeros))
+    return isinstance(x, (FromHF, Zeros, Transformed))
 
 
 def leaves(table: Any) -> list[FromHF | Zeros]:
@@ -234,8 +251,11 @@ def _hf_read(src: FromHF, bounds: Bounds) -> tuple[tuple[slice, ...], tuple[int,
     return tuple(hf_index), tuple(shape), tuple(inner)
 
 
-def read_block(source: TensorSource, src: FromHF | Zeros, bounds: Bounds, dtype: Any) -> np.ndarray:
-    """The block `bounds` of our leaf, in `dtype`, reading only the HF slices it needs."""
+def read_block(source: TensorSource, src: FromHF | Zeros, bounds: Bounds, dtype: Any,
+               stored: str | None = None) -> np.ndarray:
+    """The block `bounds` of our leaf, in `dtype`, reading only the HF slices it needs. `stored`: instead of
+    the float values, a quantized file's stored "values" / "scale" / "min" per value (`GGUFTensors.read`),
+    in their own dtype."""
     block_shape = tuple(b - a for a, b in bounds)
     if isinstance(src, Zeros):
         return np.zeros(block_shape, dtype)
@@ -243,9 +263,9 @@ def read_block(source: TensorSource, src: FromHF | Zeros, bounds: Bounds, dtype:
     hf_index, shape, inner = _hf_read(src, bounds[1:] if src.stacked else bounds)
     parts = []
     for name in names:
-        x = source.read(name, hf_index)
+        x = source.read(name, hf_index) if stored is None else source.read(name, hf_index, stored)
         x = (x.T if src.transpose else x).reshape(shape)[inner]
-        parts.append(np.asarray(x, dtype=dtype))
+        parts.append(np.asarray(x, dtype=dtype) if stored is None else x)
     out = np.stack(parts) if src.stacked else parts[0]
     return np.ascontiguousarray(out)
 
@@ -254,15 +274,57 @@ def full_bounds(shape: tuple[int, ...]) -> Bounds:
     return tuple((0, n) for n in shape)
 
 
+def read_part(source: TensorSource, leaf: Transformed, part: str, bounds: Bounds, dtype: Any,
+              made: dict) -> np.ndarray:
+    """The block `bounds` of the array `part` of a transformed leaf, made from the block of `leaf.src` covering
+    it (kept in `made`, by that block's bounds, for the other blocks and parts it makes)."""
+    covering = leaf.how.covering(part, bounds)
+    got = made.setdefault(covering, {})
+    if part not in got:
+        read = lambda b, stored=None: read_block(source, leaf.src, b, dtype, stored)
+        got.update(leaf.how.compute(read, covering, part))
+    return leaf.how.take(part, got[part], covering, bounds)
+
+
 def load(table: Any, source: TensorSource, dtype: Any) -> Any:
-    """Our params (host numpy arrays in `dtype`) from a bound table (`bind`)."""
-    return jax.tree.map(lambda src: read_block(source, src, full_bounds(src.shape), np.dtype(dtype)), table,
-                        is_leaf=is_leaf)
+    """Our params (host numpy arrays in `dtype`; a transformed leaf: its parts) from a bound table (`bind`)."""
+    dtype = np.dtype(dtype)
+
+    def whole(src: FromHF | Zeros | Transformed) -> Any:
+        if not isinstance(src, Transformed):
+            return read_block(source, src, full_bounds(src.shape), dtype)
+        made: dict = {}
+        return src.how.assemble({part: read_part(source, src, part, full_bounds(s.shape), dtype, made)
+                                 for part, s in src.how.parts().items()})
+
+    return jax.tree.map(whole, table, is_leaf=is_leaf)
 
 
 def shapes(table: Any, dtype: Any) -> Any:
-    """`ShapeDtypeStruct` per leaf (what the partition rules need)."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.dtype(dtype)), table, is_leaf=is_leaf)
+    """`ShapeDtypeStruct` per leaf (what the partition rules need; a transformed leaf: per part)."""
+    def shape(src: FromHF | Zeros | Transformed) -> Any:
+        if isinstance(src, Transformed):
+            return src.how.assemble(src.how.parts())
+        return jax.ShapeDtypeStruct(src.shape, np.dtype(dtype))
+
+    return jax.tree.map(shape, table, is_leaf=is_leaf)
+
+
+class _Unread:
+    """A leaf not read yet: its shape and dtype, and any block of it read when indexed (a fingerprint's corner)."""
+
+    def __init__(self, source: TensorSource, src: FromHF | Zeros, dtype: Any):
+        self.source, self.src, self.shape, self.dtype = source, src, src.shape, np.dtype(dtype)
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        bounds = tuple(s.indices(n)[:2] for s, n in zip(index, self.shape))
+        return read_block(self.source, self.src, bounds, self.dtype)
+
+
+def unread(table: Any, source: TensorSource, dtype: Any) -> Any:
+    """The float params of `table` (transformed leaves: before their transform) as leaves read only when indexed."""
+    return jax.tree.map(lambda src: _Unread(source, src.src if isinstance(src, Transformed) else src, dtype), table,
+                        is_leaf=is_leaf)
 
 
 # --- ours -> HF ---

@@ -27,8 +27,20 @@ def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> hf_mapping.Boun
 
 
 def place(table: Any, source: hf_mapping.TensorSource, shardings: Any, dtype: Any) -> Any:
-    """Our params as global arrays with `shardings`, each device's block read from `source` (once per block)."""
-    def build(src: hf_mapping.FromHF | hf_mapping.Zeros, sharding: Any) -> jax.Array:
+    """Our params as global arrays with `shardings`, each device's block read from `source` (once per block).
+
+    A transformed (quantized) leaf: each part's blocks (integer values, scales) are made on the host from the
+    blocks of the float kernel that cover them (`hf_mapping.read_part`) and placed as they are.
+    """
+    def build(src: Any, sharding: Any) -> Any:
+        if isinstance(src, hf_mapping.Transformed):
+            made: dict = {}
+            shards = src.how.split(sharding)
+            return src.how.assemble({
+                part: jax.make_array_from_callback(s.shape, shards[part], lambda index, part=part, s=s: (
+                    hf_mapping.read_part(source, src, part, _bounds(index, s.shape), dtype, made)))
+                for part, s in src.how.parts().items()})
+
         blocks: dict[hf_mapping.Bounds, np.ndarray] = {}
 
         def block(index: tuple[slice, ...]) -> np.ndarray:
@@ -43,24 +55,34 @@ def place(table: Any, source: hf_mapping.TensorSource, shardings: Any, dtype: An
 
 
 def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", param_dtype: str = "float32",
-                 compute_dtype: str | None = None, **config_overrides: Any) -> models.PretrainedLM:
+                 compute_dtype: str | None = None, quantize: str = "none",
+                 quantize_group_size: int | None = None, **config_overrides: Any) -> models.PretrainedLM:
     """`models.load_pretrained`, with the params read straight into their shards on `mesh`.
 
     The params are global `jax.Array`s laid out by `partitioning.lm_shardings(..., strategy, mesh)`; every
     process reads only the blocks its own devices hold (a GGUF: only the rows of its tensors they need).
+    `quantize` (`model.quantize`): kernels quantized on the host as they are read, straight into their shards
+    (no float kernel is ever a device array). Where the mesh splits a kernel along its contraction, a block's
+    scale needs the whole group: int4 groups are read whole (local when the group divides the shard); int8's
+    group is the whole contraction, so a process reads the full contraction for the output channels it holds.
     """
     models.check_dtypes(param_dtype, compute_dtype)
     partitioning.check_strategy(strategy)
     opened = models.open_checkpoint(name_or_path, param_dtype, compute_dtype, lazy=True, **config_overrides)
     dtype = np.dtype(jax.numpy.dtype(param_dtype))
-    shardings = partitioning.lm_shardings(hf_mapping.shapes(opened.table, dtype), opened.arch.PARAM_AXES, strategy,
-                                          mesh)
-    params = place(opened.table, opened.source, shardings, dtype)
+    model, table, fingerprint = models.quantize_on_load(opened, dtype, quantize, quantize_group_size)
+    axes = opened.arch.PARAM_AXES
+    if quantize != "none":  # qwix: only quantized loads import it
+        from prefix_jax.quantize import quantized_param_axes
+
+        axes = quantized_param_axes(axes)
+    shardings = partitioning.lm_shardings(hf_mapping.shapes(table, dtype), axes, strategy, mesh)
+    params = place(table, opened.source, shardings, dtype)
     log.info("LM loaded into its shards (%s on mesh %s): process %d read %d of the checkpoint's %d bytes",
              strategy, dict(mesh.shape), jax.process_index(), opened.source.bytes_read,
              opened.source.total_bytes())
-    return models.PretrainedLM(name_or_path, opened.model_dir, opened.config, opened.arch.Model(opened.config),
-                               params, opened.hf_config)
+    return models.PretrainedLM(name_or_path, opened.model_dir, opened.config, model, params, opened.hf_config,
+                               fingerprint)
 
 
 def shardings_of(params: Any) -> Any:
