@@ -184,3 +184,38 @@ def _split_integer_leaves(model_dir, workdir, shape: str, strategy: str, quantiz
                           group], env=cpu_env(8, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- no float copy of the quantized kernels in the compiled step -------------------------------------------------
+
+
+def _step_temp_bytes(model_dir, workdir, mode: str, remat: str) -> int:
+    """Temporaries of the compiled train step of the run's own (float32) LM, quantized as `mode`."""
+    from prefix_jax import optim, run_options, run_setup, train_steps
+    from prefix_jax import prefix as prefix_lib
+
+    c = quantized_config(model_dir, workdir, mode)
+    c.model.param_dtype, c.model.remat, c.train.batch_size = "float32", remat, 8
+    plan = run_setup.build(run_options.from_config(c))
+    params = prefix_lib.init_params(plan.spec, jax.random.key(1))
+    tx, schedule = optim.make_optimizer(params, learning_rate=5e-3, total_steps=10)
+    step = train_steps.jit_train_step(plan.lm.model, plan.spec, tx, schedule)
+    state = train_steps.init_state(params, tx, jax.random.key(2))
+    batch = jax.device_put(plan.train.train_batch(0))
+    return int(step.lower(state, plan.lm.params, batch).compile().memory_analysis().temp_size_in_bytes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", [
+    "minimal", "full",
+    # Without remat, the layer scan's backward keeps each layer's dequantized float kernels as residuals (the
+    # transpose of x @ W needs W): the step's temporaries grow by the float32 size of every quantized kernel
+    # (measured: exactly that, on the tiny Llama and on SmolLM2). Strict: when it is fixed this fails, drop it.
+    pytest.param("none", marks=pytest.mark.xfail(strict=True, reason="remat=none saves dequantized kernels")),
+])
+def test_the_quantized_step_holds_no_float_copy_of_the_kernels(remat, tiny_llama_dir, tmp_path):
+    """compile().memory_analysis(): the int8 step's temporaries are no larger than the float32 step's (a float
+    copy of the kernels would add 295 kB here, their float32 size)."""
+    float32 = _step_temp_bytes(tiny_llama_dir, tmp_path / "f", "none", remat)
+    int8 = _step_temp_bytes(tiny_llama_dir, tmp_path / "q", "int8", remat)
+    assert int8 <= float32 + 1024, (remat, int8 - float32)
