@@ -141,7 +141,8 @@ def _train_py(model_dir, workdir, devices: int, *flags: str) -> list[dict]:
 def test_quantized_lm_sharded_over_8_devices_gives_the_one_device_losses(mode, tiny_llama_dir, tmp_path):
     """fsdp (1, 8, 1) and tensor parallelism (2, 1, 4: the 4 heads over `model`): the losses, eval loss and greedy
     predictions equal one device's, and the quantized integer kernels are what is split over the devices."""
-    quantize = [f"--config.model.quantize={mode}", "--config.model.quantize_group_size=32"]
+    quantize = [f"--config.model.quantize={mode}", "--config.model.quantize_group_size=32",
+                "--config.model.param_dtype=float32"]  # float32 kernels: the rtol of a reordered float32 sum
     one, _ = _train_py(tiny_llama_dir, tmp_path / "one", 1, *quantize)
     one_preds = (tmp_path / "one" / "predictions_validation_3.jsonl").read_text()
     for name, shape, strategy in (("fsdp", "(1, 8, 1)", "fsdp"), ("tensor", "(2, 1, 4)", "tensor")):
@@ -179,7 +180,7 @@ print(json.dumps({"integer_leaves": len(ints), "split": len(split)}))
 
 
 def _split_integer_leaves(model_dir, workdir, shape: str, strategy: str, quantize: list[str]) -> dict:
-    mode, group = (flag.split("=")[1] for flag in quantize)
+    mode, group = (flag.split("=")[1] for flag in quantize[:2])
     out = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT, str(model_dir), str(workdir), shape, strategy, mode,
                           group], env=cpu_env(8, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
