@@ -222,8 +222,8 @@ def test_the_quantized_step_holds_no_float_copy_of_the_kernels(remat, tiny_llama
     assert int8 <= float32 + 1024, (remat, int8 - float32)
 
 
-@pytest.mark.slow  # 17 s: the 70B model traced abstractly; that the config loads and passes the checks is
-def test_the_70b_int8_configs_memory_arithmetic_holds(tmp_path):  # also test_run_options.py's default row
+@pytest.mark.slow  # 17 s (the 70B model traced abstractly); test_run_options.py's default row loads and checks it
+def test_the_70b_int8_configs_memory_arithmetic_holds(tmp_path):
     """configs/llama70b_int8.py's docstring figures, recomputed from the model's own parameter shapes (abstract:
     nothing is allocated): 2.10 B embedding + head, 68.45 B of Dense kernels, 72.7 GB at int8 (kernels 1 B,
     the rest bfloat16), 4.5 GB a chip over fsdp 16, an 88.3 M-parameter prefix. The config passes the checks."""
