@@ -1,7 +1,7 @@
-"""Decoding on a quantized frozen LM (`model.quantize`): greedy, beam search, sampling with a fixed key and a
-mixed-prefix bank give, token for token, what the same decoding gives on the float model whose weights are the
-quantized kernels dequantized (`qwix.dequantize`: integer values times their scales). So every decoding step
-reads the quantized kernels, scales included, and nothing else.
+"""Decoding on a quantized frozen LM (`model.quantize`): greedy, beam search and sampling with a fixed key, each on
+a mixed-prefix batch (a bank of 3 prefixes), give, token for token, what the same decoding gives on the float
+model whose weights are the quantized kernels dequantized (`qwix.dequantize`: integer values times their
+scales). So every decoding step reads the quantized kernels, scales included, and nothing else.
 
 The quantized LM is the one a run gets (`run_setup.build` with `model.quantize` set), not one built here, so the
 test holds however the LM is quantized (after loading or on load).
@@ -71,17 +71,15 @@ def test_decoding_a_quantized_lm_equals_decoding_its_dequantized_float_copy(arch
     spec = plan.spec
     prefixes = [prefix_lib.materialize(jax.tree.map(lambda x: 3.0 * x, prefix_lib.init_params(spec, jax.random.key(s))),
                                        spec) for s in range(3)]
+    bank = prefix_bank.for_batch(prefix_bank.stack(prefixes), [2, 0, 1, 2])  # a mixed-prefix batch: 3 prefixes
     ids, mask = sources(quantized.config.vocab_size)
-    cases = {name: (prefixes[0], options) for name, options in DECODINGS.items()}
-    cases["bank"] = (prefix_bank.for_batch(prefix_bank.stack(prefixes), [2, 0, 1, 2]), {})
     outputs = {}
-    for name, (prefix, options) in cases.items():
-        cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, **options)
+    for name, settings in DECODINGS.items():
+        cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, **settings)
         rng = jax.random.key(7) if cfg.do_sample else None
-        tokens = [np.asarray(make_generate_fn(model, cfg)(params, prefix, ids, mask, rng))
+        tokens = [np.asarray(make_generate_fn(model, cfg)(params, bank, ids, mask, rng))
                   for model, params in ((quantized.model, quantized.params), (float_lm.model, float_params))]
         np.testing.assert_array_equal(tokens[0], tokens[1], err_msg=f"{architecture} {mode} {name}")
         outputs[name] = tokens[0]
     assert len(np.unique(outputs["greedy"])) > 3  # real text-like output, not one repeated token
     assert not np.array_equal(outputs["sampling"], outputs["greedy"])  # sampling samples
-    assert not np.array_equal(outputs["bank"], outputs["greedy"])  # the bank's rows use their own prefixes
