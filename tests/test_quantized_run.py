@@ -154,7 +154,7 @@ def test_quantized_lm_sharded_over_8_devices_gives_the_one_device_losses(mode, t
             assert len(got) == len(want) > 0, key
             np.testing.assert_allclose(got, want, rtol=F32_REORDERED_RTOL, err_msg=f"{mode} {name} {key}")
         assert (workdir / "predictions_validation_3.jsonl").read_text() == one_preds, (mode, name)
-        assert f"LM quantized ({mode}" in log
+        assert f"LM quantized on load ({mode}" in log
         split = _split_integer_leaves(tiny_llama_dir, tmp_path / "split", shape, strategy, quantize)
         assert split["integer_leaves"] >= 7 and split["split"] >= 4, (name, split)  # q/k/v/o, gate/up/down per stack
 
