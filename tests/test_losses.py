@@ -224,7 +224,9 @@ def test_chunked_train_step_equals_the_logits_step(name, label_smoothing, grad_a
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     assert float(ref_metrics["grad_norm"]) > 1e-3  # the prefix gets a real gradient
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+        # The chunked loss sums the same terms in another order: f32 round-off is relative to the leaf's largest
+        # entry, not to each entry (a 5e-4 entry of a 4e-3 leaf moved by 1.2e-7 under XLA's unfused CPU emitters).
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4 * float(np.abs(r).max()))
 
 
 def _f32_logits_buffers(hlo_text: str, rows: int, length: int, vocab: int) -> int:
