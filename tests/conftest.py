@@ -129,3 +129,31 @@ def tiny_hf(tmp_path_factory):
         return built[family, variant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def eos_steered(tmp_path_factory):
+    """`eos_steered(family, variant)`: (a copy of the variant built with seed 3 whose EOS head row points along its
+    mean last hidden state, so that `generate`'s hypotheses end at various steps; our load of it), built once."""
+    import torch
+    from families import FAMILY, HIDDEN, left_padded_generation_sources
+    from hf_fixtures import save_tiny
+
+    from prefix_jax.models import load_pretrained
+
+    built = {}
+
+    def get(family_name: str, variant: str):
+        if (family_name, variant) not in built:
+            family = FAMILY[family_name]
+            hf = family.random(variant, seed=3)
+            src, mask = left_padded_generation_sources(family.sizes.B, family.sizes.S, family.vocab)
+            with torch.no_grad():
+                out = hf(input_ids=src, attention_mask=mask, output_hidden_states=True)
+                direction = out.hidden_states[-1].reshape(-1, HIDDEN).mean(0)
+                hf.lm_head.weight[family.eos] = family.eos_steer * direction / direction.norm()  # tied: embedding too
+            directory = save_tiny(hf, tmp_path_factory.mktemp(f"{family_name}-{variant}-eos"))
+            built[family_name, variant] = hf, load_pretrained(str(directory))
+        return built[family_name, variant]
+
+    return get

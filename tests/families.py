@@ -41,7 +41,8 @@ class Case:
     `config`: fields of our model config replaced for this case (e.g. positions_after_prefix); `left`: sources
     left-padded (decoder-only); `infix`: the prefix as an infix (decoder-only); `layers`/`projection`: the PEFT
     model's layer count (encoder-decoder) or prefix MLP (decoder-only); `gradients`: (decoder-only) PEFT's
-    prefix parameters, loss and gradients are compared too, not only the logits of its `prompt_embeddings`.
+    prefix parameters, loss and gradients are compared too, not only the logits of its `prompt_embeddings`;
+    `beams`: (generation) the beam count.
     """
     variant: str
     config: tuple[tuple[str, object], ...] = ()
@@ -50,6 +51,7 @@ class Case:
     layers: int | None = None
     projection: bool = True
     gradients: bool = True
+    beams: int = 1
     slow: bool = False
 
     @property
@@ -58,6 +60,7 @@ class Case:
         parts += ["left"] * self.left + ["infix"] * self.infix
         parts += [f"layers={self.layers}"] * (self.layers is not None)
         parts += ["no_projection"] * (not self.projection) + ["logits_only"] * (not self.gradients)
+        parts += [f"beams={self.beams}"] * (self.beams > 1)
         return "-".join(parts)
 
 
@@ -70,7 +73,9 @@ def case(variant: str, **kw) -> Case:
 class Family:
     """One architecture family. `variants`: name -> builder of its (random, float32) tiny HF model and how it is
     saved; `expect`: per variant, fields our loaded config must have. The tuples of `Case`s say which cases of
-    each shared check run; `missing_tensor`: (variant, tensor dropped from the file, the error must match)."""
+    each shared check run; `missing_tensor`: (variant, tensor dropped from the file, the error must match).
+    `generate` (decoder-only): cases of `generate` parity on a copy of the variant built by `random(variant, seed)`
+    whose head row `eos` is steered (`eos_steer`) so that hypotheses end at various steps."""
     name: str
     hf_class: str
     encoder_decoder: bool
@@ -88,6 +93,10 @@ class Family:
     expect: dict[str, dict] = dataclasses.field(default_factory=dict)
     padding_kv_seed: int = 0  # first seed of the random K/V the padding-side check uses
     tolerance: float = F32_ATOL  # ours vs HF / PEFT logits, absolute
+    generate: tuple[Case, ...] = ()
+    random: Callable[..., torch.nn.Module] | None = None
+    eos: int | None = None
+    eos_steer: float = 1.0
 
     def build(self, variant: str, directory: Path) -> torch.nn.Module:
         """The variant's HF model, saved into `directory`."""
@@ -528,7 +537,8 @@ FAMILIES: tuple[Family, ...] = (
                 padding_side=(case("llama"),),
                 incremental=(case("llama"), case("llama", infix=True)),
                 embedding_only=(case("qwen2"),),
-                missing_tensor=("llama", "layers.1.mlp.up_proj", r"model\.layers\.1\.mlp\.up_proj")),
+                missing_tensor=("llama", "layers.1.mlp.up_proj", r"model\.layers\.1\.mlp\.up_proj"),
+                generate=(case("llama"), case("llama", beams=3)), random=random_llama, eos=LLAMA_EOS, eos_steer=2.5),
     DecoderOnly(name="gemma", hf_class="GemmaForCausalLM", encoder_decoder=False, placements=(DECODER,),
                 sizes=Sizes(B=3, S=9, T=6, P=4), vocab=101, cache_keyword="cache", padding_kv_seed=9,
                 variants={name: (lambda name=name: (random_gemma(name), save_tiny)) for name in GEMMA_VARIANTS},
@@ -544,7 +554,10 @@ FAMILIES: tuple[Family, ...] = (
                 # HF scales token ids' embeddings by sqrt(hidden) and takes inputs_embeds as they are, as ours
                 # takes prompt vectors
                 embedding_only=(case("gemma3_text", slow=True),),
-                missing_tensor=("gemma2", "layers.1.mlp.up_proj", r"model\.layers\.1\.mlp\.up_proj")),
+                missing_tensor=("gemma2", "layers.1.mlp.up_proj", r"model\.layers\.1\.mlp\.up_proj"),
+                # decoding runs past the sliding window (GEMMA_WINDOW)
+                generate=(case("gemma2"), case("gemma3_text"), case("gemma3_text", beams=3)), random=random_gemma,
+                eos=GEMMA_EOS, eos_steer=2.0),
     DecoderOnly(name="phi3", hf_class="Phi3ForCausalLM", encoder_decoder=False, placements=(DECODER,),
                 sizes=Sizes(B=3, S=9, T=6, P=4), vocab=101, cache_keyword="cache", padding_kv_seed=9,
                 variants={name: (lambda name=name: (random_phi3(name), save_tiny)) for name in PHI3_VARIANTS},
@@ -558,7 +571,9 @@ FAMILIES: tuple[Family, ...] = (
                 padding_side=(case("phi3"),),
                 incremental=(case("phi3"), case("phi3_partial", infix=True, slow=True)),
                 embedding_only=(case("phi3_partial", slow=True),),
-                missing_tensor=("phi3", "layers.1.self_attn.qkv_proj", r"model\.layers\.1\.self_attn\.qkv_proj")),
+                missing_tensor=("phi3", "layers.1.self_attn.qkv_proj", r"model\.layers\.1\.self_attn\.qkv_proj"),
+                # the window's decoding runs by default in `incremental`
+                generate=(case("phi3_partial"), case("phi3", beams=3, slow=True)), random=random_phi3, eos=PHI3_EOS),
 )
 FAMILY = {f.name: f for f in FAMILIES}
 

@@ -1,6 +1,6 @@
 """The contract every architecture family meets, against transformers and PEFT on its tiny random models:
 logits with padding, a prefix given to HF as its cache, PEFT's prefix tuning, padding side, incremental decoding,
-an embedding-only prompt, and a clear error for a missing tensor.
+an embedding-only prompt, `generate` (greedy and beams) after a prefix, and a clear error for a missing tensor.
 
 The families, their variants and which cases run (slow or not) are rows of `families.FAMILIES`; what only one
 family has lives in its own file (test_t5.py, test_bart.py, test_gpt2.py, test_llama.py, test_gemma.py).
@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, Case, Family, cases
+from families import FAMILIES, Case, Family, cases, hf_generate_unpadded, left_padded_generation_sources, until_eos
 from hf_fixtures import left_pad, max_abs_diff, random_kv, save_state_dict
 from tolerances import F32_ATOL
 
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import train_steps
-from prefix_jax.models import DECODER, Prefix, load_pretrained, masks
+from prefix_jax.generate import GenerationConfig, make_generate_fn
+from prefix_jax.models import DECODER, NO_PREFIX, Prefix, load_pretrained, masks
 from prefix_jax.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
@@ -281,3 +282,17 @@ def test_missing_tensor_is_a_clear_error(family, tiny_hf, tmp_path):
     with pytest.raises(ModelNotFoundError, match=message):
         load_pretrained(str(tmp_path))
 
+
+
+@pytest.mark.parametrize("family, case", cases("generate"))
+def test_generate_matches_hf_given_the_prefix_as_its_cache(family, case, eos_steered):
+    """`generate` (greedy or beams, left-padded sources) == HF's `generate` with the prefix as its cache."""
+    hf, lm = eos_steered(family.name, case.variant)
+    src, mask = left_padded_generation_sources(family.sizes.B, family.sizes.S, family.vocab)
+    kv, kv_torch = kv_of(family, lm, DECODER, 13)
+    fn = make_generate_fn(lm.model, GenerationConfig(10, case.beams))
+    ids, valid = jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())
+    ours = until_eos(np.asarray(fn(lm.params, Prefix(kv={DECODER: kv}), ids, valid)), family.eos)
+    assert ours == hf_generate_unpadded(hf, src, mask, kv_torch, 10, case.beams, family.eos)
+    assert any(row[-1] == family.eos for row in ours) and not all(len(row) < 3 for row in ours)
+    assert ours != until_eos(np.asarray(fn(lm.params, NO_PREFIX, ids, valid)), family.eos)  # the prefix steers

@@ -1,12 +1,12 @@
 """Gemma 1/2/3 decoders beyond the shared contract (test_architectures.py): configs read per variant, the
-sliding-window mask rule, generation against HF (greedy and beams) past the window, a train step, param axes,
-export, refused options, and the real Gemma 3 270M GGUF (slow).
+sliding-window mask rule, a train step, param axes, export, refused options, and the real Gemma 3 270M GGUF
+(slow). Generation against HF (greedy and beams, past the window) is a contract check (families.FAMILY["gemma"]).
 
 Tiny random checkpoints (families.GEMMA_VARIANTS; float32, eager attention): Gemma 1 with multi-query attention
 (4 query heads, 1 K/V head) and head_dim 16 != hidden / heads; Gemma 2 with grouped queries,
 `query_pre_attn_scalar` != head_dim, small soft-caps (so capping changes the numbers) and sliding/global layers;
 Gemma 3 with q/k norms, its own RoPE base per layer type and linear RoPE scaling on the global layers. The sliding
-window (6) is shorter than prefix + text (4 + up to 16), so the contract's parity checks and generation here run
+window (6) is shorter than prefix + text (4 + up to 16), so the contract's parity checks and generation run
 on inputs longer than the window, with the prefix sliding out of view as HF's cache makes it.
 """
 
@@ -22,16 +22,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from families import (FAMILY, hf_generate_unpadded, left_padded_generation_sources, until_eos, GEMMA_EOS as EOS,
-                      GEMMA_VARIANTS as VARIANTS, GEMMA_WINDOW as WINDOW, gemma_config as hf_config,
-                      random_gemma as random_tiny)
-from hf_fixtures import random_kv as _random_kv, save_tiny
+from families import FAMILY, GEMMA_VARIANTS as VARIANTS, GEMMA_WINDOW as WINDOW, gemma_config as hf_config
+from hf_fixtures import random_kv as _random_kv
 
 from prefix_jax import optim, train_steps
 from prefix_jax import prefix as prefix_lib
-from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax import models
-from prefix_jax.models import DECODER, NO_PREFIX, Prefix, gemma, load_pretrained
+from prefix_jax.models import DECODER, NO_PREFIX, gemma, load_pretrained
 
 GEMMA = FAMILY["gemma"]
 B, S, T, P = dataclasses.astuple(GEMMA.sizes)
@@ -75,41 +72,6 @@ def test_prefix_in_a_sliding_layer_is_visible_only_within_the_window():
             [0, 0, 1, 1, 1, 1, 0],
             [0, 0, 0, 1, 1, 1, 1]]
     np.testing.assert_array_equal(got, want)
-
-
-@pytest.fixture(scope="module")
-def generating(tmp_path_factory):
-    """name -> a tiny model whose EOS is likely after a few tokens (hypotheses end at various steps)."""
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            hf = random_tiny(name, seed=3)
-            src, mask = generation_sources()
-            with torch.no_grad():
-                out = hf(input_ids=src, attention_mask=mask, output_hidden_states=True)
-                direction = out.hidden_states[-1].reshape(-1, 32).mean(0)
-                hf.lm_head.weight[EOS] = 1.0 * direction / direction.norm()  # tied: the EOS embedding too
-            built[name] = hf, load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp(f"{name}_gen"))))
-        return built[name]
-
-    return get
-
-
-def generation_sources():
-    return left_padded_generation_sources(B, S, VOCAB)
-
-
-@pytest.mark.parametrize("name, beams", [("gemma2", 1), ("gemma3_text", 1), ("gemma3_text", 3)])
-def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, name, beams):
-    hf, lm = generating(name)
-    new = 10
-    src, mask = generation_sources()
-    kv, (k, v) = random_kv(lm.config.prefix_geometry()[DECODER], 13)
-    fn = make_generate_fn(lm.model, GenerationConfig(new, beams))
-    ours = np.asarray(fn(lm.params, Prefix(kv={DECODER: kv}), jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
-    assert until_eos(ours, EOS) == hf_generate_unpadded(hf, src, mask, (k, v), new, beams, EOS)
-    assert not all(len(r) < 3 for r in until_eos(ours, EOS))
 
 
 def test_train_step_runs_and_the_loss_falls(pairs):

@@ -1,5 +1,5 @@
 """Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) beyond the shared contract (test_architectures.py):
-configs read per variant, RoPE, the real-word init, generation against HF, param axes, export, sharded and
+configs read per variant, RoPE, the real-word init, greedy decoding == teacher forcing, param axes, export, sharded and
 bfloat16 checkpoints, refused options, the sliding window, and train.py on the tiny Llama.
 
 Tiny random checkpoints (families.LLAMA_VARIANTS; float32, eager attention) cover grouped-query attention
@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from families import (FAMILY, left_padded_generation_sources, until_eos, LLAMA_EOS as EOS, LLAMA_VARIANTS as VARIANTS, SEP, hf_prefix_cache, left_padded,
-                      llama_config as hf_config, random_llama as random_tiny)
-from hf_fixtures import max_abs_diff, random_kv as _random_kv, save_tiny
+from families import (FAMILY, LLAMA_EOS as EOS, LLAMA_VARIANTS as VARIANTS, left_padded, left_padded_generation_sources,
+                      llama_config as hf_config)
+from hf_fixtures import max_abs_diff, random_kv as _random_kv
 from helpers import REPO, run_cli
 from tolerances import F32_ATOL
 
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import prefix_init
 from prefix_jax.data import pad
-from prefix_jax.generate import GenerationConfig, make_generate_fn
+from prefix_jax.generate import GenerationConfig
 from prefix_jax.models import DECODER, KV, NO_PREFIX, Prefix, llama, load_pretrained, params_to_hf
 
 LLAMA = FAMILY["llama"]
@@ -112,40 +112,13 @@ def test_words_init_is_the_text_in_the_input(pairs, name):
     ours = run(lm, batch, Prefix(kv={DECODER: kv}))
     assert max_abs_diff(ours, run(lm, written), batch["target_mask"]) < F32_ATOL
 
-@pytest.fixture(scope="module")
-def generating(tmp_path_factory):
-    """A tiny GQA Llama whose EOS is likely after a few tokens, so hypotheses finish at various steps."""
-    hf = random_tiny("llama", seed=3)
-    src, mask = generation_sources()
-    with torch.no_grad():
-        out = hf(input_ids=src, attention_mask=mask, output_hidden_states=True)
-        direction = out.hidden_states[-1].reshape(-1, 32).mean(0)
-        hf.lm_head.weight[EOS] = 2.5 * direction / direction.norm()
-    return hf, load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp("llama_gen"))))
+@pytest.fixture
+def generating(eos_steered):
+    """The contract's generation model (families.FAMILY["llama"].generate): hypotheses end at various steps."""
+    return eos_steered("llama", "llama")
 
 def generation_sources():
     return left_padded_generation_sources(B, S, VOCAB)
-
-@pytest.mark.parametrize("beams", [1, 3])
-def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, beams):
-    hf, lm = generating
-    new = 10
-    src, mask = generation_sources()
-    kv, (k, v) = random_kv(lm.config.prefix_geometry()[DECODER], 13)
-    prefix = Prefix(kv={DECODER: kv})
-    fn = make_generate_fn(lm.model, GenerationConfig(new, beams))
-    ours = np.asarray(fn(lm.params, prefix, jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
-    # HF: P placeholder ids stand for the cached prefix (generate skips what the cache holds), then source + SEP.
-    ids = torch.cat([torch.zeros(B, P, dtype=torch.long), src, torch.full((B, 1), SEP)], 1)
-    attention = torch.cat([with_prefix_mask(mask), torch.ones(B, 1, dtype=torch.long)], 1)
-    with torch.no_grad():
-        ref = hf.generate(input_ids=ids, attention_mask=attention, cache=hf_prefix_cache(k, v, B * beams),
-                          max_new_tokens=new, num_beams=beams, do_sample=False, eos_token_id=EOS,
-                          pad_token_id=0)[:, P + S + 1:].numpy()
-    assert until_eos(ours, EOS) == until_eos(ref, EOS)
-    assert any(EOS in row for row in until_eos(ours, EOS)) and not all(len(r) < 3 for r in until_eos(ours, EOS))
-    plain = np.asarray(fn(lm.params, NO_PREFIX, jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
-    assert not np.array_equal(ours, plain)  # the prefix steers decoding
 
 @pytest.mark.parametrize("kind", ["infix", "embedding_only"])
 def test_greedy_generation_is_the_argmax_of_teacher_forcing(generating, kind):

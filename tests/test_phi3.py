@@ -1,6 +1,6 @@
 """Phi-3 decoders beyond the shared contract (test_architectures.py): configs read per variant, partial rotary
-positions, longrope's short factors and its refused long range, generation against HF (greedy and beams), param
-axes, the export re-fusing `qkv_proj` / `gate_up_proj`, a partial-rotary GGUF, and refused options.
+positions, longrope's short factors and its refused long range, param axes, the export re-fusing `qkv_proj` /
+`gate_up_proj`, a partial-rotary GGUF, and refused options (generation against HF is a contract check).
 
 Tiny random checkpoints (families.PHI3_VARIANTS; float32, eager attention, 4 query / 2 K/V heads of 8 dims):
 `phi3` with full rotary, default RoPE, an untied head and a sliding window (6) on every layer, shorter than prefix +
@@ -18,17 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from families import (FAMILY, PHI3_EOS as EOS, PHI3_SHORT_FACTOR, PHI3_VARIANTS as VARIANTS, PHI3_WINDOW as WINDOW,
-                      hf_generate_unpadded, left_padded_generation_sources, phi3_config as hf_config,
-                      random_phi3 as random_tiny, until_eos)
+from families import (FAMILY, PHI3_SHORT_FACTOR, PHI3_VARIANTS as VARIANTS, PHI3_WINDOW as WINDOW,
+                      phi3_config as hf_config, random_phi3 as random_tiny)
 from gguf_fixtures import write_gguf
 from hf_fixtures import max_abs_diff, random_kv as _random_kv, save_tiny
 from tolerances import F32_ATOL
 
 from prefix_jax import models
-from prefix_jax.generate import GenerationConfig, make_generate_fn
-from prefix_jax.models import DECODER, NO_PREFIX, Prefix, llama, load_pretrained, phi3
+from prefix_jax.models import DECODER, Prefix, llama, load_pretrained, phi3
 
 PHI3 = FAMILY["phi3"]
 B, S, T, P = dataclasses.astuple(PHI3.sizes)
@@ -91,45 +88,6 @@ def test_longrope_past_its_original_context_is_refused(pairs):
     with pytest.raises(ValueError, match="original_max_position_embeddings=32.*longrope.*long_factor"):
         lm.model.apply({"params": lm.params}, {k: jnp.asarray(v) for k, v in batch.items()},
                        Prefix(kv={DECODER: random_kv(lm.config.prefix_geometry()[DECODER], 1)[0]}))
-
-
-@pytest.fixture(scope="module")
-def generating(tmp_path_factory):
-    """name -> a tiny Phi-3 whose EOS is likely after a few tokens (hypotheses end at various steps)."""
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            hf = random_tiny(name, seed=3)
-            src, mask = generation_sources()
-            with torch.no_grad():
-                out = hf(input_ids=src, attention_mask=mask, output_hidden_states=True)
-                direction = out.hidden_states[-1].reshape(-1, 32).mean(0)
-                hf.lm_head.weight[EOS] = 1.0 * direction / direction.norm()  # tied (phi3_partial): the embedding too
-            built[name] = hf, load_pretrained(str(save_tiny(hf, tmp_path_factory.mktemp(f"{name}_gen"))))
-        return built[name]
-
-    return get
-
-
-def generation_sources():
-    return left_padded_generation_sources(B, S, VOCAB)
-
-
-@pytest.mark.parametrize("name, beams", [  # the window's decoding runs by default in the contract (incremental)
-    ("phi3_partial", 1), pytest.param("phi3", 3, marks=pytest.mark.slow)])
-def test_generate_matches_hf_given_the_prefix_as_its_cache(generating, name, beams):
-    hf, lm = generating(name)
-    new = 10
-    src, mask = generation_sources()
-    kv, kv_t = random_kv(lm.config.prefix_geometry()[DECODER], 13)
-    fn = make_generate_fn(lm.model, GenerationConfig(new, beams))
-    ours = np.asarray(fn(lm.params, Prefix(kv={DECODER: kv}), jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
-    ref = hf_generate_unpadded(hf, src, mask, kv_t, new, beams, EOS)
-    assert until_eos(ours, EOS) == ref
-    assert not all(len(r) < 3 for r in until_eos(ours, EOS))
-    plain = np.asarray(fn(lm.params, NO_PREFIX, jnp.asarray(src.numpy()), jnp.asarray(mask.numpy())))
-    assert not np.array_equal(ours, plain)  # the prefix steers decoding
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from prefix_jax.models import common, decoder_only
+from prefix_jax.models import common, decoder_config, decoder_only
 from prefix_jax.models import hf_mapping as hm
 from prefix_jax.models.attention import attend, write_cache
 from prefix_jax.models.dropout import Dropout
@@ -116,9 +116,7 @@ class Config(DecoderOnlyPositions):
         common.activation(self.hidden_act, "hidden_act")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r} is not one of {MODEL_TYPES}.")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} does not divide "
-                             f"num_attention_heads={self.num_attention_heads}.")
+        decoder_config.check_heads_and_set_separator(self)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary positions.")
         if self.rope_type not in ROPE_TYPES:
@@ -130,9 +128,6 @@ class Config(DecoderOnlyPositions):
             raise ValueError(f"layer_types={list(self.layer_types)} must name one of {LAYER_TYPES} per layer.")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set.")
-        if self.separator_token_id is None:
-            sep = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
-            object.__setattr__(self, "separator_token_id", sep)
         if self.attn_logit_softcapping is not None and self.attention_kernel != "einsum":
             raise ValueError(f"model.attention_kernel={self.attention_kernel!r} cannot soft-cap attention scores "
                              f"(attn_logit_softcapping={self.attn_logit_softcapping}); use 'einsum'.")
@@ -141,34 +136,15 @@ class Config(DecoderOnlyPositions):
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: Collection[str], **overrides: Any) -> "Config":
         """From a `transformers` Gemma/Gemma2/Gemma3Text config; refuses any setting we do not compute."""
+        decoder_config.check_model_type(hf, MODEL_TYPES, "Gemma")
         model_type = hf.model_type
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type={model_type!r} is not a Gemma model ({MODEL_TYPES}).")
-        quantization = getattr(hf, "quantization_config", None)
-        if quantization:
-            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-            raise ValueError(f"quantization_config ({method}) is not supported; load an unquantized checkpoint.")
         if getattr(hf, "use_bidirectional_attention", False):
             raise ValueError("use_bidirectional_attention=True (non-causal attention) is not supported.")
-        heads = hf.num_attention_heads
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-        eos = hf.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0]
         gemma1 = model_type == "gemma"
         layer_types = () if gemma1 else tuple(hf.layer_types)
         fields = dict(
-            model_type=model_type,
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            intermediate_size=hf.intermediate_size,
-            num_hidden_layers=hf.num_hidden_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
+            **decoder_config.shared_fields(hf, default_eos=1, default_tie=True),
             hidden_act=hf.hidden_act if gemma1 else hf.hidden_activation,
-            rms_norm_eps=float(hf.rms_norm_eps),
-            max_position_embeddings=hf.max_position_embeddings,
             query_pre_attn_scalar=None if gemma1 else float(hf.query_pre_attn_scalar),
             # HF's Gemma 3 attention does not pass attn_logit_softcapping to its attention function.
             attn_logit_softcapping=_float_or_none(getattr(hf, "attn_logit_softcapping", None))
@@ -179,11 +155,6 @@ class Config(DecoderOnlyPositions):
             attention_bias=bool(getattr(hf, "attention_bias", False)),
             layer_types=layer_types,
             sliding_window=int(hf.sliding_window) if "sliding_attention" in layer_types else None,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
-            attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
-            bos_token_id=hf.bos_token_id,
-            eos_token_id=eos if eos is not None else 1,
-            pad_token_id=hf.pad_token_id if isinstance(hf.pad_token_id, int) else None,
             **_rope_fields(hf),
         )
         fields.update(overrides)

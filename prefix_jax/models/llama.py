@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
-from prefix_jax.models import common, decoder_only
+from prefix_jax.models import common, decoder_config, decoder_only
 from prefix_jax.models import hf_mapping as hm
 from prefix_jax.models.attention import attend, write_cache
 from prefix_jax.models.dropout import Dropout
@@ -108,59 +108,29 @@ class Config(DecoderOnlyPositions):
         common.activation(self.hidden_act, "hidden_act")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r} is not one of {MODEL_TYPES}.")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} does not divide "
-                             f"num_attention_heads={self.num_attention_heads}.")
+        decoder_config.check_heads_and_set_separator(self)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary positions.")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_parameters.rope_type={self.rope_type!r} is not supported; use one of {ROPE_TYPES}.")
-        if self.separator_token_id is None:
-            sep = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
-            object.__setattr__(self, "separator_token_id", sep)
         common.check_attention_kernel(self, self.attention_dropout)
 
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: set[str], **overrides: Any) -> "Config":
         """From a `transformers` Llama/Mistral/Qwen2/Qwen3 config; refuses any setting we do not compute."""
+        decoder_config.check_model_type(hf, MODEL_TYPES, "Llama-family")
         model_type = hf.model_type
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type={model_type!r} is not a Llama-family model ({MODEL_TYPES}).")
-        quantization = getattr(hf, "quantization_config", None)
-        if quantization:
-            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-            raise ValueError(f"quantization_config ({method}) is not supported; load an unquantized (bf16/fp32) "
-                             "checkpoint of the model.")
-        heads = hf.num_attention_heads
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         attention_bias = bool(getattr(hf, "attention_bias", False))
         qkv_bias, o_bias = {"qwen2": (True, False), "mistral": (False, False)}.get(
             model_type, (attention_bias, attention_bias))
-        eos = hf.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0]
         fields = dict(
-            model_type=model_type,
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            intermediate_size=hf.intermediate_size,
-            num_hidden_layers=hf.num_hidden_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
+            **decoder_config.shared_fields(hf, default_eos=2, default_tie=False),
             hidden_act=hf.hidden_act,
-            rms_norm_eps=float(hf.rms_norm_eps),
-            max_position_embeddings=hf.max_position_embeddings,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             qk_norm=model_type == "qwen3",
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             sliding_window=_sliding_window(hf),
-            attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
-            bos_token_id=hf.bos_token_id,
-            eos_token_id=eos if eos is not None else 2,
-            pad_token_id=hf.pad_token_id if isinstance(hf.pad_token_id, int) else None,
             **_rope_fields(hf),
         )
         fields.update(overrides)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax.models import common, llama
+from prefix_jax.models import common, decoder_config, llama
 from prefix_jax.models import hf_mapping as hm
 from prefix_jax.models.gemma import window_mask
 from prefix_jax.models.prefix_contract import DECODER, KV, BankKV, DecoderOnlyPositions, StackGeometry, TextPositions
@@ -89,9 +89,7 @@ class Config(DecoderOnlyPositions):
         common.activation(self.hidden_act, "hidden_act")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r} is not one of {MODEL_TYPES}.")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} does not divide "
-                             f"num_attention_heads={self.num_attention_heads}.")
+        decoder_config.check_heads_and_set_separator(self)
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_parameters.rope_type={self.rope_type!r} is not supported; use one of {ROPE_TYPES}.")
         if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
@@ -101,49 +99,22 @@ class Config(DecoderOnlyPositions):
         if self.rope_type == "longrope" and len(self.rope_short_factor) != self.rotary_dim // 2:
             raise ValueError(f"rope_parameters.short_factor has {len(self.rope_short_factor)} entries; longrope with "
                              f"{self.rotary_dim} rotary dims needs {self.rotary_dim // 2}.")
-        if self.separator_token_id is None:
-            sep = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
-            object.__setattr__(self, "separator_token_id", sep)
         common.check_attention_kernel(self, self.attention_dropout)
 
     @classmethod
     def from_hf(cls, hf: Any, tensor_names: Collection[str], **overrides: Any) -> "Config":
         """From a `transformers` Phi3Config; refuses any setting we do not compute."""
-        if hf.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type={hf.model_type!r} is not a Phi-3 model ({MODEL_TYPES}).")
-        quantization = getattr(hf, "quantization_config", None)
-        if quantization:
-            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-            raise ValueError(f"quantization_config ({method}) is not supported; load an unquantized (bf16/fp32) "
-                             "checkpoint of the model.")
+        decoder_config.check_model_type(hf, MODEL_TYPES, "Phi-3")
         for name in ("resid_pdrop", "embd_pdrop"):  # HF drops out the residual branches / embeddings in training
             value = float(getattr(hf, name, 0.0) or 0.0)
             if value:
                 raise ValueError(f"{name}={value} (dropout of the frozen LM's residual stream or embeddings) is not "
                                  f"implemented; set it to 0.0 in the checkpoint's config.json.")
-        heads = hf.num_attention_heads
-        eos = hf.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0]
         window = getattr(hf, "sliding_window", None)
         fields = dict(
-            model_type=hf.model_type,
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            intermediate_size=hf.intermediate_size,
-            num_hidden_layers=hf.num_hidden_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
-            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            **decoder_config.shared_fields(hf, default_eos=32000, default_tie=False),
             hidden_act=hf.hidden_act,
-            rms_norm_eps=float(hf.rms_norm_eps),
-            max_position_embeddings=hf.max_position_embeddings,
             sliding_window=int(window) if window is not None else None,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
-            bos_token_id=hf.bos_token_id,
-            eos_token_id=eos if eos is not None else 32000,
-            pad_token_id=hf.pad_token_id if isinstance(hf.pad_token_id, int) else None,
             **_rope_fields(hf),
         )
         fields.update(overrides)
