@@ -180,10 +180,7 @@ def task_names(options: RunOptions, saved: SavedRun, train_split: data.Tokenized
 
 
 def check_packing(options: RunOptions, model_config: Any, spec: prefix_lib.PrefixSpec) -> None:
-    """`data.pack` needs a decoder-only LM, one task and a K/V prefix (each segment sees it as if alone)."""
-    if model_config.is_encoder_decoder:
-        raise ConfigError(f"data.pack=True packs decoder-only models (GPT-2, Llama family); {model_config.architecture}"
-                          " is an encoder-decoder: set data.pack=False.")
+    """`data.pack` needs one task and a K/V prefix (each segment sees it as if alone)."""
     if options.data.task_field:
         raise ConfigError("data.pack=True with data.task_field (one prefix per task) is not supported: each row "
                           "would mix tasks; set data.pack=False.")
@@ -239,9 +236,14 @@ def build(options: RunOptions, before_lm: Callable[[], None] = lambda: None) -> 
     packing = {}
     if d.pack:
         check_packing(o, lm.config, spec)
-        packing = dict(pack_width=d.pack_width or source_width + target_width,
-                       separator_id=lm.config.separator_token_id)
+        if encoder_decoder:  # the encoder's row: sources; the decoder's row: their targets (`targets_per_row`)
+            packing = dict(pack_width=d.pack_width or source_width, encoder_decoder=True)
+        else:
+            packing = dict(pack_width=d.pack_width or source_width + target_width,
+                           separator_id=lm.config.separator_token_id)
     train = batcher(train_split, t.batch_size, **packing)
+    if d.pack:  # a packed row's positions run up to its width
+        check_positions(lm.config, spec, train.pack_width, train.targets_per_row if encoder_decoder else 0)
     if train.steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(train_split)} training "
                           "examples; lower it.")

@@ -13,7 +13,7 @@ import numpy as np
 from prefix_jax.batch import Batch
 from prefix_jax.data.buckets import bucket_of, bucket_widths
 from prefix_jax.data.records import DataError
-from prefix_jax.data.token_ids import TokenizedSplit, pack_rows, packed_batch, pad
+from prefix_jax.data.token_ids import TokenizedSplit, pack_rows, packed_batch, packed_encoder_decoder_batch, pad
 
 
 @dataclasses.dataclass
@@ -33,7 +33,8 @@ class Batcher:
     process_index: int = 0
     process_count: int = 1
     pack_width: int = 0  # > 0: training batches are `global_batch_size` packed rows of this many tokens
-    separator_id: int = 0  # packed rows: the token that starts each target (the model's separator)
+    separator_id: int = 0  # packed decoder-only rows: the token that starts each target (the model's separator)
+    encoder_decoder: bool = False  # packed rows: `pack_width` source tokens, their targets in `targets_per_row`
     length_buckets: int = 0  # > 1: eval and decoding batches padded to the smallest of this many widths per side
 
     def __post_init__(self) -> None:
@@ -45,20 +46,24 @@ class Batcher:
         self._targets_per_row: int | None = None
 
     def _pack(self, epoch: int, targets_per_row: int) -> list[list[int]]:
-        lengths = [len(s) + len(t) for s, t in zip(self.split.source_ids, self.split.target_ids)]
+        """Decoder-only rows hold `pack_width` tokens of sources and targets; encoder-decoder rows `pack_width`
+        source tokens (their targets go into the decoder's row)."""
+        lengths = [len(s) + (0 if self.encoder_decoder else len(t))
+                   for s, t in zip(self.split.source_ids, self.split.target_ids)]
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
         return pack_rows(lengths, order, self.pack_width, [len(t) for t in self.split.target_ids], targets_per_row)
 
     @property
     def targets_per_row(self) -> int:
         """Target slots the loss reads per packed row (K of `packed_batch`): the most target tokens a row of the
-        first epoch's packing holds, rounded up to a multiple of 8 (at most `pack_width`). Every epoch is packed
-        with this budget, so the first epoch's rows are exactly those packed without it; a later epoch's row
-        that would hold more targets is closed early."""
+        first epoch's packing holds, rounded up to a multiple of 8 (decoder-only: at most `pack_width`; the
+        width of an encoder-decoder's packed decoder row). Every epoch is packed with this budget, so the first
+        epoch's rows are exactly those packed without it; a later epoch's row that would hold more targets is
+        closed early."""
         if self._targets_per_row is None:
             targets = [len(t) for t in self.split.target_ids]
-            fullest = max(sum(targets[i] for i in row) for row in self._pack(0, 0))
-            self._targets_per_row = min(self.pack_width, -(-fullest // 8) * 8)
+            fullest = -(-max(sum(targets[i] for i in row) for row in self._pack(0, 0)) // 8) * 8
+            self._targets_per_row = fullest if self.encoder_decoder else min(self.pack_width, fullest)
         return self._targets_per_row
 
     def packed_epoch(self, epoch: int) -> list[list[int]]:
@@ -107,6 +112,9 @@ class Batcher:
             rows = self.packed_epoch(pos["epoch"])[start:start + self.global_batch_size]
             rows += [[]] * (self.global_batch_size - len(rows))
             local = [rows[i] for i in np.array_split(np.arange(len(rows)), self.process_count)[self.process_index]]
+            if self.encoder_decoder:
+                return packed_encoder_decoder_batch(self.split, local, self.pack_width, self.targets_per_row,
+                                                    self.pad_id)
             return packed_batch(self.split, local, self.pack_width, self.separator_id, self.pad_id,
                                 self.targets_per_row)
         order = np.random.default_rng([self.seed, pos["epoch"]]).permutation(len(self.split))

@@ -148,3 +148,26 @@ def packed_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], width: in
             start, filled = end, filled + len(target)
     return {"ids": ids, "segment_ids": segment_ids, "target_slots": target_slots, "target_ids": target_ids,
             "target_mask": target_mask}
+
+
+def packed_encoder_decoder_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], source_width: int,
+                                 target_width: int, pad_id: int) -> Batch:
+    """Packed encoder-decoder rows (as T5X packs them): each row's examples' sources one after another in
+    `source_ids` `[B, source_width]` and their targets, in the same order, in `target_ids` / `target_mask`
+    `[B, target_width]`; `source_segment_ids` and `target_segment_ids` say which example each slot holds (1, 2, ...
+    in both rows; 0: padding). The model shifts each target right within its segment."""
+    source_ids, target_ids = np.full((len(rows), source_width), pad_id, np.int32), np.full((len(rows), target_width),
+                                                                                           pad_id, np.int32)
+    source_segments, target_segments = np.zeros_like(source_ids), np.zeros_like(target_ids)
+    for r, indices in enumerate(rows):
+        for side, ids, segments, width in (("source", source_ids, source_segments, source_width),
+                                           ("target", target_ids, target_segments, target_width)):
+            start = 0
+            for segment, i in enumerate(indices, start=1):
+                tokens = (split.source_ids if side == "source" else split.target_ids)[i]
+                if start + len(tokens) > width:
+                    raise DataError(f"packed row {r} holds more than {width} {side} tokens; pack it with pack_rows.")
+                ids[r, start:start + len(tokens)], segments[r, start:start + len(tokens)] = tokens, segment
+                start += len(tokens)
+    return {"source_ids": source_ids, "source_segment_ids": source_segments, "target_ids": target_ids,
+            "target_mask": (target_segments > 0).astype(np.int32), "target_segment_ids": target_segments}
