@@ -184,7 +184,7 @@ def task_names(options: RunOptions, saved: SavedRun, train_split: data.Tokenized
     return tasks
 
 
-def check_packing(options: RunOptions, model_config: Any, spec: prefix_lib.PrefixSpec) -> None:
+def check_packing(options: RunOptions, spec: prefix_lib.PrefixSpec) -> None:
     """`data.pack` needs one task and a K/V prefix (each segment sees it as if alone)."""
     if options.data.task_field:
         raise ConfigError("data.pack=True with data.task_field (one prefix per task) is not supported: each row "
@@ -240,7 +240,7 @@ def build(options: RunOptions, before_lm: Callable[[], None] = lambda: None) -> 
         process_index=jax.process_index(), process_count=jax.process_count(), **packing)
     packing = {}
     if d.pack:
-        check_packing(o, lm.config, spec)
+        check_packing(o, spec)
         if encoder_decoder:  # the encoder's row: sources; the decoder's row: their targets (`targets_per_row`)
             packing = dict(pack_width=d.pack_width or source_width, encoder_decoder=True)
         else:

@@ -9,6 +9,8 @@ its stacks subclass `Stack` (`block`, `embed_positions`, `output`) and its layer
 `shared`, `encoder` and `decoder` (names that are part of the param tree); the model's own `setup` adds its
 head's params. Positions come from `Config.text_positions` (the one owner of where text sits after a
 prefix): a stack with absolute positions reads the queries' positions, one with relative positions both.
+Packed training rows (`data.pack`, several examples per encoder and decoder row) take the same stacks with
+per-segment positions and masks (`packed_target_hidden_states`, `packed_stack_masks`).
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ class Stack(nn.Module):
 class EncoderDecoder(common.DecoderCache, nn.Module):
     """`logits = Model(config).apply({'params': lm_params}, batch, prefix)` for an encoder-decoder LM.
 
-    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
+    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`; or packed rows
+    (`source_segment_ids` for `source_mask`, and `target_segment_ids`: `packed_target_hidden_states`).
     `prefix`: a `Prefix` (K/V for any of ENCODER, DECODER, CROSS; or `prompt_embeds`).
     A subclass sets `stack_type` and `embedding_std` and may add params (a head) in its own `setup`.
     """
