@@ -119,8 +119,9 @@ class DataOptions:
     pack: bool = option(False, "training on packed rows, several examples each (train.batch_size counts rows); "
                         "encoder-decoders pack sources and targets in their own rows",
                         valid_if(lambda v: isinstance(v, bool), "True or False"))
-    pack_width: int = option(0, "tokens per packed row (encoder-decoders: source tokens; the targets' row is as "
-                             "wide as the first epoch's fullest); 0: the longest example's width",
+    pack_width: int = option(0, "tokens per packed row (encoder-decoders: source tokens; the targets' row holds "
+                             "as many targets as the split has per that many source tokens); 0: the longest "
+                             "example's width",
                              integer(0, "0: the longest example"), REPLAY)
 
 

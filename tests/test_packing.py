@@ -261,8 +261,12 @@ def test_packed_encoder_decoder_batches_are_addressed_by_step():
     rows = batcher.packed_epoch(0)
     sources, targets = [len(s) for s in split.source_ids], [len(t) for t in split.target_ids]
     assert sorted(i for r in rows for i in r) == list(range(40))  # each example once
-    assert rows == data.pack_rows(sources, np.random.default_rng([3, 0]).permutation(40), SOURCE_WIDTH)
-    assert max(sum(targets[i] for i in r) for r in rows) <= batcher.targets_per_row  # the decoder row's width
+    # The decoder row: the split's targets per SOURCE_WIDTH source tokens (at least its longest), a multiple of 8.
+    share = SOURCE_WIDTH * sum(targets) / sum(sources)
+    assert batcher.targets_per_row % 8 == 0 and max(share, max(targets)) <= batcher.targets_per_row < max(
+        share, max(targets)) + 8
+    assert rows == data.pack_rows(sources, np.random.default_rng([3, 0]).permutation(40), SOURCE_WIDTH, targets,
+                                  batcher.targets_per_row)  # a row closes when either side is full
     assert all(sum(targets[i] for i in r) <= batcher.targets_per_row for r in batcher.packed_epoch(1))
     first = batcher.train_batch(1)
     assert all(np.array_equal(first[k], make().train_batch(1)[k]) for k in first)  # a fresh batcher (a resume)

@@ -13,7 +13,8 @@ import numpy as np
 from prefix_jax.batch import Batch
 from prefix_jax.data.buckets import bucket_of, bucket_widths
 from prefix_jax.data.records import DataError
-from prefix_jax.data.token_ids import TokenizedSplit, pack_rows, packed_batch, packed_encoder_decoder_batch, pad
+from prefix_jax.data.token_ids import (TokenizedSplit, pack_rows, packed_batch, packed_encoder_decoder_batch, pad,
+                                      round_up)
 
 
 @dataclasses.dataclass
@@ -47,7 +48,7 @@ class Batcher:
 
     def _pack(self, epoch: int, targets_per_row: int) -> list[list[int]]:
         """Decoder-only rows hold `pack_width` tokens of sources and targets; encoder-decoder rows `pack_width`
-        source tokens (their targets go into the decoder's row)."""
+        source tokens (their targets go into the decoder's row); both at most `targets_per_row` target tokens."""
         lengths = [len(s) + (0 if self.encoder_decoder else len(t))
                    for s, t in zip(self.split.source_ids, self.split.target_ids)]
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
@@ -55,15 +56,22 @@ class Batcher:
 
     @property
     def targets_per_row(self) -> int:
-        """Target slots the loss reads per packed row (K of `packed_batch`): the most target tokens a row of the
-        first epoch's packing holds, rounded up to a multiple of 8 (decoder-only: at most `pack_width`; the
-        width of an encoder-decoder's packed decoder row). Every epoch is packed with this budget, so the first
-        epoch's rows are exactly those packed without it; a later epoch's row that would hold more targets is
-        closed early."""
+        """Target slots the loss reads per packed row (K of `packed_batch`; an encoder-decoder's decoder row).
+
+        Decoder-only: the most target tokens a row of the first epoch's packing holds, rounded up to a multiple of
+        8 (at most `pack_width`); every epoch is packed with this budget, so the first epoch's rows are exactly
+        those packed without it, and a later epoch's row that would hold more targets is closed early.
+        Encoder-decoder: as many target tokens per `pack_width` source tokens as the split holds (at least its
+        longest target), rounded up to a multiple of 8; a row closes when either side is full, so neither row
+        is mostly padding."""
         if self._targets_per_row is None:
             targets = [len(t) for t in self.split.target_ids]
-            fullest = -(-max(sum(targets[i] for i in row) for row in self._pack(0, 0)) // 8) * 8
-            self._targets_per_row = fullest if self.encoder_decoder else min(self.pack_width, fullest)
+            if self.encoder_decoder:
+                sources = max(1, sum(len(s) for s in self.split.source_ids))
+                self._targets_per_row = round_up(max(-(-self.pack_width * sum(targets) // sources), max(targets)), 8)
+            else:
+                fullest = max(sum(targets[i] for i in row) for row in self._pack(0, 0))
+                self._targets_per_row = min(self.pack_width, round_up(fullest, 8))
         return self._targets_per_row
 
     def packed_epoch(self, epoch: int) -> list[list[int]]:

@@ -73,7 +73,8 @@ def _truncated(tokenizer: Any, texts: Sequence[str], full: Sequence[list[int]], 
     return out
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple`."""
     return -(-n // multiple) * multiple
 
 
@@ -81,7 +82,7 @@ def padded_lengths(split: TokenizedSplit, max_source_length: int, max_target_len
     """Static batch widths: the longest sequence rounded up to a multiple of 8, capped by the maxima."""
     longest_source = max((len(s) for s in split.source_ids), default=1)
     longest_target = max((len(t) for t in split.target_ids), default=1)
-    return (min(max_source_length, _round_up(longest_source, 8)), min(max_target_length, _round_up(longest_target, 8)))
+    return (min(max_source_length, round_up(longest_source, 8)), min(max_target_length, round_up(longest_target, 8)))
 
 
 def pad(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
