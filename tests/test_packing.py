@@ -225,14 +225,15 @@ def t5_case_and_unpacked_loss():
 def test_planted_encoder_decoder_packing_bugs_break_the_equality(t5_case_and_unpacked_loss, monkeypatch, bug):
     case, unpacked_sum = t5_case_and_unpacked_loss
     real = masks.packed_attention_mask
+    one_segment = lambda seg: (seg > 0).astype(seg.dtype)
     if bug == "cross-attention crosses segments":  # a target sees every example's source
         monkeypatch.setattr(masks, "packed_attention_mask", lambda seg, p=0, causal=True, key_segment_ids_BxC=None: (
             real(seg, p, causal) if key_segment_ids_BxC is None
-            else real((seg > 0).astype(seg.dtype), p, causal, (key_segment_ids_BxC > 0).astype(seg.dtype))))
+            else real(one_segment(seg), p, causal, one_segment(key_segment_ids_BxC))))
     elif bug == "encoder attention crosses segments":
-        monkeypatch.setattr(masks, "packed_attention_mask", lambda seg, p=0, causal=True, key_segment_ids_BxC=None: real(
-            (seg > 0).astype(seg.dtype) if not causal and key_segment_ids_BxC is None else seg, p, causal,
-            key_segment_ids_BxC))
+        monkeypatch.setattr(masks, "packed_attention_mask", lambda seg, p=0, causal=True, key_segment_ids_BxC=None: (
+            real(one_segment(seg) if not causal and key_segment_ids_BxC is None else seg, p, causal,
+                 key_segment_ids_BxC)))
     elif bug == "positions do not restart":
         monkeypatch.setattr(masks, "segment_positions", lambda seg, start=0: jnp.broadcast_to(
             jnp.asarray(start).reshape(-1, 1) + jnp.arange(seg.shape[1])[None], seg.shape))
