@@ -9,6 +9,9 @@ host, `jax.Array`s once placed. Which fields a batch holds (shape letters as in 
   ids, segment_ids          `[B, W]` int32: packed decoder-only rows (`data.packed_batch`)
   target_slots              `[B, K]` int32: packed rows only, the slot whose hidden state predicts each of
                             target_ids / target_mask `[B, K]` (K target slots per row)
+  source_segment_ids        `[B, S]`, `[B, T]` int32: packed encoder-decoder rows
+  target_segment_ids          (`data.packed_encoder_decoder_batch`: which example each source_ids / target_ids
+                            slot holds, 1, 2, ...; 0 padding; no source_mask)
 """
 
 from __future__ import annotations
@@ -32,3 +35,5 @@ class Batch(TypedDict, total=False):
     ids: Array
     segment_ids: Array
     target_slots: Array
+    source_segment_ids: Array
+    target_segment_ids: Array

@@ -116,9 +116,12 @@ class DataOptions:
     max_target_length: int = option(64, "target tokens kept", integer(2, "a token and EOS"))
     max_train_examples: int = option(0, "0: all", integer(0, "0: all"))
     max_eval_examples: int = option(0, "0: all", integer(0, "0: all"))
-    pack: bool = option(False, "decoder-only training: several examples per row (train.batch_size counts rows)",
+    pack: bool = option(False, "training on packed rows, several examples each (train.batch_size counts rows); "
+                        "encoder-decoders pack sources and targets in their own rows",
                         valid_if(lambda v: isinstance(v, bool), "True or False"))
-    pack_width: int = option(0, "tokens per packed row; 0: the longest example's width",
+    pack_width: int = option(0, "tokens per packed row (encoder-decoders: source tokens; the targets' row holds "
+                             "as many targets as the split has per that many source tokens); 0: the longest "
+                             "example's width",
                              integer(0, "0: the longest example"), REPLAY)
 
 

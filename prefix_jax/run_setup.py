@@ -115,10 +115,12 @@ def prefix_spec(prefix: PrefixOptions, model_config: Any, init_ids: list[int]) -
         mlp_activation=prefix.mlp_activation, dropout=prefix.dropout, init=prefix.init, tie=prefix.tie)
 
 
-def check_positions(model_config: Any, spec: prefix_lib.PrefixSpec, source_width: int, target_width: int) -> None:
+def check_positions(model_config: Any, spec: prefix_lib.PrefixSpec, source_width: int, target_width: int,
+                    packed: bool = False) -> None:
     """Fails before training when prefix + text (or + generated text) would overrun a learned position table.
 
     `target_width` is the longer of the padded targets and `generate.max_new_tokens` when evaluating by decoding.
+    `packed`: the widths are those of packed training rows (`data.pack_width`; an encoder-decoder's target row).
     """
     limit = model_config.max_positions
     if limit is None:
@@ -136,10 +138,13 @@ def check_positions(model_config: Any, spec: prefix_lib.PrefixSpec, source_width
     else:
         checks = {"prefix + data.max_source_length + data.max_target_length (or generate.max_new_tokens)":
                   need("decoder", source_width + target_width)}
+    if packed:
+        checks = {"a packed row (prefix + data.pack_width, or its targets)": max(checks.values())}
     for what, n in checks.items():
         if n > limit:
+            fields = "data.pack_width" if packed else "data.max_source_length or data.max_target_length"
             raise ConfigError(f"{what} = {n} positions, but {model_config.architecture} has {limit}. Shorten "
-                              f"prefix.length ({spec.length}), data.max_source_length or data.max_target_length.")
+                              f"prefix.length ({spec.length}), {fields}.")
 
 
 def _examples(data_options: DataOptions, split: str, cap: int) -> list[data.Example]:
@@ -179,11 +184,8 @@ def task_names(options: RunOptions, saved: SavedRun, train_split: data.Tokenized
     return tasks
 
 
-def check_packing(options: RunOptions, model_config: Any, spec: prefix_lib.PrefixSpec) -> None:
-    """`data.pack` needs a decoder-only LM, one task and a K/V prefix (each segment sees it as if alone)."""
-    if model_config.is_encoder_decoder:
-        raise ConfigError(f"data.pack=True packs decoder-only models (GPT-2, Llama family); {model_config.architecture}"
-                          " is an encoder-decoder: set data.pack=False.")
+def check_packing(options: RunOptions, spec: prefix_lib.PrefixSpec) -> None:
+    """`data.pack` needs one task and a K/V prefix (each segment sees it as if alone)."""
     if options.data.task_field:
         raise ConfigError("data.pack=True with data.task_field (one prefix per task) is not supported: each row "
                           "would mix tasks; set data.pack=False.")
@@ -238,10 +240,16 @@ def build(options: RunOptions, before_lm: Callable[[], None] = lambda: None) -> 
         process_index=jax.process_index(), process_count=jax.process_count(), **packing)
     packing = {}
     if d.pack:
-        check_packing(o, lm.config, spec)
-        packing = dict(pack_width=d.pack_width or source_width + target_width,
-                       separator_id=lm.config.separator_token_id)
+        check_packing(o, spec)
+        if encoder_decoder:  # the encoder's row: sources; the decoder's row: their targets (`targets_per_row`)
+            packing = dict(pack_width=d.pack_width or source_width, encoder_decoder=True)
+        else:
+            packing = dict(pack_width=d.pack_width or source_width + target_width,
+                           separator_id=lm.config.separator_token_id)
     train = batcher(train_split, t.batch_size, **packing)
+    if d.pack:  # a packed row's positions run up to its width
+        check_positions(lm.config, spec, train.pack_width, train.targets_per_row if encoder_decoder else 0,
+                        packed=True)
     if train.steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(train_split)} training "
                           "examples; lower it.")

@@ -15,7 +15,7 @@ from tolerances import F32_REORDERED_RTOL
 from prefix_jax import data, run_setup, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.config_checks import ConfigError
-from prefix_jax.models import DECODER, load_pretrained, masks
+from prefix_jax.models import CROSS, DECODER, ENCODER, bart, load_pretrained, masks, t5
 
 WIDTH = 40
 
@@ -132,12 +132,187 @@ def test_packed_batches_are_addressed_by_step_and_cover_the_epoch():
         lengths, range(40), WIDTH))
 
 
-@pytest.mark.parametrize("what,options,config,method", [
-    ("encoder-decoder", {}, dict(is_encoder_decoder=True, architecture="t5"), "prefix"),
-    ("multi-task", {"task_field": "task"}, dict(is_encoder_decoder=False, architecture="gpt2"), "prefix"),
-    ("infix", {}, dict(is_encoder_decoder=False, architecture="gpt2"), "infix"),
+# --- Encoder-decoders: sources packed in the encoder's row, their targets in the decoder's (as T5X packs) ---
+
+SOURCE_WIDTH = 32  # source tokens per packed encoder row (the test sources have 3-12)
+_TINY = dict(vocab_size=64, d_model=16)
+ENCODER_DECODERS = {  # tiny random models built from our configs: packing is ours against ours
+    "t5-v1.0": lambda: t5.Config(**_TINY, d_kv=8, d_ff=32, num_heads=2, num_encoder_layers=2, num_decoder_layers=2,
+                                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                 dropout_rate=0.0),
+    "t5-v1.1": lambda: t5.Config(**_TINY, d_kv=8, d_ff=32, num_heads=2, num_encoder_layers=2, num_decoder_layers=1,
+                                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                 dropout_rate=0.0, dense_act_fn="gelu_new", is_gated_act=True, tied_lm_head=False,
+                                 scale_decoder_outputs=False),
+    "bart": lambda: bart.Config(**_TINY, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                max_position_embeddings=64, dropout=0.0),
+    "bart-positions-after-prefix": lambda: bart.Config(
+        **_TINY, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64, dropout=0.0, positions_after_prefix=True),
+}
+ALL_PLACEMENTS = (ENCODER, DECODER, CROSS)
+
+
+def encoder_decoder_case(name: str, placements=ALL_PLACEMENTS, method: str = "prefix"):
+    """(model, spec, prefix params, LM params) of a tiny random encoder-decoder."""
+    config = ENCODER_DECODERS[name]()
+    model = (t5 if name.startswith("t5") else bart).Model(config)
+    batch = {k: jnp.asarray(v) for k, v in unpacked_batch(random_split(64, n=2)).items()}
+    lm_params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+    spec = prefix_lib.PrefixSpec(length=3, placements=placements, geometry=config.prefix_geometry(),
+                                 hidden_size=config.d_model, mlp_hidden=8, method=method)
+    return model, spec, prefix_lib.init_params(spec, jax.random.PRNGKey(1)), lm_params
+
+
+def packed_encoder_decoder(split: data.TokenizedSplit) -> dict:
+    rows = data.pack_rows([len(s) for s in split.source_ids], range(len(split)), SOURCE_WIDTH)
+    assert max(len(r) for r in rows) >= 3  # rows really hold several examples
+    target_width = -(-max(sum(len(split.target_ids[i]) for i in r) for r in rows) // 8) * 8
+    return data.packed_encoder_decoder_batch(split, rows, SOURCE_WIDTH, target_width, 0)
+
+
+def encoder_decoder_loss(case, batch, with_grads: bool):
+    model, spec, params, lm_params = case
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    total = lambda p: train_steps.batch_loss(model, spec, p, lm_params, batch, None)
+    if not with_grads:
+        loss_sum, count = jax.jit(total)(params)
+        return float(loss_sum), float(count), None
+    (loss_sum, count), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(params)
+    return float(loss_sum), float(count), grads
+
+
+def assert_packed_equals_unpacked(case) -> None:
+    split = random_split(64)
+    (p_sum, p_count, p_grads), (u_sum, u_count, u_grads) = (
+        encoder_decoder_loss(case, batch, True) for batch in (packed_encoder_decoder(split), unpacked_batch(split)))
+    assert p_count == u_count == sum(len(t) for t in split.target_ids)
+    assert abs(p_sum - u_sum) <= F32_REORDERED_RTOL * abs(u_sum)
+    assert_close_trees(p_grads, u_grads)
+
+
+def test_packed_encoder_decoder_rows_give_the_unpacked_loss_and_gradients():
+    """Every placement at once: the encoder's and the decoder's self-attention prefix and the cross-attention's
+    (T5 here; the other variants, BART among them, in the slow set)."""
+    assert_packed_equals_unpacked(encoder_decoder_case("t5-v1.0"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,placements,method", [
+    ("bart", ALL_PLACEMENTS, "prefix"),
+    ("t5-v1.1", ALL_PLACEMENTS, "prefix"),
+    ("t5-v1.1", ALL_PLACEMENTS, "prefix_direct"),
+    ("t5-v1.0", (ENCODER,), "prefix"),
+    ("t5-v1.0", (DECODER,), "prefix"),
+    ("t5-v1.0", (CROSS,), "prefix"),
+    ("bart", (ENCODER, CROSS), "prefix"),
+    ("bart-positions-after-prefix", ALL_PLACEMENTS, "prefix"),
+    ("bart-positions-after-prefix", (DECODER,), "prefix_direct"),
 ])
-def test_packing_refuses_what_it_does_not_support(what, options, config, method):
+def test_packed_encoder_decoder_equality_per_variant_and_placement(name, placements, method):
+    assert_packed_equals_unpacked(encoder_decoder_case(name, placements, method))
+
+
+@pytest.fixture(scope="module")
+def t5_case_and_unpacked_loss():
+    case = encoder_decoder_case("t5-v1.0")
+    return case, encoder_decoder_loss(case, unpacked_batch(random_split(64)), False)[0]
+
+
+@pytest.mark.parametrize("bug", ["cross-attention crosses segments", "encoder attention crosses segments",
+                                 "positions do not restart", "targets shifted across segments"])
+def test_planted_encoder_decoder_packing_bugs_break_the_equality(t5_case_and_unpacked_loss, monkeypatch, bug):
+    case, unpacked_sum = t5_case_and_unpacked_loss
+    real = masks.packed_attention_mask
+    one_segment = lambda seg: (seg > 0).astype(seg.dtype)
+    if bug == "cross-attention crosses segments":  # a target sees every example's source
+        monkeypatch.setattr(masks, "packed_attention_mask", lambda seg, p=0, causal=True, key_segment_ids_BxC=None: (
+            real(seg, p, causal) if key_segment_ids_BxC is None
+            else real(one_segment(seg), p, causal, one_segment(key_segment_ids_BxC))))
+    elif bug == "encoder attention crosses segments":
+        monkeypatch.setattr(masks, "packed_attention_mask", lambda seg, p=0, causal=True, key_segment_ids_BxC=None: (
+            real(one_segment(seg) if not causal and key_segment_ids_BxC is None else seg, p, causal,
+                 key_segment_ids_BxC)))
+    elif bug == "positions do not restart":
+        monkeypatch.setattr(masks, "segment_positions", lambda seg, start=0: jnp.broadcast_to(
+            jnp.asarray(start).reshape(-1, 1) + jnp.arange(seg.shape[1])[None], seg.shape))
+    else:  # each example's first decoder input is the previous example's last target token
+        monkeypatch.setattr(masks, "segment_shift_right", lambda ids, seg, start: masks.shift_right(ids, start))
+    packed_sum = encoder_decoder_loss(case, packed_encoder_decoder(random_split(64)), False)[0]
+    assert abs(packed_sum - unpacked_sum) > 10 * F32_REORDERED_RTOL * abs(unpacked_sum)  # fails the equality by far
+
+
+def test_encoder_decoder_segment_masks():
+    source, target = jnp.asarray([[1, 1, 2, 2, 2, 0]]), jnp.asarray([[1, 2, 2, 0]])
+    cross = np.asarray(masks.packed_attention_mask(target, 1, causal=False, key_segment_ids_BxC=source))[0, 0]
+    assert cross.shape == (4, 7) and cross[:, 0].all()  # the cross-attention prefix: visible to every slot
+    assert cross[1, 1:].tolist() == [False, False, True, True, True, False]  # target 2 sees source 2 only
+    assert not cross[3, 1:].any()  # padding sees no source
+    encoder = np.asarray(masks.packed_attention_mask(source, 0, causal=False))[0, 0]
+    assert encoder[0].tolist() == [True, True, False, False, False, False]
+    assert masks.segment_shift_right(jnp.asarray([[7, 8, 9, 0]]), target, 5).tolist() == [[5, 5, 8, 5]]
+
+
+def test_packed_encoder_decoder_batches_are_addressed_by_step():
+    split = random_split(1000, n=40, seed=1)
+    make = lambda index=0, count=1: data.Batcher(split, 4, 16, 16, 0, False, seed=3, process_index=index,
+                                                 process_count=count, pack_width=SOURCE_WIDTH, encoder_decoder=True)
+    batcher = make()
+    rows = batcher.packed_epoch(0)
+    sources, targets = [len(s) for s in split.source_ids], [len(t) for t in split.target_ids]
+    assert sorted(i for r in rows for i in r) == list(range(40))  # each example once
+    # The decoder row: the split's targets per SOURCE_WIDTH source tokens (at least its longest), a multiple of 8.
+    share = SOURCE_WIDTH * sum(targets) / sum(sources)
+    assert batcher.targets_per_row % 8 == 0 and max(share, max(targets)) <= batcher.targets_per_row < max(
+        share, max(targets)) + 8
+    assert rows == data.pack_rows(sources, np.random.default_rng([3, 0]).permutation(40), SOURCE_WIDTH, targets,
+                                  batcher.targets_per_row)  # a row closes when either side is full
+    assert all(sum(targets[i] for i in r) <= batcher.targets_per_row for r in batcher.packed_epoch(1))
+    first = batcher.train_batch(1)
+    assert all(np.array_equal(first[k], make().train_batch(1)[k]) for k in first)  # a fresh batcher (a resume)
+    assert first["source_ids"].shape == (4, SOURCE_WIDTH)
+    assert first["target_ids"].shape == (4, batcher.targets_per_row)
+    assert np.array_equal(first["source_segment_ids"].max(1), first["target_segment_ids"].max(1))
+    assert first["source_segment_ids"].max() >= 2
+    row = rows[4]  # step 1's first row
+    assert first["source_ids"][0, :sources[row[0]]].tolist() == split.source_ids[row[0]]
+    assert first["target_ids"][0, :targets[row[0]]].tolist() == split.target_ids[row[0]]
+    halves = [make(i, 2).train_batch(1) for i in range(2)]  # two processes: each its own rows
+    assert all(np.array_equal(np.concatenate([h[k] for h in halves]), first[k]) for k in first)
+
+
+@pytest.mark.slow
+def test_train_py_packs_a_t5_run_and_resumes_it_exactly(tiny_t5_dir, tmp_path):
+    """The tiny T5 trained on packed rows (`data.pack=True`), straight and stopped then resumed: the same losses."""
+    from helpers import losses, small_config
+
+    from prefix_jax import trainer
+    from prefix_jax.metrics_file import read_metrics
+
+    def config(name: str, **train):
+        c = small_config(tiny_t5_dir, tmp_path / name, **train)
+        c.data.pack, c.data.pack_width = True, 64  # sources of at most 32 tokens: two or more per row
+        return c
+
+    straight = trainer.run(config("straight"))
+    assert trainer.run(config("resumed", stop_at=3))["final_step"] == 3
+    second = trainer.run(config("resumed"))
+    assert second["start_step"] == 3 and second["final_step"] == straight["final_step"] == 6
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert [a[s] for s in a] == [b[s] for s in a]  # bitwise: the same packed rows at each step
+    assert np.isfinite(straight["eval_loss"]) and straight["eval_loss"] == second["eval_loss"]
+    # More target tokens in a step than 4 unpacked examples can hold (4 rows x max_target_length 16).
+    assert max(row["tokens"] for row in read_metrics(tmp_path / "straight") if "tokens" in row) > 4 * 16
+
+
+@pytest.mark.parametrize("what,options,method", [
+    ("multi-task", {"task_field": "task"}, "prefix"),
+    ("infix", {}, "infix"),
+    ("embedding-only prompt", {}, "embedding_only"),
+])
+def test_packing_refuses_what_it_does_not_support(what, options, method):
     o = types.SimpleNamespace(data=types.SimpleNamespace(task_field=options.get("task_field", "")))
     with pytest.raises(ConfigError, match="data.pack"):
-        run_setup.check_packing(o, types.SimpleNamespace(**config), types.SimpleNamespace(method=method))
+        run_setup.check_packing(o, types.SimpleNamespace(method=method))

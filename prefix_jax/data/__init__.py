@@ -25,12 +25,14 @@ from prefix_jax.data.local_files import csv_records, decode_text, json_lines
 from prefix_jax.data.records import DataError, Example, text_field
 from prefix_jax.data.table_to_text import (linearize_e2e, linearize_triples, read_dart_json, read_e2e_csv,
                                            table_to_text_examples)
-from prefix_jax.data.token_ids import TokenizedSplit, pack_rows, packed_batch, pad, padded_lengths, tokenize
+from prefix_jax.data.token_ids import (TokenizedSplit, pack_rows, packed_batch, packed_encoder_decoder_batch, pad,
+                                      padded_lengths, tokenize)
 from prefix_jax.data.tokenizers import load_tokenizer
 
 __all__ = [
     "Batcher", "DataError", "Example", "TokenizedSplit", "csv_records", "decode_text", "json_lines",
-    "linearize_e2e", "linearize_triples", "load_tokenizer", "pack_rows", "packed_batch", "pad", "padded_lengths",
+    "linearize_e2e", "linearize_triples", "load_tokenizer", "pack_rows", "packed_batch",
+    "packed_encoder_decoder_batch", "pad", "padded_lengths",
     "parquet_export_location", "read_dart_json", "read_e2e_csv", "read_examples", "table_to_text_examples",
     "text_field", "tokenize",
 ]

@@ -13,7 +13,8 @@ import numpy as np
 from prefix_jax.batch import Batch
 from prefix_jax.data.buckets import bucket_of, bucket_widths
 from prefix_jax.data.records import DataError
-from prefix_jax.data.token_ids import TokenizedSplit, pack_rows, packed_batch, pad
+from prefix_jax.data.token_ids import (TokenizedSplit, pack_rows, packed_batch, packed_encoder_decoder_batch, pad,
+                                      round_up)
 
 
 @dataclasses.dataclass
@@ -33,7 +34,8 @@ class Batcher:
     process_index: int = 0
     process_count: int = 1
     pack_width: int = 0  # > 0: training batches are `global_batch_size` packed rows of this many tokens
-    separator_id: int = 0  # packed rows: the token that starts each target (the model's separator)
+    separator_id: int = 0  # packed decoder-only rows: the token that starts each target (the model's separator)
+    encoder_decoder: bool = False  # packed rows: `pack_width` source tokens, their targets in `targets_per_row`
     length_buckets: int = 0  # > 1: eval and decoding batches padded to the smallest of this many widths per side
 
     def __post_init__(self) -> None:
@@ -45,20 +47,31 @@ class Batcher:
         self._targets_per_row: int | None = None
 
     def _pack(self, epoch: int, targets_per_row: int) -> list[list[int]]:
-        lengths = [len(s) + len(t) for s, t in zip(self.split.source_ids, self.split.target_ids)]
+        """Decoder-only rows hold `pack_width` tokens of sources and targets; encoder-decoder rows `pack_width`
+        source tokens (their targets go into the decoder's row); both at most `targets_per_row` target tokens."""
+        lengths = [len(s) + (0 if self.encoder_decoder else len(t))
+                   for s, t in zip(self.split.source_ids, self.split.target_ids)]
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
         return pack_rows(lengths, order, self.pack_width, [len(t) for t in self.split.target_ids], targets_per_row)
 
     @property
     def targets_per_row(self) -> int:
-        """Target slots the loss reads per packed row (K of `packed_batch`): the most target tokens a row of the
-        first epoch's packing holds, rounded up to a multiple of 8 (at most `pack_width`). Every epoch is packed
-        with this budget, so the first epoch's rows are exactly those packed without it; a later epoch's row
-        that would hold more targets is closed early."""
+        """Target slots the loss reads per packed row (K of `packed_batch`; an encoder-decoder's decoder row).
+
+        Decoder-only: the most target tokens a row of the first epoch's packing holds, rounded up to a multiple of
+        8 (at most `pack_width`); every epoch is packed with this budget, so the first epoch's rows are exactly
+        those packed without it, and a later epoch's row that would hold more targets is closed early.
+        Encoder-decoder: as many target tokens per `pack_width` source tokens as the split holds (at least its
+        longest target), rounded up to a multiple of 8; a row closes when either side is full, so neither row
+        is mostly padding."""
         if self._targets_per_row is None:
             targets = [len(t) for t in self.split.target_ids]
-            fullest = max(sum(targets[i] for i in row) for row in self._pack(0, 0))
-            self._targets_per_row = min(self.pack_width, -(-fullest // 8) * 8)
+            if self.encoder_decoder:
+                sources = max(1, sum(len(s) for s in self.split.source_ids))
+                self._targets_per_row = round_up(max(-(-self.pack_width * sum(targets) // sources), max(targets)), 8)
+            else:
+                fullest = max(sum(targets[i] for i in row) for row in self._pack(0, 0))
+                self._targets_per_row = min(self.pack_width, round_up(fullest, 8))
         return self._targets_per_row
 
     def packed_epoch(self, epoch: int) -> list[list[int]]:
@@ -107,6 +120,9 @@ class Batcher:
             rows = self.packed_epoch(pos["epoch"])[start:start + self.global_batch_size]
             rows += [[]] * (self.global_batch_size - len(rows))
             local = [rows[i] for i in np.array_split(np.arange(len(rows)), self.process_count)[self.process_index]]
+            if self.encoder_decoder:
+                return packed_encoder_decoder_batch(self.split, local, self.pack_width, self.targets_per_row,
+                                                    self.pad_id)
             return packed_batch(self.split, local, self.pack_width, self.separator_id, self.pad_id,
                                 self.targets_per_row)
         order = np.random.default_rng([self.seed, pos["epoch"]]).permutation(len(self.split))

@@ -73,7 +73,8 @@ def _truncated(tokenizer: Any, texts: Sequence[str], full: Sequence[list[int]], 
     return out
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple`."""
     return -(-n // multiple) * multiple
 
 
@@ -81,7 +82,7 @@ def padded_lengths(split: TokenizedSplit, max_source_length: int, max_target_len
     """Static batch widths: the longest sequence rounded up to a multiple of 8, capped by the maxima."""
     longest_source = max((len(s) for s in split.source_ids), default=1)
     longest_target = max((len(t) for t in split.target_ids), default=1)
-    return (min(max_source_length, _round_up(longest_source, 8)), min(max_target_length, _round_up(longest_target, 8)))
+    return (min(max_source_length, round_up(longest_source, 8)), min(max_target_length, round_up(longest_target, 8)))
 
 
 def pad(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -148,3 +149,26 @@ def packed_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], width: in
             start, filled = end, filled + len(target)
     return {"ids": ids, "segment_ids": segment_ids, "target_slots": target_slots, "target_ids": target_ids,
             "target_mask": target_mask}
+
+
+def packed_encoder_decoder_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], source_width: int,
+                                 target_width: int, pad_id: int) -> Batch:
+    """Packed encoder-decoder rows (as T5X packs them): each row's examples' sources one after another in
+    `source_ids` `[B, source_width]` and their targets, in the same order, in `target_ids` / `target_mask`
+    `[B, target_width]`; `source_segment_ids` and `target_segment_ids` say which example each slot holds (1, 2, ...
+    in both rows; 0: padding). The model shifts each target right within its segment."""
+    source_ids, target_ids = np.full((len(rows), source_width), pad_id, np.int32), np.full((len(rows), target_width),
+                                                                                           pad_id, np.int32)
+    source_segments, target_segments = np.zeros_like(source_ids), np.zeros_like(target_ids)
+    for r, indices in enumerate(rows):
+        for side, ids, segments, width in (("source", source_ids, source_segments, source_width),
+                                           ("target", target_ids, target_segments, target_width)):
+            start = 0
+            for segment, i in enumerate(indices, start=1):
+                tokens = (split.source_ids if side == "source" else split.target_ids)[i]
+                if start + len(tokens) > width:
+                    raise DataError(f"packed row {r} holds more than {width} {side} tokens; pack it with pack_rows.")
+                ids[r, start:start + len(tokens)], segments[r, start:start + len(tokens)] = tokens, segment
+                start += len(tokens)
+    return {"source_ids": source_ids, "source_segment_ids": source_segments, "target_ids": target_ids,
+            "target_mask": (target_segments > 0).astype(np.int32), "target_segment_ids": target_segments}

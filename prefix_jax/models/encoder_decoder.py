@@ -9,6 +9,8 @@ its stacks subclass `Stack` (`block`, `embed_positions`, `output`) and its layer
 `shared`, `encoder` and `decoder` (names that are part of the param tree); the model's own `setup` adds its
 head's params. Positions come from `Config.text_positions` (the one owner of where text sits after a
 prefix): a stack with absolute positions reads the queries' positions, one with relative positions both.
+Packed training rows (`data.pack`, several examples per encoder and decoder row) take the same stacks with
+per-segment positions and masks (`packed_target_hidden_states`, `packed_stack_masks`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 from prefix_jax.batch import Batch
 from prefix_jax.models import common, masks
 from prefix_jax.models.attention import MultiHeadAttention, tokens_after_prefix
-from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, KV, NO_PREFIX, Prefix, TextPositions
+from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, KV, NO_PREFIX, BankKV, Prefix, TextPositions
 
 
 
@@ -30,13 +32,27 @@ def stack_masks(key_valid_BxC: jax.Array, num_queries: int, prefix: KV | None, i
                 query_offset: jax.Array | int = 0, memory_valid_BxS: jax.Array | None = None,
                 cross_prefix: KV | None = None) -> tuple[jax.Array, jax.Array | None]:
     """Self-attention mask (causal in the decoder) and, in the decoder, the cross-attention mask `[B, 1, Q, M]`."""
-    prefix_len = 0 if prefix is None else prefix.key.shape[-2]
-    self_mask = masks.attention_mask(key_valid_BxC, num_queries, prefix_len, causal=is_decoder,
+    self_mask = masks.attention_mask(key_valid_BxC, num_queries, _length(prefix), causal=is_decoder,
                                      query_offset=query_offset)
     if not is_decoder:
         return self_mask, None
-    cross_len = 0 if cross_prefix is None else cross_prefix.key.shape[-2]
-    return self_mask, masks.attention_mask(memory_valid_BxS, num_queries, cross_len)
+    return self_mask, masks.attention_mask(memory_valid_BxS, num_queries, _length(cross_prefix))
+
+
+def packed_stack_masks(segment_ids_BxQ: jax.Array, prefix: KV | None, is_decoder: bool,
+                       memory_segment_ids_BxS: jax.Array | None = None,
+                       cross_prefix: KV | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """`stack_masks` of packed rows (`data.packed_encoder_decoder_batch`): each token sees every prefix and only
+    its own example's tokens (in the decoder, the earlier ones of its target and all of its source)."""
+    self_mask = masks.packed_attention_mask(segment_ids_BxQ, _length(prefix), causal=is_decoder)
+    if not is_decoder:
+        return self_mask, None
+    return self_mask, masks.packed_attention_mask(segment_ids_BxQ, _length(cross_prefix), causal=False,
+                                                  key_segment_ids_BxC=memory_segment_ids_BxS)
+
+
+def _length(prefix: KV | None) -> int:
+    return 0 if prefix is None else prefix.key.shape[-2]
 
 
 def attend_to_encoder(cross: MultiHeadAttention, x_BxQxD: jax.Array, memory_BxSxD: jax.Array,
@@ -94,14 +110,13 @@ class Stack(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxQxD: jax.Array, query_positions_BxQ: jax.Array, key_positions_BxC: jax.Array,
-                 key_valid_BxC: jax.Array, prefix: KV | None, deterministic: bool, query_offset: jax.Array | int = 0,
-                 memory: jax.Array | None = None, memory_valid: jax.Array | None = None,
-                 cross_prefix: KV | None = None, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
-        """Query positions count real tokens from the stack's text offset; key positions those of the key slots."""
-        prefix_len = 0 if prefix is None else prefix.key.shape[-2]
-        x, bias = self.embed_positions(x_BxQxD, query_positions_BxQ, key_positions_BxC, prefix_len, deterministic)
-        self_mask, cross_mask = stack_masks(key_valid_BxC, x_BxQxD.shape[1], prefix, self.is_decoder, query_offset,
-                                            memory_valid, cross_prefix)
+                 self_mask: jax.Array, prefix: KV | None, deterministic: bool, memory: jax.Array | None = None,
+                 cross_mask: jax.Array | None = None, cross_prefix: KV | None = None,
+                 cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """Query positions count real tokens from the stack's text offset; key positions those of the key slots.
+        The masks (`stack_masks` or `packed_stack_masks`) cover each attention's prefix slots and its keys."""
+        x, bias = self.embed_positions(x_BxQxD, query_positions_BxQ, key_positions_BxC, _length(prefix),
+                                       deterministic)
         broadcast = nn.broadcast
         layers = common.stack_layers(self.block, self.num_layers, self.config.remat,
                                      in_axes=(0, 0, 0, broadcast, broadcast, broadcast, broadcast))
@@ -113,7 +128,8 @@ class Stack(nn.Module):
 class EncoderDecoder(common.DecoderCache, nn.Module):
     """`logits = Model(config).apply({'params': lm_params}, batch, prefix)` for an encoder-decoder LM.
 
-    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`.
+    `batch`: `source_ids`, `source_mask` `[B, S]`, `target_ids`, `target_mask` `[B, T]`; or packed rows
+    (`source_segment_ids` for `source_mask`, and `target_segment_ids`: `packed_target_hidden_states`).
     `prefix`: a `Prefix` (K/V for any of ENCODER, DECODER, CROSS; or `prompt_embeds`).
     A subclass sets `stack_type` and `embedding_std` and may add params (a head) in its own `setup`.
     """
@@ -152,7 +168,9 @@ class EncoderDecoder(common.DecoderCache, nn.Module):
         """Encoder output `[B, S', D]` and its validity mask (`S' = S`, or `P + S` with `prompt_embeds`)."""
         x, source_mask = common.prepend_prompt(self.embed(source_ids), source_mask, prefix.prompt_embeds)
         positions = masks.token_positions(source_mask, self._text_positions(prefix, ENCODER, x.shape[1]).source_offset)
-        encoded, _ = self.encoder(x, positions, positions, source_mask, prefix.kv.get(ENCODER), deterministic)
+        kv = prefix.kv.get(ENCODER)
+        self_mask, _ = stack_masks(source_mask, x.shape[1], kv, is_decoder=False)
+        encoded, _ = self.encoder(x, positions, positions, self_mask, kv, deterministic)
         return encoded, source_mask
 
     def decoder_hidden_states(self, encoded: jax.Array, encoded_mask: jax.Array, decoder_ids: jax.Array,
@@ -175,8 +193,11 @@ class EncoderDecoder(common.DecoderCache, nn.Module):
                                                (batch, num_queries))
             key_positions = jnp.broadcast_to(shift_Bx1 + jnp.arange(decoder_mask.shape[1], dtype=jnp.int32)[None],
                                              decoder_mask.shape)
-        return self.decoder(x, query_positions, key_positions, decoder_mask, prefix.kv.get(DECODER), deterministic,
-                            offset, encoded, encoded_mask, prefix.kv.get(CROSS), cache)
+        kv, cross_kv = prefix.kv.get(DECODER), prefix.kv.get(CROSS)
+        self_mask, cross_mask = stack_masks(decoder_mask, decoder_ids.shape[1], kv, True, offset, encoded_mask,
+                                            cross_kv)
+        return self.decoder(x, query_positions, key_positions, self_mask, kv, deterministic, encoded, cross_mask,
+                            cross_kv, cache)
 
     def decode(self, encoded: jax.Array, encoded_mask: jax.Array, decoder_ids: jax.Array, decoder_mask: jax.Array,
                prefix: Prefix = NO_PREFIX, deterministic: bool = True,
@@ -188,10 +209,38 @@ class EncoderDecoder(common.DecoderCache, nn.Module):
 
     def target_hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic: bool = True) -> jax.Array:
         """Teacher-forced final decoder hidden states `[B, T, D]`: position t predicts `target_ids[:, t]`."""
+        if "source_segment_ids" in batch:
+            return self.packed_target_hidden_states(batch, prefix, deterministic)
         encoded, encoded_mask = self.encode(batch["source_ids"], batch["source_mask"], prefix, deterministic)
         decoder_ids = masks.shift_right(batch["target_ids"], self.config.decoder_start_token_id)
         decoder_mask = masks.shift_right(batch["target_mask"], 1)
         h, _ = self.decoder_hidden_states(encoded, encoded_mask, decoder_ids, decoder_mask, prefix, deterministic)
+        return h
+
+    def packed_target_hidden_states(self, batch: Batch, prefix: Prefix = NO_PREFIX,
+                                    deterministic: bool = True) -> jax.Array:
+        """`target_hidden_states` of packed rows (`data.packed_encoder_decoder_batch`): several examples' sources
+        one after another in `source_ids` and their targets in `target_ids`, told apart by `source_segment_ids`
+        and `target_segment_ids` (1, 2, ...; 0: padding). Each example sees the prefixes and its own tokens only
+        (its target attends to its own source), at the positions it has when alone."""
+        if prefix.prompt_embeds is not None or any(isinstance(kv, BankKV) for kv in prefix.kv.values()):
+            raise ValueError("data.pack takes one K/V prefix (method prefix / prefix_direct, one task); an "
+                             "embedding-only prompt or a multi-task bank needs data.pack=False.")
+        source_segments, target_segments = batch["source_segment_ids"], batch["target_segment_ids"]
+        kv = prefix.kv.get(ENCODER)
+        start = self._text_positions(prefix, ENCODER, source_segments.shape[1]).source_offset
+        positions = masks.segment_positions(source_segments, start)
+        self_mask, _ = packed_stack_masks(source_segments, kv, is_decoder=False)
+        encoded, _ = self.encoder(self.embed(batch["source_ids"]), positions, positions, self_mask, kv, deterministic)
+
+        kv, cross_kv = prefix.kv.get(DECODER), prefix.kv.get(CROSS)
+        start = self._text_positions(prefix, DECODER, target_segments.shape[1]).target_offset
+        positions = masks.segment_positions(target_segments, start)
+        self_mask, cross_mask = packed_stack_masks(target_segments, kv, True, source_segments, cross_kv)
+        decoder_ids = masks.segment_shift_right(batch["target_ids"], target_segments,
+                                                self.config.decoder_start_token_id)
+        h, _ = self.decoder(self.embed(decoder_ids), positions, positions, self_mask, kv, deterministic, encoded,
+                            cross_mask, cross_kv)
         return h
 
     def __call__(self, batch: Batch, prefix: Prefix = NO_PREFIX, deterministic: bool = True) -> jax.Array:

@@ -67,12 +67,25 @@ def segment_positions(segment_ids_BxQ: jax.Array, start: jax.Array | int = 0) ->
     return start_Bx1 + slots - segment_start
 
 
-def packed_attention_mask(segment_ids_BxQ: jax.Array, prefix_len: int = 0) -> jax.Array:
-    """Boolean mask `[B, 1, Q, P + Q]` of a packed row: a token sees the prefix and the earlier tokens of its
-    own segment, as if its example were alone; padding sees nothing of the text."""
+def packed_attention_mask(segment_ids_BxQ: jax.Array, prefix_len: int = 0, causal: bool = True,
+                          key_segment_ids_BxC: jax.Array | None = None) -> jax.Array:
+    """Boolean mask `[B, 1, Q, P + C]` of a packed row: a token sees the prefix and the tokens of its own segment
+    (the earlier ones when `causal`), as if its example were alone; padding sees nothing of the text.
+
+    The keys are the queries' own row (self-attention), or a row of `key_segment_ids_BxC` (cross-attention: a
+    target segment sees its own example's source segment)."""
     seg = segment_ids_BxQ
-    num = seg.shape[1]
-    same_BxQxQ = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-    keys_BxQxQ = same_BxQxQ & (jnp.arange(num)[None, :] <= jnp.arange(num)[:, None])[None]
-    prefix_BxQxP = jnp.ones((seg.shape[0], num, prefix_len), bool)
-    return jnp.concatenate([prefix_BxQxP, keys_BxQxQ], axis=-1)[:, None]
+    keys = seg if key_segment_ids_BxC is None else key_segment_ids_BxC
+    same_BxQxC = (seg[:, :, None] == keys[:, None, :]) & (keys[:, None, :] > 0)
+    if causal:
+        same_BxQxC = same_BxQxC & (jnp.arange(keys.shape[1])[None, :] <= jnp.arange(seg.shape[1])[:, None])[None]
+    prefix_BxQxP = jnp.ones((seg.shape[0], seg.shape[1], prefix_len), bool)
+    return jnp.concatenate([prefix_BxQxP, same_BxQxC], axis=-1)[:, None]
+
+
+def segment_shift_right(ids_BxT: jax.Array, segment_ids_BxT: jax.Array, start_id: int) -> jax.Array:
+    """Teacher-forcing decoder inputs of packed targets: `shift_right` within each segment, so every example's
+    first slot reads `start_id`, never the previous example's last token."""
+    seg = segment_ids_BxT
+    first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    return jnp.where(first, jnp.asarray(start_id, ids_BxT.dtype), shift_right(ids_BxT, start_id))
