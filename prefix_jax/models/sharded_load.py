@@ -56,7 +56,8 @@ def place(table: Any, source: hf_mapping.TensorSource, shardings: Any, dtype: An
 
 def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", param_dtype: str = "float32",
                  compute_dtype: str | None = None, quantize: str = "none",
-                 quantize_group_size: int | None = None, **config_overrides: Any) -> models.PretrainedLM:
+                 quantize_group_size: int | None = None, quantize_embeddings: bool = True,
+                 **config_overrides: Any) -> models.PretrainedLM:
     """`models.load_pretrained`, with the params read straight into their shards on `mesh`.
 
     The params are global `jax.Array`s laid out by `partitioning.lm_shardings(..., strategy, mesh)`; every
@@ -70,7 +71,8 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
     partitioning.check_strategy(strategy)
     opened = models.open_checkpoint(name_or_path, param_dtype, compute_dtype, lazy=True, **config_overrides)
     dtype = np.dtype(jax.numpy.dtype(param_dtype))
-    model, table, fingerprint = models.quantize_on_load(opened, dtype, quantize, quantize_group_size)
+    model, table, fingerprint = models.quantize_on_load(opened, dtype, quantize, quantize_group_size,
+                                                        quantize_embeddings)
     axes = opened.arch.PARAM_AXES
     if quantize != "none":  # qwix: only quantized loads import it
         from prefix_jax.quantize import quantized_param_axes
