@@ -143,6 +143,43 @@ def _lookup(tree, name: str):
     return tree
 
 
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # llama: untied lm_head [D, V]; gpt2: tied wte
+def test_vocab_matrices_a_scale_per_row_and_their_lookup_and_head_read_them_block_by_block(architecture):
+    """The token table [V, D] (and an untied head [D, V]): int8 one scale per vocabulary row (absmax / 127.5),
+    int4 one per 32 values along the width. The lookup is the dequantized table's rows, bitwise; the head, in
+    blocks of 13 rows (101 = 7 x 13 + 10: the last block overlaps), the dequantized matrix's logits."""
+    from prefix_jax import quantized_vocab
+    from prefix_jax.models import common
+
+    _, _, params = tiny(architecture)
+    matrices = qz.vocab_matrices(params)
+    assert matrices == ({"embed_tokens/embedding": 0, "lm_head/kernel": 1} if architecture == "llama"
+                             else {"wte/embedding": 0})
+    leaves8, leaves4 = (dict(qz._with_aux_leaves(quantized(architecture, mode)[1])) for mode in ("int8", "int4"))
+    h = jax.random.normal(jax.random.key(3), (2, 5, 64), jnp.float32)
+    ids = jnp.asarray(text_batch(np.random.default_rng(4))["source_ids"])
+    for name, vocab_axis in matrices.items():
+        matrix = np.asarray(_lookup(params, name))
+        width_axis = 1 - vocab_axis
+        q, scale = np.asarray(leaves8[name].array.qvalue, np.float32), np.asarray(leaves8[name].array.scale)
+        assert scale.shape == tuple(1 if a == width_axis else n for a, n in enumerate(matrix.shape)), name
+        np.testing.assert_allclose(scale, np.abs(matrix).max(axis=width_axis, keepdims=True) / 127.5, rtol=1e-6)
+        np.testing.assert_allclose(q * scale, matrix, rtol=0, atol=float(scale.max()) * 0.5001)
+        scale4 = leaves4[name].array.scale
+        assert scale4.shape == tuple(n // GROUP if a == width_axis else n for a, n in enumerate(matrix.shape)), name
+        for leaf in (leaves8[name], leaves4[name]):
+            dense = np.asarray(quantized_vocab.dequantize(leaf.array.qvalue, leaf.array.scale))
+            assert quantized_vocab.block_rows(VOCAB, 64, 13 * 64 * 4) == 13
+            got = jax.jit(lambda x, m, a=vocab_axis: quantized_vocab.logits(x, m, a, jnp.float32, 13 * 64 * 4))(
+                h, leaf)
+            want = np.einsum("btd,vd->btv", np.asarray(h), dense if vocab_axis == 0 else dense.T)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+            if vocab_axis == 0:
+                embed = common.Embed(VOCAB, 64, dtype=jnp.float32)
+                rows = jax.jit(lambda t, i: embed.apply({"params": {"embedding": t}}, i))(leaf, ids)
+                np.testing.assert_array_equal(np.asarray(rows), dense[np.asarray(ids)])
+
+
 # (architecture, the last of 20 losses below this fraction of the first): the tiny GPT-2's tied head of std 0.1
 # gives flat logits, which a prefix sharpens slowly (float32 alike).
 @pytest.mark.parametrize("architecture,fraction", [("llama", 0.5), ("gpt2", 0.9)])
