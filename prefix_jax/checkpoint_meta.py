@@ -50,7 +50,8 @@ def run_metadata(plan: RunPlan) -> dict:
     if not c.train.eval_only:  # what must not change for a resume to replay the interrupted run
         resolved = {"train.steps": plan.total_steps, "data.pack_width": plan.train.pack_width,
                     "model.compute_dtype": c.model.compute_dtype or c.model.param_dtype,  # as the run uses them
-                    "model.quantize_group_size": c.model.quantize_group_size if c.model.quantize == "int4" else None}
+                    "model.quantize_group_size": c.model.quantize_group_size if c.model.quantize == "int4" else None,
+                    "model.quantize_embeddings": c.model.quantize_embeddings if c.model.quantize != "none" else None}
         meta["resume"] = {"data.train": data_fingerprint(plan.train.split),
                           **{key: resolved.get(key, value) for key, value in c.resume_values().items()}}
     return meta

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from prefix_jax import quantized_vocab
 
 CHUNK_LOGITS = 2**24  # default logits elements per chunk
 
@@ -41,7 +42,8 @@ class LMHead:
     `weight` is either a tied embedding table `[V, D]` (`vocab_axis=0`) or a dense kernel `[D, V]`
     (`vocab_axis=1`); it is used in place, never transposed or copied. `bias` (`[V]`, e.g. BART's
     `final_logits_bias`) is added in float32; `scale` multiplies the hidden states first (T5 v1.0 with a
-    tied head: `d_model**-0.5`). `dtype` is the matmul's compute dtype (the model's `config.dtype`).
+    tied head: `d_model**-0.5`). `dtype` is the matmul's compute dtype (the model's `config.dtype`). A quantized
+    `weight` (`model.quantize`) is read as the model reads it, block by block (`quantized_vocab.logits`).
     """
 
     weight: jax.Array
@@ -56,12 +58,16 @@ class LMHead:
 
     def logits(self, h_NxD: jax.Array) -> jax.Array:
         """Float32 logits `[..., V]` exactly as the model's own head computes them."""
-        dtype = self.dtype or jnp.result_type(h_NxD, self.weight)
         if self.scale != 1.0:
             h_NxD = h_NxD * jnp.asarray(self.scale, h_NxD.dtype)
-        h, w = h_NxD.astype(dtype), self.weight.astype(dtype)
-        contract = ((h.ndim - 1,), (1 - self.vocab_axis,))
-        out = jax.lax.dot_general(h, w, (contract, ((), ()))).astype(jnp.float32)
+        if quantized_vocab.is_quantized(self.weight):
+            out = quantized_vocab.logits(h_NxD, self.weight, self.vocab_axis, self.dtype or h_NxD.dtype)
+            out = out.astype(jnp.float32)
+        else:
+            dtype = self.dtype or jnp.result_type(h_NxD, self.weight)
+            h, w = h_NxD.astype(dtype), self.weight.astype(dtype)
+            contract = ((h.ndim - 1,), (1 - self.vocab_axis,))
+            out = jax.lax.dot_general(h, w, (contract, ((), ()))).astype(jnp.float32)
         if self.bias is None:
             return out
         return out + self.bias.astype(jnp.float32).reshape((1,) * (out.ndim - 1) + (-1,))

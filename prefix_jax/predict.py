@@ -278,6 +278,7 @@ def run(config: Any, stdin: io.TextIOBase | None = None, stdout: io.TextIOBase |
     # model.quantize: kernels quantized on the host as they are read; the float LM never goes to a device.
     lm = models.load_pretrained(c.model.name_or_path, c.model.param_dtype, quantize=c.model.quantize,
                                 quantize_group_size=c.model.quantize_group_size,
+                                quantize_embeddings=c.model.quantize_embeddings,
                                 **_positions_flag(loaded.metas, c.model.positions_after_prefix))
     # The float weights' (what exports record); computed only when needed.
     lm_fingerprint = functools.cache(lambda: lm.float_fingerprint or fingerprint.lm_fingerprint(lm.params))

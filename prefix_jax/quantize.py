@@ -1,24 +1,32 @@
 """Weight-only quantization of the frozen LM (`model.quantize = none | int8 | int4 | gguf`), with Google's qwix.
 
 What is quantized: the kernel of every `nn.Dense` / `nn.DenseGeneral` of the LM (attention projections, MLP),
-except the LM head. int8: one scale per output channel (absmax over the contraction axes). int4: one scale per
-group of `group_size` consecutive values along the contraction axes (per output channel; a group never spans
-two heads of an output projection). gguf: a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks (32 values along the
-contraction, a float16 scale, and a float16 min for Q4_1) kept as they are (`GGUFBlocks`); a kernel stored
-otherwise (K-quants, Q5_x, F16/F32) is dequantized and quantized to int8, said in the log. What stays float:
-embeddings (looked up, and the tied LM head `Embed.attend` reads them), an untied `lm_head` (kept float so the
-chunked loss `losses.lm_head_for` reads it as today; it is one matrix), norms, biases, position tables.
+and (`embeddings=True`, `model.quantize_embeddings`, the default) the vocabulary matrices: the token embedding
+table `[V, D]` (a tied LM head reads it too) and an untied LM head kernel `[D, V]`. int8: one scale per output
+channel (absmax over the contraction axes); for a vocabulary matrix one scale per vocabulary row (the lookup's
+row, the head's output channel). int4: one scale per group of `group_size` consecutive values along the
+contraction axes (per output channel; a group never spans two heads of an output projection); for a
+vocabulary matrix along its width D, per row. gguf: a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks (32 values
+along the contraction, a float16 scale, and a float16 min for Q4_1) kept as they are (`GGUFBlocks`), a
+token_embd / output tensor included; one stored otherwise (K-quants, Q5_x, F16/F32) is dequantized and
+quantized to int8, said in the log. What stays float: norms, biases, position tables (and the vocabulary
+matrices with `embeddings=False`). A quantized vocabulary matrix is read by `models.common.Embed` /
+`common.LMHead` and the chunked loss (`losses.LMHead`) through `quantized_vocab`: the lookup dequantizes only
+the gathered rows, the head a block of rows at a time, so no float copy of the matrix is ever made.
 
 How: qwix's post-training-quantization provider (`qwix.PtqProvider`) intercepts `jax.lax.dot_general` inside
 the LM's methods. A quantized kernel is a `WithAux(QArray(qvalue int8/int4, scale float))` leaf of the params
 tree (gguf: `WithAux(GGUFBlocks)`): that tree is what the jitted step takes as its explicit LM argument and what
 is sharded. In a matmul with a float activation the weight is dequantized in the dot (qwix's
-`_slow_dot_general`; `_gguf_dot_general` for kept blocks): on GPU/TPU XLA fuses it into the matmul; on CPU it
-is a per-layer temporary inside the layer scan, never a float copy of the whole LM.
+`_slow_dot_general`; `dequantize_blocks` for kept blocks): on GPU/TPU XLA fuses it into the matmul; on CPU it
+is a per-layer temporary inside the layer scan, never a float copy of the whole LM. The dot is rematerialized
+(`_dequantizing_dot_general`): the backward pass recomputes the dequantized kernel instead of keeping it as a
+residual, so even `model.remat=none` holds no float copy of the kernels.
 
 Where: on the host, never on a device. `quantize_host` is qwix's `qarray.quantize` in numpy, bitwise (tested
-against qwix jitted). Loading a checkpoint quantizes on load (`on_load`: one more transform of the family's HF
-table, `hf_mapping.Transformed`), each kernel block quantized as it is read and placed straight into its shard
+against qwix jitted). Loading a checkpoint quantizes on load (`models.quantize_on_load`, as `on_load_how` says:
+one more transform of the family's HF table, `hf_mapping.Transformed`), each kernel block quantized as it is read
+and placed straight into its shard
 (`models.load_pretrained(..., quantize=)`, `sharded_load.load_sharded(..., quantize=)`).
 
 Use:
@@ -31,6 +39,7 @@ Use:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from typing import Any, Callable
@@ -46,18 +55,24 @@ from qwix._src.core import dot_general as qwix_dot_general
 from qwix._src.core import qarray as qwix_qarray
 from qwix._src.providers.ptq import WithAux
 
+from prefix_jax.models import common
 from prefix_jax.partitioning import path_name
 
 log = logging.getLogger("prefix_jax")
 
 MODES = ("none", "int8", "int4", "gguf")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
-DEFAULT_GROUP_SIZE = 128
+# int4's group (`model.quantize_group_size`'s default): 64, not 128: 128 does not divide SmolLM2's width 576;
+# 64 divides it and every common hidden, MLP and head size.
+DEFAULT_GROUP_SIZE = 64
 # Model methods run under `model.apply(..., method=...)` anywhere (train, eval, decoding, prefix init).
 _APPLIED_METHODS = ("__call__", "decode", "decoder_hidden_states", "embed", "encode", "head", "hidden_states",
                     "packed_hidden_states", "target_hidden_states")
 # Kernels that are read outside a dot_general of their own module, or on purpose kept float (see docstring).
 _KEPT_FLOAT = re.compile(r"(.*/)?lm_head")
+# The vocabulary matrices (quantized by `quantized_model(..., embeddings=True)`, not by qwix): param path ->
+# its vocabulary axis. The token embedding table [V, D] (a tied head reads it) and an untied head kernel [D, V].
+_VOCAB_MATRICES = ((re.compile(r"(.*/)?(shared|wte|embed_tokens)/embedding"), 0), (re.compile(r"(.*/)?lm_head/kernel"), 1))
 
 
 class QuantizeError(ValueError):
@@ -78,19 +93,65 @@ def quantized_modules(lm_params: Any) -> list[str]:
     return [m for m in modules if not _KEPT_FLOAT.fullmatch(m)]
 
 
+def vocab_matrices(lm_params: Any) -> dict[str, int]:
+    """The "/"-joined paths of the LM's vocabulary matrices (token embedding table, untied LM head kernel), each
+    with its vocabulary axis."""
+    names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(lm_params)[0]]
+    return {name: axis for name in names for pattern, axis in _VOCAB_MATRICES if pattern.fullmatch(name)}
+
+
+def _vocab_leaf(name: str, shape: tuple[int, ...], dtype: Any, vocab_axis: int, qtype: Any, group: int,
+                field: str) -> WithAux:
+    """The abstract quantized leaf of a vocabulary matrix: one scale per vocabulary row and group of `group`
+    values along the width (int8: the whole width, one scale per row)."""
+    width_axis = 1 - vocab_axis
+    if shape[width_axis] % group:
+        raise QuantizeError(f"{field}={group} does not divide the width of {name} (shape {shape}); choose a group "
+                            "size that divides every hidden, MLP and head dimension (e.g. 32 or 64).")
+    how = qwix_qarray.HowToQuantize(qtype=qtype, channelwise_axes=[vocab_axis], tiled_axes={width_axis: group})
+    scale_shape = tuple(n if axis == vocab_axis else n // group for axis, n in enumerate(shape))
+    array = qwix_qarray.QArray(jax.ShapeDtypeStruct(shape, qtype), jax.ShapeDtypeStruct(scale_shape, dtype), None,
+                               qtype)
+    return WithAux(array=array, how=how)
+
+
+def _vocab_leaves(lm_params: Any, mode: str, group_size: int, field: str) -> dict[str, WithAux]:
+    shapes = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(lm_params)[0]}
+    out = {}
+    for name, axis in vocab_matrices(lm_params).items():
+        shape, dtype = tuple(shapes[name].shape), shapes[name].dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise QuantizeError(f"model.quantize: LM param {name} is {dtype}, not floating point; load a float "
+                                "(fp32/bf16/fp16) LM to quantize it.")
+        qtype, group = (jnp.int4, group_size) if mode == "int4" else (jnp.int8, shape[1 - axis])
+        out[name] = _vocab_leaf(name, shape, dtype, axis, qtype, group, field)
+    return out
+
+
 def _init_batch() -> dict:
     ones = jnp.ones((1, 4), jnp.int32)
     return {"source_ids": ones, "source_mask": ones, "target_ids": ones, "target_mask": ones}
 
 
-def _wrap(model: nn.Module, rules: list[qwix.QuantizationRule], **provider: Any) -> nn.Module:
+def _wrap(model: nn.Module, rules: list[qwix.QuantizationRule], vocab: dict[str, WithAux]) -> nn.Module:
+    """`model` whose rule-matched Dense kernels qwix reads quantized (`_dequantizing_dot_general`, rematerialized
+    when the model's `config.remat` is "none"). `vocab`: the vocabulary matrices' abstract leaves, kept on the
+    quantized model's class (made for this call by qwix) as `quantized_vocab`, for `_abstract`."""
     methods = [m for m in _APPLIED_METHODS if hasattr(type(model), m)]
-    return qwix.quantize_model(model, qwix.PtqProvider(rules, **provider), methods=methods)
+    rematerialize = common.remat_policy(getattr(model.config, "remat", "none")) == "none"
+    dot = functools.partial(_dequantizing_dot_general, rematerialize=rematerialize)
+    provider = qwix.PtqProvider(rules, _dot_general_fn=dot)
+    qmodel = qwix.quantize_model(model, provider, methods=methods)
+    type(qmodel).quantized_vocab = vocab
+    return qmodel
 
 
 def _abstract(qmodel: nn.Module) -> Any:
-    """The quantized model's params as shapes (no weights are made): `WithAux` leaves carry qwix's `how`."""
-    return jax.eval_shape(lambda: qmodel.init(jax.random.key(0), _init_batch()))["params"]
+    """The quantized model's params as shapes (no weights are made): `WithAux` leaves carry qwix's `how`
+    (the vocabulary matrices' from `quantized_model`)."""
+    params = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), _init_batch()))["params"]
+    vocab = getattr(type(qmodel), "quantized_vocab", {})
+    return jax.tree_util.tree_map_with_path(lambda path, x: vocab.get(path_name(path), x), params)
 
 
 def _int4_tiles(module: str, how: qwix_qarray.HowToQuantize, kernel_shape: tuple[int, ...],
@@ -117,12 +178,14 @@ def _int4_tiles(module: str, how: qwix_qarray.HowToQuantize, kernel_shape: tuple
 
 
 def quantized_model(model: nn.Module, lm_params: Any, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
-                    field: str = "model.quantize_group_size", int4_calibration: str = "absmax") -> nn.Module:
+                    field: str = "model.quantize_group_size", int4_calibration: str = "absmax",
+                    embeddings: bool = True) -> nn.Module:
     """`model` whose Dense kernels (`quantized_modules`) are read as quantized `mode` weights; `model` for none.
 
     `lm_params` (arrays or shapes) only names the modules; `group_size` is int4's group along the contraction;
-    `int4_calibration` qwix's weight calibration for int4: "absmax" (symmetric) or "minmax" (a scale and a zero
-    point per group, as GGUF's Q4_1 blocks).
+    `int4_calibration` qwix's weight calibration for int4 kernels: "absmax" (symmetric) or "minmax" (a scale and
+    a zero point per group, as GGUF's Q4_1 blocks). `embeddings` (`model.quantize_embeddings`): the vocabulary
+    matrices (`vocab_matrices`) are quantized too (absmax; "gguf": int8 unless the file's blocks are kept).
     """
     check_mode(mode)
     if mode == "none":
@@ -130,12 +193,12 @@ def quantized_model(model: nn.Module, lm_params: Any, mode: str, group_size: int
     modules = quantized_modules(lm_params)
     if not modules:
         raise QuantizeError(f"model.quantize={mode!r}: this LM has no Dense kernel to quantize.")
-    if mode in ("int8", "gguf"):  # gguf: each kernel's leaf (`on_load`) says how it is read in the matmul
-        provider = {"_dot_general_fn": _gguf_dot_general} if mode == "gguf" else {}
+    vocab = _vocab_leaves(lm_params, mode, group_size, field) if embeddings else {}
+    if mode in ("int8", "gguf"):  # gguf: each kernel's leaf (`on_load_how`) says how it is read in the matmul
         return _wrap(model, [qwix.QuantizationRule(module_path="|".join(map(re.escape, modules)),
-                                                   weight_qtype=jnp.int8)], **provider)
+                                                   weight_qtype=jnp.int8)], vocab)
     # int4: qwix needs each module's tiling; the contraction axes are read off an int8 pass (per layer).
-    abstract8 = _abstract(quantized_model(model, lm_params, "int8"))
+    abstract8 = _abstract(quantized_model(model, lm_params, "int8", embeddings=False))
     rules = []
     for path, leaf in _with_aux_leaves(abstract8):
         module = path.rsplit("/", 1)[0]
@@ -143,7 +206,7 @@ def quantized_model(model: nn.Module, lm_params: Any, mode: str, group_size: int
         tiles = _int4_tiles(module, leaf.how, per_layer_shape, group_size, field)
         rules.append(qwix.QuantizationRule(module_path=re.escape(module), weight_qtype=jnp.int4, tile_size=tiles,
                                            weight_calibration_method=int4_calibration))
-    return _wrap(model, rules)
+    return _wrap(model, rules, vocab)
 
 
 def _with_aux_leaves(tree: Any) -> list[tuple[str, WithAux]]:
@@ -239,7 +302,7 @@ def quantize_params(qmodel: nn.Module, lm_params: Any) -> Any:
 
     On the host, kernel by kernel (`quantize_host`): no float kernel is put on a device; the leaves come back
     as numpy arrays. Kernels must be floating point (float32/bfloat16/float16); other leaves are returned as
-    they are. (Loading a checkpoint quantizes on load instead: `quantized_table`.)
+    they are. (Loading a checkpoint quantizes on load instead: `load_targets`, `on_load_how`.)
     """
     if not hasattr(type(qmodel), "_unquantized_type"):
         return lm_params
@@ -299,15 +362,28 @@ def dequantize_blocks(blocks: GGUFBlocks) -> jax.Array:
     return w
 
 
-def _gguf_dot_general(lhs: jax.Array, rhs: Any, dimension_numbers: Any, precision: Any = None,
-                      preferred_element_type: Any = None, **kwargs: Any) -> jax.Array:
-    """qwix's dot_general, and for a kernel kept as GGUF blocks: dequantized in the matmul (as qwix's own path
-    does for a float activation), at the activation's dtype as a float kernel is promoted."""
-    if isinstance(rhs, GGUFBlocks):
-        return jax.lax.dot_general(lhs, dequantize_blocks(rhs).astype(lhs.dtype), dimension_numbers,
-                                   precision=precision, preferred_element_type=preferred_element_type, **kwargs)
-    return qwix_dot_general.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                        preferred_element_type=preferred_element_type, **kwargs)
+def _dequantizing_dot_general(lhs: jax.Array, rhs: Any, dimension_numbers: Any, precision: Any = None,
+                              preferred_element_type: Any = None, *, rematerialize: bool = False,
+                              **kwargs: Any) -> jax.Array:
+    """qwix's dot_general for a quantized kernel (a `QArray`), and for one kept as GGUF blocks: dequantized in
+    the matmul (as qwix's own path does for a float activation), at the activation's dtype as a float kernel is
+    promoted.
+
+    `rematerialize` (the LM's `remat` is "none"): the dot is `jax.checkpoint`ed, so the backward pass keeps the
+    quantized kernel and the activation and recomputes the dequantized kernel, never a residual (without it,
+    the layer scan saves every layer's float kernels: their whole float32 size). Under a layer remat policy
+    ("full", "minimal") the layer's own rematerialization already recomputes it, and the inner checkpoint only
+    adds temporaries (measured on the tiny Llama, "minimal": +164 kB), so it is not used there.
+    """
+
+    def dot(lhs: jax.Array, rhs: Any) -> jax.Array:
+        if isinstance(rhs, GGUFBlocks):
+            return jax.lax.dot_general(lhs, dequantize_blocks(rhs).astype(lhs.dtype), dimension_numbers,
+                                       precision=precision, preferred_element_type=preferred_element_type, **kwargs)
+        return qwix_dot_general.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                            preferred_element_type=preferred_element_type, **kwargs)
+
+    return jax.checkpoint(dot, prevent_cse=False)(lhs, rhs) if rematerialize else dot(lhs, rhs)
 
 
 Bounds = tuple[tuple[int, int], ...]
@@ -388,60 +464,33 @@ class OnLoad:
         return {part: getattr(array, "zero_point" if part == "zero_point" else part) for part in self.parts()}
 
 
-def on_load(model: nn.Module, table: Any, source: Any, mode: str, group_size: int, dtype: Any,
-            int4_calibration: str = "absmax") -> tuple[nn.Module, Any]:
-    """(the quantized model, `table` with each kernel it quantizes made on load: `hf_mapping.Transformed`);
-    `(model, table)` for "none". `table` is bound to `source` (`hf_mapping.bind`); `dtype` the float params'.
+def load_targets(model: nn.Module, shapes: Any, mode: str, group_size: int, embeddings: bool = True,
+                 int4_calibration: str = "absmax") -> tuple[nn.Module, dict[str, WithAux]]:
+    """(the quantized model, its quantized leaves by "/"-joined param path, abstract) for a checkpoint whose
+    float params have `shapes`: what loading quantizes (`models.quantize_on_load` makes each on load, as
+    `on_load_how` says)."""
+    qmodel = quantized_model(model, shapes, mode, group_size, int4_calibration=int4_calibration,
+                             embeddings=embeddings)
+    return qmodel, dict(_with_aux_leaves(_abstract(qmodel)))
 
-    "gguf": a kernel whose layers are all stored as Q8_0 / Q4_0 / Q4_1 keeps the file's blocks; any other
-    (K-quants, Q5_x, F16/F32) is dequantized and quantized to int8 per output channel, said in the log.
-    """
-    from prefix_jax.models import hf_mapping  # the table's types (hf_mapping imports nothing from here)
 
-    check_mode(mode)
-    if mode == "none":
-        return model, table
-    if mode == "gguf" and not hasattr(source, "storage_type"):
-        raise QuantizeError(f"model.quantize='gguf' keeps a GGUF file's own blocks, but {source.where} is not a "
-                            "GGUF checkpoint; use model.quantize=int8 or int4.")
-    shapes = hf_mapping.shapes(table, dtype)
-    qmodel = quantized_model(model, shapes, mode, group_size, int4_calibration=int4_calibration)
-    abstract = dict(_with_aux_leaves(_abstract(qmodel)))
-    requantized: list[str] = []
-
-    def transform(path: tuple, src: Any) -> Any:
-        name = path_name(path)
-        target = abstract.get(name)
-        if target is None:
-            return src
-        if isinstance(src, hf_mapping.Zeros):
-            raise QuantizeError(f"model.quantize: {name} is missing from the checkpoint (zeros); it cannot be "
-                                "quantized.")
-        _check_kernel(name, np.dtype(dtype), tuple(src.shape), target)
-        if mode != "gguf":
-            return hf_mapping.Transformed(src, OnLoad(target, _groups(target, src.shape), np.dtype(dtype)))
-        stored = {source.storage_type(n) for n in src.names}
-        kind = stored.pop() if len(stored) == 1 else None
-        if kind not in GGUF_KEPT:
-            requantized.append(f"{name} ({'/'.join(sorted(stored | {kind} - {None}))})")
-            how = dataclasses.replace(target.how, qtype=jnp.int8, tiled_axes={})
-            int8 = target.replace(how=how)
-            return hf_mapping.Transformed(src, OnLoad(int8, _groups(int8, src.shape), np.dtype(dtype)))
-        per_layer = tuple(src.shape[_layer_axes(target):])
-        try:
-            tiles = _int4_tiles(name.rsplit("/", 1)[0], target.how, per_layer, GGUF_BLOCK, "model.quantize")
-        except QuantizeError:
-            raise QuantizeError(f"model.quantize='gguf': {src.names[0]} is stored in {GGUF_BLOCK}-value {kind} blocks "
-                                f"that do not tile the contraction of {name} (shape {per_layer}); use "
-                                "model.quantize=int8 or int4.") from None
-        return hf_mapping.Transformed(src, OnLoad(target, _groups(target, src.shape, tiles), np.dtype(dtype), kind))
-
-    out = jax.tree_util.tree_map_with_path(transform, table, is_leaf=hf_mapping.is_leaf)
-    if requantized:
-        log.info("model.quantize='gguf': %d kernels are not stored as Q8_0/Q4_0/Q4_1 blocks; dequantized and "
-                 "quantized to int8 per output channel: %s", len(requantized), ", ".join(requantized[:6]) +
-                 (" ..." if len(requantized) > 6 else ""))
-    return qmodel, out
+def on_load_how(name: str, target: WithAux, shape: tuple[int, ...], dtype: Any,
+                stored: set[str] | None = None) -> OnLoad:
+    """How the param `name` (float `shape`, `dtype`) is made as it is read: quantized as `target` says, or,
+    `stored` being the GGUF storage types of its tensors (`model.quantize="gguf"`), kept as the file's blocks
+    when they are all Q8_0 / Q4_0 / Q4_1 (else `target`: int8 per output channel / vocabulary row; the returned
+    `OnLoad.gguf_type` is None then)."""
+    _check_kernel(name, np.dtype(dtype), shape, target)
+    kind = next(iter(stored)) if stored is not None and len(stored) == 1 else None
+    if kind not in GGUF_KEPT:
+        return OnLoad(target, _groups(target, shape), np.dtype(dtype))
+    per_layer = tuple(shape[_layer_axes(target):])
+    try:
+        tiles = _int4_tiles(name.rsplit("/", 1)[0], target.how, per_layer, GGUF_BLOCK, "model.quantize")
+    except QuantizeError:
+        raise QuantizeError(f"model.quantize='gguf': {name} is stored in {GGUF_BLOCK}-value {kind} blocks that do "
+                            f"not tile its contraction (shape {per_layer}); use model.quantize=int8 or int4.") from None
+    return OnLoad(target, _groups(target, shape, tiles), np.dtype(dtype), kind)
 
 
 def quantized_bytes(lm_params: Any) -> dict[str, int]:
@@ -471,18 +520,19 @@ def float_kernel_bytes(qmodel: nn.Module, lm_params: Any) -> int:
 
 
 def quantized_param_axes(param_axes: Any) -> tuple:
-    """An architecture's `PARAM_AXES` extended to quantized kernels (`.../kernel/array/{qvalue,scale}`).
+    """An architecture's `PARAM_AXES` extended to quantized kernels and vocabulary matrices
+    (`.../kernel/array/{qvalue,scale}`, `.../embedding/array/...`).
 
     qvalue is laid out as the kernel; a scale keeps the kernel's logical axes (its contraction axes have
     size 1 or few groups, which the partitioner replicates when they do not divide the mesh axis).
     """
     extra = []
     for pattern, names in param_axes:
-        if pattern.endswith("kernel"):
+        if pattern.endswith(("kernel", "embedding")):
             extra.append((pattern + "/array/(qvalue|scale|zero_point|min)", names))
     return tuple(extra) + tuple(param_axes)
 
 
 __all__ = ["MODES", "DEFAULT_GROUP_SIZE", "GGUF_KEPT", "GGUFBlocks", "OnLoad", "QuantizeError", "check_mode",
-           "dequantize_blocks", "float_kernel_bytes", "on_load", "quantize_host", "quantize_params", "quantized_bytes",
-           "quantized_model", "quantized_modules", "quantized_param_axes", "WithAux"]
+           "dequantize_blocks", "float_kernel_bytes", "load_targets", "on_load_how", "quantize_host", "quantize_params", "quantized_bytes",
+           "quantized_model", "quantized_modules", "quantized_param_axes", "vocab_matrices", "WithAux"]

@@ -23,6 +23,7 @@ from prefix_jax.config_fields import LAYOUT, REPLAY, ConfigError, integer, numbe
 from prefix_jax.config_fields import check_values, config_dict, docs, resume_fields, typed
 from prefix_jax.generate import GenerationConfig
 from prefix_jax.models.fused_attention import ATTENTION_KERNELS
+from prefix_jax.quantize import DEFAULT_GROUP_SIZE as QUANTIZE_GROUP_SIZE
 from prefix_jax.quantize import MODES as QUANTIZE_MODES
 from prefix_jax.text_metrics import METRICS
 
@@ -48,8 +49,12 @@ def _regexes(field: str, patterns: Any) -> str | None:
 _QUANTIZE = ("none", "weight-only frozen LM: none | int8 (a scale per output channel) | int4 (a scale per group) | "
              "gguf (a GGUF file's own Q8_0/Q4_0/Q4_1 blocks kept; other types int8)",
              one_of(*QUANTIZE_MODES, valid=f"one of {QUANTIZE_MODES}"))
-# 64, not 128: 128 does not divide SmolLM2's width 576; 64 divides it and every common hidden, MLP and head size.
-_GROUP_SIZE = (64, "int4: consecutive contraction values per scale (must divide every hidden, MLP and head size)",
+# On by default: the bytes a quantized LM saves are mostly the vocabulary matrices' in a small model (SmolLM2-135M:
+# 28 M of 135 M parameters; README "Quantized frozen LM").
+_QUANTIZE_EMBEDDINGS = (True, "with model.quantize: the token embedding table and the LM head (tied or not) quantized "
+                        "too (int8: a scale per vocabulary row; int4: per group along the width); False keeps them "
+                        "float", valid_if(lambda v: isinstance(v, bool), "True or False"))
+_GROUP_SIZE = (QUANTIZE_GROUP_SIZE, "int4: consecutive contraction values per scale (must divide every hidden, MLP and head size)",
                integer(1))
 
 
@@ -70,6 +75,7 @@ class ModelOptions:
     positions_after_prefix: bool | None = option(None, "None: the paper's choice for the architecture")
     quantize: str = option(*_QUANTIZE, REPLAY)
     quantize_group_size: int = option(*_GROUP_SIZE, REPLAY)
+    quantize_embeddings: bool = option(*_QUANTIZE_EMBEDDINGS, REPLAY)
     create_tiny: str = option("", "offline demos: build a random tiny checkpoint of this architecture if missing")
 
 
@@ -237,6 +243,7 @@ class PredictModelOptions:
     positions_after_prefix: bool | None = option(None, "None: as the prefixes were trained")
     quantize: str = option(*_QUANTIZE)
     quantize_group_size: int = option(*_GROUP_SIZE)
+    quantize_embeddings: bool = option(*_QUANTIZE_EMBEDDINGS)
 
 
 @dataclasses.dataclass(frozen=True)

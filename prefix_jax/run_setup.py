@@ -77,19 +77,20 @@ def prepare_offline_demo(model: ModelOptions) -> None:
 
 def load_lm(model: ModelOptions, mesh: Any, lm_partitioning: str) -> models.PretrainedLM:
     """The frozen LM `model` names, its params read straight into their shards on `mesh`; with `model.quantize`,
-    its Dense kernels quantized on the host as they are read (`prefix_jax.quantize.on_load`), so no float kernel
-    is ever on a device."""
+    its Dense kernels (and vocabulary matrices, `model.quantize_embeddings`) quantized on the host as they are read
+    (`models.quantize_on_load`), so no float kernel is ever on a device."""
     overrides = {"remat": common.remat_policy(model.remat), "attention_kernel": model.attention_kernel}
     if model.positions_after_prefix is not None:
         overrides["positions_after_prefix"] = bool(model.positions_after_prefix)
     lm = sharded_load.load_sharded(model.name_or_path, mesh, lm_partitioning, model.param_dtype,
-                                   model.compute_dtype or None, model.quantize, model.quantize_group_size, **overrides)
+                                   model.compute_dtype or None, model.quantize, model.quantize_group_size,
+                                   model.quantize_embeddings, **overrides)
     if model.quantize != "none":
         sizes = quantize.quantized_bytes(lm.params)
         log.info("LM quantized on load (%s%s): %d bytes of quantized kernels (values and scales); %d bytes stay "
-                 "float (embeddings, norms, biases, LM head)", model.quantize,
+                 "float (%snorms, biases)", model.quantize,
                  f", groups of {model.quantize_group_size}" if model.quantize == "int4" else "", sizes["quantized"],
-                 sizes["float"])
+                 sizes["float"], "" if model.quantize_embeddings else "embeddings, LM head, ")
     return lm
 
 

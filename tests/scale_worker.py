@@ -207,10 +207,10 @@ def check_quantized_loading(root: Path) -> dict:
 
 
 def check_process_loading(directory: Path, coordinator: str, process_id: int, mode: str = "none",
-                          shape: tuple[int, int, int] = (1, 8, 1)) -> dict:
+                          shape: tuple[int, int, int] = (1, 8, 1), embeddings: bool = True) -> dict:
     """One of 2 processes x 4 devices, mesh `shape` (default (1, 8, 1): the LM split across the processes). This
-    process's shards equal `load_pretrained` (quantized on load with `mode`) bitwise, and it read only its devices'
-    blocks (the bytes the loader logs)."""
+    process's shards equal `load_pretrained` (quantized on load with `mode`, the vocabulary matrices too with
+    `embeddings`) bitwise, and it read only its devices' blocks (the bytes the loader logs)."""
     import logging
 
     sharding.initialize_distributed(coordinator, 2, process_id)
@@ -220,8 +220,10 @@ def check_process_loading(directory: Path, coordinator: str, process_id: int, mo
     logger = logging.getLogger("prefix_jax")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    lm = sharded_load.load_sharded(str(directory), mesh_of(shape), STRATEGY, quantize=mode, quantize_group_size=32)
-    reference = models.load_pretrained(str(directory), quantize=mode, quantize_group_size=32)
+    lm = sharded_load.load_sharded(str(directory), mesh_of(shape), STRATEGY, quantize=mode, quantize_group_size=32,
+                                   quantize_embeddings=embeddings)
+    reference = models.load_pretrained(str(directory), quantize=mode, quantize_group_size=32,
+                                       quantize_embeddings=embeddings)
     for ours, ref in zip(jax.tree.leaves(lm.params), jax.tree.leaves(reference.params)):
         for shard in ours.addressable_shards:
             assert np.array_equal(np.asarray(shard.data).astype(np.float32), ref[shard.index].astype(np.float32))
@@ -396,9 +398,10 @@ CHECKS = {"loading": check_loading, "training": check_training, "memory": check_
 
 if __name__ == "__main__":
     check, root = sys.argv[1], Path(sys.argv[2])
-    if check == "process_loading":  # DIRECTORY COORDINATOR PROCESS_ID [QUANTIZE [MESH]]
+    if check == "process_loading":  # DIRECTORY COORDINATOR PROCESS_ID [QUANTIZE [MESH [EMBEDDINGS]]]
         extra = sys.argv[5:]
         print(json.dumps(check_process_loading(root, sys.argv[3], int(sys.argv[4]), *extra[:1],
-                                               *[tuple(json.loads(m)) for m in extra[1:2]])))
+                                               *[tuple(json.loads(m)) for m in extra[1:2]],
+                                               *[json.loads(e) for e in extra[2:3]])))
     else:
         print(json.dumps(CHECKS[check](root)))

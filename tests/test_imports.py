@@ -17,10 +17,8 @@ PACKAGE = "prefix_jax"
 ALLOWED_FUNCTION_IMPORTS = {
     ("train.py", "main"): "JAX loads only after the huge-pages restart (host_memory.reexec_with_huge_pages)",
     ("train.py", "help_text"): "run_options imports JAX: --help answers without it, only --helpfull pays",
-    # Open (house issue): quantize <-> models.hf_mapping is a loop these three hide; qwix loads only for quantized LMs.
     ("prefix_jax/models/__init__.py", "quantize_on_load"): "qwix (prefix_jax.quantize) only for quantized loads",
     ("prefix_jax/models/sharded_load.py", "load_sharded"): "qwix (prefix_jax.quantize) only for quantized loads",
-    ("prefix_jax/quantize.py", "on_load"): "hides the quantize <-> models.hf_mapping loop (open)",
 }
 
 

@@ -92,17 +92,22 @@ def test_quantized_log_probs_are_near_float32(architecture, mode, max_dlogp, kl)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
-def test_only_dense_kernels_are_quantized_embeddings_norms_biases_head_stay_float(architecture):
-    _, _, params = tiny(architecture)
-    _, qparams = quantized(architecture, "int4")
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_dense_kernels_and_vocab_matrices_are_quantized_norms_biases_stay_float(architecture, embeddings):
+    """embeddings=False (`model.quantize_embeddings=False`): only Dense kernels; the embedding table and the LM
+    head stay float. True (the default): the token table (and llama's untied lm_head) quantized too."""
+    _, model, params = tiny(architecture)
+    qparams = qz.quantize_params(qz.quantized_model(model, params, "int4", GROUP, embeddings=embeddings), params)
     names = dict(qz._with_aux_leaves(qparams))
-    assert set(names) == {m + "/kernel" for m in qz.quantized_modules(params)} and names
+    vocab = set(qz.vocab_matrices(params)) if embeddings else set()
+    assert set(names) == {m + "/kernel" for m in qz.quantized_modules(params)} | vocab and names
+    assert vocab or not embeddings
     for name, leaf in names.items():
         assert leaf.array.qvalue.dtype == jnp.int4 and leaf.array.scale.dtype == jnp.float32, name
     floats = [x for x in jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, qz.WithAux))
               if not isinstance(x, qz.WithAux)]
     assert floats and all(x.dtype == jnp.float32 for x in floats)
-    assert not any("lm_head" in n or "embed" in n or "wte" in n for n in names)
+    assert any("lm_head" in n or "embed" in n or "wte" in n for n in names) == embeddings
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
@@ -115,7 +120,10 @@ def test_int8_scales_are_per_output_channel_and_int4_per_group_along_the_contrac
         q, scale = np.asarray(leaf.array.qvalue, np.float32), np.asarray(leaf.array.scale)
         # qwix's symmetric int8: the largest |w| of each output channel maps to 127.5 (rounded, clipped to 127 or
         # -128): the scale is absmax / 127.5 over the contraction axes, and every value is within half a step.
-        contraction = (1, 2) if name.endswith(("o_proj/kernel", "attn/out/kernel")) else (1,)  # [L, in..., out...]
+        # [L, in..., out...]; a vocabulary matrix: the embedding table [V, D] one scale per row, the head [D, V]
+        # one per column (per vocabulary entry, its output channel).
+        contraction = ((1, 2) if name.endswith(("o_proj/kernel", "attn/out/kernel")) else
+                       (0,) if name.endswith("lm_head/kernel") else (1,))
         assert scale.shape == tuple(1 if a in contraction else n for a, n in enumerate(kernel.shape)), name
         np.testing.assert_allclose(scale, np.abs(kernel).max(axis=contraction, keepdims=True) / 127.5, rtol=1e-6)
         np.testing.assert_allclose(q * scale, kernel, rtol=0, atol=float(scale.max()) * 0.5001)
@@ -133,6 +141,43 @@ def _lookup(tree, name: str):
     for key in name.split("/"):
         tree = tree[key]
     return tree
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # llama: untied lm_head [D, V]; gpt2: tied wte
+def test_vocab_matrices_a_scale_per_row_and_their_lookup_and_head_read_them_block_by_block(architecture):
+    """The token table [V, D] (and an untied head [D, V]): int8 one scale per vocabulary row (absmax / 127.5),
+    int4 one per 32 values along the width. The lookup is the dequantized table's rows, bitwise; the head, in
+    blocks of 13 rows (101 = 7 x 13 + 10: the last block overlaps), the dequantized matrix's logits."""
+    from prefix_jax import quantized_vocab
+    from prefix_jax.models import common
+
+    _, _, params = tiny(architecture)
+    matrices = qz.vocab_matrices(params)
+    assert matrices == ({"embed_tokens/embedding": 0, "lm_head/kernel": 1} if architecture == "llama"
+                             else {"wte/embedding": 0})
+    leaves8, leaves4 = (dict(qz._with_aux_leaves(quantized(architecture, mode)[1])) for mode in ("int8", "int4"))
+    h = jax.random.normal(jax.random.key(3), (2, 5, 64), jnp.float32)
+    ids = jnp.asarray(text_batch(np.random.default_rng(4))["source_ids"])
+    for name, vocab_axis in matrices.items():
+        matrix = np.asarray(_lookup(params, name))
+        width_axis = 1 - vocab_axis
+        q, scale = np.asarray(leaves8[name].array.qvalue, np.float32), np.asarray(leaves8[name].array.scale)
+        assert scale.shape == tuple(1 if a == width_axis else n for a, n in enumerate(matrix.shape)), name
+        np.testing.assert_allclose(scale, np.abs(matrix).max(axis=width_axis, keepdims=True) / 127.5, rtol=1e-6)
+        np.testing.assert_allclose(q * scale, matrix, rtol=0, atol=float(scale.max()) * 0.5001)
+        scale4 = leaves4[name].array.scale
+        assert scale4.shape == tuple(n // GROUP if a == width_axis else n for a, n in enumerate(matrix.shape)), name
+        for leaf in (leaves8[name], leaves4[name]):
+            dense = np.asarray(quantized_vocab.dequantize(leaf.array.qvalue, leaf.array.scale))
+            assert quantized_vocab.block_rows(VOCAB, 64, 13 * 64 * 4) == 13
+            got = jax.jit(lambda x, m, a=vocab_axis: quantized_vocab.logits(x, m, a, jnp.float32, 13 * 64 * 4))(
+                h, leaf)
+            want = np.einsum("btd,vd->btv", np.asarray(h), dense if vocab_axis == 0 else dense.T)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+            if vocab_axis == 0:
+                embed = common.Embed(VOCAB, 64, dtype=jnp.float32)
+                rows = jax.jit(lambda t, i: embed.apply({"params": {"embedding": t}}, i))(leaf, ids)
+                np.testing.assert_array_equal(np.asarray(rows), dense[np.asarray(ids)])
 
 
 # (architecture, the last of 20 losses below this fraction of the first): the tiny GPT-2's tied head of std 0.1
@@ -207,8 +252,10 @@ def test_bad_settings_are_one_line_errors_naming_the_field():
         qz.quantized_model(model, params, "int4", 48)
     qmodel = qz.quantized_model(model, params, "int8")
     as_int = jax.tree.map(lambda x: x.astype(jnp.int32), params)
-    with pytest.raises(qz.QuantizeError, match=r"^model.quantize: LM param .*kernel is int32, not floating"):
+    with pytest.raises(qz.QuantizeError, match=r"^model.quantize: LM param .*(kernel|embedding) is int32, not float"):
         qz.quantize_params(qmodel, as_int)
+    with pytest.raises(qz.QuantizeError, match=r"^model.quantize: LM param .*embedding is int32, not floating"):
+        qz.quantized_model(model, as_int, "int8")  # a vocabulary matrix's dtype, read off its shapes
     assert qz.quantized_model(model, params, "none") is model and qz.quantize_params(model, params) is params
 
 
@@ -321,7 +368,10 @@ def test_gguf_other_storage_types_are_requantized_to_int8_said_in_the_log(caplog
     with caplog.at_level("INFO", logger="prefix_jax"):
         kept = models.load_pretrained(str(_gguf_file("llama", "Q5_0")), quantize="gguf")
     leaves = dict(qz._with_aux_leaves(kept.params))
-    assert all(leaf.array.qvalue.dtype == jnp.int8 and leaf.array.scale.shape[1] == 1 for leaf in leaves.values())
+    contraction = lambda name: 0 if name.endswith("lm_head/kernel") else 1  # the head [D, V]: a scale per column
+    assert all(leaf.array.qvalue.dtype == jnp.int8 and leaf.array.scale.shape[contraction(name)] == 1
+               for name, leaf in leaves.items())
+    assert {"embed_tokens/embedding", "lm_head/kernel"} <= set(leaves)
     assert any("not stored as Q8_0/Q4_0/Q4_1 blocks" in r.getMessage() and "(Q5_0)" in r.getMessage()
                for r in caplog.records)
 

@@ -103,6 +103,9 @@ def test_predict_decodes_an_int8_runs_export_on_the_int8_lm_as_the_run_did(tiny_
     (["--config.model.quantize=int3"], "model.quantize='int3'"),
     pytest.param(["--config.model.quantize=int4", "--config.model.quantize_group_size=48"],
                  "model.quantize_group_size=48", marks=pytest.mark.slow),  # fails after the LM loads
+    # An LM whose layout cannot be quantized so: the file's own blocks asked of a safetensors checkpoint. (A float
+    # dtype is all train.py can load, model.param_dtype; a non-float kernel is refused in test_quantize.py.)
+    pytest.param(["--config.model.quantize=gguf"], "model.quantize='gguf'", marks=pytest.mark.slow),
 ])
 def test_a_bad_quantize_setting_through_train_py_is_one_error_line_and_touches_nothing(
         overrides, field, tiny_llama_dir, int8_run, tmp_path):
@@ -190,13 +193,15 @@ def _split_integer_leaves(model_dir, workdir, shape: str, strategy: str, quantiz
 # --- no float copy of the quantized kernels in the compiled step -------------------------------------------------
 
 
-def _step_temp_bytes(model_dir, workdir, mode: str, remat: str) -> int:
-    """Temporaries of the compiled train step of the run's own (float32) LM, quantized as `mode`."""
+def _step_temp_bytes(model_dir, workdir, mode: str, remat: str, embeddings: bool = False) -> int:
+    """Temporaries of the compiled train step of the run's own (float32) LM, quantized as `mode` (`embeddings`:
+    `model.quantize_embeddings`)."""
     from prefix_jax import optim, run_options, run_setup, train_steps
     from prefix_jax import prefix as prefix_lib
 
     c = quantized_config(model_dir, workdir, mode)
     c.model.param_dtype, c.model.remat, c.train.batch_size = "float32", remat, 8
+    c.model.quantize_embeddings = embeddings
     plan = run_setup.build(run_options.from_config(c))
     params = prefix_lib.init_params(plan.spec, jax.random.key(1))
     tx, schedule = optim.make_optimizer(params, learning_rate=5e-3, total_steps=10)
@@ -206,20 +211,37 @@ def _step_temp_bytes(model_dir, workdir, mode: str, remat: str) -> int:
     return int(step.lower(state, plan.lm.params, batch).compile().memory_analysis().temp_size_in_bytes)
 
 
+# remat=none: without the quantized dot's own rematerialization (`quantize._dequantizing_dot_general`), the layer
+# scan's backward kept each layer's dequantized float kernels as residuals (the transpose of x @ W needs W): the
+# temporaries grew by the float32 size of every quantized kernel (measured: exactly that).
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", [
-    "minimal", "full",
-    # Without remat, the layer scan's backward keeps each layer's dequantized float kernels as residuals (the
-    # transpose of x @ W needs W): the step's temporaries grow by the float32 size of every quantized kernel
-    # (measured: exactly that, on the tiny Llama and on SmolLM2). Strict: when it is fixed this fails, drop it.
-    pytest.param("none", marks=pytest.mark.xfail(strict=True, reason="remat=none saves dequantized kernels")),
-])
+@pytest.mark.parametrize("remat", ["minimal", "full", "none"])
 def test_the_quantized_step_holds_no_float_copy_of_the_kernels(remat, tiny_llama_dir, tmp_path):
     """compile().memory_analysis(): the int8 step's temporaries are no larger than the float32 step's (a float
-    copy of the kernels would add 295 kB here, their float32 size)."""
+    copy of the kernels would add 295 kB here, their float32 size). The Dense kernels alone (the vocabulary
+    matrices float, `model.quantize_embeddings=False`): their head's blocks are the next test's."""
     float32 = _step_temp_bytes(tiny_llama_dir, tmp_path / "f", "none", remat)
     int8 = _step_temp_bytes(tiny_llama_dir, tmp_path / "q", "int8", remat)
     assert int8 <= float32 + 1024, (remat, int8 - float32)
+
+
+@pytest.mark.slow
+def test_the_quantized_step_holds_no_float_copy_of_the_vocab_matrices(tiny_llama_dir, tmp_path):
+    """With the embedding table and the LM head quantized (int8, a scale per row), the step's temporaries grow
+    by the head's few dequantized blocks (`quantized_vocab.logits`), under half of one float32 vocabulary matrix
+    (here 50k x 64: 12.9 MB); dequantizing the whole head at once adds one whole matrix."""
+    from prefix_jax import models, quantize
+
+    kernels_only = _step_temp_bytes(tiny_llama_dir, tmp_path / "k", "int8", "none")
+    with_vocab = _step_temp_bytes(tiny_llama_dir, tmp_path / "v", "int8", "none", embeddings=True)
+    lm = models.load_pretrained(str(tiny_llama_dir), quantize="int8")
+    tables = quantize.vocab_matrices(models.load_pretrained(str(tiny_llama_dir)).params)
+    leaves = dict(quantize._with_aux_leaves(lm.params))
+    assert set(tables) <= set(leaves)  # the run's own loader quantizes them by default
+    matrix_bytes = max(4 * int(np.prod(leaves[name].shape)) for name in tables)
+    print(f"vocabulary matrices quantized: temporaries +{with_vocab - kernels_only} bytes; a float32 matrix "
+          f"{matrix_bytes}")
+    assert with_vocab - kernels_only < matrix_bytes / 2, (with_vocab - kernels_only, matrix_bytes)
 
 
 @pytest.mark.slow  # 17 s (the 70B model traced abstractly); test_run_options.py's default row loads and checks it

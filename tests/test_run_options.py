@@ -104,7 +104,7 @@ def test_each_field_is_declared_once_and_the_defaults_checks_and_resume_keys_com
 
     assert set(run_options.RESUME_FIELDS) == {
         "model.param_dtype", "model.compute_dtype", "model.quantize", "model.quantize_group_size",
-        "data.pack_width", "train.batch_size", "train.steps",
+        "model.quantize_embeddings", "data.pack_width", "train.batch_size", "train.steps",
         "train.seed", "train.label_smoothing", "train.grad_accum_steps", "optim.learning_rate", "optim.warmup_steps",
         "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2", "optim.eps", "optim.frozen"}
     assert set(run_options.LAYOUT_FIELDS) == {"optim.frozen", "optim.max_grad_norm"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,10 @@ import numpy as np
 
 from prefix_jax import hub
 from prefix_jax.models import gguf_checkpoint, hf_mapping
+from prefix_jax.partitioning import path_name
 from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, KV, NO_PREFIX, PLACEMENTS, Prefix, StackGeometry
+
+log = logging.getLogger("prefix_jax")
 
 # HF `model_type` -> our module. Each module defines `Config` (with `from_hf`), `Model`, `PARAM_AXES` and `hf_table`
 # (its one HF mapping, `hf_mapping`).
@@ -116,28 +120,60 @@ def open_checkpoint(name_or_path: str, param_dtype: str = "float32", compute_dty
     return OpenCheckpoint(model_dir, arch, hf_config, config, hf_mapping.bind(table, source, what), source)
 
 
-def quantize_on_load(opened: OpenCheckpoint, dtype: Any, mode: str, group_size: int | None) -> tuple[Any, Any, str]:
+def quantize_on_load(opened: OpenCheckpoint, dtype: Any, mode: str, group_size: int | None,
+                     embeddings: bool = True) -> tuple[Any, Any, str]:
     """(model, table, float fingerprint) of an opened checkpoint under `model.quantize=mode`: for "none" its
-    model and table (fingerprint ""); else the quantized model, the table whose kernels are quantized as they
-    are read (`prefix_jax.quantize.on_load`), and the float weights' fingerprint from corners read through it."""
+    model and table (fingerprint ""); else the quantized model, the table whose kernels (and, `embeddings`, its
+    vocabulary matrices) are quantized as they are read (`hf_mapping.Transformed`, as
+    `prefix_jax.quantize.on_load_how` says), and the float weights' fingerprint from corners read through it.
+
+    "gguf": a tensor whose layers are all stored as Q8_0 / Q4_0 / Q4_1 keeps the file's blocks; any other
+    (K-quants, Q5_x, F16/F32) is dequantized and quantized to int8 per output channel, said in the log.
+    """
     model = opened.arch.Model(opened.config)
     if mode == "none":
         return model, opened.table, ""
     from prefix_jax import fingerprint, quantize  # qwix: only quantized loads import it
 
-    group_size = group_size or quantize.DEFAULT_GROUP_SIZE
-    qmodel, table = quantize.on_load(model, opened.table, opened.source, mode, group_size, dtype)
+    quantize.check_mode(mode)
+    source = opened.source
+    if mode == "gguf" and not hasattr(source, "storage_type"):
+        raise quantize.QuantizeError(f"model.quantize='gguf' keeps a GGUF file's own blocks, but {source.where} is "
+                                     "not a GGUF checkpoint; use model.quantize=int8 or int4.")
+    qmodel, targets = quantize.load_targets(model, hf_mapping.shapes(opened.table, dtype), mode,
+                                            group_size or quantize.DEFAULT_GROUP_SIZE, embeddings)
+    requantized: list[str] = []
+
+    def transform(path: tuple, src: Any) -> Any:
+        name = path_name(path)
+        if name not in targets:
+            return src
+        if isinstance(src, hf_mapping.Zeros):
+            raise quantize.QuantizeError(f"model.quantize: {name} is missing from the checkpoint (zeros); it cannot "
+                                         "be quantized.")
+        stored = {source.storage_type(n) for n in src.names} if mode == "gguf" else None
+        how = quantize.on_load_how(name, targets[name], tuple(src.shape), dtype, stored)
+        if stored is not None and how.gguf_type is None:
+            requantized.append(f"{name} ({'/'.join(sorted(stored))})")
+        return hf_mapping.Transformed(src, how)
+
+    table = jax.tree_util.tree_map_with_path(transform, opened.table, is_leaf=hf_mapping.is_leaf)
+    if requantized:
+        log.info("model.quantize='gguf': %d tensors are not stored as Q8_0/Q4_0/Q4_1 blocks; dequantized and "
+                 "quantized to int8 per output channel: %s", len(requantized), ", ".join(requantized[:6]) +
+                 (" ..." if len(requantized) > 6 else ""))
     return qmodel, table, fingerprint.lm_fingerprint(hf_mapping.unread(opened.table, opened.source, dtype))
 
 
 def load_pretrained(name_or_path: str, param_dtype: str = "float32", compute_dtype: str | None = None,
                     quantize: str = "none", quantize_group_size: int | None = None,
-                    **config_overrides: Any) -> PretrainedLM:
+                    quantize_embeddings: bool = True, **config_overrides: Any) -> PretrainedLM:
     """Loads a checkpoint (see `open_checkpoint`) as our model + params (host numpy arrays). `quantize`
-    (`model.quantize`): each kernel quantized on the host as it is read (`quantize_on_load`)."""
+    (`model.quantize`): each kernel quantized on the host as it is read (`quantize_on_load`); with
+    `quantize_embeddings` (`model.quantize_embeddings`) the vocabulary matrices too."""
     opened = open_checkpoint(name_or_path, param_dtype, compute_dtype, **config_overrides)
     dtype = np.dtype(jax.numpy.dtype(param_dtype))
-    model, table, fingerprint = quantize_on_load(opened, dtype, quantize, quantize_group_size)
+    model, table, fingerprint = quantize_on_load(opened, dtype, quantize, quantize_group_size, quantize_embeddings)
     params = hf_mapping.load(table, opened.source, dtype)
     return PretrainedLM(name_or_path, opened.model_dir, opened.config, model, params, opened.hf_config, fingerprint)
 

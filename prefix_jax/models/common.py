@@ -1,4 +1,5 @@
-"""Pieces every architecture shares: layer stacking, activations, RMSNorm, the decoding cache."""
+"""Pieces every architecture shares: layer stacking, activations, RMSNorm, the token embedding and LM head (float
+or quantized), the decoding cache."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prefix_jax import quantized_vocab
 from prefix_jax.models import fused_attention, masks
 from prefix_jax.models.attention import empty_cache
 from prefix_jax.models.prefix_contract import DECODER
@@ -65,6 +67,35 @@ class RMSNorm(nn.Module):
         if self.cast_before_scale:
             return scale.astype(self.dtype).reshape(over_leading_axes) * normed.astype(self.dtype)
         return (scale.astype(jnp.float32).reshape(over_leading_axes) * normed).astype(self.dtype)
+
+
+class Embed(nn.Embed):
+    """The token embedding table (`nn.Embed`, param `embedding` `[V, D]`), also read by a tied LM head (`attend`),
+    whose table may be a quantized leaf (`model.quantize`): the lookup then dequantizes only the gathered rows,
+    and `attend` the table block by block (`quantized_vocab`). A float table is read as `nn.Embed` reads it."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if quantized_vocab.is_quantized(self.embedding):
+            return quantized_vocab.lookup(self.embedding, inputs, self.dtype or jnp.float32)
+        return super().__call__(inputs)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        if quantized_vocab.is_quantized(self.embedding):
+            return quantized_vocab.logits(query, self.embedding, 0, self.dtype or query.dtype)
+        return super().attend(query)
+
+
+class LMHead(nn.Dense):
+    """An untied LM head (`nn.Dense` without bias, param `kernel` `[D, V]`) whose kernel may be a quantized leaf
+    (`model.quantize`), then read block by block over the vocabulary (`quantized_vocab.logits`)."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        if quantized_vocab.is_quantized(kernel):
+            return quantized_vocab.logits(inputs, kernel, 1, self.dtype or inputs.dtype)
+        inputs, kernel = self.promote_dtype(inputs, kernel, dtype=self.dtype)
+        return jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
 
 
 # Rematerialization policies (`model.remat`): what the backward pass keeps of each layer's forward.

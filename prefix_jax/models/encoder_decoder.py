@@ -139,7 +139,7 @@ class EncoderDecoder(common.DecoderCache, nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        self.shared = common.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                embedding_init=nn.initializers.normal(self.embedding_std), name="shared")
         self.encoder = self.stack_type(cfg, is_decoder=False, name="encoder")
         self.decoder = self.stack_type(cfg, is_decoder=True, name="decoder")

@@ -353,11 +353,11 @@ class Model(decoder_only.DecoderOnly):
     def setup(self) -> None:
         cfg = self.config
         unit = nn.initializers.normal(cfg.hidden_size**-0.5)  # random tiny checkpoints only; real weights load
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        self.embed_tokens = common.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                      embedding_init=unit, name="embed_tokens")
         self.model = GemmaStack(cfg, name="model")
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            self.lm_head = common.LMHead(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     kernel_init=unit, name="lm_head")
 
     def embed(self, ids: jax.Array) -> jax.Array:

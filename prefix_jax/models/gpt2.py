@@ -173,7 +173,7 @@ class Model(decoder_only.DecoderOnly):
     def setup(self) -> None:
         cfg = self.config
         # HF's init (std 0.02): only used to build random tiny checkpoints; real weights are loaded.
-        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        self.wte = common.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                             embedding_init=nn.initializers.normal(0.02), name="wte")
         self.transformer = GPT2Stack(cfg, name="transformer")
 

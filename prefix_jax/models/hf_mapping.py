@@ -86,7 +86,7 @@ class Zeros:
 
 @dataclasses.dataclass(frozen=True)
 class Transformed:
-    """A leaf made from `src`'s blocks as they are read: a kernel quantized on load (`prefix_jax.quantize.on_load`).
+    """A leaf made from `src`'s blocks as they are read: a kernel quantized on load (`models.quantize_on_load`).
 
     `how` (`quantize.OnLoad`) says its parts (`parts()`: name -> shape/dtype; `assemble(parts)` -> the leaf,
     `split(leaf)` -> its parts), which block of `src` a block of a part is made from (`covering`), how

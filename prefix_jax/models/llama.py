@@ -331,11 +331,11 @@ class Model(decoder_only.DecoderOnly):
         # Used only to build random tiny checkpoints: token rows and head columns of norm ~1 give logits of
         # unit scale, so a prefix can visibly steer a random demo LM. Real weights are loaded.
         unit = nn.initializers.normal(cfg.hidden_size**-0.5)
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        self.embed_tokens = common.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                      embedding_init=unit, name="embed_tokens")
         self.model = self.stack_class(cfg, name="model")
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            self.lm_head = common.LMHead(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     kernel_init=unit, name="lm_head")
 
     def embed(self, ids: jax.Array) -> jax.Array:

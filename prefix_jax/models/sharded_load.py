@@ -56,7 +56,8 @@ def place(table: Any, source: hf_mapping.TensorSource, shardings: Any, dtype: An
 
 def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", param_dtype: str = "float32",
                  compute_dtype: str | None = None, quantize: str = "none",
-                 quantize_group_size: int | None = None, **config_overrides: Any) -> models.PretrainedLM:
+                 quantize_group_size: int | None = None, quantize_embeddings: bool = True,
+                 **config_overrides: Any) -> models.PretrainedLM:
     """`models.load_pretrained`, with the params read straight into their shards on `mesh`.
 
     The params are global `jax.Array`s laid out by `partitioning.lm_shardings(..., strategy, mesh)`; every
@@ -64,13 +65,16 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
     `quantize` (`model.quantize`): kernels quantized on the host as they are read, straight into their shards
     (no float kernel is ever a device array). Where the mesh splits a kernel along its contraction, a block's
     scale needs the whole group: int4 groups are read whole (local when the group divides the shard); int8's
-    group is the whole contraction, so a process reads the full contraction for the output channels it holds.
+    group is the whole contraction, so a process reads the full contraction for the output channels it holds (an
+    int8 vocabulary matrix, one scale per vocabulary row: whole rows, the whole table under fsdp, which splits
+    its width; `quantize_embeddings=False` keeps it float and read by slices).
     """
     models.check_dtypes(param_dtype, compute_dtype)
     partitioning.check_strategy(strategy)
     opened = models.open_checkpoint(name_or_path, param_dtype, compute_dtype, lazy=True, **config_overrides)
     dtype = np.dtype(jax.numpy.dtype(param_dtype))
-    model, table, fingerprint = models.quantize_on_load(opened, dtype, quantize, quantize_group_size)
+    model, table, fingerprint = models.quantize_on_load(opened, dtype, quantize, quantize_group_size,
+                                                        quantize_embeddings)
     axes = opened.arch.PARAM_AXES
     if quantize != "none":  # qwix: only quantized loads import it
         from prefix_jax.quantize import quantized_param_axes

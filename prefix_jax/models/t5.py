@@ -211,7 +211,7 @@ class Model(encoder_decoder.EncoderDecoder):
         super().setup()
         cfg = self.config
         if not cfg.tied_lm_head:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            self.lm_head = common.LMHead(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     name="lm_head")
 
     def embed(self, ids: jax.Array) -> jax.Array:

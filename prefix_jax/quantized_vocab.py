@@ -1,0 +1,89 @@
+"""The vocabulary matrices of a quantized frozen LM (the token embedding table `[V, D]`, which a tied LM head
+also reads, and an untied LM head kernel `[D, V]`), read without ever making a float copy of the whole matrix.
+
+A quantized matrix is a params leaf with an `.array` holding `qvalue` (int8 / int4 / uint4, the matrix's shape),
+`scale` (one per group: per axis, `qvalue.shape[a] // scale.shape[a]` consecutive values share it) and, for a
+GGUF Q4_1 block, `min`; its weights are `qvalue * scale (+ min)` (`prefix_jax.quantize` makes these leaves: a
+qwix `WithAux(QArray)` with one scale per vocabulary row (int8) or per group along the width (int4), or a
+GGUF file's own blocks). Here nothing imports qwix: the leaf is read by its fields.
+
+- `lookup`: the rows of the gathered token ids, each dequantized alone (`[..., D]`).
+- `logits`: `h @ W` over the vocabulary in blocks of rows (at least `MIN_BLOCKS` of them, at most `BLOCK_BYTES`
+  of float weights each): each block is dequantized, multiplied and dropped, and the backward pass recomputes it
+  (`jax.checkpoint`), so the float temporaries are a few blocks, never the matrix (a training step on CPU holds
+  about three blocks at once: measured on the tiny Llama, tests/test_quantized_run.py). As the head, int8's
+  per-row scale is a per-output-channel scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+BLOCK_BYTES = 2**23  # float weights dequantized at once by `logits`, at most (8 MiB: 3.6k rows of SmolLM2's 576)
+MIN_BLOCKS = 8  # so that the few blocks alive at once stay well under the float matrix
+
+
+def is_quantized(matrix: Any) -> bool:
+    """Whether a params leaf is a quantized matrix (an `.array` with `qvalue` and `scale`), not a float array."""
+    array = getattr(matrix, "array", None)
+    return hasattr(array, "qvalue") and hasattr(array, "scale")
+
+
+def _parts(matrix: Any) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    array = matrix.array
+    if getattr(array, "zero_point", None) is not None:
+        raise ValueError("a vocabulary matrix quantized with a zero point is not supported (use absmax scales).")
+    return array.qvalue, array.scale, getattr(array, "min", None)
+
+
+def dequantize(qvalue: jax.Array, scale: jax.Array, minimum: jax.Array | None = None,
+               dtype: Any = jnp.float32) -> jax.Array:
+    """`qvalue * scale (+ minimum)` in float32, then `dtype`; `scale` (and `minimum`) has one entry per group
+    of consecutive values along each axis (`qvalue.shape[a] // scale.shape[a]` of them)."""
+    split = [d for n, s in zip(qvalue.shape, scale.shape) for d in (s, n // s)]
+    by_group = [d for s in scale.shape for d in (s, 1)]
+    w = qvalue.astype(jnp.float32).reshape(split) * scale.astype(jnp.float32).reshape(by_group)
+    if minimum is not None:
+        w = w + minimum.astype(jnp.float32).reshape(by_group)
+    return w.reshape(qvalue.shape).astype(dtype)
+
+
+def lookup(table: Any, ids: jax.Array, dtype: Any) -> jax.Array:
+    """Rows `ids` of a quantized embedding table `[V, D]` in `dtype` (`[*ids.shape, D]`): only those rows are
+    dequantized."""
+    qvalue, scale, minimum = _parts(table)
+    rows = lambda x: None if x is None else jnp.take(x, ids, axis=0)
+    return dequantize(rows(qvalue), rows(scale), rows(minimum), dtype)
+
+
+def block_rows(vocab: int, width: int, block_bytes: int | None = None) -> int:
+    """Vocabulary rows dequantized at once: an `1 / MIN_BLOCKS` of them, fewer if they take more than
+    `block_bytes` (`BLOCK_BYTES`) of float32 weights; at least one."""
+    return max(1, min(-(-vocab // MIN_BLOCKS), (block_bytes or BLOCK_BYTES) // (4 * width)))
+
+
+def logits(h_NxD: jax.Array, matrix: Any, vocab_axis: int, dtype: Any, block_bytes: int | None = None) -> jax.Array:
+    """`h @ W` (`[..., V]` in `dtype`) for a quantized vocabulary matrix: an embedding table `[V, D]`
+    (`vocab_axis=0`, the tied head) or a head kernel `[D, V]` (`vocab_axis=1`), in blocks of `block_rows`
+    vocabulary rows written into the logits in place (the last block starts at `V - rows`, rewriting its
+    overlap with the one before)."""
+    qvalue, scale, minimum = _parts(matrix)
+    vocab, width = qvalue.shape[vocab_axis], qvalue.shape[1 - vocab_axis]
+    rows = block_rows(vocab, width, block_bytes)
+    h = h_NxD.astype(dtype)
+    contract = (((h.ndim - 1,), (1 - vocab_axis,)), ((), ()))
+
+    def block(start: jax.Array) -> jax.Array:
+        take = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, rows, vocab_axis)
+        w = dequantize(take(qvalue), take(scale), take(minimum), dtype)
+        return jax.lax.dot_general(h, w, contract)
+
+    def write(i: int, out: jax.Array) -> jax.Array:  # in place; the last block's overlap rewrites equal values
+        start = jnp.minimum(i * rows, vocab - rows)
+        return jax.lax.dynamic_update_slice_in_dim(out, jax.checkpoint(block)(start), start, axis=-1)
+
+    out = jnp.zeros((*h.shape[:-1], vocab), jnp.result_type(h.dtype, dtype))
+    return jax.lax.fori_loop(0, -(-vocab // rows), write, out)
