@@ -121,7 +121,11 @@ def main() -> None:
         c.pin_threads(args.threads)
         (child_ours if args.child == "ours" else child_peft)(args, Path(args.out))
         return
-    c.run_as_train_py()  # train.py's host memory settings; both children inherit them
+    # torch's OpenMP threads spin while they wait: on a shared, oversubscribed machine a spinning thread burns the
+    # time slices the other one needs (measured: PEFT used 3-6x its quiet CPU time a step). Passive waiting gives
+    # PEFT the same footing as XLA's thread pool; both children inherit these and train.py's host memory settings.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    c.run_as_train_py()
     c.pin_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="real_step_lockstep-") as tmp:
         spec = rw.write_batches(args, Path(tmp))
