@@ -52,9 +52,13 @@ def demo_config(args: argparse.Namespace, workdir: str) -> object:
     config.train.steps = args.steps
     if args.unpacked:
         config.data.pack, config.train.batch_size = False, 8
+    elif getattr(args, "layout", None):  # WIDTHxROWS: packed rows of another width and count than the demo's
+        config.data.pack_width, config.train.batch_size = (int(x) for x in args.layout.split("x"))
     config.train.save_every = 10 * args.steps  # one checkpoint, at the end: no save inside a timed window
     config.train.workdir = workdir
     config.eval.max_generate = args.sources
+    if args.sources == 0:  # no evaluation at all (`--packing-ab --sources 0`: the training loop alone)
+        config.data.eval_split = ""
     return config
 
 
@@ -110,8 +114,8 @@ def write_batches(args: argparse.Namespace, out: Path) -> dict:
 
     plan = run_setup.build(run_options.from_config(demo_config(args, str(out / "unused"))))
     batches = [examples_of(plan.train.train_batch(step)) for step in range(args.steps)]
-    chosen = evaluation.unique_sources(plan.eval.split, args.sources)
-    split = plan.eval.split
+    split = plan.eval.split if plan.eval is not None else None
+    chosen = evaluation.unique_sources(split, args.sources) if split is not None else []
     spec = {"gguf": str(plan.lm.model_dir), "separator": plan.lm.config.separator_token_id,
             "eos": plan.tokenizer.eos_token_id, "pad": plan.tokenizer.pad_token_id,
             "prefix_length": plan.spec.length, "mlp_hidden": plan.spec.mlp_hidden,
@@ -140,12 +144,12 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "train_loss" in r]
     window_s = [1 / r["steps_per_sec"] for r in logged[1:]]  # the first window holds the compile
-    (written,) = workdir.glob(f"predictions_*_{args.steps}.jsonl")  # predictions_<split>_<step>.jsonl
-    predictions = [json.loads(line)["prediction"] for line in written.read_text().splitlines()]
+    written = list(workdir.glob(f"predictions_*_{args.steps}.jsonl"))  # predictions_<split>_<step>.jsonl
+    predictions = [json.loads(line)["prediction"] for line in written[0].read_text().splitlines()] if written else []
     train_loop_s = sum(r["steps"] / r["steps_per_sec"] for r in logged)  # every step, the compile included
     return {"loss_every_10": {r["step"]: r["train_loss"] for r in logged}, "step_s": statistics.median(window_s),
             "train_loop_s": train_loop_s,
-            "bleu": summary["bleu"], "generated": summary["generated"], "peak_rss_mib": peak_rss_mib(),
+            "bleu": summary.get("bleu"), "generated": summary.get("generated"), "peak_rss_mib": peak_rss_mib(),
             "wall_s": wall, "predictions": predictions}
 
 
@@ -286,6 +290,7 @@ def main() -> None:
         result = (run_ours if args.child == "ours" else run_peft)(args, Path(args.out))
         print(json.dumps(result))
         return
+    c.run_as_train_py()  # train.py's host memory settings (huge pages); both sides' children inherit them
     c.pin_threads(args.threads)
     if args.packing_ab:
         return packing_ab(args)
@@ -360,7 +365,8 @@ def packing_ab(args: argparse.Namespace) -> None:
     c.print_table(["train.py, same model and data", "examples", "real tokens", "training loop s", "median step s",
                    "real tokens/s (whole loop)", "peak RSS MiB", "BLEU"],
                   [[name, r["examples"], r["real_tokens"], f"{r['train_loop_s']:.0f}", f"{r['step_s']:.2f}",
-                    f"{r['real_tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{r['bleu']:.1f}"]
+                    f"{r['real_tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f}",
+                    "-" if r["bleu"] is None else f"{r['bleu']:.1f}"]
                    for name, r in results.items()])
     ratio = results["packed"]["real_tokens_per_s"] / results["unpacked"]["real_tokens_per_s"]
     print(f"real tokens/s of the whole training loop, packed / unpacked: {ratio:.2f}x ({args.steps} steps each)")

