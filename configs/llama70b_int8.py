@@ -13,9 +13,11 @@ gated, vocab 128256, untied head; "B" = 10^9 params, "GB" = 10^9 bytes):
                           = 134.2 M + 16.8 M + 704.6 M = 855.6 M)                     = 68.45 B
              total 70.55 B -> 141.1 GB in bfloat16 (282 GB in float32).
   int8 (`model.quantize="int8"`): every Dense kernel (the 68.45 B) as int8, one bfloat16 scale per output
-    channel (80 x 83968 = 6.7 M scales = 13 MB); the embedding and the LM head stay bfloat16 (2.10 B x 2 B):
-    68.45 + 0.01 + 4.20 = 72.7 GB, 0.52x of bfloat16 (0.26x of float32).
-  Sharded over fsdp = 16: 72.7 / 16 = 4.5 GB per chip, plus the one layer being all-gathered inside the scan
+    channel (80 x 83968 = 6.7 M scales = 13 MB); the embedding and the LM head too (`model.quantize_embeddings`,
+    the default), one scale per vocabulary row (2 x 128256 scales = 0.5 MB); the norms stay bfloat16:
+    68.45 + 2.10 + 0.01 = 70.6 GB, 0.50x of bfloat16 (0.25x of float32). (With quantize_embeddings=False the
+    two vocabulary matrices stay bfloat16: 72.7 GB.)
+  Sharded over fsdp = 16: 70.6 / 16 = 4.4 GB per chip, plus the one layer being all-gathered inside the scan
     (855.6 M x 1 B = 0.86 GB; ~1.7 GB with the next one prefetched; in bfloat16 it would be twice that). On TPU
     XLA fuses the dequantization into the matmul, so no bfloat16 copy of a layer is made.
   Prefix (the paper's E2E length 5, MLP 8192 -> 512 -> 2 x 80 x 8 x 128 = 163840): 5 x 8192 + 8192 x 512 +
@@ -25,11 +27,13 @@ gated, vocab 128256, untied head; "B" = 10^9 params, "GB" = 10^9 bytes):
     80 x 2 x 256 x 8192 x 2 B = 0.67 GB, plus one layer recomputed at a time (MLP 3 x 2 x 256 x 28672 x 2 B =
     88 MB; scores 2 x 64 x 256 x 261 x 4 B = 34 MB) and the float32 target logits 2 x 128 x 128256 x 4 B =
     131 MB (a few copies for the softmax and its gradient; `train.loss_chunk_tokens` bounds them): ~1.2 GB.
-  Per chip: 4.5 + 1.7 + 1.4 + 1.2 = ~8.8 GB: fits a 16 GB v5e chip with room for XLA's buffers. Unquantized
+  Per chip: 4.4 + 1.7 + 1.4 + 1.2 = ~8.7 GB: fits a 16 GB v5e chip with room for XLA's buffers. Unquantized
     (bfloat16) the same run needs 8.8 + 3.4 + 1.4 + 1.2 = ~14.8 GB: at the edge of 16 GB.
-  Loading: the bfloat16 LM is read into its shards (8.8 GB per chip), then quantized one kernel at a time on
-    the devices; until the last kernel is done both are held, 8.8 + 4.5 = 13.3 GB per chip at the peak (under
-    16 GB; nothing else is on the chips yet).
+  Loading: each host reads the slices its chips hold and quantizes them in host memory, so the chips only ever
+    receive int8 values and scales (no bfloat16 copy of the LM on a device). A Dense kernel's per-output-channel
+    scale needs its whole contraction: under fsdp a host reads the full input dimension of the output channels it
+    holds. A vocabulary row's scale needs the whole row, so each host reads the two vocabulary matrices whole
+    (2 x 2.1 GB of bfloat16, one at a time) and keeps its part.
 """
 
 from configs import llama_e2e
@@ -39,7 +43,7 @@ def get_config():
     c = llama_e2e.get_config()
     c.model.name_or_path = "meta-llama/Llama-3.1-70B"
     c.model.param_dtype = "bfloat16"  # read as bfloat16 straight into the shards, then quantized there
-    c.model.quantize = "int8"  # a scale per output channel; int4 (groups of 64) would be 40.6 GB, 2.5 GB a chip
+    c.model.quantize = "int8"  # a scale per output channel (per row: vocabulary); int4 (groups of 64): 37.5 GB, 2.3 GB a chip
     c.model.remat = "full"
     c.mesh.shape = (1, -1, 1)  # all devices on fsdp: the batch and the LM's hidden axis split 16 ways
     c.mesh.lm_partitioning = "fsdp"

@@ -247,8 +247,9 @@ def test_the_quantized_step_holds_no_float_copy_of_the_vocab_matrices(tiny_llama
 @pytest.mark.slow  # 17 s (the 70B model traced abstractly); test_run_options.py's default row loads and checks it
 def test_the_70b_int8_configs_memory_arithmetic_holds(tmp_path):
     """configs/llama70b_int8.py's docstring figures, recomputed from the model's own parameter shapes (abstract:
-    nothing is allocated): 2.10 B embedding + head, 68.45 B of Dense kernels, 72.7 GB at int8 (kernels 1 B,
-    the rest bfloat16), 4.5 GB a chip over fsdp 16, an 88.3 M-parameter prefix. The config passes the checks."""
+    nothing is allocated): 2.10 B embedding + head, 68.45 B of Dense kernels, 70.6 GB at int8 (kernels and the
+    vocabulary matrices 1 B, the norms bfloat16; 72.7 GB with the vocabulary matrices bfloat16), 4.4 GB a chip
+    over fsdp 16, an 88.3 M-parameter prefix. The config passes the checks."""
     import transformers
 
     from configs import llama70b_int8
@@ -260,8 +261,8 @@ def test_the_70b_int8_configs_memory_arithmetic_holds(tmp_path):
     config = llama70b_int8.get_config()
     config.train.workdir = str(tmp_path / "run")
     options = run_options.from_config(config)  # every field valid, the combination checked
-    assert (options.model.quantize, options.model.param_dtype, options.mesh.lm_partitioning) == (
-        "int8", "bfloat16", "fsdp")
+    assert (options.model.quantize, options.model.quantize_embeddings, options.model.param_dtype,
+            options.mesh.lm_partitioning) == ("int8", True, "bfloat16", "fsdp")
     hf = transformers.LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                   num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)
     arch = models.architecture("llama")
@@ -270,9 +271,12 @@ def test_the_70b_int8_configs_memory_arithmetic_holds(tmp_path):
     sizes = {path_name(p): int(np.prod(x.shape)) for p, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     kernels = sum(n for name, n in sizes.items() if name.endswith("kernel") and "lm_head" not in name)
     rest = sum(sizes.values()) - kernels
-    assert round(kernels / 1e9, 2) == 68.45 and round((rest - 161 * 8192) / 1e9, 2) == 2.10  # 161 norms of 8192
-    int8_gb = (kernels + 2 * rest) / 1e9
-    assert round(int8_gb, 1) == 72.7 and round(int8_gb / 16, 1) == 4.5 and round(2 * (kernels + rest) / 1e9, 1) == 141.1
+    norms = 161 * 8192
+    vocab = rest - norms
+    assert round(kernels / 1e9, 2) == 68.45 and round(vocab / 1e9, 2) == 2.10
+    int8_gb = (kernels + vocab + 2 * norms) / 1e9
+    assert round(int8_gb, 1) == 70.6 and round(int8_gb / 16, 1) == 4.4 and round(2 * (kernels + rest) / 1e9, 1) == 141.1
+    assert round((kernels + 2 * rest) / 1e9, 1) == 72.7  # quantize_embeddings=False
     spec = run_setup.prefix_spec(options.prefix, cfg, [])
     prefix = jax.eval_shape(lambda: prefix_lib.init_params(spec, jax.random.key(0)))
     assert round(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(prefix)) / 1e6, 1) == 88.3
