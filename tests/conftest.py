@@ -54,6 +54,13 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long checks (training to convergence, multi-process); run with -m slow")
+    config.addinivalue_line("markers", "longest: minutes alone; started first, so the other workers share the rest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked `longest` go first (longest-first scheduling): pytest-xdist hands tests out in this order,
+    and one started last would leave the other workers idle while it runs alone."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,7 @@ def test_every_python_and_shell_block_of_the_readme_says_how_it_is_tested():
 
 
 @pytest.mark.slow
+@pytest.mark.longest  # about 2 min on 2 idle cores
 def test_every_readme_code_block_runs(tmp_path):
     copy = tmp_path / "repo"
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "runs", "artifacts", "__pycache__",

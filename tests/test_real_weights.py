@@ -69,6 +69,7 @@ def test_smollm2_logits_match_transformers(smollm2, e2e_examples):
         assert np.abs(ours - ref).max() < F32_DEEP_RTOL * scale
 
 
+@pytest.mark.longest  # about 4.5 min on 2 idle cores
 def test_smollm2_learns_e2e_in_60_packed_steps(smollm2, tmp_path):
     """Half the demo: 60 steps of 4 packed rows (about 440 examples, the issue's 40 steps of 8 would be 320)."""
     workdir = tmp_path / "run"
