@@ -73,32 +73,12 @@ def child_ours(args: argparse.Namespace, out: Path) -> None:
 
 
 def child_peft(args: argparse.Namespace, out: Path) -> None:
-    import torch
-    from peft import PrefixTuningConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
-
     spec = json.loads((out / "plan.json").read_text())
-    gguf = Path(spec["gguf"])
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec["prefix_length"],
-                                                    prefix_projection=True, encoder_hidden_size=spec["mlp_hidden"]))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], betas=(spec["b1"], spec["b2"]), eps=spec["eps"],
-                                  weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, spec["warmup"], spec["steps"])
-    model.train()
+    _, train_step = rw.peft_trainer(spec)
     batches = [rw._peft_rows(rows, spec["separator"], spec["pad"]) for rows in spec["batches"]]
 
     def run_step(s: int) -> float:
-        ids, mask, labels = batches[s]
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, spec["clip"])
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        return float(loss)
+        return train_step(*batches[s])
 
     run_step(0)  # warm-up, as ours' compile
     serve(run_step)

@@ -220,14 +220,14 @@ def _greedy_generate(model, sources: list[list[int]], sep: int, eos: int, pad: i
     return [[t for t in row[width:].tolist() if t not in (eos, pad)] for row in tokens]
 
 
-def run_peft(args: argparse.Namespace, out: Path) -> dict:
+def peft_trainer(spec: dict) -> tuple:
+    """(PEFT prefix-tuning model on the GGUF's float32 LM, in train mode; `step(ids, mask, labels) -> loss`: one
+    AdamW step with clipping and the linear schedule), set as ours is by the plan `spec` (prefix length, MLP
+    width, lr, betas, eps, clip, warmup, steps)."""
     import torch
     from peft import PrefixTuningConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
-    from prefix_jax import text_metrics  # sacreBLEU; no JAX in this process
-
-    spec = json.loads((out / "plan.json").read_text())
     gguf = Path(spec["gguf"])
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -238,17 +238,31 @@ def run_peft(args: argparse.Namespace, out: Path) -> dict:
                                   weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, spec["warmup"], spec["steps"])
     model.train()
-    losses, step_s, window, started = {}, [], [], time.perf_counter()
-    window_start = time.perf_counter()
-    for step, rows in enumerate(spec["batches"], start=1):
-        ids, mask, labels = _peft_rows(rows, spec["separator"], spec["pad"])
+
+    def step(ids, mask, labels) -> float:
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, spec["clip"])
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        window.append(float(loss))
+        return float(loss)
+
+    return model, step
+
+
+def run_peft(args: argparse.Namespace, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from prefix_jax import text_metrics  # sacreBLEU; no JAX in this process
+
+    spec = json.loads((out / "plan.json").read_text())
+    gguf = Path(spec["gguf"])
+    model, train_step = peft_trainer(spec)
+    losses, step_s, window, started = {}, [], [], time.perf_counter()
+    window_start = time.perf_counter()
+    for step, rows in enumerate(spec["batches"], start=1):
+        window.append(train_step(*_peft_rows(rows, spec["separator"], spec["pad"])))
         if step % 10 == 0:
             losses[step] = statistics.fmean(window)
             step_s.append((time.perf_counter() - window_start) / len(window))
