@@ -74,7 +74,7 @@ class Family:
     """One architecture family. `variants`: name -> builder of its (random, float32) tiny HF model and how it is
     saved; `expect`: per variant, fields our loaded config must have. The tuples of `Case`s say which cases of
     each shared check run; `missing_tensor`: (variant, tensor dropped from the file, the error must match).
-    `generate` (decoder-only): cases of `generate` parity on a copy of the variant built by `random(variant, seed)`
+    `stacked`: a regex for where the scanned layer stacks' params live. `generate` (decoder-only): cases of `generate` parity on a copy of the variant built by `random(variant, seed)`
     whose head row `eos` is steered (`eos_steer`) so that hypotheses end at various steps."""
     name: str
     hf_class: str
@@ -93,6 +93,7 @@ class Family:
     expect: dict[str, dict] = dataclasses.field(default_factory=dict)
     padding_kv_seed: int = 0  # first seed of the random K/V the padding-side check uses
     tolerance: float = F32_ATOL  # ours vs HF / PEFT logits, absolute
+    stacked: str = "model/layers/"  # the param paths of the scanned layer stack (their first axis is "layers")
     generate: tuple[Case, ...] = ()
     random: Callable[..., torch.nn.Module] | None = None
     eos: int | None = None
@@ -480,6 +481,7 @@ _AFTER = "positions_after_prefix"
 
 FAMILIES: tuple[Family, ...] = (
     T5(name="t5", hf_class="T5ForConditionalGeneration", encoder_decoder=True, placements=_ENC_DEC,
+       stacked="(encoder|decoder)/layers/",
        sizes=Sizes(B=3, S=11, T=7, P=5), vocab=99, lowest_id=2,
        variants={"v10": _t5_v10, "v11": _t5_v11},
        expect={"v10": dict(tied_lm_head=True, scale_decoder_outputs=True),
@@ -492,6 +494,7 @@ FAMILIES: tuple[Family, ...] = (
        embedding_only=(case("v10"),),
        missing_tensor=("v10", "decoder.final_layer_norm", "decoder.final_layer_norm.weight")),
     Bart(name="bart", hf_class="BartForConditionalGeneration", encoder_decoder=True, placements=_ENC_DEC,
+         stacked="(encoder|decoder)/layers/",
          sizes=Sizes(B=3, S=11, T=7, P=5), vocab=99, lowest_id=3, padding_kv_seed=10,
          variants={  # scaled: scale_embedding, GELU, 3 decoder layers (odd, != the encoder's); plain:
              # no scaling (bart-base/large), ReLU, 8 decoder heads (head geometry differs per stack)
@@ -510,6 +513,7 @@ FAMILIES: tuple[Family, ...] = (
          embedding_only=(case("scaled"),),
          missing_tensor=("plain", "decoder.layernorm_embedding", "model.decoder.layernorm_embedding.weight")),
     DecoderOnly(name="gpt2", hf_class="GPT2LMHeadModel", encoder_decoder=False, placements=(DECODER,),
+                stacked="transformer/h/",
                 sizes=Sizes(B=3, S=9, T=6, P=4), vocab=101, cache_keyword="past_key_values", padding_kv_seed=9,
                 variants={  # variant: unscaled scores, explicit MLP width, exact GELU, another epsilon, HF's
                     # upcast attention path

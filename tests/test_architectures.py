@@ -1,6 +1,7 @@
 """The contract every architecture family meets, against transformers and PEFT on its tiny random models:
 logits with padding, a prefix given to HF as its cache, PEFT's prefix tuning, padding side, incremental decoding,
-an embedding-only prompt, `generate` (greedy and beams) after a prefix, and a clear error for a missing tensor.
+an embedding-only prompt, `generate` (greedy and beams) after a prefix, a clear error for a missing tensor, and
+PARAM_AXES naming every param once.
 
 The families, their variants and which cases run (slow or not) are rows of `families.FAMILIES`; what only one
 family has lives in its own file (test_t5.py, test_bart.py, test_gpt2.py, test_llama.py, test_gemma.py).
@@ -11,6 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ from prefix_jax import prefix as prefix_lib
 from prefix_jax import train_steps
 from prefix_jax.generate import GenerationConfig, make_generate_fn
 from prefix_jax.models import DECODER, NO_PREFIX, Prefix, load_pretrained, masks
+from prefix_jax.partitioning import path_name
 from prefix_jax.hub import ModelNotFoundError
 from prefix_jax.peft_compat import prefix_from_peft
 
@@ -296,3 +300,18 @@ def test_generate_matches_hf_given_the_prefix_as_its_cache(family, case, eos_ste
     assert ours == hf_generate_unpadded(hf, src, mask, kv_torch, 10, case.beams, family.eos)
     assert any(row[-1] == family.eos for row in ours) and not all(len(row) < 3 for row in ours)
     assert ours != until_eos(np.asarray(fn(lm.params, NO_PREFIX, ids, valid)), family.eos)  # the prefix steers
+
+
+@pytest.mark.parametrize("family, variant", [pytest.param(f, v, id=f"{f.name}-{v}") for f in FAMILIES
+                                             for v in sorted(f.variants)])
+def test_param_axes_match_every_leaf_exactly_once(family, variant, tiny_hf):
+    """Each LM param matches one PARAM_AXES rule, with one logical axis per dimension; "layers" is the first axis
+    of exactly the params of the scanned layer stacks."""
+    _, lm = tiny_hf(family.name, variant)
+    param_axes = sys.modules[type(lm.model).__module__].PARAM_AXES
+    for path, leaf in jax.tree_util.tree_flatten_with_path(lm.params)[0]:
+        name = path_name(path)
+        rules = [axes for pattern, axes in param_axes if re.fullmatch(pattern, name)]
+        assert len(rules) == 1, (name, rules)
+        assert len(rules[0]) == leaf.ndim, (name, rules[0], leaf.shape)
+        assert rules[0][0] == "layers" if re.match(family.stacked, name) else "layers" not in rules[0], (name, rules)
