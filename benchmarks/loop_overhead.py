@@ -71,32 +71,17 @@ def run_config(arch: str, model_dir: str, tokenizer_dir: str, workdir: str, args
 
 
 class RawStep:
-    """The trainer's jitted step, built as `trainer._loop` builds it, fed pre-placed batches back-to-back."""
+    """The trainer's jitted step (`trainer.train_step_for`), fed pre-placed batches back-to-back."""
 
     def __init__(self, config, steps: int):
-        import jax
-
-        from prefix_jax import optim, run_options, run_setup, sharding, trainer, train_steps
-        from prefix_jax import prefix as prefix_lib
-        from prefix_jax.models import sharded_load
+        from prefix_jax import run_options, run_setup, sharding, trainer
 
         plan = run_setup.build(run_options.from_config(config))
-        cfg, spec, mesh = plan.options, plan.spec, plan.mesh
-        shapes = jax.eval_shape(lambda key: prefix_lib.init_params(spec, key), jax.random.PRNGKey(0))
-        tx, schedule = optim.make_optimizer(
-            shapes, learning_rate=cfg.optim.learning_rate, total_steps=plan.total_steps,
-            warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1,
-            b2=cfg.optim.b2, eps=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm or None,
-            frozen=cfg.optim.frozen)
+        tx, schedule = trainer.optimizer_for(plan)
         self.lm_params = plan.lm.params
-        self.step = train_steps.jit_train_step(
-            plan.lm.model, spec, tx, schedule, cfg.train.label_smoothing,
-            state_sharding=sharding.replicated(mesh), lm_sharding=sharded_load.shardings_of(self.lm_params),
-            batch_sharding=sharding.batch_sharding(mesh), grad_accum_steps=cfg.train.grad_accum_steps,
-            shard_prefix=lambda prefix: prefix_lib.constrain_kv(prefix, mesh),
-            loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+        self.step = trainer.train_step_for(plan, tx, schedule)
         self.state = trainer.fresh_state(plan, tx)
-        self.batches = [sharding.shard_batch(plan.train.train_batch(s), mesh) for s in range(steps)]
+        self.batches = [sharding.shard_batch(plan.train.train_batch(s), plan.mesh) for s in range(steps)]
         self.tokens_per_step = int(plan.train.train_batch(0)["target_mask"].sum())
         self._run(self.batches[:1])  # compile
 

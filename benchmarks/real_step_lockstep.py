@@ -44,24 +44,12 @@ def serve(run_step) -> None:
 def child_ours(args: argparse.Namespace, out: Path) -> None:
     import jax
 
-    from prefix_jax import optim, run_options, run_setup, sharding, train_steps, trainer
-    from prefix_jax import prefix as prefix_lib
-    from prefix_jax.models import sharded_load
+    from prefix_jax import run_options, run_setup, sharding, trainer
 
     plan = run_setup.build(run_options.from_config(rw.demo_config(args, str(out / "ours"))))
-    o, spec, mesh = plan.options, plan.spec, plan.mesh
-    shapes = jax.eval_shape(lambda key: prefix_lib.init_params(spec, key), jax.random.PRNGKey(0))
-    tx, schedule = optim.make_optimizer(
-        shapes, learning_rate=o.optim.learning_rate, total_steps=plan.total_steps,
-        warmup_steps=o.optim.warmup_steps, weight_decay=o.optim.weight_decay, b1=o.optim.b1, b2=o.optim.b2,
-        eps=o.optim.eps, max_grad_norm=o.optim.max_grad_norm or None, frozen=o.optim.frozen)
-    replicated = sharding.replicated(mesh)
-    step_fn = train_steps.jit_train_step(
-        plan.lm.model, spec, tx, schedule, o.train.label_smoothing, state_sharding=replicated,
-        lm_sharding=sharded_load.shardings_of(plan.lm.params), batch_sharding=sharding.batch_sharding(mesh),
-        grad_accum_steps=o.train.grad_accum_steps, shard_prefix=lambda p: prefix_lib.constrain_kv(p, mesh),
-        loss_chunk_tokens=o.train.loss_chunk_tokens)
-    batches = [sharding.shard_batch(plan.train.train_batch(s), mesh) for s in range(args.steps)]
+    tx, schedule = trainer.optimizer_for(plan)
+    step_fn = trainer.train_step_for(plan, tx, schedule)
+    batches = [sharding.shard_batch(plan.train.train_batch(s), plan.mesh) for s in range(args.steps)]
     box = {"state": trainer.fresh_state(plan, tx)}
 
     def run_step(s: int) -> float:

@@ -148,6 +148,27 @@ def run(config: Any) -> dict:
     return summary
 
 
+def optimizer_for(plan: RunPlan) -> tuple[Any, Any]:
+    """(optimizer, learning-rate schedule) of the run (`optim.*`, `plan.total_steps`); it needs only the prefix
+    tree's paths and shapes."""
+    o = plan.options.optim
+    shapes = jax.eval_shape(lambda key: prefix_lib.init_params(plan.spec, key), jax.random.PRNGKey(0))
+    return optim.make_optimizer(shapes, learning_rate=o.learning_rate, total_steps=plan.total_steps,
+                                warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                                max_grad_norm=o.max_grad_norm or None, frozen=o.frozen)
+
+
+def train_step_for(plan: RunPlan, tx: Any, schedule: Any) -> Any:
+    """The run's jitted train step on its mesh: `step(state, lm_params, batch) -> (state, metrics)`, the state
+    replicated and donated, the LM in its own shardings, the batch split over the data axes."""
+    c, mesh = plan.options, plan.mesh
+    return train_steps.jit_train_step(
+        plan.lm.model, plan.spec, tx, schedule, c.train.label_smoothing, state_sharding=sharding.replicated(mesh),
+        lm_sharding=sharded_load.shardings_of(plan.lm.params), batch_sharding=sharding.batch_sharding(mesh),
+        grad_accum_steps=c.train.grad_accum_steps, shard_prefix=lambda prefix: prefix_lib.constrain_kv(prefix, mesh),
+        loss_chunk_tokens=c.train.loss_chunk_tokens)
+
+
 def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
     """`run`, with `stop` catching signals throughout."""
     def offline_demo() -> None:  # after the data is read: a run refused for its data builds nothing
@@ -155,15 +176,10 @@ def _run(options: run_options.RunOptions, stop: preemption.StopSignal) -> dict:
             run_setup.prepare_offline_demo(options.model)
 
     plan = run_setup.build(options, before_lm=offline_demo)
-    c, spec = plan.options, plan.spec  # c: the config's groups, typed (run_options)
+    c = plan.options  # the config's groups, typed (run_options)
     is_main = jax.process_index() == 0
 
-    # The optimizer needs only the tree's paths and shapes.
-    shapes = jax.eval_shape(lambda key: prefix_lib.init_params(spec, key), jax.random.PRNGKey(0))
-    tx, schedule = optim.make_optimizer(
-        shapes, learning_rate=c.optim.learning_rate, total_steps=plan.total_steps,
-        warmup_steps=c.optim.warmup_steps, weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
-        eps=c.optim.eps, max_grad_norm=c.optim.max_grad_norm or None, frozen=c.optim.frozen)
+    tx, schedule = optimizer_for(plan)
     meta = checkpoint_meta.run_metadata(plan)
     resume = find_resume(plan, tx, meta)  # everything above only read; the lock is the first write
 
@@ -217,10 +233,7 @@ def _loop(plan: RunPlan, state: train_steps.TrainState, tx: Any, schedule: Any, 
     lm_sharding = sharded_load.shardings_of(lm_params)
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     shard_prefix = lambda prefix: prefix_lib.constrain_kv(prefix, mesh)
-    step_fn = train_steps.jit_train_step(plan.lm.model, spec, tx, schedule, c.train.label_smoothing,
-                                      state_sharding=replicated, lm_sharding=lm_sharding,
-                                      batch_sharding=batch_sharding, grad_accum_steps=c.train.grad_accum_steps,
-                                      shard_prefix=shard_prefix, loss_chunk_tokens=c.train.loss_chunk_tokens)
+    step_fn = train_step_for(plan, tx, schedule)
     eval_fn = train_steps.jit_eval_step(plan.lm.model, spec, replicated, lm_sharding, batch_sharding, shard_prefix,
                                      loss_chunk_tokens=c.train.loss_chunk_tokens)
     generate_fn = make_generate_fn(plan.lm.model, c.generate) if c.eval.generate else None
