@@ -1,6 +1,6 @@
 """The training step on the real SmolLM2 vs HF PEFT's, in lockstep: a per-step ratio that load cannot bias.
 
-  python benchmarks/real_step_lockstep.py [--steps 24] [--unpacked] [--threads 2]
+  python benchmarks/real_step_lockstep.py [--steps 24] [--unpacked] [--threads 2] [--variant NAME=XLA_FLAGS ...]
 
 The model and batches are `real_weights_vs_peft.py`'s (train.py's plan for `configs/smollm2_e2e.py`: the real
 SmolLM2-135M-Instruct GGUF in float32, packed rows of the demo, or `--unpacked` 8 examples a step; PEFT on the
@@ -11,6 +11,8 @@ compiled step (`train_steps.jit_train_step` with train.py's optimizer, shardings
 batches; PEFT's is forward, backward, clipping at 1.0, AdamW and the schedule. Each side's time is its step alone
 (its batch built beforehand, as train.py's prefetching thread does). The ratio is the median over steps of PEFT's
 time over ours in the same step; real tokens/s count the examples' own tokens (the same for both sides).
+`--variant NAME=FLAGS` adds one more side: ours again, compiled with these XLA flags added to `XLA_FLAGS`, taking its
+turn in the same rotation (an A/B of XLA settings on the same steps).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--unpacked", action="store_true", help="ours without data.pack (8 examples a step)")
     parser.add_argument("--layout", default=None,
                         help="WIDTHxROWS packed rows instead of the demo's (128x4), e.g. 256x2")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=XLA_FLAGS",
+                        help="one more side: ours with these XLA flags added (repeatable)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", choices=("ours", "peft"))
     parser.add_argument("--out", default=None)
@@ -99,17 +103,22 @@ def main() -> None:
         spec = rw.write_batches(args, Path(tmp))
         common = ["--steps", str(args.steps), "--threads", str(args.threads), "--model", args.model, "--out", tmp,
                   *(["--unpacked"] if args.unpacked else []), *(["--layout", args.layout] if args.layout else [])]
+        variants = dict(v.split("=", 1) for v in args.variant)
+        launches = {"ours": ("ours", ""), "peft": ("peft", ""), **{f"ours {k}": ("ours", f) for k, f in variants.items()}}
         sides = {}
-        for name in ("ours", "peft"):  # one at a time: their setups do not overlap either
-            sides[name] = subprocess.Popen([sys.executable, __file__, "--child", name, *common], text=True,
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        for name, (child, flags) in launches.items():  # one at a time: their setups do not overlap either
+            env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+            sides[name] = subprocess.Popen([sys.executable, __file__, "--child", child, *common], text=True,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
             if sides[name].stdout.readline().strip() != "ready":
                 raise RuntimeError(f"the {name} side did not start (its stderr is above)")
-        times: dict[str, list[float]] = {"ours": [], "peft": []}
-        cpu: dict[str, list[float]] = {"ours": [], "peft": []}
-        losses: dict[str, list[float]] = {"ours": [], "peft": []}
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        cpu: dict[str, list[float]] = {name: [] for name in sides}
+        losses: dict[str, list[float]] = {name: [] for name in sides}
+        names = list(sides)
         for s in range(1, args.steps):
-            for name in (("ours", "peft") if s % 2 else ("peft", "ours")):
+            shift = s % len(names)  # each side takes each place in the turn order equally often
+            for name in names[shift:] + names[:shift]:
                 sides[name].stdin.write(f"{s}\n")
                 sides[name].stdin.flush()
                 answer = json.loads(sides[name].stdout.readline())
@@ -123,6 +132,8 @@ def main() -> None:
     tokens = [sum(len(e["source"]) + len(e["target"]) for e in b) for b in spec["batches"][1:]]
     ratios = [p / o for p, o in zip(times["peft"], times["ours"])]
     per_token = {k: statistics.median(t / n for t, n in zip(v, tokens)) for k, v in times.items()}
+    variant_ratios = {name: statistics.median(p / o for p, o in zip(times["peft"], times[name]))
+                      for name in times if name.startswith("ours ")}
     rows = [[name, f"{statistics.median(v):.2f}", f"{min(v):.2f}", f"{statistics.median(cpu[name]):.2f}",
              f"{1 / per_token[name]:.0f}"] for name, v in times.items()]
     layout = "unpacked" if args.unpacked else f"packed {args.layout or '128x4'}"
@@ -133,11 +144,14 @@ def main() -> None:
           f"PEFT / ours per step: median {statistics.median(ratios):.2f}x (quartiles "
           f"{statistics.quantiles(ratios, n=4)[0]:.2f}-{statistics.quantiles(ratios, n=4)[2]:.2f}); per real token "
           f"{per_token['peft'] / per_token['ours']:.2f}x; load average {os.getloadavg()[0]:.1f}")
+    for name, ratio in variant_ratios.items():
+        print(f"PEFT / {name} per step: median {ratio:.2f}x ({variants[name[5:]]})")
     c.write_json(args.json, "real_step_lockstep", {
         "machine": c.machine(args.threads), "command": " ".join(sys.argv), "steps": args.steps,
         "ours_layout": layout, "times": times, "cpu_s": cpu, "losses": losses, "real_tokens": tokens,
         "examples_per_step": examples, "ratio_per_step_median": statistics.median(ratios),
-        "ratio_per_token": per_token["peft"] / per_token["ours"], "load_average": os.getloadavg()})
+        "ratio_per_token": per_token["peft"] / per_token["ours"], "variants": variants,
+        "variant_ratio_per_step_median": variant_ratios, "load_average": os.getloadavg()})
 
 
 if __name__ == "__main__":

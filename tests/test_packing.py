@@ -95,6 +95,49 @@ def test_planted_packing_bugs_break_the_equality(lm_and_spec, monkeypatch, bug):
     assert abs(p_sum - u_sum) > 10 * F32_REORDERED_RTOL * abs(u_sum)  # the equality test fails by far
 
 
+BLOCK = 8  # query blocks of 8 slots: a row of 40 is 5 blocks, each reading a window of 4 (its own and 3 before)
+
+
+def windowed_vs_unpacked(lm, spec, params, window_span=None) -> tuple[tuple, tuple]:
+    split = random_split(lm.config.vocab_size)
+    lengths = [len(s) + len(t) for s, t in zip(split.source_ids, split.target_ids)]
+    span = masks.window_span(WIDTH, max(lengths), BLOCK)
+    assert 1 < span < WIDTH // BLOCK  # windows really skip keys
+    rows = data.pack_rows(lengths, range(len(split)), WIDTH, [len(t) for t in split.target_ids], TARGETS_PER_ROW)
+    packed = data.packed_batch(split, rows, WIDTH, lm.config.separator_token_id, 0, TARGETS_PER_ROW, span, BLOCK)
+    assert packed["window_segment_ids"].shape == (len(rows), WIDTH // BLOCK, span * BLOCK)
+    if window_span is not None:  # a planted bug: windows narrower than the longest example
+        packed["window_segment_ids"] = masks.key_windows(packed["segment_ids"], BLOCK, window_span)
+    return (loss_and_grads(lm, spec, params, packed), loss_and_grads(lm, spec, params, unpacked_batch(split)))
+
+
+def test_attention_in_query_blocks_over_key_windows_gives_the_unpacked_loss_and_gradients(lm_and_spec):
+    (p_sum, p_count, p_grads), (u_sum, u_count, u_grads) = windowed_vs_unpacked(*lm_and_spec)
+    assert p_count == u_count > 0
+    assert abs(p_sum - u_sum) <= F32_REORDERED_RTOL * abs(u_sum)
+    assert_close_trees(p_grads, u_grads)
+    (b_sum, _, _), _ = windowed_vs_unpacked(*lm_and_spec, window_span=1)  # planted: a window of one block
+    assert abs(b_sum - u_sum) > 10 * F32_REORDERED_RTOL * abs(u_sum)
+
+
+def test_key_windows_and_block_mask():
+    seg = np.asarray([[1, 1, 1, 2, 2, 2, 2, 0]])
+    assert masks.window_blocks(4, 2) == 3  # segment 2's last query needs 3 slots before its own: 3 blocks of 2
+    windows = masks.key_windows(seg, 2, 3)  # 4 blocks of 2 queries, each reading its block and the 2 before
+    assert isinstance(windows, np.ndarray) and windows.tolist() == [[[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 2],
+                                                                     [1, 1, 1, 2, 2, 2], [1, 2, 2, 2, 2, 0]]]
+    assert np.asarray(masks.key_windows(jnp.asarray(seg), 2, 3)).tolist() == windows.tolist()
+    block = np.asarray(masks.packed_block_mask(jnp.asarray(seg), jnp.asarray(windows), 1).visible)[0]
+    dense = np.asarray(masks.packed_attention_mask(jnp.asarray(seg), 1))[0, 0]
+    for q in range(8):  # every query sees the same keys as in the dense mask, no more
+        first = (q // 2 - 2) * 2
+        seen = {first + c for c in range(6) if block[q // 2, q % 2, 1 + c]}
+        assert seen == {k for k in range(8) if dense[q, 1 + k]} and block[q // 2, q % 2, 0]
+    with pytest.raises(data.DataError, match="does not fit attention windows"):
+        split = random_split(64, n=2)
+        data.packed_batch(split, [[0, 1]], WIDTH, 1, 0, 0, window_span=1, block=BLOCK)
+
+
 def test_segment_positions_and_mask():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 0]])
     assert masks.segment_positions(seg, 5).tolist() == [[5, 6, 7, 5, 6, 5]]
@@ -316,3 +359,19 @@ def test_packing_refuses_what_it_does_not_support(what, options, method):
     o = types.SimpleNamespace(data=types.SimpleNamespace(task_field=options.get("task_field", "")))
     with pytest.raises(ConfigError, match="data.pack"):
         run_setup.check_packing(o, types.SimpleNamespace(method=method))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, variant", [("gemma", "gemma2"), ("phi3", "phi3")])
+def test_sliding_window_families_pack_exactly_with_and_without_key_windows(tiny_hf, family, variant):
+    """Gemma 2 (soft-capped scores, sliding and global layers) and Phi-3 (a sliding window on every layer): their
+    window narrows a packed row's mask, dense or in query blocks, as it narrows each example's alone."""
+    _, lm = tiny_hf(family, variant)
+    spec = prefix_lib.PrefixSpec(length=3, placements=(DECODER,), geometry=lm.config.prefix_geometry(),
+                                 hidden_size=lm.config.hidden_size, mlp_hidden=8)
+    params = prefix_lib.init_params(spec, jax.random.PRNGKey(0))
+    for compare in (packed_vs_unpacked, windowed_vs_unpacked):
+        (p_sum, p_count, p_grads), (u_sum, u_count, u_grads) = compare(lm, spec, params)
+        assert p_count == u_count > 0
+        assert abs(p_sum - u_sum) <= F32_REORDERED_RTOL * abs(u_sum)
+        assert_close_trees(p_grads, u_grads)

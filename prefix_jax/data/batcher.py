@@ -15,6 +15,7 @@ from prefix_jax.data.buckets import bucket_of, bucket_widths
 from prefix_jax.data.records import DataError
 from prefix_jax.data.token_ids import (TokenizedSplit, pack_rows, packed_batch, packed_encoder_decoder_batch, pad,
                                       round_up)
+from prefix_jax.models import masks
 
 
 @dataclasses.dataclass
@@ -74,6 +75,15 @@ class Batcher:
                 self._targets_per_row = min(self.pack_width, round_up(fullest, 8))
         return self._targets_per_row
 
+    @property
+    def window_span(self) -> int:
+        """Packed decoder-only rows: key blocks per query block's attention window (`masks.window_span`) that hold
+        the split's longest example whole; 0: the whole row (too narrow for windows to pay)."""
+        if self.encoder_decoder or not self.pack_width:
+            return 0
+        longest = max((len(s) + len(t) for s, t in zip(self.split.source_ids, self.split.target_ids)), default=1)
+        return masks.window_span(self.pack_width, longest)
+
     def packed_epoch(self, epoch: int) -> list[list[int]]:
         """The rows (example indices) of `epoch`'s shuffled examples packed `pack_width` tokens (and
         `targets_per_row` target tokens) at a time."""
@@ -124,7 +134,7 @@ class Batcher:
                 return packed_encoder_decoder_batch(self.split, local, self.pack_width, self.targets_per_row,
                                                     self.pad_id)
             return packed_batch(self.split, local, self.pack_width, self.separator_id, self.pad_id,
-                                self.targets_per_row)
+                                self.targets_per_row, self.window_span)
         order = np.random.default_rng([self.seed, pos["epoch"]]).permutation(len(self.split))
         return self._rows(order[start:start + self.global_batch_size])
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from prefix_jax.batch import Batch
 from prefix_jax.data.records import DataError, Example
+from prefix_jax.models import masks
 
 
 @dataclasses.dataclass
@@ -123,12 +124,17 @@ def pack_rows(lengths: Sequence[int], order: Sequence[int], width: int, target_l
 
 
 def packed_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], width: int, separator_id: int,
-                 pad_id: int, targets_per_row: int = 0) -> Batch:
+                 pad_id: int, targets_per_row: int = 0, window_span: int = 0,
+                 block: int = masks.ATTENTION_BLOCK) -> Batch:
     """Packed decoder-only rows: each example's `[x; SEP; y[:-1]]` after the previous one (`ids`), which example
     each slot holds (`segment_ids`: 1, 2, ...; 0 padding), and the targets compacted to `targets_per_row` (K;
     0: `width`) entries per row: `target_slots` `[B, K]` says which slot predicts each of `target_ids` (counted
     where `target_mask` is 1: the target side of each example, as in unpacked batches; unused entries point at
-    slot 0, masked). The loss then reads K slots of a row, not all `width`."""
+    slot 0, masked). The loss then reads K slots of a row, not all `width`.
+
+    `window_span` > 0 (`masks.window_span` of the split's longest example): `window_segment_ids`
+    `[B, W / block, window_span * block]`, the segment ids of each query block's key window, so the model attends in
+    blocks of `block` queries over windows (`masks.BlockMask`) instead of over the whole row."""
     targets_per_row = targets_per_row or width
     shape, compact = (len(rows), width), (len(rows), targets_per_row)
     ids, segment_ids = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32)
@@ -147,8 +153,15 @@ def packed_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], width: in
             target_slots[r, filled:filled + len(target)] = np.arange(start + len(source), end)
             target_ids[r, filled:filled + len(target)], target_mask[r, filled:filled + len(target)] = target, 1
             start, filled = end, filled + len(target)
-    return {"ids": ids, "segment_ids": segment_ids, "target_slots": target_slots, "target_ids": target_ids,
-            "target_mask": target_mask}
+    batch = {"ids": ids, "segment_ids": segment_ids, "target_slots": target_slots, "target_ids": target_ids,
+             "target_mask": target_mask}
+    if window_span:
+        longest = max((len(split.source_ids[i]) + len(split.target_ids[i]) for row in rows for i in row), default=0)
+        if masks.window_blocks(longest, block) > window_span:
+            raise DataError(f"an example of {longest} tokens does not fit attention windows of {window_span} blocks "
+                            f"of {block}.")
+        batch["window_segment_ids"] = masks.key_windows(segment_ids, block, window_span)
+    return batch
 
 
 def packed_encoder_decoder_batch(split: TokenizedSplit, rows: Sequence[Sequence[int]], source_width: int,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from prefix_jax.models import fused_attention
+from prefix_jax.models import fused_attention, masks
 from prefix_jax.models.dropout import Dropout
 from prefix_jax.models.prefix_contract import CROSS, DECODER, ENCODER, KV, BankKV
 
@@ -106,6 +106,9 @@ def attend(
     `jax.nn.dot_product_attention` (`fused_attention.attend`: the prefix copied in front of the keys) unless
     attention dropout is active, which only this path implements.
     """
+    if isinstance(mask_BxHxQxM, masks.BlockMask):
+        return _attend_in_blocks(q_BxQxHxK, k_BxCxNxK, v_BxCxNxK, mask_BxHxQxM, bias_BxHxQxM, scale, dropout,
+                                 deterministic, prefix, kernel, softcap)
     if kernel != "einsum" and softcap is not None:
         raise ValueError(f"attention soft-capping is only implemented by model.attention_kernel='einsum', not "
                          f"{kernel!r}.")
@@ -154,6 +157,21 @@ def attend(
     y = (mix(prefix_weights, "bngqp,npk->bqngk" if shared else "bngqp,bnpk->bqngk", value)
          + mix(token_weights, "bngqc,bcnk->bqngk", v_BxCxNxK))
     return y.reshape(batch, num_queries, num_heads, head_dim)
+
+
+def _attend_in_blocks(q_BxWxHxK, k_BxWxNxK, v_BxWxNxK, mask: masks.BlockMask, bias, scale, dropout, deterministic,
+                      prefix, kernel, softcap) -> jax.Array:
+    """`attend` over packed rows in query blocks: each block of queries against its window of keys
+    (`masks.BlockMask`), the blocks as rows of one batched `attend`, the prefix shared by all."""
+    if bias is not None or isinstance(prefix, BankKV):
+        raise ValueError("attention in query blocks (packed rows) takes no additive bias and one shared prefix.")
+    batch, width, num_heads, head_dim = q_BxWxHxK.shape
+    num_blocks, block, span = width // mask.block, mask.block, mask.span
+    as_rows = lambda x: x.reshape(batch * num_blocks, *x.shape[2:])
+    y = attend(as_rows(q_BxWxHxK.reshape(batch, num_blocks, block, num_heads, head_dim)),
+               as_rows(masks.key_windows(k_BxWxNxK, block, span)), as_rows(masks.key_windows(v_BxWxNxK, block, span)),
+               as_rows(mask.visible)[:, None], None, scale, dropout, deterministic, prefix, kernel, softcap)
+    return y.reshape(batch, width, num_heads, head_dim)
 
 
 class MultiHeadAttention(nn.Module):

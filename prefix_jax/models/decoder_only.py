@@ -78,7 +78,9 @@ class DecoderOnly(common.DecoderCache, nn.Module):
         """Final hidden states `[B, L, D]` of packed rows (`data.packed_batch`): `ids` holds several examples'
         `[x; SEP; y[:-1]]` one after another, `segment_ids` says which example each slot belongs to (0: padding).
 
-        Each example sees the prefix and its own tokens only, at the positions it has when alone.
+        Each example sees the prefix and its own tokens only, at the positions it has when alone. With
+        `window_segment_ids` (the segment ids of each query block's key window, `masks.BlockMask`), attention runs
+        in query blocks over windows of keys instead of over the whole row.
         """
         if prefix.infix or prefix.prompt_embeds is not None or isinstance(prefix.kv.get(DECODER), BankKV):
             raise ValueError("data.pack takes one K/V prefix (method prefix / prefix_direct, one task); an infix, "
@@ -88,7 +90,10 @@ class DecoderOnly(common.DecoderCache, nn.Module):
         where = self.config.text_positions(DECODER, segment_ids.shape[1], prefix_len)
         self.check_lengths(where, prefix_len, segment_ids.shape[1])
         positions = masks.segment_positions(segment_ids, where.source_offset)
-        mask = masks.packed_attention_mask(segment_ids, prefix_len)
+        if "window_segment_ids" in batch:  # attention in query blocks, each over a window of keys
+            mask = masks.packed_block_mask(segment_ids, batch["window_segment_ids"], prefix_len)
+        else:
+            mask = masks.packed_attention_mask(segment_ids, prefix_len)
         h, _ = self.stack()(self.embed(batch["ids"]), positions, mask, kv, None, deterministic)
         return h
 

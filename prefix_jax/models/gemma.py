@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from prefix_jax.models import common, decoder_config, decoder_only
+from prefix_jax.models import common, decoder_config, decoder_only, masks
 from prefix_jax.models import hf_mapping as hm
 from prefix_jax.models.attention import attend, write_cache
 from prefix_jax.models.dropout import Dropout
@@ -335,8 +335,8 @@ class GemmaStack(nn.Module):
         cfg = self.config
         prefix_len = 0 if prefix is None else prefix.key.shape[-2]
         sliding_L = jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])
-        local_mask = mask_BxHxQxM if cfg.sliding_window is None else window_mask(mask_BxHxQxM, prefix_len,
-                                                                                   cfg.sliding_window)
+        local_mask = mask_BxHxQxM if cfg.sliding_window is None else masks.map_visible(
+            mask_BxHxQxM, lambda m: window_mask(m, prefix_len, cfg.sliding_window))
         ropes = (rope_tables(cfg.rope("full_attention"), positions_BxQ),
                  rope_tables(cfg.rope("sliding_attention"), positions_BxQ))
         layers = common.stack_layers(GemmaBlock, cfg.num_hidden_layers, cfg.remat,

@@ -6,8 +6,11 @@ otherwise, as for an infix), then the `C` real key slots (shape letters: `prefix
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def token_positions(mask_BxQ: jax.Array, start: jax.Array | int = 0) -> jax.Array:
@@ -89,3 +92,80 @@ def segment_shift_right(ids_BxT: jax.Array, segment_ids_BxT: jax.Array, start_id
     seg = segment_ids_BxT
     first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
     return jnp.where(first, jnp.asarray(start_id, ids_BxT.dtype), shift_right(ids_BxT, start_id))
+
+
+# --- Packed rows in query blocks: each block reads a window of keys, not the whole row ---
+
+ATTENTION_BLOCK = 64  # query slots per block (`BlockMask`): small enough to skip most of a wide row's keys
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+    """The mask of packed rows attended in query blocks (`attention.attend` reads it so): query block i (slots
+    `i * block .. (i + 1) * block - 1`) sees the prefix and a window of `span` key blocks ending with its own,
+    slots `(i - span + 1) * block .. (i + 1) * block - 1` (`key_windows`; slots before the row's start are
+    padding). `visible` is `[B, I, block, P + span * block]`, I = W / block query blocks.
+
+    Exact when no example is longer than `(span - 1) * block + 1` slots: every key a query's own segment holds
+    then lies in its window. The scores computed shrink from `W * (P + W)` a row to `W * (P + span * block)`.
+    """
+
+    visible: jax.Array
+    span: int
+
+    @property
+    def block(self) -> int:
+        return self.visible.shape[2]
+
+    def replace(self, visible: jax.Array) -> "BlockMask":
+        return dataclasses.replace(self, visible=visible)
+
+
+jax.tree_util.register_dataclass(BlockMask, data_fields=["visible"], meta_fields=["span"])
+
+
+def key_windows(x_BxWx: jax.Array | np.ndarray, block: int, span: int) -> jax.Array | np.ndarray:
+    """`[B, W, ...]` -> `[B, W / block, span * block, ...]`: for each query block, the slots of its key window
+    (`BlockMask`), zeros where the window starts before the row. NumPy in (the packer), NumPy out."""
+    xp = np if isinstance(x_BxWx, np.ndarray) else jnp
+    batch, width = x_BxWx.shape[:2]
+    num_blocks = width // block
+    padded = xp.pad(x_BxWx, [(0, 0), ((span - 1) * block, 0)] + [(0, 0)] * (x_BxWx.ndim - 2))
+    blocks = padded.reshape(batch, num_blocks + span - 1, block, *x_BxWx.shape[2:])
+    return xp.concatenate([blocks[:, j:j + num_blocks] for j in range(span)], axis=2)
+
+
+def window_span(width: int, longest: int, block: int = ATTENTION_BLOCK) -> int:
+    """Key blocks per window (`BlockMask`) that hold every key of an example up to `longest` slots in a packed row
+    of `width`; 0 when windows would not be smaller than the row (or `block` does not divide it): attend densely."""
+    span = window_blocks(longest, block)
+    return span if width % block == 0 and span < width // block else 0
+
+
+def window_blocks(longest: int, block: int = ATTENTION_BLOCK) -> int:
+    """Key blocks a window needs to hold every earlier key of a `longest`-slot example for any of its queries."""
+    return -(-(longest - 1) // block) + 1
+
+
+def packed_block_mask(segment_ids_BxW: jax.Array, window_segment_ids_BxIxK: jax.Array,
+                      prefix_len: int = 0) -> BlockMask:
+    """The causal `BlockMask` of packed decoder-only rows: a token sees the prefix and the earlier tokens of its own
+    segment, as `packed_attention_mask`; `window_segment_ids_BxIxK` are the segment ids of each query block's key
+    window (`data.token_ids.packed_batch`), its shape fixes the block and the span."""
+    batch, width = segment_ids_BxW.shape
+    num_blocks, window = window_segment_ids_BxIxK.shape[1:]
+    block = width // num_blocks
+    span = window // block
+    query_seg_BxIxQ = segment_ids_BxW.reshape(batch, num_blocks, block)
+    query_slot_IxQ = jnp.arange(width).reshape(num_blocks, block)
+    key_slot_IxK = jnp.arange(num_blocks)[:, None] * block + jnp.arange(window)[None, :] - (span - 1) * block
+    keys = window_segment_ids_BxIxK[:, :, None, :]
+    same_BxIxQxK = ((query_seg_BxIxQ[..., None] == keys) & (keys > 0)
+                    & (key_slot_IxK[None, :, None, :] <= query_slot_IxQ[None, :, :, None]))
+    prefix_BxIxQxP = jnp.ones((batch, num_blocks, block, prefix_len), bool)
+    return BlockMask(jnp.concatenate([prefix_BxIxQxP, same_BxIxQxK], axis=-1), span)
+
+
+def map_visible(mask, fn):
+    """`fn` applied to a mask's boolean array (key slots on the last axis): a dense mask or a `BlockMask`'s."""
+    return mask.replace(fn(mask.visible)) if isinstance(mask, BlockMask) else fn(mask)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax.models import common, decoder_config, llama
+from prefix_jax.models import common, decoder_config, llama, masks
 from prefix_jax.models import hf_mapping as hm
 from prefix_jax.models.gemma import window_mask
 from prefix_jax.models.prefix_contract import DECODER, KV, BankKV, DecoderOnlyPositions, StackGeometry, TextPositions
@@ -208,7 +208,7 @@ class Phi3Stack(nn.Module):
         cfg = self.config
         if cfg.sliding_window is not None:
             prefix_len = 0 if prefix is None else prefix.key.shape[-2]
-            mask_BxHxQxM = window_mask(mask_BxHxQxM, prefix_len, cfg.sliding_window)
+            mask_BxHxQxM = masks.map_visible(mask_BxHxQxM, lambda m: window_mask(m, prefix_len, cfg.sliding_window))
         layers = common.stack_layers(llama.LlamaBlock, cfg.num_hidden_layers, cfg.remat,
                                      in_axes=(0, 0, nn.broadcast, nn.broadcast))(cfg, deterministic, name="layers")
         x, cache = layers(x_BxQxD, prefix, cache, mask_BxHxQxM, rope_tables(cfg, positions_BxQ))
