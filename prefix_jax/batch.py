@@ -9,6 +9,8 @@ host, `jax.Array`s once placed. Which fields a batch holds (shape letters as in 
   ids, segment_ids          `[B, W]` int32: packed decoder-only rows (`data.packed_batch`)
   target_slots              `[B, K]` int32: packed rows only, the slot whose hidden state predicts each of
                             target_ids / target_mask `[B, K]` (K target slots per row)
+  window_segment_ids        `[B, W / block, span * block]` int32: packed decoder-only rows whose attention runs
+                            in query blocks, the segment ids of each block's key window (`masks.BlockMask`)
   source_segment_ids        `[B, S]`, `[B, T]` int32: packed encoder-decoder rows
   target_segment_ids          (`data.packed_encoder_decoder_batch`: which example each source_ids / target_ids
                             slot holds, 1, 2, ...; 0 padding; no source_mask)
@@ -35,5 +37,6 @@ class Batch(TypedDict, total=False):
     ids: Array
     segment_ids: Array
     target_slots: Array
+    window_segment_ids: Array
     source_segment_ids: Array
     target_segment_ids: Array

@@ -71,7 +71,8 @@ def test_smollm2_logits_match_transformers(smollm2, e2e_examples):
 
 @pytest.mark.longest  # about 4.5 min on 2 idle cores
 def test_smollm2_learns_e2e_in_60_packed_steps(smollm2, tmp_path):
-    """Half the demo: 60 steps of 4 packed rows (about 440 examples, the issue's 40 steps of 8 would be 320)."""
+    """Half the demo: 60 steps of one packed row of 512 tokens (about 455 examples; the issue's 40 steps of 8 would be
+    320)."""
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/smollm2_e2e.py"),
                            "--config.train.steps=60", f"--config.train.workdir={workdir}"],
