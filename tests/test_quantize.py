@@ -147,7 +147,8 @@ def _lookup(tree, name: str):
 def test_vocab_matrices_a_scale_per_row_and_their_lookup_and_head_read_them_block_by_block(architecture):
     """The token table [V, D] (and an untied head [D, V]): int8 one scale per vocabulary row (absmax / 127.5),
     int4 one per 32 values along the width. The lookup is the dequantized table's rows, bitwise; the head, in
-    blocks of 13 rows (101 = 7 x 13 + 10: the last block overlaps), the dequantized matrix's logits."""
+    blocks of at most 13 rows (101, prime: 8 strided blocks of 13, 3 rows padded), the dequantized matrix's
+    logits."""
     from prefix_jax import quantized_vocab
     from prefix_jax.models import common
 
@@ -178,6 +179,26 @@ def test_vocab_matrices_a_scale_per_row_and_their_lookup_and_head_read_them_bloc
                 embed = common.Embed(VOCAB, 64, dtype=jnp.float32)
                 rows = jax.jit(lambda t, i: embed.apply({"params": {"embedding": t}}, i))(leaf, ids)
                 np.testing.assert_array_equal(np.asarray(rows), dense[np.asarray(ids)])
+
+
+# (vocabulary, width, blocks the head reads it in): real vocabularies, their rows per block keeping the factors of
+# two a split over devices needs (Llama 3, SmolLM2, Llama 2, Phi-3, Gemma, Qwen2; GPT-2's odd 50257: 29 x 1733).
+HEAD_BLOCKS = [(128256, 8192, 501), (49152, 576, 16), (32000, 4096, 125), (32064, 3072, 167), (256000, 2048, 250),
+               (151936, 896, 1187), (50257, 768, 29)]
+
+
+def test_the_heads_blocks_divide_the_vocabulary_and_keep_its_split_over_devices():
+    """`quantized_vocab.num_blocks`: blocks of at most `block_rows` rows, dividing the vocabulary, whose rows per
+    block keep min(8, the vocabulary's) factors of two: a vocabulary split over 2^k devices (k <= 8) splits every
+    strided block alike, so no device reads another's rows."""
+    from prefix_jax import quantized_vocab
+
+    twos = lambda n: (n & -n).bit_length() - 1
+    for vocab, width, want in HEAD_BLOCKS:
+        blocks = quantized_vocab.num_blocks(vocab, width)
+        assert blocks == want and vocab % blocks == 0, (vocab, blocks)
+        assert vocab // blocks <= quantized_vocab.block_rows(vocab, width)
+        assert twos(vocab // blocks) >= min(twos(vocab), quantized_vocab.SPLIT_TWOS), (vocab, blocks)
 
 
 # (architecture, the last of 20 losses below this fraction of the first): the tiny GPT-2's tied head of std 0.1
