@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from families import bart_config, gemma_config, phi3_config
 from tolerances import INT4_KL, INT4_MAX_DLOGP, INT8_KL, INT8_MAX_DLOGP
 
 from prefix_jax import optim, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import quantize as qz
-from prefix_jax.models import gpt2, llama, t5
+from prefix_jax.models import bart, gemma, gpt2, llama, phi3, t5
 
 B, S, T, VOCAB = 4, 10, 6, 101
 GROUP = 32
@@ -34,12 +35,21 @@ def hf_config(architecture: str):
         return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                         bos_token_id=1, eos_token_id=2, initializer_range=0.1)
-    return transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                                 dropout_rate=0.0, decoder_start_token_id=0, relative_attention_num_buckets=8,
-                                 initializer_factor=1.0)
+    if architecture == "t5":
+        return transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                     dropout_rate=0.0, decoder_start_token_id=0, relative_attention_num_buckets=8,
+                                     initializer_factor=1.0)
+    # The other families' tiny configs (tests/families.py) at this file's width 64 and head_dim 16, dropout off.
+    wide = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128)
+    if architecture == "bart":
+        return bart_config(vocab_size=VOCAB, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, dropout=0.0,
+                           init_std=0.1)
+    if architecture == "gemma":  # Gemma 3: q/k norms, sliding and global layers, a final logit soft-cap
+        return gemma_config("gemma3_text", **wide, initializer_range=0.1)
+    return phi3_config("phi3", **wide, initializer_range=0.1)  # untied head, fused qkv / gate_up projections
 
 
-ARCHITECTURES = {"gpt2": gpt2, "llama": llama, "t5": t5}
+ARCHITECTURES = {"gpt2": gpt2, "llama": llama, "t5": t5, "bart": bart, "gemma": gemma, "phi3": phi3}
 
 
 @functools.cache
@@ -78,7 +88,8 @@ def spec_for(cfg) -> prefix_lib.PrefixSpec:
                                  mlp_hidden=32)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2", pytest.param("t5", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", *(pytest.param(a, marks=pytest.mark.slow)
+                                                          for a in ("t5", "bart", "gemma", "phi3"))])
 @pytest.mark.parametrize("mode,max_dlogp,kl", [("int8", INT8_MAX_DLOGP, INT8_KL), ("int4", INT4_MAX_DLOGP, INT4_KL)])
 def test_quantized_log_probs_are_near_float32(architecture, mode, max_dlogp, kl):
     _, model, params = tiny(architecture)
