@@ -212,6 +212,40 @@ def test_the_heads_blocks_divide_the_vocabulary_and_keep_its_split_over_devices(
         assert twos(vocab // blocks) >= min(twos(vocab), quantized_vocab.SPLIT_TWOS), (vocab, blocks)
 
 
+def test_a_quantized_vocab_matrix_is_split_along_its_rows_under_every_strategy():
+    """`quantize.quantized_param_axes` + `partitioning`: an int8 / int4 table [V, D] and head [D, V] (values and
+    scales) are split along the vocabulary under fsdp (where a float table splits its width), tensor and both (over
+    their product); a vocabulary no mesh axis divides (4097) falls back to fsdp splitting the width."""
+    from jax.sharding import AbstractMesh, PartitionSpec as P
+
+    from prefix_jax import partitioning, sharding
+
+    def shapes(vocab: int, scale_width: int) -> dict:
+        part = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+        return {"embed_tokens": {"embedding": {"array": {"qvalue": part((vocab, 64), jnp.int8),
+                                                         "scale": part((vocab, scale_width), jnp.float32)}}},
+                "lm_head": {"kernel": {"array": {"qvalue": part((64, vocab), jnp.int8),
+                                                 "scale": part((scale_width, vocab), jnp.float32)}}},
+                "model": {"embed_tokens": {"embedding": part((vocab, 64), jnp.float32)}}}  # a float table's rule
+
+    axes = qz.quantized_param_axes(llama.PARAM_AXES + ((r"model/embed_tokens/embedding", ("vocab", "embed")),))
+    # (vocabulary, scale columns (int8 1, int4 2), strategy, mesh, the quantized rows' axes, a float table's spec)
+    cases = [(4096, 1, "fsdp", (1, 8, 1), "fsdp", P(None, "fsdp")),
+             (4096, 2, "fsdp", (1, 8, 1), "fsdp", P(None, "fsdp")),
+             (4096, 1, "tensor", (2, 1, 4), "model", P("model")),
+             (4096, 2, "fsdp_tensor", (1, 2, 4), ("fsdp", "model"), P("model", "fsdp"))]
+    for vocab, scale_width, strategy, shape, rows, float_spec in cases:
+        specs = partitioning.lm_partition_specs(shapes(vocab, scale_width), axes, strategy,
+                                                AbstractMesh(shape, sharding.MESH_AXES))
+        for part in ("qvalue", "scale"):
+            assert specs["embed_tokens"]["embedding"]["array"][part] == P(rows), (strategy, part)
+            assert specs["lm_head"]["kernel"]["array"][part] == P(None, rows), (strategy, part)
+        assert specs["model"]["embed_tokens"]["embedding"] == float_spec, strategy
+    specs = partitioning.lm_partition_specs(shapes(4097, 1), axes, "fsdp", AbstractMesh((1, 8, 1), sharding.MESH_AXES))
+    assert specs["embed_tokens"]["embedding"]["array"]["qvalue"] == P(None, "fsdp")
+    assert specs["lm_head"]["kernel"]["array"]["qvalue"] == P("fsdp")
+
+
 # (architecture, the last of 20 losses below this fraction of the first): the tiny GPT-2's tied head of std 0.1
 # gives flat logits, which a prefix sharpens slowly (float32 alike).
 @pytest.mark.parametrize("architecture,fraction", [("llama", 0.5), ("gpt2", 0.9)])
