@@ -398,8 +398,10 @@ def check_generation(root: Path) -> dict:
 
 WIDE_VOCAB, WIDE_WIDTH = 4096, 32  # vocabulary rows that divide 8 devices, many times the kernels' bytes
 # (checkpoint, model.quantize, mesh, strategy): fsdp, tensor, both; an untied head [D, V] and a tied table [V, D].
+# gguf: the same Llama (MLP width 64) as a GGUF file of Q4_1 blocks (uint4 values, a scale and a min per 32), kept.
 QUANTIZED_VOCAB_STEPS = (("untied", "int8", (1, 8, 1), "fsdp"), ("untied", "int8", (2, 1, 4), "tensor"),
-                         ("untied", "int4", (1, 2, 4), "fsdp_tensor"), ("tied", "int8", (1, 8, 1), "fsdp"))
+                         ("untied", "int4", (1, 2, 4), "fsdp_tensor"), ("tied", "int8", (1, 8, 1), "fsdp"),
+                         ("gguf", "gguf", (1, 8, 1), "fsdp"))
 _COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-to-all|collective-permute)(-start)?\(")
 
 
@@ -427,15 +429,22 @@ def check_quantized_vocab_step(root: Path) -> dict:
     import torch
     import transformers
 
+    from gguf_fixtures import write_gguf
+
+    def wide_llama(**fields) -> transformers.LlamaForCausalLM:
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+            "vocab_size": WIDE_VOCAB, "hidden_size": WIDE_WIDTH, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False, **fields})).eval()
+
     directories = {}
     for name, tied in (("untied", False), ("tied", True)):
         directories[name] = root / f"wide_vocab_{name}"
         if not (directories[name] / "config.json").exists():
-            torch.manual_seed(0)
-            transformers.LlamaForCausalLM(transformers.LlamaConfig(
-                vocab_size=WIDE_VOCAB, hidden_size=WIDE_WIDTH, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)).save_pretrained(
-                    directories[name])
+            wide_llama(tie_word_embeddings=tied).save_pretrained(directories[name])
+    directories["gguf"] = root / "wide_vocab_q4_1.gguf"
+    if not directories["gguf"].exists():
+        write_gguf(wide_llama(intermediate_size=64), directories["gguf"], "Q4_1")
 
     def run(name: str, mode: str, shape: tuple[int, int, int], strategy: str) -> dict:
         mesh = mesh_of(shape)
