@@ -18,6 +18,7 @@ GGUF file's own blocks). Here nothing imports qwix: the leaf is read by its fiel
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -80,45 +81,65 @@ def num_blocks(vocab: int, width: int, block_bytes: int | None = None) -> int:
     divisors = [b for b in range(fewest, most + 1) if vocab % b == 0]
     if not divisors:
         return fewest
-    twos = lambda n: (n & -n).bit_length() - 1
-    wanted = min(twos(vocab), SPLIT_TWOS)
-    return min(divisors, key=lambda b: (max(wanted - twos(vocab // b), 0), b))
+    wanted = min(_twos(vocab), SPLIT_TWOS)
+    return min(divisors, key=lambda b: (max(wanted - _twos(vocab // b), 0), b))
 
 
-def logits(h_NxD: jax.Array, matrix: Any, vocab_axis: int, dtype: Any, block_bytes: int | None = None) -> jax.Array:
+def _twos(n: int) -> int:
+    """How many factors of two `n` has."""
+    return (n & -n).bit_length() - 1
+
+
+def layout(vocab: int, width: int, devices: int, block_bytes: int | None = None) -> tuple[int, int, int]:
+    """(groups, blocks, chunk) that `logits` views the vocabulary as (`groups * blocks * chunk` rows, the last
+    block padded where `num_blocks` found no divisor): `groups` runs of consecutive rows, each made of `blocks`
+    chunks of `chunk` rows; block `b` is chunk `b` of every group. `groups` is the largest number dividing both
+    the rows per block and `devices`: a vocabulary split over any mesh axis (or axes) of `devices` whose size
+    divides the rows per block splits `groups` alone. One device: one group, contiguous blocks (the fastest on
+    CPU: more groups write the logits in shorter runs; 16 groups cost the head +6-9% there, 256 +13-18%)."""
+    blocks = num_blocks(vocab, width, block_bytes)
+    if vocab % blocks:
+        return 1, blocks, -(-vocab // blocks)
+    groups = math.gcd(vocab // blocks, devices)
+    return groups, blocks, vocab // (groups * blocks)
+
+
+def logits(h_NxD: jax.Array, matrix: Any, vocab_axis: int, dtype: Any, block_bytes: int | None = None,
+           devices: int | None = None) -> jax.Array:
     """`h @ W` (`[..., V]` in `dtype`) for a quantized vocabulary matrix: an embedding table `[V, D]`
     (`vocab_axis=0`, the tied head) or a head kernel `[D, V]` (`vocab_axis=1`), in `num_blocks` blocks.
 
-    Block `b` is every `blocks`-th vocabulary row from `b` on (row `r * blocks + b` is block `b`'s row `r`): each
-    part's vocabulary axis is viewed as `[V / blocks, blocks]` and the loop indexes the minor axis. A vocabulary
-    axis split over devices (contiguous rows, `partitioning`'s `quantized_vocab`) splits the major axis, so each
-    device dequantizes its own rows of every block: no device gathers the matrix (or a block of it) from others,
-    and the logits come out split over the vocabulary as the matrix is.
+    Each part's vocabulary axis is viewed as `[groups, blocks, chunk]` (`layout`, for `devices`, by default
+    `jax.device_count()`) and the loop indexes `blocks`: block `b` is chunk `b` of every group. A vocabulary split
+    over devices (contiguous rows, `partitioning`'s `quantized_vocab`) splits `groups`, so each device dequantizes
+    its own rows of every block: no device gathers the matrix (or a block of it) from others, and the logits,
+    written in the same view, come out in vocabulary order, split as the matrix is.
     """
     qvalue, scale, minimum = _parts(matrix)
     vocab, width = qvalue.shape[vocab_axis], qvalue.shape[1 - vocab_axis]
-    blocks = num_blocks(vocab, width, block_bytes)
-    rows = -(-vocab // blocks)
+    groups, blocks, chunk = layout(vocab, width, devices or jax.device_count(), block_bytes)
+    padded = groups * blocks * chunk
     h = h_NxD.astype(dtype)
     contract = (((h.ndim - 1,), (1 - vocab_axis,)), ((), ()))
 
-    def strided(x: jax.Array | None) -> jax.Array | None:  # the vocabulary axis as [rows, blocks]
+    def view(x: jax.Array | None) -> jax.Array | None:  # the vocabulary axis as [groups, blocks, chunk]
         if x is None:
             return None
-        if rows * blocks != vocab:  # padded with zero weights (scale 0), cut off the logits below
-            x = jnp.pad(x, [(0, rows * blocks - vocab) if a == vocab_axis else (0, 0) for a in range(x.ndim)])
-        return x.reshape(*x.shape[:vocab_axis], rows, blocks, *x.shape[vocab_axis + 1:])
+        if padded != vocab:  # padded with zero weights (scale 0), cut off the logits below
+            x = jnp.pad(x, [(0, padded - vocab) if a == vocab_axis else (0, 0) for a in range(x.ndim)])
+        return x.reshape(*x.shape[:vocab_axis], groups, blocks, chunk, *x.shape[vocab_axis + 1:])
 
-    parts = [strided(x) for x in (qvalue, scale, minimum)]
+    parts = [view(x) for x in (qvalue, scale, minimum)]
 
     def block(b: jax.Array) -> jax.Array:
         take = lambda x: None if x is None else jax.lax.dynamic_index_in_dim(x, b, vocab_axis + 1, keepdims=False)
-        w = dequantize(*map(take, parts), dtype=dtype)
-        return jax.lax.dot_general(h, w, contract)
+        w = dequantize(*map(take, parts), dtype=dtype)  # the vocabulary axis as [groups, chunk]
+        w = w.reshape(*w.shape[:vocab_axis], groups * chunk, *w.shape[vocab_axis + 2:])
+        return jax.lax.dot_general(h, w, contract).reshape(*h.shape[:-1], groups, chunk)
 
     def write(b: jax.Array, out: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_index_in_dim(out, jax.checkpoint(block)(b), b, axis=-1)
+        return jax.lax.dynamic_update_index_in_dim(out, jax.checkpoint(block)(b), b, axis=-2)
 
-    out = jnp.zeros((*h.shape[:-1], rows, blocks), jnp.result_type(h.dtype, dtype))
-    out = jax.lax.fori_loop(0, blocks, write, out).reshape(*h.shape[:-1], rows * blocks)
-    return out[..., :vocab] if rows * blocks != vocab else out
+    out = jnp.zeros((*h.shape[:-1], groups, blocks, chunk), jnp.result_type(h.dtype, dtype))
+    out = jax.lax.fori_loop(0, blocks, write, out).reshape(*h.shape[:-1], padded)
+    return out[..., :vocab] if padded != vocab else out

@@ -9,6 +9,7 @@ as in text), whole source and target sides.
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -210,6 +211,21 @@ def test_the_heads_blocks_divide_the_vocabulary_and_keep_its_split_over_devices(
         assert blocks == want and vocab % blocks == 0, (vocab, blocks)
         assert vocab // blocks <= quantized_vocab.block_rows(vocab, width)
         assert twos(vocab // blocks) >= min(twos(vocab), quantized_vocab.SPLIT_TWOS), (vocab, blocks)
+        groups = 16 if twos(vocab) >= 4 else 1  # GPT-2's odd 50257 splits over no even device count
+        assert quantized_vocab.layout(vocab, width, 16) == (groups, blocks, vocab // blocks // groups)
+    # The view for 8 devices (8 runs of rows) on one: 96 rows in 12 blocks of 8, one row of each run; as a table
+    # [V, D] and as a head kernel [D, V].
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (96, 64)).astype(np.int8)
+    scale = rng.random((96, 1)).astype(np.float32)
+    assert quantized_vocab.layout(96, 64, 8, 8 * 64 * 4) == (8, 12, 1)
+    h = rng.standard_normal((3, 64)).astype(np.float32)
+    want = h @ (q.astype(np.float32) * scale).T
+    for vocab_axis, (qv, sc) in enumerate([(q, scale), (q.T, scale.T)]):
+        leaf = SimpleNamespace(array=SimpleNamespace(qvalue=jnp.asarray(qv), scale=jnp.asarray(sc)))
+        for devices in (1, 8):
+            got = quantized_vocab.logits(jnp.asarray(h), leaf, vocab_axis, jnp.float32, 8 * 64 * 4, devices)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_a_quantized_vocab_matrix_is_split_along_its_rows_under_every_strategy():
