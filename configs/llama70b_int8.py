@@ -34,7 +34,7 @@ gated, vocab 128256, untied head; "B" = 10^9 params, "GB" = 10^9 bytes):
     scale needs its whole contraction: under fsdp a host reads the full input dimension of the output channels it
     holds. The two vocabulary matrices are split along their 128256 rows (= 2^8 x 501, so over fsdp = 16 too)
     with each row's scale, so a host reads only the rows its chips hold (1/16 of the 2 x 2.1 GB of bfloat16 per
-    chip); the head reads them in 501 strided blocks of 256 rows, each chip its own 16 rows of each block.
+    chip); the head reads them in 501 blocks of 256 rows, 16 from each chip's part, read where they lie.
 """
 
 from configs import llama_e2e
