@@ -10,9 +10,9 @@ GGUF file's own blocks). Here nothing imports qwix: the leaf is read by its fiel
 - `lookup`: the rows of the gathered token ids, each dequantized alone (`[..., D]`).
 - `logits`: `h @ W` over the vocabulary in blocks of rows (at least `MIN_BLOCKS` of them, at most `BLOCK_BYTES`
   of float weights each; a block takes a run of rows from each device's part of a matrix split along its
-  vocabulary, so that each device reads its own rows in place): each block is dequantized, multiplied and dropped, and the
-  backward pass recomputes it (`jax.checkpoint`), so the float temporaries are a few blocks, never the matrix (a
-  training step on CPU holds about three blocks at once: measured on the tiny Llama,
+  vocabulary, so that each device reads its own rows in place): each block is dequantized, multiplied and
+  dropped, and the backward pass recomputes it (`jax.checkpoint`), so the float temporaries are a few blocks,
+  never the matrix (a training step on CPU holds about three blocks at once: measured on the tiny Llama,
   tests/test_quantized_run.py). As the head, int8's per-row scale is a per-output-channel scale.
 """
 
