@@ -396,7 +396,10 @@ def check_generation(root: Path) -> dict:
 
 # --- a quantized vocabulary matrix split along its rows, in the compiled step -----------------------------------
 
-WIDE_VOCAB, WIDE_WIDTH = 4096, 32  # vocabulary rows that divide 8 devices, many times the kernels' bytes
+# Vocabulary rows that divide 8 devices, many times the kernels' bytes; 3000 = 2^3 x 3 x 5^3: no product of the
+# step's other dimensions (batch 8, lengths 6 and 18, width 32, heads 4 x 8, MLP 48/64) is a multiple of 125, so a
+# collective whose dimensions multiply to 3000 in a run holds vocabulary rows.
+WIDE_VOCAB, WIDE_WIDTH = 3000, 32
 # (checkpoint, model.quantize, mesh, strategy): fsdp, tensor, both; an untied head [D, V] and a tied table [V, D].
 # gguf: the same Llama (MLP width 64) as a GGUF file of Q4_1 blocks (uint4 values, a scale and a min per 32), kept.
 QUANTIZED_VOCAB_STEPS = (("untied", "int8", (1, 8, 1), "fsdp"), ("untied", "int8", (2, 1, 4), "tensor"),
@@ -406,12 +409,14 @@ _COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-to-all|collective-permute)(-s
 
 
 def vocab_sized_collectives(hlo: str, vocab: int) -> list[str]:
-    """The results of the all-gathers, all-to-alls and collective permutes of an optimized HLO text that have a
-    dimension of `vocab` rows (a whole vocabulary matrix, or a whole row of its scales, made on each device)."""
+    """The results of the all-gathers, all-to-alls and collective permutes of an optimized HLO text with a run of
+    dimensions that multiply to `vocab` (a whole vocabulary matrix, or a whole row of its scales, in any view, made
+    on each device)."""
     found = []
     for result, op, _ in _COLLECTIVE.findall(hlo):
         for shape in re.findall(r"\w+\[([\d,]*)\]", result):
-            if vocab in [int(n) for n in shape.split(",") if n]:
+            dims = [int(n) for n in shape.split(",") if n]
+            if any(math.prod(dims[i:j]) == vocab for i in range(len(dims)) for j in range(i + 1, len(dims) + 1)):
                 found.append(f"{op} {result}")
     return found
 

@@ -245,12 +245,12 @@ def test_quantize_on_load_into_shards_equals_quantize_after_load_bitwise(models_
 
 @pytest.mark.slow  # 9 compiled steps on 8 devices
 def test_a_quantized_vocabulary_split_along_its_rows_is_never_gathered_whole_in_the_step(models_root):
-    """A 4096-row Llama, int8 / int4 / GGUF Q4_1 (kept) vocabulary matrices (an untied head [D, V], a tied table
+    """A 3000-row Llama, int8 / int4 / GGUF Q4_1 (kept) vocabulary matrices (an untied head [D, V], a tied table
     [V, D]) under fsdp, tensor and both: each is split along its rows, the optimized HLO of the train step has no
-    all-gather (all-to-all, collective permute) with a vocabulary-sized dimension (the lookup is a local gather +
-    all-reduce of the rows, the head reads each block's rows where they lie), and the losses are one device's.
-    Reading the head in contiguous blocks instead all-gathered the whole int8 head s8[32,4096] and its scales
-    f32[1,4096]."""
+    all-gather (all-to-all, collective permute) of the vocabulary's rows (the lookup is a local gather + all-reduce
+    of the rows, the head reads each block's rows where they lie), and the losses are one device's. Reading the
+    head in blocks of consecutive rows instead all-gathers the whole int8 head (s8[32,4096] and its scales
+    f32[1,4096] on a 4096-row vocabulary, measured)."""
     report = run_worker("quantized_vocab_step", models_root)
     for case, r in report.items():
         print(case, r["vocab_axes"], r["losses"], r.get("max_loss_rel_diff"))
