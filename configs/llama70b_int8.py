@@ -32,8 +32,9 @@ gated, vocab 128256, untied head; "B" = 10^9 params, "GB" = 10^9 bytes):
   Loading: each host reads the slices its chips hold and quantizes them in host memory, so the chips only ever
     receive int8 values and scales (no bfloat16 copy of the LM on a device). A Dense kernel's per-output-channel
     scale needs its whole contraction: under fsdp a host reads the full input dimension of the output channels it
-    holds. A vocabulary row's scale needs the whole row, so each host reads the two vocabulary matrices whole
-    (2 x 2.1 GB of bfloat16, one at a time) and keeps its part.
+    holds. The two vocabulary matrices are split along their 128256 rows (= 2^8 x 501, so over fsdp = 16 too)
+    with each row's scale, so a host reads only the rows its chips hold (1/16 of the 2 x 2.1 GB of bfloat16 per
+    chip); the head reads them in 501 blocks of 256 rows, 16 from each chip's part, read where they lie.
 """
 
 from configs import llama_e2e

@@ -7,6 +7,13 @@ does not map is replicated. Two facts keep every spec valid on every mesh: a dim
 does not divide its mesh axis is replicated instead (with a log line: GPT-2's vocab 50257), and a
 mesh axis is used at most once per leaf. The scanned `layers` axis is never sharded (the scan slices it).
 
+A leaf's dimensions take their mesh axes in `LOGICAL_AXES` order. A quantized vocabulary matrix
+(`quantize.quantized_param_axes` names its vocabulary axis `quantized_vocab`, first in that order) is split
+along its rows under every strategy that shards the LM (fsdp too): a row's scales (int8: one per row; int4
+and GGUF blocks: groups along the width) then stay within one shard, so a process loads only its rows,
+quantized as the whole matrix would be. Only where the rows divide no mesh axis does fsdp split its width
+(int4 / GGUF groups stay local when they divide the shard; an int8 row's scale then needs the whole row).
+
 The trainable prefix tree and its optimizer state are replicated (they are small); how the prefix K/V a
 step materializes are laid out is `prefix.constrain_kv`.
 """
@@ -14,6 +21,7 @@ step materializes are laid out is `prefix.constrain_kv`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any, Mapping, Sequence
 
@@ -25,17 +33,21 @@ from prefix_jax.sharding import FSDP_AXIS, MODEL_AXIS
 log = logging.getLogger("prefix_jax")
 
 # Logical axis names a PARAM_AXES table may use (None: a dimension no strategy shards).
-LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "positions", "buckets")
+LOGICAL_AXES = ("quantized_vocab", "layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm",
+                "positions", "buckets")
 
 ParamAxes = Sequence[tuple[str, tuple[str | None, ...]]]
 
-_FSDP = {"embed": FSDP_AXIS}
-_TENSOR = {"heads": MODEL_AXIS, "kv_heads": MODEL_AXIS, "mlp": MODEL_AXIS, "vocab": MODEL_AXIS}
-STRATEGIES: dict[str, dict[str, str]] = {
+_FSDP = {"embed": FSDP_AXIS, "quantized_vocab": FSDP_AXIS}
+_TENSOR = {"heads": MODEL_AXIS, "kv_heads": MODEL_AXIS, "mlp": MODEL_AXIS, "vocab": MODEL_AXIS,
+           "quantized_vocab": MODEL_AXIS}
+# A logical name maps to one mesh axis, or to several (a dimension split over their product, major first; an axis
+# the dimension does not divide is left out).
+STRATEGIES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "replicated": {},
     "fsdp": _FSDP,  # weights split along d_model over `fsdp`, all-gathered per layer in the step
     "tensor": _TENSOR,  # heads / MLP / vocab split over `model` (capped by the KV-head count)
-    "fsdp_tensor": {**_FSDP, **_TENSOR},
+    "fsdp_tensor": {**_FSDP, **_TENSOR, "quantized_vocab": (FSDP_AXIS, MODEL_AXIS)},
 }
 
 
@@ -85,25 +97,29 @@ def logical_axes(params: Any, param_axes: ParamAxes) -> Any:
     return jax.tree_util.tree_map_with_path(leaf_axes, params)
 
 
-def _spec(name: str, shape: tuple[int, ...], names: tuple[str | None, ...], rules: Mapping[str, str],
-          mesh_sizes: Mapping[str, int]) -> PartitionSpec:
+def _spec(name: str, shape: tuple[int, ...], names: tuple[str | None, ...],
+          rules: Mapping[str, str | tuple[str, ...]], mesh_sizes: Mapping[str, int]) -> PartitionSpec:
     used: set[str] = set()
-    spec: list[str | None] = []
-    for size, logical in zip(shape, names):
-        axis = rules.get(logical) if logical not in (None, "layers") else None
-        if axis is None or mesh_sizes.get(axis, 1) == 1:
-            spec.append(None)
+    spec: list[str | tuple[str, ...] | None] = [None] * len(shape)
+    order = sorted(range(len(shape)), key=lambda d: LOGICAL_AXES.index(names[d]) if names[d] else len(LOGICAL_AXES))
+    for dim in order:  # the dimensions in LOGICAL_AXES order: the first one mapped to a mesh axis takes it
+        size, logical = shape[dim], names[dim]
+        mapped = rules.get(logical) if logical not in (None, "layers") else None
+        mapped = (mapped,) if isinstance(mapped, str) else mapped or ()
+        # a mesh axis of size 1 splits nothing; a mesh axis may shard one dimension of a leaf only
+        axes = tuple(a for a in mapped if mesh_sizes.get(a, 1) > 1 and a not in used)
+        if not axes:
             continue
-        if axis in used:  # a mesh axis may shard one dimension of a leaf only
-            spec.append(None)
-            continue
-        if size % mesh_sizes[axis]:
-            log.info("partitioning: %s dim %r (%d) does not divide mesh axis %r (%d); replicated along it",
-                     name, logical, size, axis, mesh_sizes[axis])
-            spec.append(None)
-            continue
-        used.add(axis)
-        spec.append(axis)
+        kept: tuple[str, ...] = ()
+        for axis in axes:  # major first, each kept while the dimension divides the product
+            if size % (math.prod(mesh_sizes[a] for a in kept) * mesh_sizes[axis]) == 0:
+                kept += (axis,)
+            else:
+                log.info("partitioning: %s dim %r (%d) does not divide mesh axis %r (%d%s); replicated along it",
+                         name, logical, size, axis, mesh_sizes[axis], f" x {kept}" if kept else "")
+        if kept:
+            used.update(kept)
+            spec[dim] = kept if len(kept) > 1 else kept[0]
     while spec and spec[-1] is None:
         spec.pop()
     return PartitionSpec(*spec)

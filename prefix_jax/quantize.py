@@ -523,12 +523,15 @@ def quantized_param_axes(param_axes: Any) -> tuple:
     """An architecture's `PARAM_AXES` extended to quantized kernels and vocabulary matrices
     (`.../kernel/array/{qvalue,scale}`, `.../embedding/array/...`).
 
-    qvalue is laid out as the kernel; a scale keeps the kernel's logical axes (its contraction axes have
-    size 1 or few groups, which the partitioner replicates when they do not divide the mesh axis).
+    A kernel's qvalue is laid out as the float kernel; a scale keeps the kernel's logical axes (its contraction
+    axes have size 1 or few groups, which the partitioner replicates when they do not divide the mesh axis).
+    A vocabulary matrix (a rule naming a "vocab" axis) is split along its rows first: its vocabulary axis is
+    `quantized_vocab` (see `partitioning`), so a row's scales are in the shard holding the row.
     """
     extra = []
     for pattern, names in param_axes:
         if pattern.endswith(("kernel", "embedding")):
+            names = tuple("quantized_vocab" if n == "vocab" else n for n in names)
             extra.append((pattern + "/array/(qvalue|scale|zero_point|min)", names))
     return tuple(extra) + tuple(param_axes)
 

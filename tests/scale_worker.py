@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -393,8 +394,99 @@ def check_generation(root: Path) -> dict:
     return out
 
 
+# --- a quantized vocabulary matrix split along its rows, in the compiled step -----------------------------------
+
+# Vocabulary rows that divide 8 devices, many times the kernels' bytes; 3000 = 2^3 x 3 x 5^3: no product of the
+# step's other dimensions (batch 8, lengths 6 and 18, width 32, heads 4 x 8, MLP 48/64) is a multiple of 125, so a
+# collective whose dimensions multiply to 3000 in a run holds vocabulary rows.
+WIDE_VOCAB, WIDE_WIDTH = 3000, 32
+# (checkpoint, model.quantize, mesh, strategy): fsdp, tensor, both; an untied head [D, V] and a tied table [V, D].
+# gguf: the same Llama (MLP width 64) as a GGUF file of Q4_1 blocks (uint4 values, a scale and a min per 32), kept.
+QUANTIZED_VOCAB_STEPS = (("untied", "int8", (1, 8, 1), "fsdp"), ("untied", "int8", (2, 1, 4), "tensor"),
+                         ("untied", "int4", (1, 2, 4), "fsdp_tensor"), ("tied", "int8", (1, 8, 1), "fsdp"),
+                         ("gguf", "gguf", (1, 8, 1), "fsdp"))
+_COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-to-all|collective-permute)(-start)?\(")
+
+
+def vocab_sized_collectives(hlo: str, vocab: int) -> list[str]:
+    """The results of the all-gathers, all-to-alls and collective permutes of an optimized HLO text with a run of
+    dimensions that multiply to `vocab` (a whole vocabulary matrix, or a whole row of its scales, in any view, made
+    on each device)."""
+    found = []
+    for result, op, _ in _COLLECTIVE.findall(hlo):
+        for shape in re.findall(r"\w+\[([\d,]*)\]", result):
+            dims = [int(n) for n in shape.split(",") if n]
+            if any(math.prod(dims[i:j]) == vocab for i in range(len(dims)) for j in range(i + 1, len(dims) + 1)):
+                found.append(f"{op} {result}")
+    return found
+
+
+def _mesh_axes_of(x: jax.Array, dim: int) -> list[str]:
+    """The mesh axes dimension `dim` of a placed array is split over."""
+    spec = tuple(x.sharding.spec) + (None,) * x.ndim
+    return [spec[dim]] if isinstance(spec[dim], str) else list(spec[dim] or ())
+
+
+def check_quantized_vocab_step(root: Path) -> dict:
+    """A Llama with a 4096-row vocabulary, its matrices quantized (`QUANTIZED_VOCAB_STEPS`), on 8 devices: the
+    vocabulary matrices are split along their rows, the compiled train step's collectives never make a whole one
+    (`vocab_sized_collectives`), and 2 steps give one device's losses."""
+    import torch
+    import transformers
+
+    from gguf_fixtures import write_gguf
+
+    def wide_llama(**fields) -> transformers.LlamaForCausalLM:
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+            "vocab_size": WIDE_VOCAB, "hidden_size": WIDE_WIDTH, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False, **fields})).eval()
+
+    directories = {}
+    for name, tied in (("untied", False), ("tied", True)):
+        directories[name] = root / f"wide_vocab_{name}"
+        if not (directories[name] / "config.json").exists():
+            wide_llama(tie_word_embeddings=tied).save_pretrained(directories[name])
+    directories["gguf"] = root / "wide_vocab_q4_1.gguf"
+    if not directories["gguf"].exists():
+        write_gguf(wide_llama(intermediate_size=64), directories["gguf"], "Q4_1")
+
+    def run(name: str, mode: str, shape: tuple[int, int, int], strategy: str) -> dict:
+        mesh = mesh_of(shape)
+        lm = sharded_load.load_sharded(str(directories[name]), mesh, strategy, quantize=mode, quantize_group_size=16)
+        spec = prefix_lib.PrefixSpec(length=4, placements=("decoder",), geometry=lm.config.prefix_geometry(),
+                                     hidden_size=lm.config.hidden_size, mlp_hidden=16)
+        params = prefix_lib.init_params(spec, jax.random.PRNGKey(1))
+        tx, schedule = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10)
+        step = train_steps.jit_train_step(lm.model, spec, tx, schedule, state_sharding=sharding.replicated(mesh),
+                                          lm_sharding=sharded_load.shardings_of(lm.params),
+                                          batch_sharding=sharding.batch_sharding(mesh),
+                                          shard_prefix=lambda prefix: prefix_lib.constrain_kv(prefix, mesh))
+        state = sharding.replicate(train_steps.init_state(params, tx, jax.random.PRNGKey(2)), mesh)
+        data = [sharding.shard_batch(b, mesh) for b in batches(WIDE_VOCAB, 2)]
+        hlo = step.lower(state, lm.params, data[0]).compile().as_text()
+        losses = []
+        for batch in data:
+            state, metrics = step(state, lm.params, batch)
+            losses.append(float(metrics["loss"]))
+        vocab_axes = {partitioning.path_name(p): _mesh_axes_of(x, x.shape.index(WIDE_VOCAB))  # split along rows?
+                      for p, x in jax.tree_util.tree_flatten_with_path(lm.params)[0]
+                      if x.ndim == 2 and WIDE_VOCAB in x.shape}
+        return {"losses": losses, "vocab_axes": vocab_axes,
+                "vocab_sized_collectives": vocab_sized_collectives(hlo, WIDE_VOCAB)}
+
+    report = {}
+    for name, mode, shape, strategy in QUANTIZED_VOCAB_STEPS:
+        one = report.setdefault(f"{name}/{mode}/(1, 1, 1)", run(name, mode, (1, 1, 1), strategy))
+        sharded = report[f"{name}/{mode}/{shape}/{strategy}"] = run(name, mode, shape, strategy)
+        sharded["max_loss_rel_diff"] = float(np.max(np.abs(np.subtract(sharded["losses"], one["losses"]))
+                                                    / np.abs(one["losses"])))
+    return report
+
+
 CHECKS = {"loading": check_loading, "training": check_training, "memory": check_memory,
-          "generation": check_generation, "quantized_loading": check_quantized_loading}
+          "generation": check_generation, "quantized_loading": check_quantized_loading,
+          "quantized_vocab_step": check_quantized_vocab_step}
 
 if __name__ == "__main__":
     check, root = sys.argv[1], Path(sys.argv[2])

@@ -59,6 +59,10 @@ HF_VARIANTS = {
     "phi3": _hf("Phi3", **LLAMA_LIKE, num_key_value_heads=2, pad_token_id=0),  # fused qkv_proj, gate_up_proj
 }
 CASES = list(tiny_checkpoints.TINY_ARCHITECTURES) + list(HF_VARIANTS)
+# Checkpoints of the loading tests alone: an untied Llama whose vocabulary matrices are most of its bytes and whose
+# vocabulary divides 8 devices (the tiny Llama's 50257 rows divide no mesh axis).
+LOADING_VARIANTS = {"llama_wide_vocab": _hf("Llama", **{**LLAMA_LIKE, "vocab_size": 4096}, num_key_value_heads=2,
+                                            tie_word_embeddings=False)}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +73,8 @@ def checkpoint(tmp_path_factory):
     def get(case: str) -> Path:
         if case not in built:
             directory = tmp_path_factory.mktemp(case)
-            if case in HF_VARIANTS:
-                built[case] = save_state_dict(HF_VARIANTS[case](), directory)
+            if case in HF_VARIANTS or case in LOADING_VARIANTS:
+                built[case] = save_state_dict({**HF_VARIANTS, **LOADING_VARIANTS}[case](), directory)
             else:
                 built[case] = tiny_checkpoints.build_tiny_checkpoint(directory / "model", case)
         return built[case]
@@ -200,23 +204,25 @@ def test_one_wrong_table_entry_fails_whole_sharded_and_export_alike(checkpoint, 
 # --- Llama loads straight into its shards across processes ---
 
 
-# (model.quantize, mesh, at most this fraction of the checkpoint read per process). int4 in groups of 32 on fsdp=2:
-# each process's contraction half holds whole groups (local). int8 on fsdp=8: a scale needs the whole contraction,
-# so a process reads the full contraction of the output channels it holds (all of them, for a kernel split only
-# along its contraction): the documented price of exact per-channel scales (`sharded_load.load_sharded`). Measured:
-# 50.0% / 50.1% / 50.4% per process (the tiny Llama's bytes are mostly its embedding and head, split by rows).
-# (model.quantize, mesh, most bytes a process may read, model.quantize_embeddings). int8's vocabulary matrices have
-# one scale per row: fsdp splits their width, so each process reads whole rows, here the whole table (99.8% of
-# this tiny LM's bytes), so int8 under fsdp is checked on the kernels alone; int4's groups of 32 stay local.
-TWO_PROCESS_LOADS = [("none", (1, 8, 1), 0.6, True), ("int4", (1, 2, 4), 0.6, True), ("int8", (1, 8, 1), 0.6, False)]
+# (checkpoint, model.quantize, mesh, at most this fraction of the checkpoint read per process,
+# model.quantize_embeddings). int4 in groups of 32 on fsdp=2: each process's contraction half holds whole groups
+# (local). int8: a kernel's scale needs the whole contraction, so a process reads the full contraction of the
+# output channels it holds: the documented price of exact per-channel scales (`sharded_load.load_sharded`). The
+# vocabulary matrices, quantized by default, are split by rows (`quantize.quantized_param_axes`) over the mesh axes
+# their rows divide: the wide-vocabulary Llama's 4096 rows over fsdp=8, so each process reads half of them
+# (measured 51.9%: its kernels whole; 99.0% when fsdp split their width, an int8 row's scale needing the whole
+# row). The tiny Llama's 50257 rows divide no mesh axis: fsdp splits their width instead, where int4's groups of 32
+# stay local (measured 50.0% / 50.1% / 51.9% per process for the three rows).
+TWO_PROCESS_LOADS = [("llama", "none", (1, 8, 1), 0.6, True), ("llama", "int4", (1, 2, 4), 0.6, True),
+                     ("llama_wide_vocab", "int8", (1, 8, 1), 0.6, True)]
 
 
 @pytest.mark.slow  # two processes x 4 simulated devices
-@pytest.mark.parametrize("mode,mesh,fraction,embeddings", TWO_PROCESS_LOADS)
-def test_llama_on_two_processes_reads_only_its_slices(checkpoint, mode, mesh, fraction, embeddings):
+@pytest.mark.parametrize("case,mode,mesh,fraction,embeddings", TWO_PROCESS_LOADS)
+def test_llama_on_two_processes_reads_only_its_slices(checkpoint, case, mode, mesh, fraction, embeddings):
     """2 processes x 4 devices, fsdp across the processes: each process's shards (quantized on load with `mode`)
     equal the whole load bitwise, and it read at most `fraction` of the checkpoint's bytes (printed)."""
-    directory = checkpoint("llama")
+    directory = checkpoint(case)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -9,18 +9,20 @@ as in text), whole source and target sides.
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from families import bart_config, gemma_config, phi3_config
 from tolerances import INT4_KL, INT4_MAX_DLOGP, INT8_KL, INT8_MAX_DLOGP
 
 from prefix_jax import optim, train_steps
 from prefix_jax import prefix as prefix_lib
 from prefix_jax import quantize as qz
-from prefix_jax.models import gpt2, llama, t5
+from prefix_jax.models import bart, gemma, gpt2, llama, phi3, t5
 
 B, S, T, VOCAB = 4, 10, 6, 101
 GROUP = 32
@@ -34,12 +36,21 @@ def hf_config(architecture: str):
         return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                         bos_token_id=1, eos_token_id=2, initializer_range=0.1)
-    return transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                                 dropout_rate=0.0, decoder_start_token_id=0, relative_attention_num_buckets=8,
-                                 initializer_factor=1.0)
+    if architecture == "t5":
+        return transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                     dropout_rate=0.0, decoder_start_token_id=0, relative_attention_num_buckets=8,
+                                     initializer_factor=1.0)
+    # The other families' tiny configs (tests/families.py) at this file's width 64 and head_dim 16, dropout off.
+    wide = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128)
+    if architecture == "bart":
+        return bart_config(vocab_size=VOCAB, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, dropout=0.0,
+                           init_std=0.1)
+    if architecture == "gemma":  # Gemma 3: q/k norms, sliding and global layers, a final logit soft-cap
+        return gemma_config("gemma3_text", **wide, initializer_range=0.1)
+    return phi3_config("phi3", **wide, initializer_range=0.1)  # untied head, fused qkv / gate_up projections
 
 
-ARCHITECTURES = {"gpt2": gpt2, "llama": llama, "t5": t5}
+ARCHITECTURES = {"gpt2": gpt2, "llama": llama, "t5": t5, "bart": bart, "gemma": gemma, "phi3": phi3}
 
 
 @functools.cache
@@ -78,7 +89,8 @@ def spec_for(cfg) -> prefix_lib.PrefixSpec:
                                  mlp_hidden=32)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2", pytest.param("t5", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", *(pytest.param(a, marks=pytest.mark.slow)
+                                                          for a in ("t5", "bart", "gemma", "phi3"))])
 @pytest.mark.parametrize("mode,max_dlogp,kl", [("int8", INT8_MAX_DLOGP, INT8_KL), ("int4", INT4_MAX_DLOGP, INT4_KL)])
 def test_quantized_log_probs_are_near_float32(architecture, mode, max_dlogp, kl):
     _, model, params = tiny(architecture)
@@ -147,7 +159,8 @@ def _lookup(tree, name: str):
 def test_vocab_matrices_a_scale_per_row_and_their_lookup_and_head_read_them_block_by_block(architecture):
     """The token table [V, D] (and an untied head [D, V]): int8 one scale per vocabulary row (absmax / 127.5),
     int4 one per 32 values along the width. The lookup is the dequantized table's rows, bitwise; the head, in
-    blocks of 13 rows (101 = 7 x 13 + 10: the last block overlaps), the dequantized matrix's logits."""
+    blocks of at most 13 rows (101, prime: 8 strided blocks of 13, 3 rows padded), the dequantized matrix's
+    logits."""
     from prefix_jax import quantized_vocab
     from prefix_jax.models import common
 
@@ -178,6 +191,75 @@ def test_vocab_matrices_a_scale_per_row_and_their_lookup_and_head_read_them_bloc
                 embed = common.Embed(VOCAB, 64, dtype=jnp.float32)
                 rows = jax.jit(lambda t, i: embed.apply({"params": {"embedding": t}}, i))(leaf, ids)
                 np.testing.assert_array_equal(np.asarray(rows), dense[np.asarray(ids)])
+
+
+# (vocabulary, width, blocks the head reads it in): real vocabularies, their rows per block keeping the factors of
+# two a split over devices needs (Llama 3, SmolLM2, Llama 2, Phi-3, Gemma, Qwen2; GPT-2's odd 50257: 29 x 1733).
+HEAD_BLOCKS = [(128256, 8192, 501), (49152, 576, 16), (32000, 4096, 125), (32064, 3072, 167), (256000, 2048, 250),
+               (151936, 896, 1187), (50257, 768, 29)]
+
+
+def test_the_heads_blocks_divide_the_vocabulary_and_keep_its_split_over_devices():
+    """`quantized_vocab.num_blocks`: blocks of at most `block_rows` rows, dividing the vocabulary, whose rows per
+    block keep min(8, the vocabulary's) factors of two: a vocabulary split over 2^k devices (k <= 8) splits every
+    strided block alike, so no device reads another's rows."""
+    from prefix_jax import quantized_vocab
+
+    twos = lambda n: (n & -n).bit_length() - 1
+    for vocab, width, want in HEAD_BLOCKS:
+        blocks = quantized_vocab.num_blocks(vocab, width)
+        assert blocks == want and vocab % blocks == 0, (vocab, blocks)
+        assert vocab // blocks <= quantized_vocab.block_rows(vocab, width)
+        assert twos(vocab // blocks) >= min(twos(vocab), quantized_vocab.SPLIT_TWOS), (vocab, blocks)
+        groups = 16 if twos(vocab) >= 4 else 1  # GPT-2's odd 50257 splits over no even device count
+        assert quantized_vocab.layout(vocab, width, 16) == (groups, blocks, vocab // blocks // groups)
+    # The view for 8 devices (8 runs of rows) on one: 96 rows in 12 blocks of 8, one row of each run; as a table
+    # [V, D] and as a head kernel [D, V].
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (96, 64)).astype(np.int8)
+    scale = rng.random((96, 1)).astype(np.float32)
+    assert quantized_vocab.layout(96, 64, 8, 8 * 64 * 4) == (8, 12, 1)
+    h = rng.standard_normal((3, 64)).astype(np.float32)
+    want = h @ (q.astype(np.float32) * scale).T
+    for vocab_axis, (qv, sc) in enumerate([(q, scale), (q.T, scale.T)]):
+        leaf = SimpleNamespace(array=SimpleNamespace(qvalue=jnp.asarray(qv), scale=jnp.asarray(sc)))
+        for devices in (1, 8):
+            got = quantized_vocab.logits(jnp.asarray(h), leaf, vocab_axis, jnp.float32, 8 * 64 * 4, devices)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_a_quantized_vocab_matrix_is_split_along_its_rows_under_every_strategy():
+    """`quantize.quantized_param_axes` + `partitioning`: an int8 / int4 table [V, D] and head [D, V] (values and
+    scales) are split along the vocabulary under fsdp (where a float table splits its width), tensor and both (over
+    their product); a vocabulary no mesh axis divides (4097) falls back to fsdp splitting the width."""
+    from jax.sharding import AbstractMesh, PartitionSpec as P
+
+    from prefix_jax import partitioning, sharding
+
+    def shapes(vocab: int, scale_width: int) -> dict:
+        part = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+        return {"embed_tokens": {"embedding": {"array": {"qvalue": part((vocab, 64), jnp.int8),
+                                                         "scale": part((vocab, scale_width), jnp.float32)}}},
+                "lm_head": {"kernel": {"array": {"qvalue": part((64, vocab), jnp.int8),
+                                                 "scale": part((scale_width, vocab), jnp.float32)}}},
+                "model": {"embed_tokens": {"embedding": part((vocab, 64), jnp.float32)}}}  # a float table's rule
+
+    axes = qz.quantized_param_axes(llama.PARAM_AXES + ((r"model/embed_tokens/embedding", ("vocab", "embed")),))
+    # (vocabulary, scale columns (int8 1, int4 2), strategy, mesh, the quantized rows' axes, a float table's spec)
+    cases = [(4096, 1, "fsdp", (1, 8, 1), "fsdp", P(None, "fsdp")),
+             (4096, 2, "fsdp", (1, 8, 1), "fsdp", P(None, "fsdp")),
+             (4096, 1, "tensor", (2, 1, 4), "model", P("model")),
+             (4096, 2, "fsdp_tensor", (1, 2, 4), ("fsdp", "model"), P("model", "fsdp"))]
+    for vocab, scale_width, strategy, shape, rows, float_spec in cases:
+        specs = partitioning.lm_partition_specs(shapes(vocab, scale_width), axes, strategy,
+                                                AbstractMesh(shape, sharding.MESH_AXES))
+        for part in ("qvalue", "scale"):
+            assert specs["embed_tokens"]["embedding"]["array"][part] == P(rows), (strategy, part)
+            assert specs["lm_head"]["kernel"]["array"][part] == P(None, rows), (strategy, part)
+        assert specs["model"]["embed_tokens"]["embedding"] == float_spec, strategy
+    specs = partitioning.lm_partition_specs(shapes(4097, 1), axes, "fsdp", AbstractMesh((1, 8, 1), sharding.MESH_AXES))
+    assert specs["embed_tokens"]["embedding"]["array"]["qvalue"] == P(None, "fsdp")
+    assert specs["lm_head"]["kernel"]["array"]["qvalue"] == P("fsdp")
 
 
 # (architecture, the last of 20 losses below this fraction of the first): the tiny GPT-2's tied head of std 0.1

@@ -65,9 +65,9 @@ def load_sharded(name_or_path: str, mesh: Mesh, strategy: str = "fsdp_tensor", p
     `quantize` (`model.quantize`): kernels quantized on the host as they are read, straight into their shards
     (no float kernel is ever a device array). Where the mesh splits a kernel along its contraction, a block's
     scale needs the whole group: int4 groups are read whole (local when the group divides the shard); int8's
-    group is the whole contraction, so a process reads the full contraction for the output channels it holds (an
-    int8 vocabulary matrix, one scale per vocabulary row: whole rows, the whole table under fsdp, which splits
-    its width; `quantize_embeddings=False` keeps it float and read by slices).
+    group is the whole contraction, so a process reads the full contraction for the output channels it holds.
+    A quantized vocabulary matrix is split along its vocabulary rows under every strategy
+    (`quantize.quantized_param_axes`), so its scales are local and a process reads only its rows.
     """
     models.check_dtypes(param_dtype, compute_dtype)
     partitioning.check_strategy(strategy)
