@@ -7,6 +7,7 @@ otherwise, as for an infix), then the `C` real key slots (shape letters: `prefix
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,6 @@ def packed_block_mask(segment_ids_BxW: jax.Array, window_segment_ids_BxIxK: jax.
     return BlockMask(jnp.concatenate([prefix_BxIxQxP, same_BxIxQxK], axis=-1), span)
 
 
-def map_visible(mask, fn):
+def map_visible(mask: jax.Array | BlockMask, fn: Callable[[jax.Array], jax.Array]) -> jax.Array | BlockMask:
     """`fn` applied to a mask's boolean array (key slots on the last axis): a dense mask or a `BlockMask`'s."""
     return mask.replace(fn(mask.visible)) if isinstance(mask, BlockMask) else fn(mask)
