@@ -6,6 +6,7 @@ batches an uninterrupted run would have seen; each process materializes only its
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterator
 
 import numpy as np
@@ -75,7 +76,7 @@ class Batcher:
                 self._targets_per_row = min(self.pack_width, round_up(fullest, 8))
         return self._targets_per_row
 
-    @property
+    @functools.cached_property
     def window_span(self) -> int:
         """Packed decoder-only rows: key blocks per query block's attention window (`masks.window_span`) that hold
         the split's longest example whole; 0: the whole row (too narrow for windows to pay)."""
